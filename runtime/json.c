@@ -1,0 +1,957 @@
+/*
+ * clawlua.json: a one-pass JSON codec between text and Lua values.
+ *
+ * Why not cJSON here (it is used for C-side documents such as QMP and Firecracker bodies):
+ * cJSON keeps every number as a double, so integers above 2^53 are silently corrupted; it does
+ * not validate UTF-8; it reports no reason for a parse error; and converting its tree to Lua
+ * doubles the allocations. This codec decodes straight onto the Lua stack and encodes straight
+ * into one buffer, with exact integers, strict UTF-8, limits and located errors.
+ *
+ * Decoding: integers that fit in int64 stay integers (exact), larger ones become floats; floats
+ * use strtod in the C locale. Arrays get the json.array metatable, so they re-encode as arrays
+ * even when empty. JSON null is json.null (a light userdata).
+ * Encoding: a table is an array when its keys are exactly 1..n (or it carries json.array),
+ * otherwise an object with string keys; an empty table is {} unless marked json.array.
+ */
+#include "clawlua.h"
+
+#include <errno.h>
+#include <locale.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ARRAY_MT "clawlua.json.array"
+#define OBJECT_MT "clawlua.json.object"
+#define BUF_MT "clawlua.json.buffer"
+
+#define DEFAULT_MAX_DEPTH 128
+#define DEFAULT_MAX_SIZE ((size_t)64 << 20)
+#define HARD_MAX_DEPTH 10000
+
+
+static locale_t c_locale(void) {
+  static locale_t loc;
+  if (!loc) loc = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+  return loc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* UTF-8                                                                                       */
+
+/* Length of the valid UTF-8 sequence at p (p < end), or 0 if invalid. */
+static size_t utf8_len(const unsigned char *p, const unsigned char *end) {
+  unsigned c = p[0];
+  if (c < 0x80) return 1;
+  size_t avail = (size_t)(end - p);
+  if (c >= 0xC2 && c <= 0xDF) {
+    if (avail < 2 || (p[1] & 0xC0) != 0x80) return 0;
+    return 2;
+  }
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (avail < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
+    if (c == 0xE0 && p[1] < 0xA0) return 0; /* overlong */
+    if (c == 0xED && p[1] > 0x9F) return 0; /* surrogates */
+    return 3;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (avail < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80)
+      return 0;
+    if (c == 0xF0 && p[1] < 0x90) return 0; /* overlong */
+    if (c == 0xF4 && p[1] > 0x8F) return 0; /* above U+10FFFF */
+    return 4;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decoder                                                                                     */
+
+typedef struct decoder {
+  lua_State *L;
+  const char *start, *p, *end;
+  int depth, max_depth;
+  int array_mt; /* stack index of the array metatable */
+  const char *err;
+  const char *errpos;
+  char errbuf[96];
+} decoder;
+
+static int dec_fail(decoder *d, const char *at, const char *msg) {
+  if (!d->err) {
+    d->err = msg;
+    d->errpos = at;
+  }
+  return 0;
+}
+
+static int dec_unexpected(decoder *d, const char *at) {
+  if (at >= d->end) return dec_fail(d, at, "unexpected end of input");
+  unsigned char c = (unsigned char)*at;
+  if (c >= 0x20 && c < 0x7f)
+    snprintf(d->errbuf, sizeof d->errbuf, "unexpected character '%c'", c);
+  else
+    snprintf(d->errbuf, sizeof d->errbuf, "unexpected byte 0x%02x", c);
+  return dec_fail(d, at, d->errbuf);
+}
+
+static inline void skip_ws(decoder *d) {
+  const char *p = d->p, *e = d->end;
+  while (p < e && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')) p++;
+  d->p = p;
+}
+
+static int hex4(const char *p, unsigned *out) {
+  unsigned v = 0;
+  for (int i = 0; i < 4; i++) {
+    char c = p[i];
+    v <<= 4;
+    if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
+    else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
+    else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
+    else return 0;
+  }
+  *out = v;
+  return 1;
+}
+
+static size_t put_utf8(char *o, unsigned cp) {
+  if (cp < 0x80) { o[0] = (char)cp; return 1; }
+  if (cp < 0x800) {
+    o[0] = (char)(0xC0 | (cp >> 6));
+    o[1] = (char)(0x80 | (cp & 0x3F));
+    return 2;
+  }
+  if (cp < 0x10000) {
+    o[0] = (char)(0xE0 | (cp >> 12));
+    o[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    o[2] = (char)(0x80 | (cp & 0x3F));
+    return 3;
+  }
+  o[0] = (char)(0xF0 | (cp >> 18));
+  o[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+  o[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+  o[3] = (char)(0x80 | (cp & 0x3F));
+  return 4;
+}
+
+/* Parses the string whose opening quote is at d->p and pushes it. */
+static int dec_string(decoder *d) {
+  const char *p = d->p + 1, *e = d->end;
+  const char *q = p;
+  /* Fast path: no escapes. */
+  while (q < e) {
+    unsigned char c = (unsigned char)*q;
+    if (c == '"') {
+      lua_pushlstring(d->L, p, (size_t)(q - p));
+      d->p = q + 1;
+      return 1;
+    }
+    if (c == '\\') break;
+    if (c < 0x20) return dec_fail(d, q, "control character in string");
+    if (c < 0x80) { q++; continue; }
+    size_t n = utf8_len((const unsigned char *)q, (const unsigned char *)e);
+    if (!n) return dec_fail(d, q, "invalid UTF-8 in string");
+    q += n;
+  }
+  if (q >= e) return dec_fail(d, d->p, "unterminated string");
+  /* Slow path: escapes. */
+  luaL_Buffer b;
+  luaL_buffinit(d->L, &b);
+  luaL_addlstring(&b, p, (size_t)(q - p));
+  while (q < e) {
+    unsigned char c = (unsigned char)*q;
+    if (c == '"') {
+      luaL_pushresult(&b);
+      d->p = q + 1;
+      return 1;
+    }
+    if (c < 0x20) {
+      luaL_pushresult(&b);
+      lua_pop(d->L, 1);
+      return dec_fail(d, q, "control character in string");
+    }
+    if (c == '\\') {
+      if (q + 1 >= e) break;
+      char esc = q[1];
+      char out[4];
+      switch (esc) {
+      case '"': luaL_addchar(&b, '"'); q += 2; continue;
+      case '\\': luaL_addchar(&b, '\\'); q += 2; continue;
+      case '/': luaL_addchar(&b, '/'); q += 2; continue;
+      case 'b': luaL_addchar(&b, '\b'); q += 2; continue;
+      case 'f': luaL_addchar(&b, '\f'); q += 2; continue;
+      case 'n': luaL_addchar(&b, '\n'); q += 2; continue;
+      case 'r': luaL_addchar(&b, '\r'); q += 2; continue;
+      case 't': luaL_addchar(&b, '\t'); q += 2; continue;
+      case 'u': {
+        unsigned cp, lo;
+        if (e - q < 6 || !hex4(q + 2, &cp)) {
+          luaL_pushresult(&b);
+          lua_pop(d->L, 1);
+          return dec_fail(d, q, "invalid \\u escape");
+        }
+        const char *at = q;
+        q += 6;
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+          if (e - q < 6 || q[0] != '\\' || q[1] != 'u' || !hex4(q + 2, &lo) || lo < 0xDC00 ||
+              lo > 0xDFFF) {
+            luaL_pushresult(&b);
+            lua_pop(d->L, 1);
+            return dec_fail(d, at, "invalid UTF-16 surrogate pair in \\u escape");
+          }
+          q += 6;
+          cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+          luaL_pushresult(&b);
+          lua_pop(d->L, 1);
+          return dec_fail(d, at, "lone UTF-16 surrogate in \\u escape");
+        }
+        luaL_addlstring(&b, out, put_utf8(out, cp));
+        continue;
+      }
+      default:
+        luaL_pushresult(&b);
+        lua_pop(d->L, 1);
+        return dec_fail(d, q, "invalid escape in string");
+      }
+    }
+    if (c < 0x80) {
+      luaL_addchar(&b, (char)c);
+      q++;
+      continue;
+    }
+    size_t n = utf8_len((const unsigned char *)q, (const unsigned char *)e);
+    if (!n) {
+      luaL_pushresult(&b);
+      lua_pop(d->L, 1);
+      return dec_fail(d, q, "invalid UTF-8 in string");
+    }
+    luaL_addlstring(&b, q, n);
+    q += n;
+  }
+  luaL_pushresult(&b);
+  lua_pop(d->L, 1);
+  return dec_fail(d, d->p, "unterminated string");
+}
+
+static int dec_number(decoder *d) {
+  const char *p = d->p, *e = d->end, *s = p;
+  int neg = 0, isfloat = 0;
+  if (p < e && *p == '-') { neg = 1; p++; }
+  if (p >= e) return dec_unexpected(d, p);
+  if (*p == '0') {
+    p++;
+    if (p < e && *p >= '0' && *p <= '9') return dec_fail(d, p, "leading zero in number");
+  } else if (*p >= '1' && *p <= '9') {
+    while (p < e && *p >= '0' && *p <= '9') p++;
+  } else {
+    return dec_unexpected(d, p);
+  }
+  const char *intend = p;
+  if (p < e && *p == '.') {
+    isfloat = 1;
+    p++;
+    if (p >= e || *p < '0' || *p > '9') return dec_fail(d, p, "digit expected after '.'");
+    while (p < e && *p >= '0' && *p <= '9') p++;
+  }
+  if (p < e && (*p == 'e' || *p == 'E')) {
+    isfloat = 1;
+    p++;
+    if (p < e && (*p == '+' || *p == '-')) p++;
+    if (p >= e || *p < '0' || *p > '9') return dec_fail(d, p, "digit expected in exponent");
+    while (p < e && *p >= '0' && *p <= '9') p++;
+  }
+  d->p = p;
+  if (!isfloat) {
+    /* Exact int64 when it fits; accumulate negatively so INT64_MIN fits too. */
+    int64_t v = 0;
+    int ok = 1;
+    for (const char *q = s + neg; q < intend; q++) {
+      int dgt = *q - '0';
+      if (__builtin_mul_overflow(v, 10, &v) || __builtin_sub_overflow(v, dgt, &v)) {
+        ok = 0;
+        break;
+      }
+    }
+    if (ok && !neg && v == INT64_MIN) ok = 0;
+    if (ok) {
+      lua_pushinteger(d->L, neg ? v : -v);
+      return 1;
+    }
+  }
+  char tmp[64];
+  size_t len = (size_t)(p - s);
+  char *buf = len < sizeof tmp ? tmp : malloc(len + 1);
+  if (!buf) return dec_fail(d, s, "out of memory");
+  memcpy(buf, s, len);
+  buf[len] = 0;
+  double v = strtod_l(buf, NULL, c_locale());
+  if (buf != tmp) free(buf);
+  lua_pushnumber(d->L, v);
+  return 1;
+}
+
+static int dec_value(decoder *d);
+
+static int dec_enter(decoder *d) {
+  if (++d->depth > d->max_depth) {
+    snprintf(d->errbuf, sizeof d->errbuf, "nesting deeper than %d", d->max_depth);
+    return dec_fail(d, d->p, d->errbuf);
+  }
+  if (!lua_checkstack(d->L, 4)) return dec_fail(d, d->p, "Lua stack overflow");
+  return 1;
+}
+
+static int dec_array(decoder *d) {
+  if (!dec_enter(d)) return 0;
+  lua_State *L = d->L;
+  lua_createtable(L, 4, 0);
+  lua_pushvalue(L, d->array_mt);
+  lua_setmetatable(L, -2);
+  d->p++;
+  skip_ws(d);
+  if (d->p < d->end && *d->p == ']') {
+    d->p++;
+    d->depth--;
+    return 1;
+  }
+  for (lua_Integer i = 1;; i++) {
+    if (!dec_value(d)) return 0;
+    lua_rawseti(L, -2, i);
+    skip_ws(d);
+    if (d->p >= d->end) return dec_fail(d, d->p, "unexpected end of input in array");
+    if (*d->p == ',') {
+      d->p++;
+      continue;
+    }
+    if (*d->p == ']') {
+      d->p++;
+      d->depth--;
+      return 1;
+    }
+    return dec_unexpected(d, d->p);
+  }
+}
+
+static int dec_object(decoder *d) {
+  if (!dec_enter(d)) return 0;
+  lua_State *L = d->L;
+  lua_createtable(L, 0, 4);
+  d->p++;
+  skip_ws(d);
+  if (d->p < d->end && *d->p == '}') {
+    d->p++;
+    d->depth--;
+    return 1;
+  }
+  for (;;) {
+    skip_ws(d);
+    if (d->p >= d->end) return dec_fail(d, d->p, "unexpected end of input in object");
+    if (*d->p != '"') {
+      if (*d->p == '}') return dec_fail(d, d->p, "trailing comma in object");
+      return dec_fail(d, d->p, "object key must be a string");
+    }
+    if (!dec_string(d)) return 0;
+    skip_ws(d);
+    if (d->p >= d->end || *d->p != ':') {
+      lua_pop(L, 1);
+      if (d->p >= d->end) return dec_fail(d, d->p, "unexpected end of input in object");
+      return dec_fail(d, d->p, "':' expected after object key");
+    }
+    d->p++;
+    if (!dec_value(d)) {
+      lua_pop(L, 1);
+      return 0;
+    }
+    lua_rawset(L, -3);
+    skip_ws(d);
+    if (d->p >= d->end) return dec_fail(d, d->p, "unexpected end of input in object");
+    if (*d->p == ',') {
+      d->p++;
+      continue;
+    }
+    if (*d->p == '}') {
+      d->p++;
+      d->depth--;
+      return 1;
+    }
+    return dec_unexpected(d, d->p);
+  }
+}
+
+static int dec_literal(decoder *d, const char *word, size_t n) {
+  if ((size_t)(d->end - d->p) < n || memcmp(d->p, word, n) != 0) return dec_unexpected(d, d->p);
+  d->p += n;
+  return 1;
+}
+
+/* Pushes the next value, or returns 0 with nothing pushed (partial containers are popped by
+ * their callers' failure path through lua_settop in decode()). */
+static int dec_value(decoder *d) {
+  skip_ws(d);
+  if (d->p >= d->end) return dec_fail(d, d->p, "unexpected end of input");
+  switch (*d->p) {
+  case '{': return dec_object(d);
+  case '[': return dec_array(d);
+  case '"': return dec_string(d);
+  case 't':
+    if (!dec_literal(d, "true", 4)) return 0;
+    lua_pushboolean(d->L, 1);
+    return 1;
+  case 'f':
+    if (!dec_literal(d, "false", 5)) return 0;
+    lua_pushboolean(d->L, 0);
+    return 1;
+  case 'n':
+    if (!dec_literal(d, "null", 4)) return 0;
+    lua_pushlightuserdata(d->L, CL_JSON_NULL);
+    return 1;
+  default:
+    if (*d->p == '-' || (*d->p >= '0' && *d->p <= '9')) return dec_number(d);
+    return dec_unexpected(d, d->p);
+  }
+}
+
+static int decode_with(lua_State *L, const char *s, size_t len, int max_depth, size_t max_size) {
+  int top = lua_gettop(L);
+  if (len > max_size) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "json: input of %I bytes is larger than the limit of %I bytes",
+                    (lua_Integer)len, (lua_Integer)max_size);
+    return 0;
+  }
+  luaL_getmetatable(L, ARRAY_MT);
+  decoder d = {.L = L, .start = s, .p = s, .end = s + len, .max_depth = max_depth,
+               .array_mt = lua_gettop(L)};
+  int ok = dec_value(&d);
+  if (ok) {
+    skip_ws(&d);
+    if (d.p < d.end) ok = dec_fail(&d, d.p, "trailing characters after the value");
+  }
+  if (!ok) {
+    lua_settop(L, top);
+    lua_pushnil(L);
+    lua_pushfstring(L, "json: %s at byte %I", d.err, (lua_Integer)(d.errpos - s + 1));
+    return 0;
+  }
+  lua_remove(L, top + 1);
+  return 1;
+}
+
+int cl_json_decode(lua_State *L, const char *s, size_t len) {
+  return decode_with(L, s, len, DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE);
+}
+
+static void read_limits(lua_State *L, int idx, int *max_depth, size_t *max_size) {
+  *max_depth = DEFAULT_MAX_DEPTH;
+  *max_size = DEFAULT_MAX_SIZE;
+  if (lua_isnoneornil(L, idx)) return;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_Integer md = cl_opt_integer(L, idx, "max_depth", DEFAULT_MAX_DEPTH);
+  lua_Integer ms = cl_opt_integer(L, idx, "max_size", (lua_Integer)DEFAULT_MAX_SIZE);
+  if (md < 1 || md > HARD_MAX_DEPTH) cl_field_error(L, "max_depth", "must be 1..10000");
+  if (ms < 1) cl_field_error(L, "max_size", "must be positive");
+  *max_depth = (int)md;
+  *max_size = (size_t)ms;
+}
+
+/* Lua: json.decode(s, [{max_depth=, max_size=}]) -> value | nil, "json: <reason> at byte N" */
+static int l_decode(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  int max_depth;
+  size_t max_size;
+  static const char *const fields[] = {"max_depth", "max_size", NULL};
+  if (lua_istable(L, 2)) cl_check_fields(L, 2, fields);
+  read_limits(L, 2, &max_depth, &max_size);
+  lua_settop(L, 1);
+  return decode_with(L, s, len, max_depth, max_size) ? 1 : 2;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Encoder                                                                                     */
+
+typedef struct strbuf {
+  char *p;
+  size_t n, cap;
+} strbuf;
+
+static int strbuf_gc(lua_State *L) {
+  strbuf *b = lua_touserdata(L, 1);
+  free(b->p);
+  b->p = NULL;
+  return 0;
+}
+
+typedef struct encoder {
+  lua_State *L;
+  strbuf *b;
+  int depth, max_depth;
+  size_t max_size;
+  int pretty, sort_keys;
+  const char *err;
+  char errbuf[160];
+  /* The path to the value being encoded, for error messages. */
+  struct { const char *key; size_t keylen; lua_Integer index; } path[64];
+} encoder;
+
+static int enc_grow(encoder *e, size_t need) {
+  strbuf *b = e->b;
+  if (b->n + need > e->max_size) {
+    snprintf(e->errbuf, sizeof e->errbuf, "output larger than the limit of %zu bytes",
+             e->max_size);
+    e->err = e->errbuf;
+    return 0;
+  }
+  if (b->n + need <= b->cap) return 1;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->n + need) cap *= 2;
+  char *p = realloc(b->p, cap);
+  if (!p) {
+    e->err = "out of memory";
+    return 0;
+  }
+  b->p = p;
+  b->cap = cap;
+  return 1;
+}
+
+static inline int put(encoder *e, const char *s, size_t n) {
+  if (e->b->n + n > e->b->cap && !enc_grow(e, n)) return 0;
+  memcpy(e->b->p + e->b->n, s, n);
+  e->b->n += n;
+  return 1;
+}
+
+static inline int putc_(encoder *e, char c) {
+  if (e->b->n + 1 > e->b->cap && !enc_grow(e, 1)) return 0;
+  e->b->p[e->b->n++] = c;
+  return 1;
+}
+
+static void describe_path(encoder *e, char *out, size_t outlen) {
+  size_t o = 0;
+  o += (size_t)snprintf(out + o, outlen - o, "$");
+  int n = e->depth < 64 ? e->depth : 64;
+  for (int i = 0; i < n && o < outlen; i++) {
+    if (e->path[i].key)
+      o += (size_t)snprintf(out + o, outlen - o, ".%.*s", (int)(e->path[i].keylen > 40 ? 40 :
+                            e->path[i].keylen), e->path[i].key);
+    else
+      o += (size_t)snprintf(out + o, outlen - o, "[%lld]", (long long)e->path[i].index);
+  }
+}
+
+static int enc_fail(encoder *e, const char *what) {
+  if (e->err) return 0;
+  char path[96];
+  describe_path(e, path, sizeof path);
+  snprintf(e->errbuf, sizeof e->errbuf, "%s at %s", what, path);
+  e->err = e->errbuf;
+  return 0;
+}
+
+static const char hexdig[] = "0123456789abcdef";
+
+static int enc_string(encoder *e, const char *s, size_t len) {
+  if (!enc_grow(e, len + 2)) return 0;
+  putc_(e, '"');
+  const unsigned char *p = (const unsigned char *)s, *end = p + len, *run = p;
+  while (p < end) {
+    unsigned c = *p;
+    if (c >= 0x20 && c != '"' && c != '\\' && c < 0x80) {
+      p++;
+      continue;
+    }
+    if (c >= 0x80) {
+      size_t n = utf8_len(p, end);
+      if (!n) return enc_fail(e, "invalid UTF-8 in string");
+      p += n;
+      continue;
+    }
+    if (!put(e, (const char *)run, (size_t)(p - run))) return 0;
+    char esc[6] = {'\\', 0};
+    size_t n = 2;
+    switch (c) {
+    case '"': esc[1] = '"'; break;
+    case '\\': esc[1] = '\\'; break;
+    case '\n': esc[1] = 'n'; break;
+    case '\r': esc[1] = 'r'; break;
+    case '\t': esc[1] = 't'; break;
+    case '\b': esc[1] = 'b'; break;
+    case '\f': esc[1] = 'f'; break;
+    default:
+      esc[1] = 'u';
+      esc[2] = '0';
+      esc[3] = '0';
+      esc[4] = hexdig[c >> 4];
+      esc[5] = hexdig[c & 15];
+      n = 6;
+    }
+    if (!put(e, esc, n)) return 0;
+    p++;
+    run = p;
+  }
+  if (!put(e, (const char *)run, (size_t)(p - run))) return 0;
+  return putc_(e, '"');
+}
+
+static int enc_integer(encoder *e, lua_Integer v) {
+  char tmp[24];
+  char *q = tmp + sizeof tmp;
+  uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+  do {
+    *--q = (char)('0' + u % 10);
+    u /= 10;
+  } while (u);
+  if (v < 0) *--q = '-';
+  return put(e, q, (size_t)(tmp + sizeof tmp - q));
+}
+
+static int enc_float(encoder *e, lua_Number v) {
+  if (isnan(v) || isinf(v)) return enc_fail(e, "cannot encode NaN or infinity");
+  char tmp[40];
+  int n = 0;
+  /* Shortest of %.15g..%.17g that reads back as the same double. */
+  for (int prec = 15; prec <= 17; prec++) {
+    n = snprintf(tmp, sizeof tmp, "%.*g", prec, v);
+    if (prec == 17 || strtod_l(tmp, NULL, c_locale()) == v) break;
+  }
+  /* Keep floats floats: 1.0 is written "1.0", so it decodes as a float again. */
+  if (!strpbrk(tmp, ".eEn")) {
+    tmp[n++] = '.';
+    tmp[n++] = '0';
+  }
+  for (int i = 0; i < n; i++) /* a locale with ',' as decimal point */
+    if (tmp[i] == ',') tmp[i] = '.';
+  return put(e, tmp, (size_t)n);
+}
+
+static int enc_newline(encoder *e) {
+  if (!e->pretty) return 1;
+  if (!enc_grow(e, 1 + (size_t)e->depth * 2)) return 0;
+  putc_(e, '\n');
+  for (int i = 0; i < e->depth; i++) put(e, "  ", 2);
+  return 1;
+}
+
+static int enc_value(encoder *e, int idx);
+
+/* Records the key or index of the current level (depth was already incremented). */
+static void enc_push_path(encoder *e, const char *key, size_t keylen, lua_Integer index) {
+  int i = e->depth - 1;
+  if (i >= 0 && i < 64) {
+    e->path[i].key = key;
+    e->path[i].keylen = keylen;
+    e->path[i].index = index;
+  }
+}
+
+static int enc_array(encoder *e, int idx, lua_Integer n) {
+  lua_State *L = e->L;
+  if (!putc_(e, '[')) return 0;
+  e->depth++;
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (i > 1 && !putc_(e, ',')) return 0;
+    if (!enc_newline(e)) return 0;
+    enc_push_path(e, NULL, 0, i);
+    lua_rawgeti(L, idx, i);
+    if (!enc_value(e, lua_gettop(L))) return 0;
+    lua_pop(L, 1);
+  }
+  e->depth--;
+  if (n > 0 && !enc_newline(e)) return 0;
+  return putc_(e, ']');
+}
+
+static int enc_key(encoder *e, int kidx) {
+  lua_State *L = e->L;
+  size_t kl;
+  const char *k;
+  if (lua_type(L, kidx) == LUA_TSTRING) {
+    k = lua_tolstring(L, kidx, &kl);
+    enc_push_path(e, k, kl, 0);
+    return enc_string(e, k, kl);
+  }
+  if (lua_isinteger(L, kidx)) { /* a json.object with integer keys: write them as strings */
+    char tmp[24];
+    int n = snprintf(tmp, sizeof tmp, "%lld", (long long)lua_tointeger(L, kidx));
+    enc_push_path(e, NULL, 0, lua_tointeger(L, kidx));
+    return enc_string(e, tmp, (size_t)n);
+  }
+  char what[64];
+  snprintf(what, sizeof what, "cannot encode a %s key", luaL_typename(L, kidx));
+  return enc_fail(e, what);
+}
+
+static int key_cmp(const void *a, const void *b) {
+  const struct { const char *s; size_t n; int ref; } *x = a, *y = b;
+  size_t m = x->n < y->n ? x->n : y->n;
+  int c = memcmp(x->s, y->s, m);
+  return c ? c : (x->n > y->n) - (x->n < y->n);
+}
+
+static int enc_object(encoder *e, int idx) {
+  lua_State *L = e->L;
+  if (!putc_(e, '{')) return 0;
+  e->depth++;
+  int first = 1;
+  if (e->sort_keys) {
+    /* Collect string keys, sort them bytewise, then emit. */
+    typedef struct { const char *s; size_t n; int ref; } key;
+    size_t cnt = 0, cap = 16;
+    key *keys = malloc(cap * sizeof *keys);
+    if (!keys) return enc_fail(e, "out of memory");
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      lua_pop(L, 1);
+      if (lua_type(L, -1) != LUA_TSTRING) {
+        char what[80];
+        snprintf(what, sizeof what, "cannot sort a %s key (sort_keys needs string keys)",
+                 luaL_typename(L, -1));
+        free(keys);
+        lua_pop(L, 1);
+        return enc_fail(e, what);
+      }
+      if (cnt == cap) {
+        key *nk = realloc(keys, (cap *= 2) * sizeof *keys);
+        if (!nk) { free(keys); lua_pop(L, 1); return enc_fail(e, "out of memory"); }
+        keys = nk;
+      }
+      keys[cnt].s = lua_tolstring(L, -1, &keys[cnt].n); /* anchored by the table */
+      cnt++;
+    }
+    qsort(keys, cnt, sizeof *keys, key_cmp);
+    for (size_t i = 0; i < cnt; i++) {
+      if (!first && !putc_(e, ',')) { free(keys); return 0; }
+      first = 0;
+      if (!enc_newline(e)) { free(keys); return 0; }
+      enc_push_path(e, keys[i].s, keys[i].n, 0);
+      if (!enc_string(e, keys[i].s, keys[i].n) || !put(e, e->pretty ? ": " : ":",
+          e->pretty ? 2 : 1)) { free(keys); return 0; }
+      lua_pushlstring(L, keys[i].s, keys[i].n);
+      lua_rawget(L, idx);
+      if (!enc_value(e, lua_gettop(L))) { free(keys); return 0; }
+      lua_pop(L, 1);
+    }
+    free(keys);
+  } else {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      if (!first && !putc_(e, ',')) return 0;
+      first = 0;
+      if (!enc_newline(e)) return 0;
+      if (!enc_key(e, lua_gettop(L) - 1)) return 0;
+      if (!put(e, e->pretty ? ": " : ":", e->pretty ? 2 : 1)) return 0;
+      if (!enc_value(e, lua_gettop(L))) return 0;
+      lua_pop(L, 1);
+    }
+  }
+  e->depth--;
+  if (!first && !enc_newline(e)) return 0;
+  return putc_(e, '}');
+}
+
+/* Classifies a plain table: returns n >= 0 for an array 1..n, -1 for an object. */
+static lua_Integer table_shape(encoder *e, int idx, int *bad) {
+  lua_State *L = e->L;
+  lua_Integer n = (lua_Integer)lua_rawlen(L, idx), count = 0;
+  int has_int = 0, has_other = 0;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (lua_isinteger(L, -1)) {
+      lua_Integer k = lua_tointeger(L, -1);
+      has_int = 1;
+      if (k < 1 || k > n) *bad = 1;
+      count++;
+    } else {
+      has_other = 1;
+    }
+  }
+  if (has_int && has_other) *bad = 2;
+  if (has_int && !has_other && count != n) *bad = 1;
+  if (*bad) return -1;
+  return has_int ? n : -1;
+}
+
+static int enc_table(encoder *e, int idx) {
+  lua_State *L = e->L;
+  if (e->depth >= e->max_depth) {
+    char what[64];
+    snprintf(what, sizeof what, "nesting deeper than %d (a cycle?)", e->max_depth);
+    return enc_fail(e, what);
+  }
+  if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack overflow");
+  if (lua_getmetatable(L, idx)) {
+    luaL_getmetatable(L, ARRAY_MT);
+    int is_array = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+    luaL_getmetatable(L, OBJECT_MT);
+    int is_object = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (is_array) return enc_array(e, idx, (lua_Integer)lua_rawlen(L, idx));
+    if (is_object) return enc_object(e, idx);
+  }
+  int bad = 0;
+  lua_Integer n = table_shape(e, idx, &bad);
+  if (bad == 1) return enc_fail(e, "cannot encode an array with holes or keys below 1");
+  if (bad == 2) return enc_fail(e, "cannot encode a table with both integer and string keys");
+  if (n > 0) return enc_array(e, idx, n);
+  return enc_object(e, idx);
+}
+
+static int enc_value(encoder *e, int idx) {
+  lua_State *L = e->L;
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL: return put(e, "null", 4);
+  case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? put(e, "true", 4) : put(e, "false", 5);
+  case LUA_TNUMBER:
+    if (lua_isinteger(L, idx)) return enc_integer(e, lua_tointeger(L, idx));
+    return enc_float(e, lua_tonumber(L, idx));
+  case LUA_TSTRING: {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    return enc_string(e, s, n);
+  }
+  case LUA_TLIGHTUSERDATA:
+    if (lua_touserdata(L, idx) == CL_JSON_NULL) return put(e, "null", 4);
+    break;
+  case LUA_TTABLE:
+  case LUA_TUSERDATA:
+    if (luaL_getmetafield(L, idx, "__tojson") != LUA_TNIL) {
+      if (e->depth >= e->max_depth) return enc_fail(e, "nesting too deep in __tojson");
+      lua_pushvalue(L, idx);
+      lua_call(L, 1, 1);
+      if (lua_type(L, -1) == LUA_TUSERDATA) {
+        lua_pop(L, 1);
+        return enc_fail(e, "__tojson returned a userdata");
+      }
+      e->depth++;
+      int ok = enc_value(e, lua_gettop(L));
+      e->depth--;
+      lua_pop(L, 1);
+      return ok;
+    }
+    if (lua_type(L, idx) == LUA_TTABLE) return enc_table(e, idx);
+    break;
+  default: break;
+  }
+  char what[64];
+  snprintf(what, sizeof what, "cannot encode a %s value", luaL_typename(L, idx));
+  return enc_fail(e, what);
+}
+
+/* Encodes the value at idx; on success pushes the string, else pushes nil + message. */
+static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max_depth,
+                       size_t max_size) {
+  idx = lua_absindex(L, idx);
+  strbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  luaL_setmetatable(L, BUF_MT);
+  int bi = lua_gettop(L);
+  encoder e;
+  memset(&e, 0, sizeof e);
+  e.L = L;
+  e.b = b;
+  e.pretty = pretty;
+  e.sort_keys = sort_keys;
+  e.max_depth = max_depth;
+  e.max_size = max_size;
+  int ok = enc_value(&e, idx);
+  if (!ok) {
+    free(b->p);
+    b->p = NULL;
+    lua_settop(L, bi - 1);
+    lua_pushnil(L);
+    lua_pushfstring(L, "json: %s", e.err ? e.err : "encoding failed");
+    return 0;
+  }
+  lua_settop(L, bi);
+  lua_pushlstring(L, b->p ? b->p : "", b->n);
+  lua_remove(L, bi);
+  free(b->p);
+  b->p = NULL;
+  return 1;
+}
+
+const char *cl_json_encode(lua_State *L, int idx, size_t *len) {
+  if (!encode_with(L, idx, 0, 0, DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE)) {
+    lua_remove(L, -2); /* leave just the message */
+    return NULL;
+  }
+  return lua_tolstring(L, -1, len);
+}
+
+/* Lua: json.encode(v, [{pretty=, sort_keys=, max_depth=, max_size=}]) -> string | nil, err */
+static int l_encode(lua_State *L) {
+  luaL_checkany(L, 1);
+  int pretty = 0, sort_keys = 0, max_depth;
+  size_t max_size;
+  if (!lua_isnoneornil(L, 2)) {
+    static const char *const fields[] = {"pretty", "sort_keys", "max_depth", "max_size", NULL};
+    luaL_checktype(L, 2, LUA_TTABLE);
+    cl_check_fields(L, 2, fields);
+    pretty = cl_opt_boolean(L, 2, "pretty", 0);
+    sort_keys = cl_opt_boolean(L, 2, "sort_keys", 0);
+  }
+  read_limits(L, 2, &max_depth, &max_size);
+  return encode_with(L, 1, pretty, sort_keys, max_depth, max_size) ? 1 : 2;
+}
+
+static int mark(lua_State *L, const char *mt) {
+  if (lua_isnoneornil(L, 1)) {
+    lua_settop(L, 0);
+    lua_newtable(L);
+  }
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  luaL_setmetatable(L, mt);
+  return 1;
+}
+
+/* Lua: json.array([t]) / json.object([t]) mark t (or a new table) as a JSON array / object. */
+static int l_array(lua_State *L) { return mark(L, ARRAY_MT); }
+static int l_object(lua_State *L) { return mark(L, OBJECT_MT); }
+
+/* Lua: json.is_array(t) */
+static int l_is_array(lua_State *L) {
+  int r = 0;
+  if (lua_getmetatable(L, 1)) {
+    luaL_getmetatable(L, ARRAY_MT);
+    r = lua_rawequal(L, -1, -2);
+  }
+  lua_pushboolean(L, r);
+  return 1;
+}
+
+static const luaL_Reg funcs[] = {
+  {"decode", l_decode}, {"encode", l_encode},     {"array", l_array},
+  {"object", l_object}, {"is_array", l_is_array}, {NULL, NULL},
+};
+
+int luaopen_clawlua_json(lua_State *L) {
+  if (cl_entry_redirect(L, "json")) return 1;
+  luaL_newmetatable(L, ARRAY_MT);
+  lua_pushliteral(L, "json.array");
+  lua_setfield(L, -2, "__name");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, OBJECT_MT);
+  lua_pushliteral(L, "json.object");
+  lua_setfield(L, -2, "__name");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, BUF_MT);
+  lua_pushcfunction(L, strbuf_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  lua_pushlightuserdata(L, CL_JSON_NULL);
+  lua_setfield(L, -2, "null");
+  lua_pushinteger(L, DEFAULT_MAX_DEPTH);
+  lua_setfield(L, -2, "max_depth");
+  lua_pushinteger(L, (lua_Integer)DEFAULT_MAX_SIZE);
+  lua_setfield(L, -2, "max_size");
+  return 1;
+}

@@ -1,0 +1,799 @@
+/*
+ * clawlua.proc: child processes. Spawning uses clone(CLONE_VM | CLONE_VFORK) like posix_spawn
+ * (the child borrows our memory until exec, so starting a process costs no page-table copy),
+ * or a fork-style clone3 when the jail needs code in the child and a hand-shake with the parent.
+ * Children are tracked by pidfd: waits are loop readiness, signals cannot hit a recycled pid.
+ *
+ * A process handle owns the child, its pidfd and its pipes. Closing or collecting a handle of
+ * a running child kills its process group and leaves the reaping to the loop: no zombies.
+ */
+#include "clawlua.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PROC_MT "clawlua.proc"
+#define STREAM_MT "clawlua.stream"
+#define VFORK_STACK (64 * 1024)
+
+extern char **environ;
+int cl_entry_redirect(lua_State *L, const char *name);
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Spawning                                                                                   */
+
+typedef struct child_args {
+  const cl_spawn_req *req;
+  pid_t parent;
+  int errfd;  /* fork path: where the child reports failure */
+  int syncfd; /* fork path: the child waits here for the parent's set-up */
+  volatile int err;        /* vfork path: failure reported through shared memory */
+  const char *volatile stage;
+} child_args;
+
+static void child_fail(child_args *a, int err, const char *stage) {
+  if (a->errfd >= 0) {
+    struct { int err; char stage[60]; } msg;
+    memset(&msg, 0, sizeof msg);
+    msg.err = err;
+    strncpy(msg.stage, stage, sizeof msg.stage - 1);
+    ssize_t w = write(a->errfd, &msg, sizeof msg);
+    CL_UNUSED(w);
+  } else {
+    a->err = err;
+    a->stage = stage;
+  }
+  _exit(127);
+}
+
+/* Runs in the child: only async-signal-safe calls from here to exec. */
+static int child_main(void *arg) {
+  child_args *a = arg;
+  const cl_spawn_req *r = a->req;
+  /* Dispositions that survive exec (ignored signals) go back to default; handlers installed by
+   * anyone in this process must not run in a child that shares our memory. */
+  for (int sig = 1; sig < NSIG; sig++) {
+    struct sigaction sa;
+    if (sig == SIGKILL || sig == SIGSTOP) continue;
+    if (sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL) {
+      memset(&sa, 0, sizeof sa);
+      sa.sa_handler = SIG_DFL;
+      sigaction(sig, &sa, NULL);
+    }
+  }
+  if (a->syncfd >= 0) { /* wait for the parent's set-up (uid maps, cgroups) */
+    char c;
+    ssize_t n;
+    do n = read(a->syncfd, &c, 1); while (n < 0 && errno == EINTR);
+    if (n != 1) _exit(127); /* the parent gave up */
+    close(a->syncfd);
+  }
+  if (r->new_session && setsid() < 0) child_fail(a, errno, "setsid");
+  else if (!r->new_session && r->new_pgroup && setpgid(0, 0) < 0) child_fail(a, errno, "setpgid");
+  if (r->pdeathsig) {
+    if (prctl(PR_SET_PDEATHSIG, r->pdeathsig) < 0) child_fail(a, errno, "prctl");
+    if (getppid() != a->parent && !(r->clone_flags & CLONE_NEWPID)) _exit(127);
+  }
+  /* stdio: move sources out of 0..2 first so no dup2 clobbers another's source. */
+  int src[3];
+  for (int i = 0; i < 3; i++) {
+    src[i] = r->fds[i];
+    if (src[i] == -1) {
+      src[i] = open("/dev/null", O_RDWR | O_CLOEXEC);
+      if (src[i] < 0) child_fail(a, errno, "open /dev/null");
+    }
+    if (src[i] >= 0 && src[i] < 3 && src[i] != i) {
+      src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 3);
+      if (src[i] < 0) child_fail(a, errno, "dup");
+    }
+  }
+  for (int i = 0; i < 3; i++) {
+    if (src[i] == -2) continue;
+    if (src[i] == i) {
+      int fl = fcntl(i, F_GETFD);
+      if (fl >= 0) fcntl(i, F_SETFD, fl & ~FD_CLOEXEC);
+    } else if (dup2(src[i], i) < 0) {
+      child_fail(a, errno, "dup2");
+    }
+  }
+  /* Whatever this process inherited without close-on-exec stays out of the child. */
+  if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+    for (int fd = 3; fd < 1024; fd++) {
+      int fl = fcntl(fd, F_GETFD);
+      if (fl >= 0) fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
+    }
+  }
+  if (r->cwd && chdir(r->cwd) < 0) child_fail(a, errno, "chdir");
+  if (r->child_setup) {
+    const char *stage = "setup";
+    int err = r->child_setup(r->child_arg, &stage);
+    if (err) child_fail(a, err, stage);
+  }
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  execve(r->path, r->argv, r->envp ? r->envp : environ);
+  child_fail(a, errno, "exec");
+  return 127;
+}
+
+static void reap_now(int pidfd) {
+  siginfo_t si;
+  while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
+}
+
+static int spawn_vfork(const cl_spawn_req *req, child_args *a, pid_t *pid, int *pidfd) {
+  /* The child runs on this buffer while we are suspended (the musl posix_spawn approach). */
+  char stack[VFORK_STACK] __attribute__((aligned(16)));
+  int fd = -1;
+  pid_t p = clone(child_main, stack + sizeof stack,
+                  CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, a, &fd);
+  if (p < 0) return errno;
+  *pid = p;
+  *pidfd = fd;
+  return 0;
+}
+
+struct clone_args_compat {
+  uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+};
+
+static int spawn_fork(const cl_spawn_req *req, child_args *a, pid_t *pid, int *pidfd,
+                      char *err, size_t errlen) {
+  int ep[2] = {-1, -1}, sp[2] = {-1, -1};
+  if (pipe2(ep, O_CLOEXEC) < 0) return errno;
+  if (req->parent_setup && pipe2(sp, O_CLOEXEC) < 0) {
+    int e = errno;
+    close(ep[0]);
+    close(ep[1]);
+    return e;
+  }
+  a->errfd = ep[1];
+  a->syncfd = sp[0];
+  int fd = -1;
+  struct clone_args_compat ca;
+  memset(&ca, 0, sizeof ca);
+  ca.flags = CLONE_PIDFD | req->clone_flags;
+  ca.pidfd = (uint64_t)(uintptr_t)&fd;
+  ca.exit_signal = SIGCHLD;
+  long p = syscall(SYS_clone3, &ca, sizeof ca);
+  if (p == 0) {
+    close(ep[0]);
+    if (sp[1] >= 0) close(sp[1]);
+    child_main(a);
+    _exit(127);
+  }
+  int e = errno;
+  close(ep[1]);
+  if (sp[0] >= 0) close(sp[0]);
+  if (p < 0) {
+    close(ep[0]);
+    if (sp[1] >= 0) close(sp[1]);
+    return e;
+  }
+  if (req->parent_setup) {
+    int pe = req->parent_setup(req->parent_arg, (pid_t)p, err, errlen);
+    if (pe) {
+      close(sp[1]); /* the child reads EOF and exits */
+      close(ep[0]);
+      syscall(SYS_pidfd_send_signal, fd, SIGKILL, NULL, 0);
+      reap_now(fd);
+      close(fd);
+      return pe;
+    }
+    char c = 1;
+    ssize_t w = write(sp[1], &c, 1);
+    CL_UNUSED(w);
+    close(sp[1]);
+  }
+  /* Exec closes the error pipe: EOF means the child is running the new program. */
+  struct { int err; char stage[60]; } msg;
+  ssize_t n;
+  do n = read(ep[0], &msg, sizeof msg); while (n < 0 && errno == EINTR);
+  close(ep[0]);
+  if (n == (ssize_t)sizeof msg) {
+    a->err = msg.err;
+    msg.stage[sizeof msg.stage - 1] = 0;
+    snprintf(err, errlen, "%s", msg.stage);
+    a->stage = NULL;
+  }
+  *pid = (pid_t)p;
+  *pidfd = fd;
+  return 0;
+}
+
+int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t errlen) {
+  child_args a;
+  memset(&a, 0, sizeof a);
+  a.req = req;
+  a.parent = getpid();
+  a.errfd = a.syncfd = -1;
+  err[0] = 0;
+  /* No signal handler may run in a child that shares our memory: block all around clone. */
+  sigset_t all, old;
+  sigfillset(&all);
+  sigprocmask(SIG_SETMASK, &all, &old);
+  int e;
+  int forked = req->child_setup || req->parent_setup || req->clone_flags;
+  if (forked) e = spawn_fork(req, &a, pid, pidfd, err, errlen);
+  else e = spawn_vfork(req, &a, pid, pidfd);
+  sigprocmask(SIG_SETMASK, &old, NULL);
+  if (e) {
+    if (!err[0]) snprintf(err, errlen, "clone: %s", strerror(e));
+    return e;
+  }
+  if (a.err) { /* the child failed before exec and has exited */
+    char stage[64];
+    snprintf(stage, sizeof stage, "%s", a.stage ? a.stage : err);
+    snprintf(err, errlen, "%s: %s", stage, strerror(a.err));
+    reap_now(*pidfd);
+    close(*pidfd);
+    *pidfd = -1;
+    return a.err;
+  }
+  return 0;
+}
+
+int cl_find_executable(const char *name, const char *path_env, char *out, size_t outlen) {
+  struct stat st;
+  if (!*name) return ENOENT;
+  if (strchr(name, '/')) {
+    if (stat(name, &st) < 0) return errno;
+    if (!S_ISREG(st.st_mode)) return EACCES;
+    if (access(name, X_OK) < 0) return errno;
+    if (strlen(name) >= outlen) return ENAMETOOLONG;
+    strcpy(out, name);
+    return 0;
+  }
+  if (!path_env) path_env = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+  int found_noexec = 0;
+  const char *p = path_env;
+  while (*p) {
+    const char *c = strchr(p, ':');
+    size_t dl = c ? (size_t)(c - p) : strlen(p);
+    int n = dl ? snprintf(out, outlen, "%.*s/%s", (int)dl, p, name)
+               : snprintf(out, outlen, "./%s", name);
+    if (n > 0 && (size_t)n < outlen && stat(out, &st) == 0 && S_ISREG(st.st_mode)) {
+      if (access(out, X_OK) == 0) return 0;
+      found_noexec = 1;
+    }
+    if (!c) break;
+    p = c + 1;
+  }
+  return found_noexec ? EACCES : ENOENT;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Process handles                                                                            */
+
+typedef struct proc {
+  pid_t pid;
+  int pidfd;
+  int group;   /* the child leads a process group: kill the group on close */
+  int reaped;
+  int closed;
+  int code, signo, core;
+  struct rusage ru;
+  double started, ended;
+  cl_watch watch;
+  char name[64];
+} proc;
+
+static proc *check_proc(lua_State *L, int i) { return luaL_checkudata(L, i, PROC_MT); }
+
+/* Reaps if the child has exited. Returns 1 when reaped (now or before). */
+static int try_reap(proc *p) {
+  if (p->reaped) return 1;
+  if (p->pidfd < 0) return 0;
+  siginfo_t si;
+  memset(&si, 0, sizeof si);
+  long r;
+  do r = syscall(SYS_waitid, P_PIDFD, p->pidfd, &si, WEXITED | WNOHANG, &p->ru);
+  while (r < 0 && errno == EINTR);
+  if (r < 0 || si.si_pid == 0) return 0;
+  p->reaped = 1;
+  p->ended = cl_now();
+  if (si.si_code == CLD_EXITED) {
+    p->code = si.si_status;
+    p->signo = 0;
+  } else {
+    p->code = -1;
+    p->signo = si.si_status;
+    p->core = si.si_code == CLD_DUMPED;
+  }
+  cl_watch_stop(&p->watch);
+  close(p->pidfd);
+  p->pidfd = -1;
+  return 1;
+}
+
+static void push_status(lua_State *L, proc *p) {
+  lua_createtable(L, 0, 8);
+  if (p->signo) {
+    lua_pushinteger(L, p->signo);
+    lua_setfield(L, -2, "signal");
+    lua_pushstring(L, cl_signal_name(p->signo));
+    lua_setfield(L, -2, "signal_name");
+    lua_pushboolean(L, p->core);
+    lua_setfield(L, -2, "core_dumped");
+  } else {
+    lua_pushinteger(L, p->code);
+    lua_setfield(L, -2, "code");
+  }
+  lua_pushinteger(L, p->pid);
+  lua_setfield(L, -2, "pid");
+  lua_pushnumber(L, p->ended - p->started);
+  lua_setfield(L, -2, "elapsed");
+  lua_pushnumber(L, (double)p->ru.ru_utime.tv_sec + (double)p->ru.ru_utime.tv_usec / 1e6);
+  lua_setfield(L, -2, "utime");
+  lua_pushnumber(L, (double)p->ru.ru_stime.tv_sec + (double)p->ru.ru_stime.tv_usec / 1e6);
+  lua_setfield(L, -2, "stime");
+  lua_pushinteger(L, p->ru.ru_maxrss);
+  lua_setfield(L, -2, "maxrss_kb");
+}
+
+static int kill_child(proc *p, int sig, int group) {
+  if (p->reaped || p->pidfd < 0) return ESRCH;
+  /* The group id is the child's pid, which stays ours until we reap it. */
+  if (group && p->group && kill(-p->pid, sig) == 0) return 0;
+  if (syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0) < 0) return errno;
+  return 0;
+}
+
+/* Kills a running child and hands the reaping to the loop. */
+static void proc_release(lua_State *L, proc *p) {
+  if (p->closed) return;
+  p->closed = 1;
+  if (!p->reaped && p->pidfd >= 0) {
+    kill_child(p, SIGKILL, 1);
+    if (!try_reap(p)) {
+      cl_watch_stop(&p->watch);
+      cl_reap_later(p->watch.loop ? p->watch.loop : cl_loop_get(L), p->pid, p->pidfd);
+      p->pidfd = -1;
+    }
+  }
+  /* Pipes: close the streams the handle owns. */
+  for (int i = 1; i <= 3; i++) {
+    if (lua_getiuservalue(L, 1, i) == LUA_TUSERDATA && luaL_callmeta(L, -1, "__gc")) lua_pop(L, 1);
+    lua_pop(L, 1);
+  }
+}
+
+static int wait_k(lua_State *L, int status, lua_KContext ctx) {
+  cl_wait *w = cl_wait_resumed(L, ctx);
+  proc *p = check_proc(L, 1);
+  if (try_reap(p)) {
+    push_status(L, p);
+    return 1;
+  }
+  if (w->state == CL_WAIT_TIMEOUT) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeout");
+    lua_pushinteger(L, ETIMEDOUT);
+    return 3;
+  }
+  if (p->pidfd < 0 || p->closed) return cl_failf(L, ECHILD, "wait: process handle closed");
+  return cl_watch_wait(L, w, &p->watch, 0, wait_k, ctx);
+}
+
+/* Lua: p:wait([timeout]) -> {code=|signal=, signal_name=, pid=, elapsed=, utime=, stime=,
+ * maxrss_kb=} | nil, "timeout", ETIMEDOUT */
+static int l_wait(lua_State *L) {
+  proc *p = check_proc(L, 1);
+  double timeout = luaL_optnumber(L, 2, -1);
+  lua_settop(L, 2);
+  if (try_reap(p)) {
+    push_status(L, p);
+    return 1;
+  }
+  if (p->closed || p->pidfd < 0) return cl_failf(L, ECHILD, "wait: process handle closed");
+  cl_wait *w = cl_wait_push(L);
+  w->deadline = cl_deadline(timeout);
+  return cl_watch_wait(L, w, &p->watch, 0, wait_k, lua_gettop(L));
+}
+
+/* Lua: p:kill([sig="TERM"], ["group"]) -> true | nil, err, code */
+static int l_kill(lua_State *L) {
+  proc *p = check_proc(L, 1);
+  int sig = lua_isnoneornil(L, 2) ? SIGTERM : cl_signal_number(L, 2);
+  if (sig < 0) return luaL_argerror(L, 2, "unknown signal");
+  int group = 0;
+  if (!lua_isnoneornil(L, 3)) {
+    const char *g = luaL_checkstring(L, 3);
+    if (strcmp(g, "group") != 0) return luaL_argerror(L, 3, "\"group\" expected");
+    group = 1;
+  }
+  if (p->reaped || p->closed) return cl_failf(L, ESRCH, "kill: process %d has exited", p->pid);
+  int e = kill_child(p, sig, group);
+  if (e) return cl_fail(L, "kill", e);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* Lua: p:running() -> boolean (reaps without blocking) */
+static int l_running(lua_State *L) {
+  proc *p = check_proc(L, 1);
+  lua_pushboolean(L, !p->closed && !try_reap(p));
+  return 1;
+}
+
+/* Lua: p:status() -> status table or nil while running */
+static int l_status(lua_State *L) {
+  proc *p = check_proc(L, 1);
+  if (!try_reap(p)) return 0;
+  push_status(L, p);
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  proc_release(L, check_proc(L, 1));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  proc_release(L, lua_touserdata(L, 1));
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  proc *p = check_proc(L, 1);
+  lua_pushfstring(L, "clawlua.proc (%s, pid %d, %s)", p->name, (int)p->pid,
+                  p->reaped ? "exited" : (p->closed ? "closed" : "running"));
+  return 1;
+}
+
+static const luaL_Reg methods[] = {
+  {"wait", l_wait},     {"kill", l_kill}, {"running", l_running},
+  {"status", l_status}, {"close", l_close}, {NULL, NULL},
+};
+
+static int l_index(lua_State *L) {
+  proc *p = check_proc(L, 1);
+  const char *k = luaL_checkstring(L, 2);
+  if (strcmp(k, "pid") == 0) {
+    lua_pushinteger(L, p->pid);
+    return 1;
+  }
+  static const char *const stdio[] = {"stdin", "stdout", "stderr"};
+  for (int i = 0; i < 3; i++)
+    if (strcmp(k, stdio[i]) == 0) {
+      lua_getiuservalue(L, 1, i + 1);
+      return 1;
+    }
+  lua_getmetatable(L, 1);
+  lua_getfield(L, -1, "methods");
+  lua_getfield(L, -1, k);
+  return 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* proc.spawn                                                                                 */
+
+/* How one stdio slot is set up: resolved before any fd is created. */
+typedef struct stdio_spec {
+  int kind; /* 0 inherit, 1 null, 2 pipe, 3 fd (borrowed), 4 path (opened), 5 same as stdout */
+  int fd;
+  const char *path;
+  int flags;
+} stdio_spec;
+
+static void parse_stdio(lua_State *L, int opts, const char *name, int slot, stdio_spec *sp) {
+  memset(sp, 0, sizeof *sp);
+  sp->fd = -1;
+  int t = lua_getfield(L, opts, name);
+  if (t == LUA_TNIL) {
+    sp->kind = 0;
+  } else if (t == LUA_TSTRING) {
+    const char *s = lua_tostring(L, -1);
+    if (strcmp(s, "inherit") == 0) sp->kind = 0;
+    else if (strcmp(s, "null") == 0) sp->kind = 1;
+    else if (strcmp(s, "pipe") == 0) sp->kind = 2;
+    else if (slot == 2 && strcmp(s, "stdout") == 0) sp->kind = 5;
+    else {
+      const char *msg = lua_pushfstring(L, "\"inherit\", \"null\", \"pipe\"%s, a file, a stream, "
+                                        "an fd or {path=, mode=} expected, got \"%s\"",
+                                        slot == 2 ? ", \"stdout\"" : "", s);
+      cl_field_error(L, name, msg);
+    }
+  } else if (t == LUA_TNUMBER && lua_isinteger(L, -1)) {
+    sp->kind = 3;
+    sp->fd = (int)lua_tointeger(L, -1);
+    if (fcntl(sp->fd, F_GETFD) < 0) cl_field_error(L, name, "not an open file descriptor");
+  } else if (t == LUA_TUSERDATA) {
+    luaL_Stream *f = luaL_testudata(L, -1, LUA_FILEHANDLE);
+    cl_stream *s = luaL_testudata(L, -1, STREAM_MT);
+    sp->kind = 3;
+    if (f && f->closef && f->f) sp->fd = fileno(f->f);
+    else if (s) sp->fd = cl_stream_fd(s);
+    if (sp->fd < 0) cl_field_error(L, name, "closed file or stream");
+    if (f && f->f) fflush(f->f);
+  } else if (t == LUA_TTABLE) {
+    static const char *const fields[] = {"path", "mode", NULL};
+    cl_check_fields(L, -1, fields);
+    sp->kind = 4;
+    lua_getfield(L, -1, "path");
+    sp->path = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    if (!sp->path) cl_field_error(L, name, "path missing");
+    const char *mode = cl_opt_string(L, lua_gettop(L), "mode", slot == 0 ? "r" : "w");
+    if (strcmp(mode, "r") == 0) sp->flags = O_RDONLY;
+    else if (strcmp(mode, "w") == 0) sp->flags = O_WRONLY | O_CREAT | O_TRUNC;
+    else if (strcmp(mode, "a") == 0) sp->flags = O_WRONLY | O_CREAT | O_APPEND;
+    else cl_field_error(L, name, "mode must be \"r\", \"w\" or \"a\"");
+  } else {
+    const char *msg = lua_pushfstring(L, "string, integer, file or table expected, got %s",
+                                      luaL_typename(L, -1));
+    cl_field_error(L, name, msg);
+  }
+  lua_pop(L, 1); /* strings stay anchored in the option table */
+}
+
+/* Builds envp in a userdata vector kept on the stack. NULL: inherit. */
+static char **build_env(lua_State *L, int opts) {
+  int has_env = lua_getfield(L, opts, "env") != LUA_TNIL;
+  int has_add = lua_getfield(L, opts, "env_add") != LUA_TNIL;
+  int envi = lua_gettop(L) - 1, addi = lua_gettop(L);
+  if (!has_env && !has_add) {
+    lua_pop(L, 2);
+    return NULL;
+  }
+  if (has_env && !lua_istable(L, envi)) cl_field_error(L, "env", "table expected");
+  if (has_add && !lua_istable(L, addi)) cl_field_error(L, "env_add", "table expected");
+  /* Merge into one table name -> value, then flatten. */
+  lua_newtable(L);
+  int merged = lua_gettop(L);
+  if (!has_env) {
+    for (char **e = environ; *e; e++) {
+      const char *eq = strchr(*e, '=');
+      if (!eq) continue;
+      lua_pushlstring(L, *e, (size_t)(eq - *e));
+      lua_pushstring(L, eq + 1);
+      lua_rawset(L, merged);
+    }
+  }
+  for (int src = 0; src < 2; src++) {
+    int idx = src == 0 ? envi : addi;
+    if (!lua_istable(L, idx)) continue;
+    const char *fname = src == 0 ? "env" : "env_add";
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      if (lua_type(L, -2) != LUA_TSTRING || (lua_type(L, -1) != LUA_TSTRING &&
+          lua_type(L, -1) != LUA_TNUMBER && lua_type(L, -1) != LUA_TBOOLEAN))
+        cl_field_error(L, fname, "string keys with string values expected");
+      size_t kl;
+      const char *k = lua_tolstring(L, -2, &kl);
+      if (kl == 0 || strchr(k, '=') || strlen(k) != kl)
+        cl_field_error(L, fname, lua_pushfstring(L, "invalid variable name '%s'", k));
+      lua_pushvalue(L, -2);
+      if (lua_type(L, -2) == LUA_TBOOLEAN && !lua_toboolean(L, -2)) lua_pushnil(L); /* unset */
+      else lua_pushstring(L, luaL_tolstring(L, -2, NULL)), lua_remove(L, -2);
+      lua_rawset(L, merged);
+      lua_pop(L, 1);
+    }
+  }
+  size_t n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, merged)) { n++; lua_pop(L, 1); }
+  char **v = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 1);
+  lua_newtable(L);
+  size_t i = 0;
+  lua_pushnil(L);
+  while (lua_next(L, merged)) {
+    const char *kv = lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
+    v[i++] = (char *)kv;
+    lua_rawseti(L, -4, (lua_Integer)i);
+    lua_pop(L, 1);
+  }
+  v[n] = NULL;
+  lua_setiuservalue(L, -2, 1);
+  /* Keep only the vector: it anchors its strings. */
+  lua_replace(L, envi);
+  lua_settop(L, envi);
+  return v;
+}
+
+static const char *env_path(char **envp) {
+  if (!envp) return getenv("PATH");
+  for (char **e = envp; *e; e++)
+    if (strncmp(*e, "PATH=", 5) == 0) return *e + 5;
+  return NULL;
+}
+
+/* Lua: proc.spawn{argv... | argv=, cwd=, env=, env_add=, stdin=, stdout=, stderr=, group=true,
+ * session=false, pdeathsig="KILL"} -> process | nil, err, code */
+static int l_spawn(lua_State *L) {
+  static const char *const fields[] = {"argv", "cwd", "env", "env_add", "stdin", "stdout",
+                                       "stderr", "group", "session", "pdeathsig", "name", NULL};
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  cl_check_fields(L, 1, fields);
+  char **argv;
+  if (lua_getfield(L, 1, "argv") != LUA_TNIL) {
+    if (lua_rawlen(L, 1) > 0) cl_field_error(L, "argv", "given twice (positional and argv=)");
+    argv = cl_check_argv(L, -1, "argv", 0);
+  } else {
+    argv = cl_check_argv(L, 1, "argv", 0);
+  }
+  int argv_idx = lua_gettop(L);
+  const char *cwd = cl_opt_string(L, 1, "cwd", NULL);
+  int group = cl_opt_boolean(L, 1, "group", 1);
+  int session = cl_opt_boolean(L, 1, "session", 0);
+  int pdeath = SIGKILL;
+  if (lua_getfield(L, 1, "pdeathsig") != LUA_TNIL) {
+    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) pdeath = 0;
+    else if ((pdeath = cl_signal_number(L, -1)) < 0) cl_field_error(L, "pdeathsig", "unknown signal");
+  }
+  lua_pop(L, 1);
+  stdio_spec sp[3];
+  parse_stdio(L, 1, "stdin", 0, &sp[0]);
+  parse_stdio(L, 1, "stdout", 1, &sp[1]);
+  parse_stdio(L, 1, "stderr", 2, &sp[2]);
+  char **envp = build_env(L, 1);
+  lua_settop(L, argv_idx + (envp ? 1 : 0));
+  CL_UNUSED(argv_idx);
+
+  char path[4096];
+  int e = cl_find_executable(argv[0], env_path(envp), path, sizeof path);
+  if (e) {
+    if (e == ENOENT && !strchr(argv[0], '/'))
+      return cl_failf(L, e, "spawn %s: not found in PATH", argv[0]);
+    return cl_failf(L, e, "spawn %s: %s", argv[0], strerror(e));
+  }
+  if (cwd) {
+    struct stat st;
+    if (stat(cwd, &st) < 0) return cl_failf(L, errno, "spawn %s: cwd %s: %s", argv[0], cwd,
+                                            strerror(errno));
+    if (!S_ISDIR(st.st_mode)) return cl_failf(L, ENOTDIR, "spawn %s: cwd %s: not a directory",
+                                              argv[0], cwd);
+  }
+
+  /* The handle exists before any fd, so every later failure has an owner to release. */
+  proc *p = lua_newuserdatauv(L, sizeof *p, 4);
+  memset(p, 0, sizeof *p);
+  p->pidfd = -1;
+  p->closed = 1;
+  luaL_setmetatable(L, PROC_MT);
+  int pi = lua_gettop(L);
+  snprintf(p->name, sizeof p->name, "%s", argv[0]);
+
+  int child_fd[3] = {-2, -2, -2}, parent_fd[3] = {-1, -1, -1}, opened[3] = {-1, -1, -1};
+  int err = 0;
+  const char *what = "pipe";
+  for (int i = 0; i < 3 && !err; i++) {
+    switch (sp[i].kind) {
+    case 0: child_fd[i] = -2; break;
+    case 1: child_fd[i] = -1; break;
+    case 2: {
+      int pp[2];
+      if (pipe2(pp, O_CLOEXEC) < 0) { err = errno; break; }
+      parent_fd[i] = i == 0 ? pp[1] : pp[0];
+      child_fd[i] = i == 0 ? pp[0] : pp[1];
+      opened[i] = child_fd[i];
+      break;
+    }
+    case 3: child_fd[i] = sp[i].fd; break;
+    case 4:
+      opened[i] = child_fd[i] = open(sp[i].path, sp[i].flags | O_CLOEXEC, 0644);
+      if (opened[i] < 0) { err = errno; what = sp[i].path; }
+      break;
+    case 5: child_fd[i] = child_fd[1] == -2 ? 1 : child_fd[1]; break;
+    }
+  }
+  char msg[256] = "";
+  if (!err) {
+    cl_spawn_req req;
+    memset(&req, 0, sizeof req);
+    req.path = path;
+    req.argv = argv;
+    req.envp = envp;
+    req.cwd = cwd;
+    for (int i = 0; i < 3; i++) req.fds[i] = child_fd[i];
+    req.new_pgroup = group;
+    req.new_session = session;
+    req.pdeathsig = pdeath;
+    err = cl_spawn(&req, &p->pid, &p->pidfd, msg, sizeof msg);
+    what = NULL;
+  }
+  for (int i = 0; i < 3; i++)
+    if (opened[i] >= 0) close(opened[i]);
+  if (err) {
+    for (int i = 0; i < 3; i++)
+      if (parent_fd[i] >= 0) close(parent_fd[i]);
+    if (what) return cl_failf(L, err, "spawn %s: %s: %s", argv[0], what, strerror(err));
+    return cl_failf(L, err, "spawn %s: %s", argv[0], msg);
+  }
+  p->closed = 0;
+  p->group = group || session;
+  p->started = cl_now();
+  cl_watch_start(cl_loop_get(L), &p->watch, p->pidfd, 0, NULL);
+  static const char *const names[] = {"stdin", "stdout", "stderr"};
+  for (int i = 0; i < 3; i++) {
+    if (parent_fd[i] < 0) continue;
+    cl_stream_new(L, parent_fd[i], i == 0 ? CL_STREAM_WRITE : CL_STREAM_READ, names[i]);
+    lua_setiuservalue(L, pi, i + 1);
+  }
+  lua_settop(L, pi);
+  return 1;
+}
+
+/* Lua: proc.find_executable(name) -> path | nil, err */
+static int l_find_executable(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  char out[4096];
+  int e = cl_find_executable(name, getenv("PATH"), out, sizeof out);
+  if (e) return cl_failf(L, e, "%s: %s", name, e == ENOENT ? "not found in PATH" : strerror(e));
+  lua_pushstring(L, out);
+  return 1;
+}
+
+/* Lua: proc.diagnostics() -> {fds = n, children = {pid, ...}} for leak checks. */
+static int l_diagnostics(lua_State *L) {
+  lua_createtable(L, 0, 2);
+  int n = 0;
+  DIR *d = opendir("/proc/self/fd");
+  if (d) {
+    struct dirent *de;
+    while ((de = readdir(d)))
+      if (de->d_name[0] != '.') n++;
+    closedir(d);
+    n--; /* the directory's own fd */
+  }
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "fds");
+  lua_newtable(L);
+  int k = 0;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)getpid());
+  FILE *f = fopen(path, "re");
+  if (f) {
+    long pid;
+    while (fscanf(f, "%ld", &pid) == 1) {
+      lua_pushinteger(L, pid);
+      lua_rawseti(L, -2, ++k);
+    }
+    fclose(f);
+  }
+  lua_setfield(L, -2, "children");
+  return 1;
+}
+
+static const luaL_Reg funcs[] = {
+  {"spawn", l_spawn}, {"find_executable", l_find_executable},
+  {"diagnostics", l_diagnostics}, {NULL, NULL},
+};
+
+int luaopen_clawlua_proc(lua_State *L) {
+  if (cl_entry_redirect(L, "proc")) return 1;
+  luaL_newmetatable(L, PROC_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "methods");
+  lua_pushcfunction(L, l_index);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, l_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  return 1;
+}

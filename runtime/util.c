@@ -1,0 +1,183 @@
+/* Shared helpers: error results, option-table checks, argv vectors, signals, fd flags. */
+#include "clawlua.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+int cl_fail(lua_State *L, const char *what, int err) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s", what, strerror(err));
+  lua_pushinteger(L, err);
+  return 3;
+}
+
+int cl_failf(lua_State *L, int code, const char *fmt, ...) {
+  va_list ap;
+  lua_pushnil(L);
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  lua_pushinteger(L, code);
+  return 3;
+}
+
+int cl_field_error(lua_State *L, const char *name, const char *msg) {
+  return luaL_error(L, "bad field '%s' (%s)", name, msg);
+}
+
+void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
+  idx = lua_absindex(L, idx);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      /* Integer keys are the positional part of argv-style tables; the caller checks them. */
+      if (lua_isinteger(L, -1)) continue;
+      luaL_error(L, "bad field of type %s (string keys expected)", luaL_typename(L, -1));
+    }
+    const char *k = lua_tostring(L, -1);
+    int ok = 0;
+    for (const char *const *p = known; *p; p++)
+      if (strcmp(*p, k) == 0) { ok = 1; break; }
+    if (!ok) luaL_error(L, "bad field '%s' (unknown field)", k);
+  }
+}
+
+static int get_field(lua_State *L, int idx, const char *name) {
+  if (idx == 0 || lua_type(L, idx) != LUA_TTABLE) { lua_pushnil(L); return LUA_TNIL; }
+  return lua_getfield(L, idx, name);
+}
+
+static void type_error(lua_State *L, const char *name, const char *want) {
+  const char *got = luaL_typename(L, -1); /* the offending field value is on top */
+  const char *msg = lua_pushfstring(L, "%s expected, got %s", want, got);
+  cl_field_error(L, name, msg);
+}
+
+const char *cl_opt_string(lua_State *L, int idx, const char *name, const char *def) {
+  int t = get_field(L, idx, name);
+  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t != LUA_TSTRING) type_error(L, name, "string");
+  /* The string stays valid while the option table holds it. */
+  const char *s = lua_tostring(L, -1);
+  lua_pop(L, 1);
+  return s;
+}
+
+lua_Integer cl_opt_integer(lua_State *L, int idx, const char *name, lua_Integer def) {
+  int t = get_field(L, idx, name);
+  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  int ok = 0;
+  lua_Integer v = 0;
+  if (t == LUA_TNUMBER) v = lua_tointegerx(L, -1, &ok);
+  if (!ok) type_error(L, name, "integer");
+  lua_pop(L, 1);
+  return v;
+}
+
+lua_Number cl_opt_number(lua_State *L, int idx, const char *name, lua_Number def) {
+  int t = get_field(L, idx, name);
+  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t != LUA_TNUMBER) type_error(L, name, "number");
+  lua_Number v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+int cl_opt_boolean(lua_State *L, int idx, const char *name, int def) {
+  int t = get_field(L, idx, name);
+  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t != LUA_TBOOLEAN) type_error(L, name, "boolean");
+  int v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+char **cl_check_argv(lua_State *L, int idx, const char *what, int allow_empty) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) != LUA_TTABLE) {
+    const char *msg = lua_pushfstring(L, "table expected, got %s", luaL_typename(L, idx));
+    cl_field_error(L, what, msg);
+  }
+  lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
+  if (n == 0 && !allow_empty) cl_field_error(L, what, "empty");
+  if (n > 65536) cl_field_error(L, what, "more than 65536 entries");
+  char **v = lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 1);
+  lua_createtable(L, (int)n, 0); /* keeps the strings alive with the vector */
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (lua_rawgeti(L, idx, i) != LUA_TSTRING) {
+      const char *msg = lua_pushfstring(L, "entry %d is %s, string expected", (int)i,
+                                        luaL_typename(L, -1));
+      cl_field_error(L, what, msg);
+    }
+    size_t len;
+    const char *s = lua_tolstring(L, -1, &len);
+    if (strlen(s) != len) {
+      const char *msg = lua_pushfstring(L, "entry %d contains a NUL byte", (int)i);
+      cl_field_error(L, what, msg);
+    }
+    v[i - 1] = (char *)s;
+    lua_rawseti(L, -2, i);
+  }
+  v[n] = NULL;
+  lua_setiuservalue(L, -2, 1);
+  return v;
+}
+
+static const struct { const char *name; int sig; } signals[] = {
+  {"HUP", SIGHUP},   {"INT", SIGINT},     {"QUIT", SIGQUIT}, {"ILL", SIGILL},
+  {"TRAP", SIGTRAP}, {"ABRT", SIGABRT},   {"BUS", SIGBUS},   {"FPE", SIGFPE},
+  {"KILL", SIGKILL}, {"USR1", SIGUSR1},   {"SEGV", SIGSEGV}, {"USR2", SIGUSR2},
+  {"PIPE", SIGPIPE}, {"ALRM", SIGALRM},   {"TERM", SIGTERM}, {"CHLD", SIGCHLD},
+  {"CONT", SIGCONT}, {"STOP", SIGSTOP},   {"TSTP", SIGTSTP}, {"TTIN", SIGTTIN},
+  {"TTOU", SIGTTOU}, {"URG", SIGURG},     {"XCPU", SIGXCPU}, {"XFSZ", SIGXFSZ},
+  {"VTALRM", SIGVTALRM}, {"PROF", SIGPROF}, {"WINCH", SIGWINCH}, {"IO", SIGIO},
+  {"PWR", SIGPWR},   {"SYS", SIGSYS},
+};
+
+int cl_signal_number(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Integer n = lua_tointeger(L, idx);
+    return (n > 0 && n < NSIG) ? (int)n : -1;
+  }
+  const char *s = lua_tostring(L, idx);
+  if (!s) return -1;
+  if (strncasecmp(s, "SIG", 3) == 0) s += 3;
+  for (size_t i = 0; i < CL_ARRAY_LEN(signals); i++)
+    if (strcasecmp(signals[i].name, s) == 0) return signals[i].sig;
+  return -1;
+}
+
+const char *cl_signal_name(int sig) {
+  static const char *const full[] = {
+    [SIGHUP] = "SIGHUP", [SIGINT] = "SIGINT", [SIGQUIT] = "SIGQUIT", [SIGILL] = "SIGILL",
+    [SIGTRAP] = "SIGTRAP", [SIGABRT] = "SIGABRT", [SIGBUS] = "SIGBUS", [SIGFPE] = "SIGFPE",
+    [SIGKILL] = "SIGKILL", [SIGUSR1] = "SIGUSR1", [SIGSEGV] = "SIGSEGV", [SIGUSR2] = "SIGUSR2",
+    [SIGPIPE] = "SIGPIPE", [SIGALRM] = "SIGALRM", [SIGTERM] = "SIGTERM", [SIGCHLD] = "SIGCHLD",
+    [SIGCONT] = "SIGCONT", [SIGSTOP] = "SIGSTOP", [SIGTSTP] = "SIGTSTP", [SIGTTIN] = "SIGTTIN",
+    [SIGTTOU] = "SIGTTOU", [SIGURG] = "SIGURG", [SIGXCPU] = "SIGXCPU", [SIGXFSZ] = "SIGXFSZ",
+    [SIGVTALRM] = "SIGVTALRM", [SIGPROF] = "SIGPROF", [SIGWINCH] = "SIGWINCH",
+    [SIGIO] = "SIGIO", [SIGPWR] = "SIGPWR", [SIGSYS] = "SIGSYS",
+  };
+  if (sig > 0 && (size_t)sig < CL_ARRAY_LEN(full) && full[sig]) return full[sig];
+  return "SIG?";
+}
+
+int cl_set_cloexec(int fd) {
+  int fl = fcntl(fd, F_GETFD);
+  if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) < 0) return errno;
+  return 0;
+}
+
+int cl_set_nonblock(int fd, int on) {
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0) return errno;
+  int nfl = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+  if (nfl != fl && fcntl(fd, F_SETFL, nfl) < 0) return errno;
+  return 0;
+}
