@@ -87,11 +87,6 @@ int cl_entry_redirect(lua_State *L, const char *name) {
   return 1;
 }
 
-static int l_version(lua_State *L) {
-  lua_pushstring(L, CLAWLUA_VERSION);
-  return 1;
-}
-
 int luaopen_clawlua(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   if (lua_getfield(L, -1, "clawlua") == LUA_TTABLE) {
@@ -110,8 +105,9 @@ int luaopen_clawlua(lua_State *L) {
 
   lua_pushliteral(L, CLAWLUA_VERSION);
   lua_setfield(L, ns, "version");
-  lua_pushcfunction(L, l_version);
-  lua_setfield(L, ns, "version_string");
+  /* Which host runs us: "clawlua" (the binary) or "lua" (a foreign interpreter). */
+  lua_pushstring(L, cl_host_mode ? "clawlua" : "lua");
+  lua_setfield(L, ns, "host");
 
   for (size_t i = 0; i < CL_ARRAY_LEN(primitives); i++) {
     lua_pushcfunction(L, primitives[i].open);

@@ -56,9 +56,9 @@ extern int cl_host_mode;
 
 /* Pushes nil, "<what>: <strerror(err)>", err and returns 3. */
 int cl_fail(lua_State *L, const char *what, int err);
-/* Pushes nil, formatted message, code and returns 3. */
-int cl_failf(lua_State *L, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+/* Pushes nil, formatted message, code and returns 3. The format is lua_pushfstring's:
+ * %s %d %I (lua_Integer) %f %p %c %U %% only. */
+int cl_failf(lua_State *L, int code, const char *fmt, ...);
 /* Raises "bad field 'name' (unknown field)" for keys of table idx not in the NULL-ended list. */
 void cl_check_fields(lua_State *L, int idx, const char *const known[]);
 /* Field readers for option tables: absent or nil gives the default, a wrong type raises
@@ -68,7 +68,7 @@ lua_Integer cl_opt_integer(lua_State *L, int idx, const char *name, lua_Integer 
 lua_Number cl_opt_number(lua_State *L, int idx, const char *name, lua_Number def);
 int cl_opt_boolean(lua_State *L, int idx, const char *name, int def);
 /* Raises "bad field 'name' (<msg>)". */
-int cl_field_error(lua_State *L, const char *name, const char *msg);
+__attribute__((noreturn)) int cl_field_error(lua_State *L, const char *name, const char *msg);
 /* Builds a NULL-terminated string vector from the array part of table idx (strings only);
  * the vector lives in a userdata pushed on the stack. Raises "bad field '<what>' ..." on error. */
 char **cl_check_argv(lua_State *L, int idx, const char *what, int allow_empty);
@@ -135,6 +135,7 @@ struct cl_wait {
   cl_wait *next, *prev;
   cl_timer timer;
   intptr_t aux[3]; /* free for the waiting function: progress kept across retries */
+  void *data;      /* likewise, for a pointer */
   /* Called when the wait ends without being woken: its task was cancelled, or the wait was
    * collected while pending. Lets the waiter tear down work in flight (an HTTP transfer). */
   void (*on_abort)(cl_wait *w);

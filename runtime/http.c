@@ -245,7 +245,7 @@ static int req_gc(lua_State *L) {
 
 /* The waiting task was cancelled: stop the transfer now, not when the request is collected. */
 static void on_abort(cl_wait *w) {
-  req *r = (req *)w->aux[0];
+  req *r = w->data;
   r->w = NULL;
   if (r->easy && r->in_multi) {
     curl_multi_remove_handle(r->ctx->multi, r->easy);
@@ -294,11 +294,11 @@ static int finish(lua_State *L, req *r) {
   const char *url = lua_tostring(L, -1); /* anchored by the option table */
   lua_pop(L, 1);
   if (r->too_large)
-    return cl_failf(L, E2BIG, "http: response body from %s larger than %zu bytes", url,
-                    r->max_body);
+    return cl_failf(L, E2BIG, "http: response body from %s larger than %I bytes", url,
+                    (lua_Integer)r->max_body);
   if (r->headers_too_large)
-    return cl_failf(L, E2BIG, "http: response headers from %s larger than %zu bytes", url,
-                    MAX_HEADER_BYTES);
+    return cl_failf(L, E2BIG, "http: response headers from %s larger than %I bytes", url,
+                    (lua_Integer)MAX_HEADER_BYTES);
   if (r->result != CURLE_OK) {
     const char *msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
     return cl_failf(L, (int)r->result, "http: %s (%s)", msg, url);
@@ -428,7 +428,6 @@ static int l_request(lua_State *L) {
         line = lua_pushstring(L, lua_tostring(L, -1));
       } else {
         cl_field_error(L, "headers", "name = value or \"Name: value\" entries expected");
-        line = NULL;
       }
       if (strpbrk(line, "\r\n")) cl_field_error(L, "headers", "line breaks in a header");
       struct curl_slist *nl = curl_slist_append(r->headers, line);
@@ -477,7 +476,7 @@ static int l_request(lua_State *L) {
   }
   r->in_multi = 1;
   cl_wait *w = cl_wait_push(L);
-  w->aux[0] = (intptr_t)r;
+  w->data = r;
   w->on_abort = on_abort;
   w->external = 1;
   r->w = w;

@@ -433,7 +433,7 @@ static int decode_with(lua_State *L, const char *s, size_t len, int max_depth, s
   if (!ok) {
     lua_settop(L, top);
     lua_pushnil(L);
-    lua_pushfstring(L, "json: %s at byte %I", d.err, (lua_Integer)(d.errpos - s + 1));
+    lua_pushfstring(L, "json: %s at byte %I", d.err, (lua_Integer)(d.errpos - s) + 1);
     return 0;
   }
   lua_remove(L, top + 1);
@@ -683,7 +683,10 @@ static int enc_key(encoder *e, int kidx) {
   }
   char what[64];
   snprintf(what, sizeof what, "cannot encode a %s key", luaL_typename(L, kidx));
-  return enc_fail(e, what);
+  e->depth--; /* the path names the object, not a member */
+  enc_fail(e, what);
+  e->depth++;
+  return 0;
 }
 
 static int key_cmp(const void *a, const void *b) {

@@ -158,7 +158,7 @@ void cl_timer_start(cl_loop *lp, cl_timer *t, uint64_t deadline, cl_timer_cb cb)
   if (t->slot) cl_timer_stop(t);
   if (lp->nheap == lp->capheap) {
     size_t n = lp->capheap ? lp->capheap * 2 : 64;
-    cl_timer **h = realloc(lp->heap, n * sizeof *h);
+    cl_timer **h = realloc(lp->heap, n * sizeof(cl_timer *));
     if (!h) abort(); /* cannot keep a promise to wake someone: nothing sane remains */
     lp->heap = h;
     lp->capheap = n;
@@ -565,7 +565,9 @@ static void task_resume(cl_loop *lp, lua_State *from, cl_task *t) {
     lua_setiuservalue(L, -2, 3);
   }
   lua_pop(L, 1);
-  if (lua_resetthread(co) != LUA_OK && !cancelled) {
+  lua_pushvalue(co, -1); /* the original error, to tell it from a __close failure */
+  lua_resetthread(co);
+  if (lua_gettop(co) >= 2 && !lua_rawequal(co, -1, -2)) {
     /* A __close handler failed while unwinding: report it, the task still failed. */
     fprintf(stderr, "clawlua: error while closing a failed task: %s\n",
             lua_tostring(co, -1) ? lua_tostring(co, -1) : "(non-string error)");
@@ -953,8 +955,6 @@ typedef struct channel {
   cl_waitq senders, receivers;
 } channel;
 
-static const char NIL_SLOT = 'n'; /* stands for nil inside the ring */
-
 static channel *check_channel(lua_State *L) { return luaL_checkudata(L, 1, CHANNEL_MT); }
 
 /* Lua: clawlua.channel([capacity=1]) */
@@ -981,7 +981,7 @@ static int channel_try_send(lua_State *L, channel *c) {
   }
   if (c->count >= c->cap) return -1;
   lua_getiuservalue(L, 1, 1);
-  if (lua_isnil(L, 2)) lua_pushlightuserdata(L, (void *)&NIL_SLOT); else lua_pushvalue(L, 2);
+  lua_pushvalue(L, 2);
   lua_rawseti(L, -2, (c->head + c->count) % c->cap + 1);
   lua_pop(L, 1);
   c->count++;
@@ -1004,10 +1004,11 @@ static int channel_send_k(lua_State *L, int status, lua_KContext ctx) {
   return cl_wait_suspend(L, w, channel_send_k, ctx);
 }
 
-/* Lua: ch:send(value, [timeout]) -> true | nil, "closed" | nil, "timeout" */
+/* Lua: ch:send(value, [timeout]) -> true | nil, "closed" | nil, "timeout". nil cannot be sent:
+ * recv's nil means "nothing received". */
 static int l_channel_send(lua_State *L) {
   channel *c = check_channel(L);
-  luaL_checkany(L, 2);
+  luaL_argcheck(L, !lua_isnoneornil(L, 2), 2, "a channel cannot carry nil");
   double timeout = luaL_optnumber(L, 3, -1);
   lua_settop(L, 3);
   int n = channel_try_send(L, c);
@@ -1030,15 +1031,10 @@ static int channel_try_recv(lua_State *L, channel *c) {
   lua_pushnil(L);
   lua_rawseti(L, -3, c->head + 1);
   lua_remove(L, -2);
-  if (lua_touserdata(L, -1) == (void *)&NIL_SLOT) {
-    lua_pop(L, 1);
-    lua_pushnil(L);
-  }
   c->head = (c->head + 1) % c->cap;
   c->count--;
   cl_waitq_wake_one(&c->senders, 0);
-  lua_pushboolean(L, 1); /* second result: a value was received (it may be nil) */
-  return 2;
+  return 1;
 }
 
 static int channel_recv_k(lua_State *L, int status, lua_KContext ctx) {
@@ -1055,7 +1051,7 @@ static int channel_recv_k(lua_State *L, int status, lua_KContext ctx) {
   return cl_wait_suspend(L, w, channel_recv_k, ctx);
 }
 
-/* Lua: ch:recv([timeout]) -> value, true | nil, "closed" | nil, "timeout" */
+/* Lua: ch:recv([timeout]) -> value | nil, "closed" | nil, "timeout" */
 static int l_channel_recv(lua_State *L) {
   channel *c = check_channel(L);
   double timeout = luaL_optnumber(L, 2, -1);
@@ -1071,7 +1067,7 @@ static int l_channel_recv(lua_State *L) {
 /* Lua: ch:try_send(v) -> true | nil, "full" | nil, "closed" */
 static int l_channel_try_send(lua_State *L) {
   channel *c = check_channel(L);
-  luaL_checkany(L, 2);
+  luaL_argcheck(L, !lua_isnoneornil(L, 2), 2, "a channel cannot carry nil");
   lua_settop(L, 2);
   int n = channel_try_send(L, c);
   if (n >= 0) return n;
@@ -1080,7 +1076,7 @@ static int l_channel_try_send(lua_State *L) {
   return 2;
 }
 
-/* Lua: ch:try_recv() -> value, true | nil, "empty" | nil, "closed" */
+/* Lua: ch:try_recv() -> value | nil, "empty" | nil, "closed" */
 static int l_channel_try_recv(lua_State *L) {
   channel *c = check_channel(L);
   lua_settop(L, 1);

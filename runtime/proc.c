@@ -25,6 +25,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
+#endif
+
 #define PROC_MT "clawlua.proc"
 #define STREAM_MT "clawlua.stream"
 #define VFORK_STACK (64 * 1024)
@@ -42,24 +46,22 @@ int cl_entry_redirect(lua_State *L, const char *name);
 typedef struct child_args {
   const cl_spawn_req *req;
   pid_t parent;
-  int errfd;  /* fork path: where the child reports failure */
+  int errfd;  /* the child reports a failure before exec here (close-on-exec: EOF = exec'd) */
   int syncfd; /* fork path: the child waits here for the parent's set-up */
-  volatile int err;        /* vfork path: failure reported through shared memory */
-  const char *volatile stage;
 } child_args;
 
+typedef struct child_report {
+  int err;
+  char stage[60];
+} child_report;
+
 static void child_fail(child_args *a, int err, const char *stage) {
-  if (a->errfd >= 0) {
-    struct { int err; char stage[60]; } msg;
-    memset(&msg, 0, sizeof msg);
-    msg.err = err;
-    strncpy(msg.stage, stage, sizeof msg.stage - 1);
-    ssize_t w = write(a->errfd, &msg, sizeof msg);
-    CL_UNUSED(w);
-  } else {
-    a->err = err;
-    a->stage = stage;
-  }
+  child_report msg;
+  memset(&msg, 0, sizeof msg);
+  msg.err = err;
+  strncpy(msg.stage, stage, sizeof msg.stage - 1);
+  ssize_t w = write(a->errfd, &msg, sizeof msg);
+  CL_UNUSED(w);
   _exit(127);
 }
 
@@ -139,53 +141,79 @@ static void reap_now(int pidfd) {
   while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
 }
 
-static int spawn_vfork(const cl_spawn_req *req, child_args *a, pid_t *pid, int *pidfd) {
-  /* The child runs on this buffer while we are suspended (the musl posix_spawn approach). */
+static long spawn_vfork(child_args *a, int *pidfd) {
+  /* The child runs on this buffer while we are suspended (the musl posix_spawn approach).
+   * Under valgrind the clone becomes a fork; the error pipe works either way. */
   char stack[VFORK_STACK] __attribute__((aligned(16)));
-  int fd = -1;
-  pid_t p = clone(child_main, stack + sizeof stack,
-                  CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, a, &fd);
-  if (p < 0) return errno;
-  *pid = p;
-  *pidfd = fd;
-  return 0;
+  long p = clone(child_main, stack + sizeof stack, CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD,
+                 a, pidfd);
+#ifdef __SANITIZE_ADDRESS__
+  /* The child's instrumented frames poisoned redzones in our shadow memory, which it shares. */
+  __asan_unpoison_memory_region(stack, sizeof stack);
+#endif
+  return p;
 }
 
 struct clone_args_compat {
   uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
 };
 
-static int spawn_fork(const cl_spawn_req *req, child_args *a, pid_t *pid, int *pidfd,
-                      char *err, size_t errlen) {
+/* fork semantics: the child continues here on a copy of our memory. */
+static long spawn_fork(const cl_spawn_req *req, child_args *a, int *pidfd, int sp_w, int ep_r) {
+  struct clone_args_compat ca;
+  memset(&ca, 0, sizeof ca);
+  ca.flags = CLONE_PIDFD | req->clone_flags;
+  ca.pidfd = (uint64_t)(uintptr_t)pidfd;
+  ca.exit_signal = SIGCHLD;
+  long p = syscall(SYS_clone3, &ca, sizeof ca);
+  if (p < 0 && errno == ENOSYS) /* old kernels, valgrind */
+    p = syscall(SYS_clone, (unsigned long)(CLONE_PIDFD | SIGCHLD) | req->clone_flags, NULL,
+                pidfd, NULL, NULL);
+  if (p == 0) {
+    close(ep_r);
+    if (sp_w >= 0) close(sp_w);
+    child_main(a);
+    _exit(127);
+  }
+  return p;
+}
+
+int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t errlen) {
+  child_args a;
+  memset(&a, 0, sizeof a);
+  a.req = req;
+  a.parent = getpid();
+  a.syncfd = -1;
+  err[0] = 0;
   int ep[2] = {-1, -1}, sp[2] = {-1, -1};
-  if (pipe2(ep, O_CLOEXEC) < 0) return errno;
+  if (pipe2(ep, O_CLOEXEC) < 0) {
+    snprintf(err, errlen, "pipe: %s", strerror(errno));
+    return errno;
+  }
+  int forked = req->child_setup || req->parent_setup || req->clone_flags;
   if (req->parent_setup && pipe2(sp, O_CLOEXEC) < 0) {
     int e = errno;
     close(ep[0]);
     close(ep[1]);
+    snprintf(err, errlen, "pipe: %s", strerror(e));
     return e;
   }
-  a->errfd = ep[1];
-  a->syncfd = sp[0];
+  a.errfd = ep[1];
+  a.syncfd = sp[0];
+  /* No signal handler may run in a child that shares our memory: block all around clone. */
+  sigset_t all, old;
+  sigfillset(&all);
+  sigprocmask(SIG_SETMASK, &all, &old);
   int fd = -1;
-  struct clone_args_compat ca;
-  memset(&ca, 0, sizeof ca);
-  ca.flags = CLONE_PIDFD | req->clone_flags;
-  ca.pidfd = (uint64_t)(uintptr_t)&fd;
-  ca.exit_signal = SIGCHLD;
-  long p = syscall(SYS_clone3, &ca, sizeof ca);
-  if (p == 0) {
-    close(ep[0]);
-    if (sp[1] >= 0) close(sp[1]);
-    child_main(a);
-    _exit(127);
-  }
-  int e = errno;
+  long p = forked ? spawn_fork(req, &a, &fd, sp[1], ep[0]) : spawn_vfork(&a, &fd);
+  int e = p < 0 ? errno : 0;
+  sigprocmask(SIG_SETMASK, &old, NULL);
   close(ep[1]);
   if (sp[0] >= 0) close(sp[0]);
   if (p < 0) {
     close(ep[0]);
     if (sp[1] >= 0) close(sp[1]);
+    snprintf(err, errlen, "clone: %s", strerror(e));
     return e;
   }
   if (req->parent_setup) {
@@ -193,7 +221,7 @@ static int spawn_fork(const cl_spawn_req *req, child_args *a, pid_t *pid, int *p
     if (pe) {
       close(sp[1]); /* the child reads EOF and exits */
       close(ep[0]);
-      syscall(SYS_pidfd_send_signal, fd, SIGKILL, NULL, 0);
+      kill((pid_t)p, SIGKILL); /* our unreaped child: its pid cannot have been reused */
       reap_now(fd);
       close(fd);
       return pe;
@@ -203,51 +231,20 @@ static int spawn_fork(const cl_spawn_req *req, child_args *a, pid_t *pid, int *p
     CL_UNUSED(w);
     close(sp[1]);
   }
-  /* Exec closes the error pipe: EOF means the child is running the new program. */
-  struct { int err; char stage[60]; } msg;
+  /* Exec closes the error pipe: EOF means the child runs the new program. */
+  child_report msg;
   ssize_t n;
   do n = read(ep[0], &msg, sizeof msg); while (n < 0 && errno == EINTR);
   close(ep[0]);
-  if (n == (ssize_t)sizeof msg) {
-    a->err = msg.err;
+  if (n == (ssize_t)sizeof msg) { /* the child failed before exec and has exited */
     msg.stage[sizeof msg.stage - 1] = 0;
-    snprintf(err, errlen, "%s", msg.stage);
-    a->stage = NULL;
+    snprintf(err, errlen, "%s: %s", msg.stage, strerror(msg.err));
+    reap_now(fd);
+    close(fd);
+    return msg.err ? msg.err : EIO;
   }
   *pid = (pid_t)p;
   *pidfd = fd;
-  return 0;
-}
-
-int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t errlen) {
-  child_args a;
-  memset(&a, 0, sizeof a);
-  a.req = req;
-  a.parent = getpid();
-  a.errfd = a.syncfd = -1;
-  err[0] = 0;
-  /* No signal handler may run in a child that shares our memory: block all around clone. */
-  sigset_t all, old;
-  sigfillset(&all);
-  sigprocmask(SIG_SETMASK, &all, &old);
-  int e;
-  int forked = req->child_setup || req->parent_setup || req->clone_flags;
-  if (forked) e = spawn_fork(req, &a, pid, pidfd, err, errlen);
-  else e = spawn_vfork(req, &a, pid, pidfd);
-  sigprocmask(SIG_SETMASK, &old, NULL);
-  if (e) {
-    if (!err[0]) snprintf(err, errlen, "clone: %s", strerror(e));
-    return e;
-  }
-  if (a.err) { /* the child failed before exec and has exited */
-    char stage[64];
-    snprintf(stage, sizeof stage, "%s", a.stage ? a.stage : err);
-    snprintf(err, errlen, "%s: %s", stage, strerror(a.err));
-    reap_now(*pidfd);
-    close(*pidfd);
-    *pidfd = -1;
-    return a.err;
-  }
   return 0;
 }
 
@@ -351,9 +348,10 @@ static void push_status(lua_State *L, proc *p) {
 
 static int kill_child(proc *p, int sig, int group) {
   if (p->reaped || p->pidfd < 0) return ESRCH;
-  /* The group id is the child's pid, which stays ours until we reap it. */
+  /* Until we reap it, the child's pid (and the group id it leads) cannot be reused, so plain
+   * kill() is as exact as pidfd_send_signal, and works where that is missing (valgrind). */
   if (group && p->group && kill(-p->pid, sig) == 0) return 0;
-  if (syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0) < 0) return errno;
+  if (kill(p->pid, sig) < 0) return errno;
   return 0;
 }
 
@@ -764,12 +762,16 @@ static int l_diagnostics(lua_State *L) {
   snprintf(path, sizeof path, "/proc/self/task/%d/children", (int)getpid());
   FILE *f = fopen(path, "re");
   if (f) {
-    long pid;
-    while (fscanf(f, "%ld", &pid) == 1) {
+    char buf[8192];
+    size_t got = fread(buf, 1, sizeof buf - 1, f);
+    buf[got] = 0;
+    fclose(f);
+    for (char *p = buf, *end; *p; p = end) {
+      long pid = strtol(p, &end, 10);
+      if (end == p) break;
       lua_pushinteger(L, pid);
       lua_rawseti(L, -2, ++k);
     }
-    fclose(f);
   }
   lua_setfield(L, -2, "children");
   return 1;

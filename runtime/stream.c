@@ -26,8 +26,8 @@ int cl_entry_redirect(lua_State *L, const char *name);
 struct cl_stream {
   int fd;
   int mode;
-  int own;           /* close fd with the stream */
-  int restore_flags; /* fd flags to put back on close (fds we do not own), or -1 */
+  int own;           /* close fd with the stream (a borrowed fd is watched through a dup) */
+  int restore_flags; /* file status flags to put back on close (borrowed fds), or -1 */
   int closed, eof;
   int skipping;      /* dropping the rest of an over-long line */
   cl_watch watch;
@@ -50,8 +50,8 @@ static void stream_release(cl_stream *s) {
   if (s->closed) return;
   s->closed = 1; /* first, so anything woken below sees a closed stream */
   cl_watch_stop(&s->watch);
+  if (s->restore_flags >= 0) fcntl(s->fd, F_SETFL, s->restore_flags);
   if (s->own) close(s->fd);
-  else if (s->restore_flags >= 0) fcntl(s->fd, F_SETFL, s->restore_flags);
   s->fd = -1;
   free(s->buf);
   s->buf = NULL;
@@ -71,12 +71,22 @@ static cl_stream *stream_push(lua_State *L, int fd, int mode, int own, const cha
   s->timeout = -1;
   snprintf(s->name, sizeof s->name, "%s", name ? name : "fd");
   if (!own) {
+    /* A borrowed fd is watched through a private dup: epoll keys on the fd number, so the
+     * owner may watch it too, and closing the stream closes only the dup. O_NONBLOCK lives in
+     * the shared file description, so the original flags are put back on close. */
     int fl = fcntl(fd, F_GETFL);
     if (fl >= 0 && !(fl & O_NONBLOCK)) s->restore_flags = fl;
+    fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0) {
+      lua_pop(L, 1);
+      return NULL;
+    }
+    s->own = own = 1;
   }
   cl_set_nonblock(fd, 1);
   int err = cl_watch_start(cl_loop_get(L), &s->watch, fd, 0, NULL);
   if (err) {
+    if (s->restore_flags >= 0) fcntl(fd, F_SETFL, s->restore_flags);
     if (own) close(fd);
     lua_pop(L, 1);
     errno = err;
@@ -217,21 +227,21 @@ static int do_read_line(lua_State *L, cl_stream *s) {
   size_t max = (size_t)luaL_optinteger(L, 2, (lua_Integer)s->max_line);
   for (;;) {
     char *start = s->buf ? s->buf + s->off : NULL;
-    size_t avail = s->len - s->off;
-    char *nl = avail ? memchr(start, '\n', avail) : NULL;
+    size_t avail = start ? s->len - s->off : 0;
+    char *nl = start && avail ? memchr(start, '\n', avail) : NULL;
     if (s->skipping) {
       if (nl) {
         s->off += (size_t)(nl - start) + 1;
         s->skipping = 0;
-        return cl_failf(L, E2BIG, "read_line %s: line longer than %zu bytes (skipped)",
-                        s->name, max);
+        return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes (skipped)",
+                        s->name, (lua_Integer)max);
       }
       s->off = s->len = 0; /* drop what we have of the long line */
     } else if (nl) {
       size_t n = (size_t)(nl - start);
       s->off += n + 1;
-      if (n > max) return cl_failf(L, E2BIG, "read_line %s: line longer than %zu bytes",
-                                   s->name, max);
+      if (n > max) return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes",
+                                   s->name, (lua_Integer)max);
       if (n > 0 && start[n - 1] == '\r') n--;
       lua_pushlstring(L, start, n);
       return 1;
@@ -249,8 +259,8 @@ static int do_read_line(lua_State *L, cl_stream *s) {
     if (r == -2) return cl_fail(L, "read_line", errno);
     if (r == 0 && s->skipping) {
       s->skipping = 0;
-      return cl_failf(L, E2BIG, "read_line %s: line longer than %zu bytes (skipped)",
-                      s->name, max);
+      return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes (skipped)",
+                      s->name, (lua_Integer)max);
     }
   }
 }
@@ -277,13 +287,13 @@ static int do_read_all(lua_State *L, cl_stream *s) {
   size_t max = (size_t)luaL_optinteger(L, 2, (lua_Integer)DEFAULT_MAX_ALL);
   while (!s->eof) {
     if (s->len - s->off > max)
-      return cl_failf(L, E2BIG, "read_all %s: more than %zu bytes", s->name, max);
+      return cl_failf(L, E2BIG, "read_all %s: more than %I bytes", s->name, (lua_Integer)max);
     ssize_t r = fill(s, CHUNK);
     if (r == -1) return stream_wait(L, s, 3, 0, read_all_k);
     if (r == -2) return cl_fail(L, "read_all", errno);
   }
   size_t avail = s->len - s->off;
-  if (avail > max) return cl_failf(L, E2BIG, "read_all %s: more than %zu bytes", s->name, max);
+  if (avail > max) return cl_failf(L, E2BIG, "read_all %s: more than %I bytes", s->name, (lua_Integer)max);
   lua_pushlstring(L, s->buf ? s->buf + s->off : "", avail);
   s->off = s->len = 0;
   return 1;
@@ -501,8 +511,8 @@ static int l_connect_unix(lua_State *L) {
   memset(&sa, 0, sizeof sa);
   sa.sun_family = AF_UNIX;
   if (plen >= sizeof sa.sun_path)
-    return cl_failf(L, ENAMETOOLONG, "connect %s: path longer than %zu bytes", path,
-                    sizeof sa.sun_path - 1);
+    return cl_failf(L, ENAMETOOLONG, "connect %s: path longer than %I bytes", path,
+                    (lua_Integer)(sizeof sa.sun_path - 1));
   memcpy(sa.sun_path, path, plen);
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return cl_fail(L, "socket", errno);

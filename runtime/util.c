@@ -27,7 +27,8 @@ int cl_failf(lua_State *L, int code, const char *fmt, ...) {
 }
 
 int cl_field_error(lua_State *L, const char *name, const char *msg) {
-  return luaL_error(L, "bad field '%s' (%s)", name, msg);
+  luaL_error(L, "bad field '%s' (%s)", name, msg);
+  __builtin_unreachable(); /* luaL_error does not return */
 }
 
 void cl_check_fields(lua_State *L, int idx, const char *const known[]) {

@@ -117,16 +117,16 @@ local function drain(code)
   return code
 end
 
+--- Calls chunk with a traceback handler; returns true and the chunk's first result, or
+--- false after reporting the error (a shutdown's cancellation is not reported).
 local function dochunk(chunk, ...)
-  local ok, err = xpcall(chunk, traceback, ...)
+  local ok, res = xpcall(chunk, traceback, ...)
   if not ok then
-    if claw.is_cancelled(err) or (type(err) == "string" and claw.loop.stopping()) then
-      return false, nil
-    end
-    report(err)
-    return false, err
+    if claw.is_cancelled(res) or claw.loop.stopping() then return false, nil end
+    report(res)
+    return false, res
   end
-  return true
+  return true, res
 end
 
 local function load_stdin()
@@ -278,7 +278,6 @@ function M.main(argv)
   if not script then
     if #actions > 0 or show_version then return drain(0) end
     if claw.stream.isatty(0) then return usage_error() end
-    script = nil
     local chunk, err = load_stdin()
     if not chunk then
       report(err)
@@ -319,7 +318,7 @@ M.register {
     end
     local cmd = M.find(name)
     if not cmd then return usage_error(("unknown command '%s'"):format(name)) end
-    io.stdout:write(cmd.usage or ("usage: clawlua " .. name), "\n")
+    io.stdout:write("usage: ", cmd.usage or ("clawlua " .. name), "\n")
     if cmd.summary then io.stdout:write("\n", cmd.summary, "\n") end
     return 0
   end,
