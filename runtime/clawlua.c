@@ -20,7 +20,7 @@ static const struct {
 } primitives[] = {
   {"loop", luaopen_clawlua_loop},     {"json", luaopen_clawlua_json},
   {"stream", luaopen_clawlua_stream}, {"proc", luaopen_clawlua_proc},
-  {"http", luaopen_clawlua_http},
+  {"http", luaopen_clawlua_http},     {"audit", luaopen_clawlua_audit},
 };
 
 /* Loop functions that are also part of the top-level namespace. */

@@ -491,6 +491,11 @@ typedef struct encoder {
   int depth, max_depth;
   size_t max_size;
   int pretty, sort_keys;
+  /* Lenient mode (audit records): what cannot be encoded becomes a "<placeholder>" string,
+   * invalid UTF-8 becomes U+FFFD, strings longer than max_string are cut with a marker. */
+  int lenient;
+  size_t max_string;
+  long replaced; /* placeholders and cuts made in lenient mode */
   const char *err;
   char errbuf[160];
   /* The path to the value being encoded, for error messages. */
@@ -555,7 +560,23 @@ static int enc_fail(encoder *e, const char *what) {
 
 static const char hexdig[] = "0123456789abcdef";
 
+static int enc_string(encoder *e, const char *s, size_t len);
+
+/* A value that cannot be encoded: an error, or in lenient mode a placeholder string. */
+static int enc_bad(encoder *e, const char *what, const char *placeholder) {
+  if (!e->lenient) return enc_fail(e, what);
+  e->replaced++;
+  return enc_string(e, placeholder, strlen(placeholder));
+}
+
 static int enc_string(encoder *e, const char *s, size_t len) {
+  size_t cut = 0;
+  if (e->lenient && e->max_string && len > e->max_string) {
+    cut = len - e->max_string;
+    len = e->max_string;
+    while (len > 0 && ((unsigned char)s[len] & 0xC0) == 0x80) len--, cut++; /* whole chars */
+    e->replaced++;
+  }
   if (!enc_grow(e, len + 2)) return 0;
   putc_(e, '"');
   const unsigned char *p = (const unsigned char *)s, *end = p + len, *run = p;
@@ -567,8 +588,14 @@ static int enc_string(encoder *e, const char *s, size_t len) {
     }
     if (c >= 0x80) {
       size_t n = utf8_len(p, end);
-      if (!n) return enc_fail(e, "invalid UTF-8 in string");
-      p += n;
+      if (n) {
+        p += n;
+        continue;
+      }
+      if (!e->lenient) return enc_fail(e, "invalid UTF-8 in string");
+      if (!put(e, (const char *)run, (size_t)(p - run)) || !put(e, "\xef\xbf\xbd", 3)) return 0;
+      e->replaced++;
+      run = ++p;
       continue;
     }
     if (!put(e, (const char *)run, (size_t)(p - run))) return 0;
@@ -595,6 +622,11 @@ static int enc_string(encoder *e, const char *s, size_t len) {
     run = p;
   }
   if (!put(e, (const char *)run, (size_t)(p - run))) return 0;
+  if (cut) {
+    char mark[48];
+    int n = snprintf(mark, sizeof mark, "...[truncated %zu bytes]", cut);
+    if (!put(e, mark, (size_t)n)) return 0;
+  }
   return putc_(e, '"');
 }
 
@@ -611,7 +643,8 @@ static int enc_integer(encoder *e, lua_Integer v) {
 }
 
 static int enc_float(encoder *e, lua_Number v) {
-  if (isnan(v) || isinf(v)) return enc_fail(e, "cannot encode NaN or infinity");
+  if (isnan(v) || isinf(v))
+    return enc_bad(e, "cannot encode NaN or infinity", isnan(v) ? "<nan>" : (v > 0 ? "<inf>" : "<-inf>"));
   char tmp[40];
   int n = 0;
   /* Shortest of %.15g..%.17g that reads back as the same double. */
@@ -683,6 +716,13 @@ static int enc_key(encoder *e, int kidx) {
   }
   char what[64];
   snprintf(what, sizeof what, "cannot encode a %s key", luaL_typename(L, kidx));
+  if (e->lenient) {
+    char ph[40];
+    snprintf(ph, sizeof ph, "<%s key>", luaL_typename(L, kidx));
+    enc_push_path(e, NULL, 0, 0);
+    e->replaced++;
+    return enc_string(e, ph, strlen(ph));
+  }
   e->depth--; /* the path names the object, not a member */
   enc_fail(e, what);
   e->depth++;
@@ -785,7 +825,7 @@ static int enc_table(encoder *e, int idx) {
   if (e->depth >= e->max_depth) {
     char what[64];
     snprintf(what, sizeof what, "nesting deeper than %d (a cycle?)", e->max_depth);
-    return enc_fail(e, what);
+    return enc_bad(e, what, "<too deep>");
   }
   if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack overflow");
   if (lua_getmetatable(L, idx)) {
@@ -800,6 +840,7 @@ static int enc_table(encoder *e, int idx) {
   }
   int bad = 0;
   lua_Integer n = table_shape(e, idx, &bad);
+  if (bad && e->lenient) return enc_object(e, idx); /* keys become strings */
   if (bad == 1) return enc_fail(e, "cannot encode an array with holes or keys below 1");
   if (bad == 2) return enc_fail(e, "cannot encode a table with both integer and string keys");
   if (n > 0) return enc_array(e, idx, n);
@@ -842,14 +883,15 @@ static int enc_value(encoder *e, int idx) {
     break;
   default: break;
   }
-  char what[64];
+  char what[64], ph[40];
   snprintf(what, sizeof what, "cannot encode a %s value", luaL_typename(L, idx));
-  return enc_fail(e, what);
+  snprintf(ph, sizeof ph, "<%s>", luaL_typename(L, idx));
+  return enc_bad(e, what, ph);
 }
 
 /* Encodes the value at idx; on success pushes the string, else pushes nil + message. */
 static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max_depth,
-                       size_t max_size) {
+                       size_t max_size, size_t lenient_max_string, long *replaced) {
   idx = lua_absindex(L, idx);
   strbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
   memset(b, 0, sizeof *b);
@@ -863,7 +905,10 @@ static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max
   e.sort_keys = sort_keys;
   e.max_depth = max_depth;
   e.max_size = max_size;
+  e.lenient = lenient_max_string > 0;
+  e.max_string = lenient_max_string == (size_t)-1 ? 0 : lenient_max_string;
   int ok = enc_value(&e, idx);
+  if (replaced) *replaced = e.replaced;
   if (!ok) {
     free(b->p);
     b->p = NULL;
@@ -881,7 +926,7 @@ static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max
 }
 
 const char *cl_json_encode(lua_State *L, int idx, size_t *len) {
-  if (!encode_with(L, idx, 0, 0, DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE)) {
+  if (!encode_with(L, idx, 0, 0, DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, 0, NULL)) {
     lua_remove(L, -2); /* leave just the message */
     return NULL;
   }
@@ -901,7 +946,7 @@ static int l_encode(lua_State *L) {
     sort_keys = cl_opt_boolean(L, 2, "sort_keys", 0);
   }
   read_limits(L, 2, &max_depth, &max_size);
-  return encode_with(L, 1, pretty, sort_keys, max_depth, max_size) ? 1 : 2;
+  return encode_with(L, 1, pretty, sort_keys, max_depth, max_size, 0, NULL) ? 1 : 2;
 }
 
 static int mark(lua_State *L, const char *mt) {
@@ -913,6 +958,18 @@ static int mark(lua_State *L, const char *mt) {
   lua_settop(L, 1);
   luaL_setmetatable(L, mt);
   return 1;
+}
+
+const char *cl_json_encode_lenient(lua_State *L, int idx, size_t max_string, int max_depth,
+                                   int sort_keys, size_t *len, long *replaced) {
+  long r = 0;
+  if (!encode_with(L, idx, 0, sort_keys, max_depth, DEFAULT_MAX_SIZE,
+                   max_string ? max_string : (size_t)-1, &r)) {
+    lua_remove(L, -2);
+    return NULL; /* only when out of memory or over the size limit */
+  }
+  if (replaced) *replaced = r;
+  return lua_tolstring(L, -1, len);
 }
 
 /* Lua: json.array([t]) / json.object([t]) mark t (or a new table) as a JSON array / object. */

@@ -48,6 +48,7 @@ struct cl_task {
   int cancel;  /* cancellation requested, delivered at the task's next wait */
   int queued;
   int joined;  /* a joiner waits: the error is the joiner's to handle */
+  int daemon;  /* does not keep loop.run() going (subscribers, watchers) */
   cl_wait *wait;
   cl_task *next;
   cl_waitq joiners;
@@ -75,6 +76,7 @@ struct cl_loop {
   uint64_t armed; /* deadline programmed into the timerfd; 0: disarmed */
   cl_task *rhead, *rtail;
   size_t ntasks;    /* tasks not finished */
+  size_t ndaemon;   /* of which daemons */
   size_t nexternal; /* pending waits on fds or children */
   size_t nref;      /* cb watches that keep the loop alive */
   cl_task *current;
@@ -495,6 +497,7 @@ static void task_finish(lua_State *L, cl_task *t, int state) {
   cl_loop *lp = t->loop;
   t->state = state;
   lp->ntasks--;
+  if (t->daemon) lp->ndaemon--;
   push_task(L, t);
   int ti = lua_gettop(L);
   lua_pushnil(L);
@@ -728,6 +731,22 @@ static int l_task_result(lua_State *L) {
   if (t->state == T_CANCELLED) lua_pushliteral(L, "cancelled");
   else lua_getiuservalue(L, 1, 2);
   return 2;
+}
+
+void cl_task_set_daemon(cl_task *t, int on) {
+  on = !!on;
+  if (t->state >= T_DONE || t->daemon == on) return;
+  t->daemon = on;
+  if (on) t->loop->ndaemon++; else t->loop->ndaemon--;
+}
+
+/* Lua: task:set_daemon([on=true]) -> task. A daemon task does not keep loop.run() (and the
+ * host) going; it is cancelled at shutdown like any other. */
+static int l_task_set_daemon(lua_State *L) {
+  cl_task *t = check_task(L, 1);
+  cl_task_set_daemon(t, lua_isnone(L, 2) ? 1 : lua_toboolean(L, 2));
+  lua_settop(L, 1);
+  return 1;
 }
 
 static int l_task_traceback(lua_State *L) {
@@ -1246,16 +1265,16 @@ static int loop_iter(cl_loop *lp, lua_State *from, int may_block, cl_wait *until
   return 1;
 }
 
-/* Lua: clawlua.loop.run() runs until no task is left (or none can make progress). Returns the
- * number of tasks still blocked forever (0 normally). */
+/* Lua: clawlua.loop.run() runs until no task but daemons is left (or none can make progress).
+ * Returns the number of non-daemon tasks still blocked forever (0 normally). */
 static int l_loop_run(lua_State *L) {
   cl_loop *lp = cl_loop_get(L);
-  while (lp->ntasks > 0 || lp->rhead) {
+  while (lp->ntasks > lp->ndaemon || lp->rhead) {
     if (lp->shutdown_done) break;
     if (!loop_iter(lp, L, 1, NULL)) break;
   }
   check_shutdown(lp);
-  lua_pushinteger(L, (lua_Integer)lp->ntasks);
+  lua_pushinteger(L, (lua_Integer)(lp->ntasks - lp->ndaemon));
   return 1;
 }
 
@@ -1271,6 +1290,8 @@ static int l_loop_stats(lua_State *L) {
   lua_createtable(L, 0, 8);
   lua_pushinteger(L, (lua_Integer)lp->ntasks);
   lua_setfield(L, -2, "tasks");
+  lua_pushinteger(L, (lua_Integer)lp->ndaemon);
+  lua_setfield(L, -2, "daemons");
   lua_pushinteger(L, (lua_Integer)lp->nheap);
   lua_setfield(L, -2, "timers");
   lua_pushinteger(L, (lua_Integer)lp->nexternal);
@@ -1438,7 +1459,7 @@ static void create_loop(lua_State *L) {
 static const luaL_Reg task_methods[] = {
   {"join", l_task_join},         {"cancel", l_task_cancel}, {"status", l_task_status},
   {"done", l_task_done},         {"result", l_task_result}, {"traceback", l_task_traceback},
-  {NULL, NULL},
+  {"set_daemon", l_task_set_daemon}, {NULL, NULL},
 };
 
 static const luaL_Reg event_methods[] = {

@@ -105,4 +105,46 @@ function proc.run(opts)
   return status
 end
 
+local audit = claw.audit
+
+--- Calls fn(event) on the loop for every event emitted from now on that matches filter
+--- ({kind=, sandbox=, pid=}). Returns a handle: handle:close() stops it; handle.missed counts
+--- events evicted from the ring before this subscriber saw them (it fell too far behind).
+---@param fn fun(event: table)
+---@param filter table|nil
+function audit.subscribe(fn, filter)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'subscribe' (function expected, got " .. type(fn) .. ")", 2)
+  end
+  local f = {}
+  for k, v in pairs(filter or {}) do f[k] = v end
+  audit.events(f) -- validates the filter now, in the caller
+  local handle = { missed = 0 }
+  local last = audit.stats().last_seq
+  handle.task = claw.spawn(function()
+    while true do
+      audit.wait(last)
+      local st = audit.stats()
+      if st.first_seq > last + 1 then handle.missed = handle.missed + (st.first_seq - last - 1) end
+      f.after_seq = last
+      last = st.last_seq
+      for _, ev in ipairs(audit.events(f)) do
+        if ev.seq <= last then
+          local ok, err = pcall(fn, ev)
+          if not ok then
+            if claw.is_cancelled(err) then error(err, 0) end
+            io.stderr:write("clawlua: audit subscriber failed: ", tostring(err), "\n")
+          end
+        end
+      end
+    end
+  end)
+  handle.task:set_daemon()
+  function handle.close()
+    if not handle.task:done() then handle.task:cancel() end
+    return true
+  end
+  return setmetatable(handle, { __close = handle.close })
+end
+
 return claw

@@ -1,0 +1,578 @@
+/*
+ * clawlua.audit: a bounded, structured log that every primitive writes to.
+ *
+ * Events live in a ring of `capacity` slots. Each event is serialised once, at emission, into
+ * a compact JSON record of at most `event_cap` bytes (long fields are cut with a marker and, if
+ * the record is still too large, its detail is replaced by a note of its size), so the memory
+ * the ring can hold is bounded by capacity x event_cap whatever is emitted. Appending is O(1);
+ * when the ring is full the oldest event is evicted and counted.
+ *
+ * Record (keys sorted, one line): {"detail":{...},"kind":"vm.start","mono":12.5,"pid":42,
+ * "sandbox":"vm-1","seq":17,"time":1764390000.25} -- "pid"/"sandbox" only when known,
+ * "truncated":true when the record had to be cut.
+ */
+#include "clawlua.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define AUDIT_MT "clawlua.audit"
+#define DEFAULT_CAPACITY 10000
+#define DEFAULT_EVENT_CAP 4096
+#define MIN_EVENT_CAP 256
+#define MAX_EVENT_CAP (1 << 20)
+#define MAX_CAPACITY (1 << 24)
+#define KIND_MAX 63
+#define SANDBOX_MAX 127
+#define PID_BUCKETS 256
+
+int cl_entry_redirect(lua_State *L, const char *name);
+
+static const char AUDIT_KEY = 'A';
+
+typedef struct slot {
+  uint64_t seq;
+  double wall;
+  pid_t pid;
+  char kind[KIND_MAX + 1];
+  char sandbox[SANDBOX_MAX + 1];
+  char *rec;
+  uint32_t len, cap;
+} slot;
+
+typedef struct pident {
+  struct pident *next;
+  pid_t pid;
+  char sandbox[SANDBOX_MAX + 1];
+} pident;
+
+typedef struct audit {
+  slot *ring;
+  size_t capacity, head, count; /* head: index of the oldest event */
+  size_t event_cap;
+  uint64_t seq;                 /* last sequence number handed out */
+  uint64_t evicted, truncated;
+  size_t bytes;                 /* record buffers held by the ring */
+  cl_waitq waiters;             /* audit.wait(): woken on every event */
+  pident *pids[PID_BUCKETS];
+  int emitting;                 /* re-entrancy guard (an emit from inside an emit) */
+} audit;
+
+static audit *get_audit(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
+  audit *a = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return a;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* pid -> sandbox                                                                             */
+
+static pident **pid_find(audit *a, pid_t pid) {
+  pident **p = &a->pids[(unsigned)pid % PID_BUCKETS];
+  while (*p && (*p)->pid != pid) p = &(*p)->next;
+  return p;
+}
+
+static const char *pid_sandbox(audit *a, pid_t pid) {
+  pident *e = *pid_find(a, pid);
+  return e ? e->sandbox : NULL;
+}
+
+void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox) {
+  audit *a = get_audit(L);
+  if (!a || pid <= 0 || !sandbox) return;
+  pident **p = pid_find(a, pid);
+  if (!*p) {
+    *p = calloc(1, sizeof **p);
+    if (!*p) return;
+    (*p)->pid = pid;
+  }
+  snprintf((*p)->sandbox, sizeof (*p)->sandbox, "%s", sandbox);
+}
+
+void cl_audit_forget_pid(lua_State *L, pid_t pid) {
+  audit *a = get_audit(L);
+  if (!a) return;
+  pident **p = pid_find(a, pid);
+  if (*p) {
+    pident *e = *p;
+    *p = e->next;
+    free(e);
+  }
+}
+
+const char *cl_audit_sandbox_of(lua_State *L, pid_t pid) {
+  audit *a = get_audit(L);
+  return a ? pid_sandbox(a, pid) : NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Records                                                                                    */
+
+/* Appends s as a JSON string (s is short and from C: ids and kinds). */
+static size_t put_json_string(char *o, size_t room, const char *s) {
+  size_t n = 0;
+  if (room < 3) return 0;
+  o[n++] = '"';
+  for (; *s && n + 8 < room; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c == '"' || c == '\\') {
+      o[n++] = '\\';
+      o[n++] = (char)c;
+    } else if (c < 0x20 || c >= 0x7f) {
+      n += (size_t)snprintf(o + n, room - n, "\\u%04x", c < 0x80 ? c : 0xfffd);
+    } else {
+      o[n++] = (char)c;
+    }
+  }
+  o[n++] = '"';
+  return n;
+}
+
+/* Builds the record for slot s from the detail JSON d (len dl) into s->rec. */
+static int store_record(audit *a, slot *s, const char *d, size_t dl, uint64_t mono, int cut) {
+  char head[64], tail[512];
+  size_t hn = (size_t)snprintf(head, sizeof head, "{\"detail\":");
+  size_t tn = 0;
+  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"kind\":");
+  tn += put_json_string(tail + tn, sizeof tail - tn, s->kind);
+  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"mono\":%.6f", (double)mono / 1e9);
+  if (s->pid > 0) tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"pid\":%d", (int)s->pid);
+  if (s->sandbox[0]) {
+    tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"sandbox\":");
+    tn += put_json_string(tail + tn, sizeof tail - tn, s->sandbox);
+  }
+  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"seq\":%llu,\"time\":%.6f",
+                         (unsigned long long)s->seq, s->wall);
+  if (cut) tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"truncated\":true");
+  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, "}");
+  size_t need = hn + dl + tn;
+  if (need > a->event_cap) return 0;
+  if (need > s->cap) {
+    char *r = realloc(s->rec, need);
+    if (!r) return 0;
+    a->bytes += need - s->cap;
+    s->rec = r;
+    s->cap = (uint32_t)need;
+  }
+  memcpy(s->rec, head, hn);
+  memcpy(s->rec + hn, d, dl);
+  memcpy(s->rec + hn + dl, tail, tn);
+  s->len = (uint32_t)need;
+  return 1;
+}
+
+static void emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
+                 int detail) {
+  if (a->emitting) return; /* a __tojson that emits: dropped rather than recursing */
+  a->emitting = 1;
+  slot *s;
+  if (a->count == a->capacity) { /* evict the oldest */
+    s = &a->ring[a->head];
+    a->head = (a->head + 1) % a->capacity;
+    a->count--;
+    a->evicted++;
+  } else {
+    s = &a->ring[(a->head + a->count) % a->capacity];
+  }
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  s->seq = ++a->seq;
+  s->wall = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+  s->pid = pid > 0 ? pid : 0;
+  snprintf(s->kind, sizeof s->kind, "%s", kind);
+  if (!sandbox && pid > 0) sandbox = pid_sandbox(a, pid);
+  snprintf(s->sandbox, sizeof s->sandbox, "%s", sandbox ? sandbox : "");
+  uint64_t mono = cl_now_ns();
+
+  /* The detail, cut harder until the record fits. */
+  int top = lua_gettop(L);
+  static const size_t cuts[] = {0, 1024, 256, 64};
+  int stored = 0, cut = 0;
+  for (size_t i = 0; i < CL_ARRAY_LEN(cuts) && !stored; i++) {
+    size_t dl = 2;
+    const char *d = "{}";
+    if (detail) {
+      size_t max_string = cuts[i] ? cuts[i] : a->event_cap;
+      long replaced = 0;
+      d = cl_json_encode_lenient(L, detail, max_string, 16, 1, &dl, &replaced);
+      if (!d) {
+        d = "{}";
+        dl = 2;
+        cut = 1;
+      }
+      if (replaced) cut = 1;
+    }
+    stored = store_record(a, s, d, dl, mono, cut);
+    lua_settop(L, top);
+    if (!stored) cut = 1;
+  }
+  if (!stored) {
+    char note[80];
+    int n = snprintf(note, sizeof note, "{\"_dropped_detail\":true}");
+    stored = store_record(a, s, note, (size_t)n, mono, 1);
+  }
+  if (cut) a->truncated++;
+  a->count++;
+  a->emitting = 0;
+  cl_waitq_wake_all(&a->waiters, 0);
+}
+
+void cl_audit_emit(lua_State *L, const char *kind, const char *sandbox, pid_t pid, int detail) {
+  audit *a = get_audit(L);
+  if (!a) return;
+  if (detail) detail = lua_absindex(L, detail);
+  emit(L, a, kind, sandbox, pid, detail);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Lua API                                                                                    */
+
+static int valid_kind(const char *k) {
+  size_t n = strlen(k);
+  if (n == 0 || n > KIND_MAX || k[0] == '.' || k[n - 1] == '.') return 0;
+  for (const char *p = k; *p; p++) {
+    char c = *p;
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
+      return 0;
+    if (c == '.' && p[1] == '.') return 0;
+  }
+  return 1;
+}
+
+/* Lua: audit.emit(kind, [fields]) -> seq. fields.sandbox (or .vm) and fields.pid are the
+ * event's attribution; everything else is its detail. */
+static int l_emit(lua_State *L) {
+  audit *a = get_audit(L);
+  const char *kind = luaL_checkstring(L, 1);
+  if (!valid_kind(kind))
+    return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
+  const char *sandbox = NULL;
+  lua_Integer pid = 0;
+  int detail = 0;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    int has_sb = lua_getfield(L, 2, "sandbox") != LUA_TNIL;
+    if (!has_sb) {
+      lua_pop(L, 1);
+      has_sb = lua_getfield(L, 2, "vm") != LUA_TNIL;
+    }
+    if (has_sb) {
+      if (lua_type(L, -1) != LUA_TSTRING) cl_field_error(L, "sandbox", "string expected");
+      sandbox = lua_tostring(L, -1); /* anchored at index 3 */
+    }
+    int has_pid = lua_getfield(L, 2, "pid") != LUA_TNIL;
+    if (has_pid) {
+      int ok;
+      pid = lua_tointegerx(L, -1, &ok);
+      if (!ok) cl_field_error(L, "pid", "integer expected");
+    }
+    lua_pop(L, 1);
+    if (has_sb || has_pid) { /* a shallow copy without the lifted keys */
+      lua_newtable(L);
+      lua_pushnil(L);
+      while (lua_next(L, 2)) {
+        if (lua_type(L, -2) == LUA_TSTRING) {
+          const char *k = lua_tostring(L, -2);
+          if (strcmp(k, "sandbox") == 0 || strcmp(k, "vm") == 0 || strcmp(k, "pid") == 0) {
+            lua_pop(L, 1);
+            continue;
+          }
+        }
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -4);
+      }
+      detail = lua_gettop(L);
+    } else {
+      detail = 2;
+    }
+  }
+  emit(L, a, kind, sandbox, (pid_t)pid, detail);
+  lua_pushinteger(L, (lua_Integer)a->seq);
+  return 1;
+}
+
+typedef struct filter {
+  const char *kind;
+  size_t kind_len;
+  const char *sandbox;
+  lua_Integer pid;
+  double since, until;
+  uint64_t after_seq;
+  lua_Integer limit;
+} filter;
+
+static void read_filter(lua_State *L, int idx, filter *f) {
+  static const char *const fields[] = {"kind", "sandbox", "vm", "pid", "since", "until",
+                                       "after_seq", "limit", NULL};
+  memset(f, 0, sizeof *f);
+  f->since = -1;
+  f->until = -1;
+  if (lua_isnoneornil(L, idx)) return;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  cl_check_fields(L, idx, fields);
+  f->kind = cl_opt_string(L, idx, "kind", NULL);
+  if (f->kind) f->kind_len = strlen(f->kind);
+  f->sandbox = cl_opt_string(L, idx, "sandbox", cl_opt_string(L, idx, "vm", NULL));
+  f->pid = cl_opt_integer(L, idx, "pid", 0);
+  f->since = cl_opt_number(L, idx, "since", -1);
+  f->until = cl_opt_number(L, idx, "until", -1);
+  lua_Integer after = cl_opt_integer(L, idx, "after_seq", 0);
+  if (after < 0) cl_field_error(L, "after_seq", "must not be negative");
+  f->after_seq = (uint64_t)after;
+  f->limit = cl_opt_integer(L, idx, "limit", 0);
+  if (f->limit < 0) cl_field_error(L, "limit", "must not be negative");
+}
+
+/* kind "vm" matches "vm" and "vm.start", not "vmx". */
+static int kind_matches(const filter *f, const char *kind) {
+  if (!f->kind) return 1;
+  return strncmp(kind, f->kind, f->kind_len) == 0 &&
+         (kind[f->kind_len] == 0 || kind[f->kind_len] == '.');
+}
+
+static int matches(const filter *f, const slot *s) {
+  if (s->seq <= f->after_seq) return 0;
+  if (!kind_matches(f, s->kind)) return 0;
+  if (f->sandbox && strcmp(f->sandbox, s->sandbox) != 0) return 0;
+  if (f->pid && f->pid != s->pid) return 0;
+  if (f->since >= 0 && s->wall < f->since) return 0;
+  if (f->until >= 0 && s->wall > f->until) return 0;
+  return 1;
+}
+
+/* Pushes an array of matching events (decoded), oldest first; with a limit, the newest n. */
+static int push_matches(lua_State *L, audit *a, const filter *f) {
+  lua_newtable(L);
+  size_t start = 0;
+  if (f->limit > 0) { /* find where the newest `limit` matches begin */
+    lua_Integer found = 0;
+    start = a->count;
+    for (size_t i = a->count; i > 0 && found < f->limit; i--) {
+      if (matches(f, &a->ring[(a->head + i - 1) % a->capacity])) {
+        found++;
+        start = i - 1;
+      }
+    }
+  }
+  lua_Integer n = 0;
+  for (size_t i = start; i < a->count; i++) {
+    const slot *s = &a->ring[(a->head + i) % a->capacity];
+    if (!matches(f, s)) continue;
+    if (!cl_json_decode(L, s->rec, s->len)) { /* cannot happen: we wrote it */
+      lua_pop(L, 2);
+      continue;
+    }
+    lua_rawseti(L, -2, ++n);
+  }
+  return 1;
+}
+
+/* Lua: audit.events{kind=, sandbox=|vm=, pid=, since=, until=, after_seq=, limit=} -> array */
+static int l_events(lua_State *L) {
+  filter f;
+  read_filter(L, 1, &f);
+  return push_matches(L, get_audit(L), &f);
+}
+
+static int query_iter(lua_State *L) {
+  lua_Integer i = lua_tointeger(L, lua_upvalueindex(2)) + 1;
+  lua_pushinteger(L, i);
+  lua_replace(L, lua_upvalueindex(2));
+  lua_rawgeti(L, lua_upvalueindex(1), i);
+  return 1;
+}
+
+/* Lua: for ev in audit.query{...} do ... end (a snapshot taken at the call) */
+static int l_query(lua_State *L) {
+  l_events(L);
+  lua_pushinteger(L, 0);
+  lua_pushcclosure(L, query_iter, 2);
+  return 1;
+}
+
+static int wait_k(lua_State *L, int status, lua_KContext ctx) {
+  cl_wait *w = cl_wait_resumed(L, ctx);
+  audit *a = get_audit(L);
+  lua_Integer after = lua_tointeger(L, 1);
+  if ((lua_Integer)a->seq > after) {
+    lua_pushinteger(L, (lua_Integer)a->seq);
+    return 1;
+  }
+  if (w->state == CL_WAIT_TIMEOUT) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  cl_waitq_add(&a->waiters, w);
+  return cl_wait_suspend(L, w, wait_k, ctx);
+}
+
+/* Lua: audit.wait(after_seq, [timeout]) -> newest seq once an event after after_seq exists */
+static int l_wait(lua_State *L) {
+  audit *a = get_audit(L);
+  lua_Integer after = luaL_checkinteger(L, 1);
+  double timeout = luaL_optnumber(L, 2, -1);
+  lua_settop(L, 2);
+  if ((lua_Integer)a->seq > after) {
+    lua_pushinteger(L, (lua_Integer)a->seq);
+    return 1;
+  }
+  cl_wait *w = cl_wait_push(L);
+  w->deadline = cl_deadline(timeout);
+  cl_waitq_add(&a->waiters, w);
+  return cl_wait_suspend(L, w, wait_k, lua_gettop(L));
+}
+
+static void free_ring(audit *a) {
+  for (size_t i = 0; i < a->capacity; i++) free(a->ring[i].rec);
+  free(a->ring);
+  a->ring = NULL;
+  a->bytes = 0;
+}
+
+/* Re-creates the ring with a new capacity, keeping the newest events that fit. */
+static int resize(audit *a, size_t capacity) {
+  slot *ring = calloc(capacity, sizeof *ring);
+  if (!ring) return ENOMEM;
+  size_t keep = a->count < capacity ? a->count : capacity;
+  size_t skip = a->count - keep, bytes = 0;
+  for (size_t i = 0; i < a->count; i++) {
+    slot *s = &a->ring[(a->head + i) % a->capacity];
+    if (i < skip) {
+      free(s->rec);
+      a->evicted++;
+    } else {
+      ring[i - skip] = *s;
+      bytes += s->cap;
+    }
+    s->rec = NULL;
+  }
+  free_ring(a);
+  a->ring = ring;
+  a->capacity = capacity;
+  a->head = 0;
+  a->count = keep;
+  a->bytes = bytes;
+  return 0;
+}
+
+/* Lua: audit.configure{capacity=, event_cap=} -> true */
+static int l_configure(lua_State *L) {
+  static const char *const fields[] = {"capacity", "event_cap", NULL};
+  audit *a = get_audit(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  cl_check_fields(L, 1, fields);
+  lua_Integer cap = cl_opt_integer(L, 1, "capacity", (lua_Integer)a->capacity);
+  lua_Integer ecap = cl_opt_integer(L, 1, "event_cap", (lua_Integer)a->event_cap);
+  if (cap < 1 || cap > MAX_CAPACITY) cl_field_error(L, "capacity", "must be 1..16777216");
+  if (ecap < MIN_EVENT_CAP || ecap > MAX_EVENT_CAP)
+    cl_field_error(L, "event_cap", "must be 256..1048576 bytes");
+  a->event_cap = (size_t)ecap;
+  /* Records over a lowered cap lose their detail: the memory bound must hold at once. */
+  for (size_t i = 0; i < a->count; i++) {
+    slot *s = &a->ring[(a->head + i) % a->capacity];
+    if (s->cap <= a->event_cap) continue;
+    const char *note = "{\"_dropped_detail\":true}";
+    free(s->rec);
+    a->bytes -= s->cap;
+    s->rec = NULL;
+    s->cap = 0;
+    store_record(a, s, note, strlen(note), cl_now_ns(), 1);
+  }
+  if ((size_t)cap != a->capacity && resize(a, (size_t)cap) != 0)
+    return cl_fail(L, "audit.configure", ENOMEM);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* Lua: audit.stats() */
+static int l_stats(lua_State *L) {
+  audit *a = get_audit(L);
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, (lua_Integer)a->capacity);
+  lua_setfield(L, -2, "capacity");
+  lua_pushinteger(L, (lua_Integer)a->count);
+  lua_setfield(L, -2, "count");
+  lua_pushinteger(L, (lua_Integer)a->evicted);
+  lua_setfield(L, -2, "dropped");
+  lua_pushinteger(L, (lua_Integer)a->seq);
+  lua_setfield(L, -2, "last_seq");
+  lua_pushinteger(L, a->count ? (lua_Integer)a->ring[a->head].seq : (lua_Integer)a->seq + 1);
+  lua_setfield(L, -2, "first_seq");
+  lua_pushinteger(L, (lua_Integer)a->truncated);
+  lua_setfield(L, -2, "truncated");
+  lua_pushinteger(L, (lua_Integer)a->event_cap);
+  lua_setfield(L, -2, "event_cap");
+  lua_pushinteger(L, (lua_Integer)(a->bytes + a->capacity * sizeof(slot)));
+  lua_setfield(L, -2, "bytes");
+  lua_pushinteger(L, (lua_Integer)(a->capacity * (sizeof(slot) + a->event_cap)));
+  lua_setfield(L, -2, "max_bytes");
+  return 1;
+}
+
+/* Lua: audit.track_pid(pid, sandbox) / audit.forget_pid(pid) / audit.sandbox_of(pid) */
+static int l_track_pid(lua_State *L) {
+  lua_Integer pid = luaL_checkinteger(L, 1);
+  const char *sb = luaL_checkstring(L, 2);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");
+  cl_audit_track_pid(L, (pid_t)pid, sb);
+  return 0;
+}
+
+static int l_forget_pid(lua_State *L) {
+  cl_audit_forget_pid(L, (pid_t)luaL_checkinteger(L, 1));
+  return 0;
+}
+
+static int l_sandbox_of(lua_State *L) {
+  const char *sb = cl_audit_sandbox_of(L, (pid_t)luaL_checkinteger(L, 1));
+  if (!sb) return 0;
+  lua_pushstring(L, sb);
+  return 1;
+}
+
+static int audit_gc(lua_State *L) {
+  audit *a = lua_touserdata(L, 1);
+  free_ring(a);
+  for (int i = 0; i < PID_BUCKETS; i++) {
+    while (a->pids[i]) {
+      pident *e = a->pids[i];
+      a->pids[i] = e->next;
+      free(e);
+    }
+  }
+  return 0;
+}
+
+static const luaL_Reg funcs[] = {
+  {"emit", l_emit},           {"events", l_events},         {"query", l_query},
+  {"wait", l_wait},           {"configure", l_configure},   {"stats", l_stats},
+  {"track_pid", l_track_pid}, {"forget_pid", l_forget_pid}, {"sandbox_of", l_sandbox_of},
+  {NULL, NULL},
+};
+
+int luaopen_clawlua_audit(lua_State *L) {
+  if (cl_entry_redirect(L, "audit")) return 1;
+  if (!get_audit(L)) {
+    audit *a = lua_newuserdatauv(L, sizeof *a, 0);
+    memset(a, 0, sizeof *a);
+    a->event_cap = DEFAULT_EVENT_CAP;
+    a->capacity = DEFAULT_CAPACITY;
+    a->ring = calloc(a->capacity, sizeof *a->ring);
+    if (!a->ring) return luaL_error(L, "audit: out of memory");
+    luaL_newmetatable(L, AUDIT_MT);
+    lua_pushcfunction(L, audit_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
+  }
+  luaL_newlib(L, funcs);
+  return 1;
+}
