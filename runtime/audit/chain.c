@@ -217,7 +217,8 @@ static void decide_first(verifier *v, ventry *e) {
     add_issue(v, e, I_DELETED,
               "the first record is not an audit.anchor: records were removed from the start "
               "of the file");
-  } else if (v->has_expect && memcmp(e->prev, v->expect, AUDIT_HEX) != 0) {
+  } else if (v->has_expect && !v->first_genesis && memcmp(e->prev, v->expect, AUDIT_HEX) != 0) {
+    /* (an anchor with the genesis link starts a chain of its own: a different log) */
     add_issue(v, e, I_ANCHOR,
               "the file does not continue the previous file: its anchor links to %.12s..., the "
               "previous file ends with %.12s... (a file between them is missing, or the "
@@ -307,7 +308,12 @@ static void decide(verifier *v, lua_Integer x) {
     add_issue(v, l ? l : &fake, I_MODIFIED,
               "rewritten with a recomputed hash: line %lld links to a different record",
               (long long)x);
-  } else if (v->last_has_seq && e->has_seq && e->seq > v->last_seq + 1) {
+  } else if (v->last_has_seq && e->has_seq && e->seq == v->last_seq + 2) {
+    add_issue(v, e, I_DELETED,
+              "records missing before this line: the previous record is line %lld (%s); "
+              "seq %llu is not in the file",
+              (long long)v->last_line, ld, (unsigned long long)v->last_seq + 1);
+  } else if (v->last_has_seq && e->has_seq && e->seq > v->last_seq + 2) {
     add_issue(v, e, I_DELETED,
               "records missing before this line: the previous record is line %lld (%s); "
               "seq %llu..%llu are not in the file",
@@ -475,7 +481,7 @@ static int verifier_result(lua_State *L) {
     lua_setfield(L, -2, "present");
     lua_pushboolean(L, v->first_genesis);
     lua_setfield(L, -2, "genesis");
-    lua_pushboolean(L, v->has_expect);
+    lua_pushboolean(L, v->has_expect && !v->first_genesis);
     lua_setfield(L, -2, "checked");
     lua_setfield(L, -2, "anchor");
   }

@@ -345,11 +345,22 @@ static void set_unavailable(lua_State *L, audit *a, ksource *k, const char *why,
   lua_settop(L, top);
 }
 
-/* The kernel multicasts audit records in the initial network namespace only. */
+/* The kernel multicasts audit records in the initial network namespace only. Kernel threads
+ * live there: compare with kthreadd (pid 2) when this pid namespace shows it; recent kernels
+ * also give the initial namespace a fixed inode number. Returns 0 only when surely elsewhere. */
+#define INIT_NET_INO 0xEFFFFFF9u
 static int in_initial_netns(void) {
-  struct stat self, init;
-  if (stat("/proc/self/ns/net", &self) < 0 || stat("/proc/1/ns/net", &init) < 0) return 1;
-  return self.st_ino == init.st_ino && self.st_dev == init.st_dev;
+  struct stat self, kt;
+  if (stat("/proc/self/ns/net", &self) < 0) return 1;
+  if (self.st_ino == INIT_NET_INO) return 1;
+  char comm[32] = {0};
+  FILE *f = fopen("/proc/2/comm", "re");
+  if (f) {
+    if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+    fclose(f);
+  }
+  if (strcmp(comm, "kthreadd\n") != 0 || stat("/proc/2/ns/net", &kt) < 0) return 1; /* unknown */
+  return self.st_ino == kt.st_ino && self.st_dev == kt.st_dev;
 }
 
 int audit_kernel_start(lua_State *L, audit *a, int scope_all, int quiet) {

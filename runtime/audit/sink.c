@@ -449,12 +449,59 @@ static int file_write(audit *a, asink *base, const slot *e) {
   return 1;
 }
 
-static const char *rotated_name(lua_State *L, const char *path, int i) {
-  return lua_pushfstring(L, "%s.%d", path, i);
+/* Finds the last whole line of the first `size` bytes of fd. Returns 0 with *found = 1 and
+ * hash/seq set when it is a chained record (*found = 0: no whole line), *cut = the bytes after
+ * it; or an errno with *msg. */
+static int last_record(int fd, off_t size, char *hash, uint64_t *seq, int *found, off_t *cut,
+                       const char **msg) {
+  *found = 0;
+  *cut = 0;
+  if (size <= 0) return 0;
+  /* Enough for a torn last line and the whole line before it, each at most a record long. */
+  off_t span = 2 * (off_t)(AUDIT_MAX_LINE + 1);
+  size_t want = (size_t)(size < span ? size : span);
+  char *buf = malloc(want);
+  if (!buf) return ENOMEM;
+  ssize_t got = pread(fd, buf, want, size - (off_t)want);
+  if (got != (ssize_t)want) {
+    int err = got < 0 ? errno : EIO;
+    free(buf);
+    return err;
+  }
+  size_t end = want; /* one past the last newline */
+  while (end > 0 && buf[end - 1] != '\n') end--;
+  *cut = (off_t)(want - end);
+  if (end == 0 && (off_t)want < size) {
+    free(buf);
+    *msg = "its last line is longer than any audit record";
+    return EINVAL;
+  }
+  if (end > 0) {
+    size_t ls = end - 1;
+    while (ls > 0 && buf[ls - 1] != '\n') ls--;
+    if (ls == 0 && (off_t)want < size) {
+      free(buf);
+      *msg = "its last line is longer than any audit record";
+      return EINVAL;
+    }
+    recview v;
+    if (!audit_scan(buf + ls, end - 1 - ls, &v) || !v.prev) {
+      free(buf);
+      *msg = "not an audit log (its last line is not a chained audit record)";
+      return EINVAL;
+    }
+    memcpy(hash, v.hash, AUDIT_HEX);
+    *seq = v.seq;
+    *found = 1;
+  }
+  free(buf);
+  return 0;
 }
 
-/* Opens (or creates) the log file and finds where its chain stands. 0 or an errno; *msg says
- * why a file cannot be continued. */
+/* Opens (or creates) the log file and finds where its chain stands: at its last record, or at
+ * the last record of path.1 when the file is new (the process died between renaming the old
+ * file and writing the new one's anchor), or at genesis. 0 or an errno; *msg says why a file
+ * cannot be continued. */
 static int open_file(sink *s, const char **msg) {
   *msg = NULL;
   int fd = open(s->path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, (mode_t)s->mode);
@@ -476,56 +523,41 @@ static int open_file(sink *s, const char **msg) {
   s->anchor_prev_seq = 0;
   s->cut_bytes = 0;
   s->anchor_reason = "open";
-  off_t size = st.st_size;
-  if (size > 0) {
-    /* Find the last whole line: it holds the hash the chain continues from. */
-    size_t want = (size_t)(size < (off_t)(AUDIT_MAX_LINE + 1) ? size : AUDIT_MAX_LINE + 1);
-    char *buf = malloc(want);
-    if (!buf) {
-      close(fd);
-      return ENOMEM;
+  off_t size = st.st_size, cut = 0;
+  uint64_t seq = 0;
+  int found = 0;
+  int err = last_record(fd, size, s->head, &seq, &found, &cut, msg);
+  if (err) {
+    close(fd);
+    return err;
+  }
+  if (found) {
+    s->anchor_reason = "reopen";
+  } else if (s->keep > 0) {
+    char prev[PATH_MAX];
+    snprintf(prev, sizeof prev, "%s.1", s->path);
+    int pfd = open(prev, O_RDONLY | O_CLOEXEC);
+    struct stat pst;
+    if (pfd >= 0 && fstat(pfd, &pst) == 0) {
+      off_t pcut;
+      const char *pmsg;
+      if (last_record(pfd, pst.st_size, s->head, &seq, &found, &pcut, &pmsg) != 0) found = 0;
     }
-    ssize_t got = pread(fd, buf, want, size - (off_t)want);
-    if (got != (ssize_t)want) {
-      int err = got < 0 ? errno : EIO;
-      free(buf);
+    if (pfd >= 0) close(pfd);
+    if (!found) memcpy(s->head, audit_genesis, AUDIT_HEX);
+  }
+  if (found) {
+    s->anchor_prev_seq = seq;
+    audit_bump_seq(s->a, seq);
+  }
+  if (cut > 0) { /* a torn last record (a crash mid-write): whole lines only */
+    if (ftruncate(fd, size - cut) < 0) {
+      err = errno;
       close(fd);
       return err;
     }
-    size_t end = want; /* one past the last newline */
-    while (end > 0 && buf[end - 1] != '\n') end--;
-    off_t cut = (off_t)(want - end);
-    if (end == 0 && (off_t)want < size) {
-      free(buf);
-      close(fd);
-      *msg = "its last line is longer than any audit record";
-      return EINVAL;
-    }
-    if (end > 0) {
-      size_t ls = end - 1;
-      while (ls > 0 && buf[ls - 1] != '\n') ls--;
-      recview v;
-      if (!audit_scan(buf + ls, end - 1 - ls, &v) || !v.prev) {
-        free(buf);
-        close(fd);
-        *msg = "not an audit log (its last line is not a chained audit record)";
-        return EINVAL;
-      }
-      memcpy(s->head, v.hash, AUDIT_HEX);
-      s->anchor_prev_seq = v.seq;
-      s->anchor_reason = "reopen";
-      audit_bump_seq(s->a, v.seq);
-    }
-    free(buf);
-    if (cut > 0) { /* a torn last record (a crash mid-write): whole lines only */
-      if (ftruncate(fd, size - cut) < 0) {
-        int err = errno;
-        close(fd);
-        return err;
-      }
-      size -= cut;
-      s->cut_bytes = (lua_Integer)cut;
-    }
+    size -= cut;
+    s->cut_bytes = (lua_Integer)cut;
   }
   s->fd = fd;
   s->size = size;
@@ -593,19 +625,28 @@ static int emit_report(lua_State *L, audit *a, sink *s, const char *kind, int er
 }
 
 static void rotate(lua_State *L, audit *a, sink *s, const char *reason) {
-  int top = lua_gettop(L);
   int err = 0;
+  char from[PATH_MAX], to[PATH_MAX];
   if (s->keep == 0) {
     if (unlink(s->path) < 0 && errno != ENOENT) err = errno;
   } else {
-    for (int i = s->keep - 1; i >= 1 && !err; i--) {
-      const char *from = rotated_name(L, s->path, i);
-      const char *to = rotated_name(L, s->path, i + 1);
+    /* Shift only the files that exist: path.1 .. path.<top>, the last one falls off at keep. */
+    int top = 0;
+    struct stat st;
+    while (top < s->keep) {
+      snprintf(from, sizeof from, "%s.%d", s->path, top + 1);
+      if (stat(from, &st) < 0) break;
+      top++;
+    }
+    if (top == s->keep) top--; /* path.<keep> is replaced by path.<keep - 1> */
+    for (int i = top; i >= 1 && !err; i--) {
+      snprintf(from, sizeof from, "%s.%d", s->path, i);
+      snprintf(to, sizeof to, "%s.%d", s->path, i + 1);
       if (rename(from, to) < 0 && errno != ENOENT) err = errno;
     }
-    if (!err && rename(s->path, rotated_name(L, s->path, 1)) < 0) err = errno;
+    snprintf(to, sizeof to, "%s.1", s->path);
+    if (!err && rename(s->path, to) < 0) err = errno;
   }
-  lua_settop(L, top);
   if (err) {
     s->next_retry = cl_now_ns() + RETRY_NS;
     s->last_err = err;
@@ -635,7 +676,7 @@ static void rotate(lua_State *L, audit *a, sink *s, const char *reason) {
     s->fail_err = err;
     return;
   }
-  /* A fresh file continues the chain of the one it replaces. */
+  /* A fresh file continues the chain of the one it replaces (keep = 0 leaves no path.1). */
   memcpy(s->head, prev_head, AUDIT_HEX);
   s->anchor_reason = reason;
   s->anchor_prev_seq = prev_seq;
