@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -442,7 +443,9 @@ typedef struct reader {
   dev_t dev;
   ino_t ino;
   lua_Integer lineno;
-  lua_Integer lines, matched, malformed, torn, too_long, reopened;
+  lua_Integer lines, matched, malformed, torn, too_long, reopened, gaps;
+  int have_hash;
+  char last_hash[AUDIT_HEX]; /* of the last record read: finds the file that continues it */
   afilter f;
 } reader;
 
@@ -472,6 +475,17 @@ static int reader_close(lua_State *L) {
   return 1;
 }
 
+/* Does the file on fd begin with a record chained to hash? */
+static int starts_after(int fd, const char *hash) {
+  char buf[8192];
+  ssize_t n = pread(fd, buf, sizeof buf, 0);
+  if (n <= 0) return 0;
+  char *nl = memchr(buf, '\n', (size_t)n);
+  recview v;
+  if (!nl || !audit_scan(buf, (size_t)(nl - buf), &v) || !v.prev) return 0;
+  return memcmp(v.prev, hash, AUDIT_HEX) == 0;
+}
+
 /* Opens path again after a rotation or truncation (follow mode). 1 when reopened. */
 static int reader_reopen(lua_State *L, reader *r) {
   const char *path = NULL;
@@ -494,8 +508,39 @@ static int reader_reopen(lua_State *L, reader *r) {
     lseek(r->fd, r->pos, SEEK_SET);
     return 1;
   }
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
+  /* Rotated (or replaced). Several rotations may have happened since the last look: the file
+   * that continues ours is the one whose anchor links to our last record, be it path or one of
+   * path.1, path.2, ... */
+  int fd = -1;
+  if (r->have_hash) {
+    char name[PATH_MAX];
+    for (int i = 0; i <= 1000 && fd < 0; i++) {
+      if (i == 0) snprintf(name, sizeof name, "%s", path);
+      else snprintf(name, sizeof name, "%s.%d", path, i);
+      int c = open(name, O_RDONLY | O_CLOEXEC);
+      if (c < 0) {
+        if (i == 0) continue;
+        break;
+      }
+      struct stat cs;
+      if (fstat(c, &cs) == 0 && !(cs.st_dev == r->dev && cs.st_ino == r->ino) &&
+          starts_after(c, r->last_hash)) {
+        fd = c;
+        st = cs;
+      } else {
+        close(c);
+      }
+    }
+  }
+  if (fd < 0) {
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    if (fstat(fd, &st) < 0 || (st.st_dev == r->dev && st.st_ino == r->ino)) {
+      close(fd);
+      return 0;
+    }
+    if (r->have_hash) r->gaps++; /* what came between was rotated away before we got to it */
+  }
   if (r->len > r->off) r->torn++; /* the old file ended in an unfinished line */
   close(r->fd);
   r->fd = fd;
@@ -588,6 +633,10 @@ static int reader_next(lua_State *L) {
       r->malformed++;
       continue;
     }
+    if (v.hash) {
+      memcpy(r->last_hash, v.hash, AUDIT_HEX);
+      r->have_hash = 1;
+    }
     if (!audit_view_matches(&r->f, &v)) {
       if (scanned >= (size_t)budget) {
         lua_pushboolean(L, 0);
@@ -624,6 +673,8 @@ static int reader_stats(lua_State *L) {
   lua_setfield(L, -2, "too_long");
   lua_pushinteger(L, r->reopened);
   lua_setfield(L, -2, "reopened");
+  lua_pushinteger(L, r->gaps);
+  lua_setfield(L, -2, "gaps");
   lua_pushinteger(L, r->lineno);
   lua_setfield(L, -2, "lineno");
   return 1;

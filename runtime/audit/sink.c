@@ -56,6 +56,9 @@
 #define MAX_CLOSE 16
 #define RETRY_NS 1000000000ull /* reopen / rotation retries: at most once a second */
 #define ERROR_REPORT_NS (10ull * 1000000000ull)
+#ifndef ALWAYS_GAP_NS
+#define ALWAYS_GAP_NS 2000000ull /* 2 ms: see sync_main */
+#endif
 
 enum { T_FILE, T_STDERR };
 enum { FS_NEVER, FS_INTERVAL, FS_ALWAYS };
@@ -70,9 +73,10 @@ typedef struct syncer {
   int started;
   int policy;
   uint64_t interval_ns;
-  _Atomic uint64_t written; /* seq of the last record written by the loop */
+  uint64_t gap_ns; /* always: the least time between the starts of two syncs */
+  _Atomic uint64_t written; /* records the loop has written (a count: seqs may repeat) */
   _Atomic int idle;         /* the worker waits on cv */
-  uint64_t synced;          /* seq of the last record known durable */
+  uint64_t synced;          /* of which known durable */
   uint64_t requested;       /* sink:sync() wants at least this */
   int fd;                   /* the worker's own dup of the current file */
   int closing[MAX_CLOSE];   /* files rotated away: sync (per policy) and close */
@@ -137,35 +141,30 @@ static void sink_release(sink *s);
 
 static uint64_t mono_ns(void) { return cl_now_ns(); }
 
+static void wait_until(syncer *y, uint64_t until) {
+  struct timespec ts;
+  ts.tv_sec = (time_t)(until / 1000000000ull);
+  ts.tv_nsec = (long)(until % 1000000000ull);
+  pthread_cond_timedwait(&y->cv, &y->mu, &ts);
+}
+
 static void *sync_main(void *arg) {
   syncer *y = arg;
   pthread_mutex_lock(&y->mu);
-  uint64_t due = mono_ns() + y->interval_ns;
+  uint64_t due = 0; /* the earliest time the next sync for the policy may start */
   for (;;) {
-    uint64_t written = atomic_load(&y->written);
-    int work = y->nclosing > 0 || y->requested > y->synced ||
-               (written > y->synced && y->policy == FS_ALWAYS) ||
-               (written > y->synced && y->policy == FS_INTERVAL && mono_ns() >= due);
-    if (!work && y->stop) break;
-    if (!work) {
-      atomic_store(&y->idle, 1);
-      /* Dekker with the loop's store of `written`: one of us sees the other. */
-      if (atomic_load(&y->written) != written && y->policy == FS_ALWAYS) {
-        atomic_store(&y->idle, 0);
+    uint64_t written = atomic_load(&y->written), now = mono_ns();
+    int unsynced = written > y->synced && y->policy != FS_NEVER;
+    int want = y->requested > y->synced || (unsynced && now >= due);
+    if (!want && !y->nclosing) {
+      if (y->stop) break;
+      if (unsynced) { /* not due yet: the loop need not wake us */
+        wait_until(y, due);
         continue;
       }
-      if (y->policy == FS_INTERVAL) { /* wakes every interval to look for new records */
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-        if (due <= now) due = now + y->interval_ns;
-        uint64_t until = due;
-        ts.tv_sec = (time_t)(until / 1000000000ull);
-        ts.tv_nsec = (long)(until % 1000000000ull);
-        pthread_cond_timedwait(&y->cv, &y->mu, &ts);
-      } else {
-        pthread_cond_wait(&y->cv, &y->mu);
-      }
+      atomic_store(&y->idle, 1);
+      /* Dekker with the loop's store of `written`: one of us sees the other. */
+      if (atomic_load(&y->written) == written) pthread_cond_wait(&y->cv, &y->mu);
       atomic_store(&y->idle, 0);
       continue;
     }
@@ -173,8 +172,7 @@ static void *sync_main(void *arg) {
     memcpy(closing, y->closing, sizeof closing);
     y->nclosing = 0;
     int fd = y->fd, policy = y->policy;
-    uint64_t target = atomic_load(&y->written);
-    int want = (policy != FS_NEVER && target > y->synced) || y->requested > y->synced;
+    uint64_t target = written;
     pthread_mutex_unlock(&y->mu);
 
     int err = 0;
@@ -184,13 +182,13 @@ static void *sync_main(void *arg) {
       close(closing[i]);
     }
     if (want && fd >= 0 && fdatasync(fd) < 0 && !err) err = errno;
-    uint64_t dt = mono_ns() - t0;
+    uint64_t t1 = mono_ns();
 
     pthread_mutex_lock(&y->mu);
     if (want || n) {
       y->fsyncs++;
-      y->total_sync_ns += dt;
-      if (dt > y->max_sync_ns) y->max_sync_ns = dt;
+      y->total_sync_ns += t1 - t0;
+      if (t1 - t0 > y->max_sync_ns) y->max_sync_ns = t1 - t0;
     }
     if (err) {
       y->sync_errors++;
@@ -199,7 +197,10 @@ static void *sync_main(void *arg) {
       y->synced = target;
     }
     if (y->requested <= y->synced || err) y->requested = 0;
-    due = mono_ns() + y->interval_ns;
+    /* always: the next sync may start ALWAYS_GAP after this one started, so that a busy log
+     * is synced in groups instead of back to back (each fdatasync stalls the loop's writes on
+     * the file system's journal); interval: fsync_interval after this one. */
+    if (want) due = policy == FS_ALWAYS ? t0 + y->gap_ns : t1 + y->interval_ns;
     uint64_t one = 1;
     if (write(y->evfd, &one, sizeof one) < 0) { /* the counter is full: the loop is behind */
     }
@@ -231,6 +232,7 @@ static int syncer_start(sink *s, int policy, double interval) {
   if (!y) return ENOMEM;
   y->policy = policy;
   y->interval_ns = (uint64_t)(interval * 1e9);
+  y->gap_ns = ALWAYS_GAP_NS;
   y->fd = -1;
   y->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (y->evfd < 0) {
@@ -295,9 +297,9 @@ static void syncer_stop(sink *s) {
   free(y);
 }
 
-static void syncer_wrote(syncer *y, uint64_t seq) {
-  atomic_store(&y->written, seq);
-  if (atomic_load(&y->idle) && y->policy == FS_ALWAYS) {
+static void syncer_wrote(syncer *y, uint64_t count) {
+  atomic_store(&y->written, count);
+  if (atomic_load(&y->idle) && y->policy != FS_NEVER) {
     pthread_mutex_lock(&y->mu);
     pthread_cond_signal(&y->cv);
     pthread_mutex_unlock(&y->mu);
@@ -396,6 +398,7 @@ static int file_write(audit *a, asink *base, const slot *e) {
     s->bytes += s->pendlen;
     s->last_seq = s->pend_seq;
     s->pendlen = 0;
+    if (s->sy) syncer_wrote(s->sy, s->written);
     if (s->failing) {
       s->failing = 0;
       s->report_recovered = 1;
@@ -441,7 +444,7 @@ static int file_write(audit *a, asink *base, const slot *e) {
     s->report_recovered = 1;
     s->base.has_pending = 1;
   }
-  if (s->sy) syncer_wrote(s->sy, e->seq);
+  if (s->sy) syncer_wrote(s->sy, s->written);
   if (s->max_bytes > 0 && s->size >= s->max_bytes && s->file_records >= 2) {
     s->need_rotate = 1;
     s->base.has_pending = 1;
@@ -939,7 +942,8 @@ static int sink_stats(lua_State *L) {
       syncer *y = s->sy;
       pthread_mutex_lock(&y->mu);
       setint(L, "fsyncs", y->fsyncs);
-      setint(L, "synced_seq", y->synced);
+      setint(L, "synced", y->synced);
+      setint(L, "unsynced", s->written - y->synced);
       setint(L, "sync_errors", y->sync_errors);
       lua_pushnumber(L, (double)y->max_sync_ns / 1e9);
       lua_setfield(L, -2, "max_sync_seconds");
