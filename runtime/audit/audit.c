@@ -121,9 +121,10 @@ static pid_t parent_of(pid_t pid) {
   fclose(f);
   buf[n] = 0;
   const char *rp = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
-  int ppid = 0;
-  char state;
-  if (!rp || sscanf(rp + 1, " %c %d", &state, &ppid) != 2) return 0;
+  if (!rp || rp[1] != ' ' || !rp[2] || rp[3] != ' ') return 0; /* ") S 123 ..." */
+  char *end;
+  long ppid = strtol(rp + 4, &end, 10);
+  if (end == rp + 4 || ppid < 0 || ppid > INT32_MAX) return 0;
   return (pid_t)ppid;
 }
 
@@ -268,11 +269,11 @@ uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbo
   if (!stored) {
     char note[80];
     int n = snprintf(note, sizeof note, "{\"_dropped_detail\":true}");
-    stored = store_record(a, s, note, (size_t)n, mono, 1);
+    if (!store_record(a, s, note, (size_t)n, mono, 1)) s->len = 0; /* out of memory */
   }
   if (cut) a->truncated++;
   a->count++;
-  for (asink *k = a->sinks; k; k = k->next)
+  for (asink *k = a->sinks; k && s->len; k = k->next)
     if (k->active && (k->force_seq == s->seq || audit_slot_matches(&k->filter, s)))
       k->write(a, k, s);
   a->emitting = 0;
@@ -435,7 +436,7 @@ static int push_matches(lua_State *L, audit *a, const afilter *f) {
   lua_Integer n = 0;
   for (size_t i = start; i < a->count; i++) {
     const slot *s = &a->ring[(a->head + i) % a->capacity];
-    if (!audit_slot_matches(f, s)) continue;
+    if (!s->len || !audit_slot_matches(f, s)) continue;
     if (!cl_json_decode(L, s->rec, s->len)) { /* cannot happen: we wrote it */
       lua_pop(L, 2);
       continue;
@@ -581,9 +582,10 @@ static int l_stats(lua_State *L) {
   lua_setfield(L, -2, "truncated");
   lua_pushinteger(L, (lua_Integer)a->event_cap);
   lua_setfield(L, -2, "event_cap");
-  lua_pushinteger(L, (lua_Integer)(a->bytes + a->capacity * sizeof(slot)));
+  lua_Integer nslots = (lua_Integer)a->capacity, slotsz = (lua_Integer)sizeof(slot);
+  lua_pushinteger(L, (lua_Integer)a->bytes + nslots * slotsz);
   lua_setfield(L, -2, "bytes");
-  lua_pushinteger(L, (lua_Integer)(a->capacity * (sizeof(slot) + a->event_cap)));
+  lua_pushinteger(L, nslots * (slotsz + (lua_Integer)a->event_cap));
   lua_setfield(L, -2, "max_bytes");
   lua_Integer nsinks = 0;
   for (asink *k = a->sinks; k; k = k->next) nsinks++;

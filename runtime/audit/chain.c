@@ -418,7 +418,7 @@ static int verifier_step(lua_State *L) {
       v->off = 0;
     }
     if (v->len == v->cap) {
-      size_t ncap = v->cap * 2;
+      size_t ncap = v->cap ? v->cap * 2 : CHUNK;
       if (ncap > AUDIT_MAX_LINE + CHUNK) {
         v->skipping = 1; /* longer than any record: malformed, skip to its end */
         v->len = 0;
@@ -575,17 +575,22 @@ int audit_l_head(lua_State *L) {
     int err = errno;
     return cl_failf(L, err, "%s: %s", path, strerror(err));
   }
+  /* The first line, read in growing pieces: an anchor is short, a first record may not be. */
   size_t cap = 4096, len = 0;
-  char *buf = NULL;
+  char *buf = malloc(cap);
   char *nl = NULL;
-  int err = 0;
-  while (!nl && cap <= AUDIT_MAX_LINE * 2) {
-    char *nb = realloc(buf, cap);
-    if (!nb) {
-      err = ENOMEM;
-      break;
+  int err = buf ? 0 : ENOMEM;
+  while (!err && !nl) {
+    if (len == cap) {
+      if (cap >= (size_t)AUDIT_MAX_LINE * 2) break;
+      char *nb = realloc(buf, cap * 2);
+      if (!nb) {
+        err = ENOMEM;
+        break;
+      }
+      buf = nb;
+      cap *= 2;
     }
-    buf = nb;
     ssize_t r = read(fd, buf + len, cap - len);
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -595,7 +600,6 @@ int audit_l_head(lua_State *L) {
     if (r == 0) break;
     nl = memchr(buf + len, '\n', (size_t)r);
     len += (size_t)r;
-    if (len == cap) cap *= 2;
   }
   close(fd);
   if (err) {

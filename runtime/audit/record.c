@@ -394,8 +394,9 @@ size_t audit_format(const recview *v, int color, char *buf, size_t max) {
   size_t n = o.n;
   if (o.full) { /* cut on a character boundary and mark the cut */
     while (n > 0 && ((unsigned char)buf[n] & 0xc0) == 0x80) n--;
-    memcpy(buf + n, "\xe2\x80\xa6", 3);
-    n += 3;
+    buf[n++] = (char)0xe2; /* U+2026 ... */
+    buf[n++] = (char)0x80;
+    buf[n++] = (char)0xa6;
   }
   return n;
 }
@@ -562,7 +563,7 @@ static int reader_fill(reader *r) {
     r->off = 0;
   }
   if (r->len == r->cap) { /* one line fills the buffer: grow up to the longest record */
-    size_t ncap = r->cap * 2;
+    size_t ncap = r->cap ? r->cap * 2 : CHUNK;
     if (ncap > AUDIT_MAX_LINE + CHUNK) ncap = AUDIT_MAX_LINE + CHUNK;
     if (ncap <= r->cap) { /* over the limit: drop what we have and skip to the newline */
       r->skipping = 1;

@@ -327,8 +327,8 @@ describe("the stderr sink", function()
     local lines = {}
     for l in r.stderr:gmatch("[^\n]+") do lines[#lines + 1] = l end
     assert.are.equal(2, #lines)
-    assert.matches('^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ #1 vm%.start %[vm%-7%] pid=99 cpus=2 image="debian 12"$',
-      lines[1])
+    assert.matches(
+      '^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ #1 vm%.start %[vm%-7%] pid=99 cpus=2 image="debian 12"$', lines[1])
     -- A control character in a field never reaches the terminal.
     assert.matches('#3 vm%.stop %[vm%-7%] evil="\\u001b%[31mred"$', lines[2])
   end)
