@@ -1,11 +1,16 @@
 /*
- * clawlua.audit: a bounded, structured log that every primitive writes to.
+ * clawlua.audit: a bounded, structured log that every primitive writes to. This file is the
+ * core: the ring, emission from C and Lua, queries, the pid table; sink.c writes JSONL files
+ * and stderr, chain.c hashes and verifies files, record.c scans, formats and reads records,
+ * kernel.c reads seccomp records from the kernel audit stream.
  *
  * Events live in a ring of `capacity` slots. Each event is serialised once, at emission, into
  * a compact JSON record of at most `event_cap` bytes (long fields are cut with a marker and, if
  * the record is still too large, its detail is replaced by a note of its size), so the memory
  * the ring can hold is bounded by capacity x event_cap whatever is emitted. Appending is O(1);
- * when the ring is full the oldest event is evicted and counted.
+ * when the ring is full the oldest event is evicted and counted. Sinks get each record as it is
+ * stored, in the emitting call; what sinks do in response (rotate, report an error) runs after
+ * the event is complete, as events of their own.
  *
  * Record (keys sorted, one line): {"detail":{...},"kind":"vm.start","mono":12.5,"pid":42,
  * "sandbox":"vm-1","seq":17,"time":1764390000.25} -- "pid"/"sandbox" only when known,

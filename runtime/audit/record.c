@@ -284,6 +284,7 @@ static void put(out *o, const char *s, size_t n) {
   if (o->full) return;
   if (o->n + n > o->max) {
     n = o->max - o->n;
+    while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) n--; /* whole characters */
     o->full = 1;
   }
   memcpy(o->p + o->n, s, n);
@@ -392,8 +393,7 @@ size_t audit_format(const recview *v, int color, char *buf, size_t max) {
   if (v->detail) format_detail(&o, v->detail, v->detail_len);
   if (v->truncated) puts_(&o, " (truncated)");
   size_t n = o.n;
-  if (o.full) { /* cut on a character boundary and mark the cut */
-    while (n > 0 && ((unsigned char)buf[n] & 0xc0) == 0x80) n--;
+  if (o.full) { /* mark the cut (put() cut on a character boundary) */
     buf[n++] = (char)0xe2; /* U+2026 ... */
     buf[n++] = (char)0x80;
     buf[n++] = (char)0xa6;

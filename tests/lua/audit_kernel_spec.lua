@@ -89,14 +89,24 @@ describe("the kernel audit source", function()
     local ok, why = kernel_ready()
     if not ok then pending(why) return end
     local seq = audit.stats().last_seq
-    -- sh is the tracked sandbox process; the victim is its child.
-    local p = assert(claw.proc.spawn { "sh", "-c", '"$0" kill; echo done', VICTIM,
-      stdin = "pipe", stdout = "pipe", stderr = "null" })
+    -- A clawlua process is the tracked sandbox process; the victim is its child, reaped only
+    -- after a while: a descendant already reaped when its record is read has no /proc entry
+    -- left to find its ancestors by.
+    local p = assert(claw.proc.spawn { H.bin, "-e", [[
+      local claw = require "clawlua"
+      local v = assert(claw.proc.spawn { os.getenv("VICTIM"), "kill", stdin = "inherit",
+                                         stdout = "inherit" })
+      claw.sleep(tonumber(os.getenv("WAIT")))
+      v:wait()
+      print("done")
+    ]], env_add = { VICTIM = VICTIM, WAIT = tostring(2 * H.scale) }, stdin = "pipe", stdout = "pipe",
+      stderr = "null" })
     audit.track_pid(p.pid, "jail-parent")
     p.stdout:set_timeout(10 * H.scale)
     local pid = tonumber(assert(p.stdout:read_line()))
     assert.are_not.equal(p.pid, pid)
     p.stdin:write("go\n")
+    p.stdout:set_timeout(30 * H.scale)
     assert.are.equal("done", p.stdout:read_line())
     p:wait()
     audit.forget_pid(p.pid)
