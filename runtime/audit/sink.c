@@ -459,13 +459,9 @@ static int file_write(audit *a, asink *base, const slot *e) {
 /* Finds the last whole line of the first `size` bytes of fd. Returns 0 with *found = 1 and
  * hash/seq set when it is a chained record (*found = 0: no whole line), *cut = the bytes after
  * it; or an errno with *msg. */
-static int last_record(int fd, off_t size, char *hash, uint64_t *seq, int *found, off_t *cut,
-                       const char **msg) {
-  *found = 0;
-  *cut = 0;
-  if (size <= 0) return 0;
-  /* Enough for a torn last line and the whole line before it, each at most a record long. */
-  off_t span = 2 * (off_t)(AUDIT_MAX_LINE + 1);
+static int last_record_in(int fd, off_t size, off_t span, char *hash, uint64_t *seq, int *found,
+                          off_t *cut, const char **msg, int *more) {
+  *more = 0;
   size_t want = (size_t)(size < span ? size : span);
   char *buf = malloc(want);
   if (!buf) return ENOMEM;
@@ -477,20 +473,15 @@ static int last_record(int fd, off_t size, char *hash, uint64_t *seq, int *found
   }
   size_t end = want; /* one past the last newline */
   while (end > 0 && buf[end - 1] != '\n') end--;
-  *cut = (off_t)(want - end);
-  if (end == 0 && (off_t)want < size) {
+  size_t ls = end > 0 ? end - 1 : 0;
+  while (ls > 0 && buf[ls - 1] != '\n') ls--;
+  if ((end == 0 || ls == 0) && (off_t)want < size) { /* the line may begin before the window */
     free(buf);
-    *msg = "its last line is longer than any audit record";
-    return EINVAL;
+    *more = 1;
+    return 0;
   }
+  *cut = (off_t)(want - end);
   if (end > 0) {
-    size_t ls = end - 1;
-    while (ls > 0 && buf[ls - 1] != '\n') ls--;
-    if (ls == 0 && (off_t)want < size) {
-      free(buf);
-      *msg = "its last line is longer than any audit record";
-      return EINVAL;
-    }
     recview v;
     if (!audit_scan(buf + ls, end - 1 - ls, &v) || !v.prev) {
       free(buf);
@@ -505,11 +496,32 @@ static int last_record(int fd, off_t size, char *hash, uint64_t *seq, int *found
   return 0;
 }
 
+/* Finds the last whole line of the first `size` bytes of fd. Returns 0 with *found = 1 and
+ * hash/seq set when it is a chained record (*found = 0: no whole line), *cut = the bytes after
+ * it; or an errno with *msg. Reads 64 KiB from the end, more only for long lines. */
+static int last_record(int fd, off_t size, char *hash, uint64_t *seq, int *found, off_t *cut,
+                       const char **msg) {
+  *found = 0;
+  *cut = 0;
+  if (size <= 0) return 0;
+  int more;
+  int err = last_record_in(fd, size, 65536, hash, seq, found, cut, msg, &more);
+  if (err || !more) return err;
+  /* Enough for a torn last line and the whole line before it, each at most a record long. */
+  err = last_record_in(fd, size, 2 * (off_t)(AUDIT_MAX_LINE + 1), hash, seq, found, cut, msg,
+                       &more);
+  if (!err && more) {
+    *msg = "its last line is longer than any audit record";
+    return EINVAL;
+  }
+  return err;
+}
+
 /* Opens (or creates) the log file and finds where its chain stands: at its last record, or at
  * the last record of path.1 when the file is new (the process died between renaming the old
  * file and writing the new one's anchor), or at genesis. 0 or an errno; *msg says why a file
  * cannot be continued. */
-static int open_file(sink *s, const char **msg) {
+static int open_file(sink *s, int find_prev, const char **msg) {
   *msg = NULL;
   int fd = open(s->path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, (mode_t)s->mode);
   if (fd < 0) return errno;
@@ -540,7 +552,7 @@ static int open_file(sink *s, const char **msg) {
   }
   if (found) {
     s->anchor_reason = "reopen";
-  } else if (s->keep > 0) {
+  } else if (s->keep > 0 && find_prev) {
     char prev[PATH_MAX];
     snprintf(prev, sizeof prev, "%s.1", s->path);
     int pfd = open(prev, O_RDONLY | O_CLOEXEC);
@@ -669,7 +681,7 @@ static void rotate(lua_State *L, audit *a, sink *s, const char *reason) {
   char prev_head[AUDIT_HEX];
   memcpy(prev_head, s->head, AUDIT_HEX);
   const char *msg;
-  err = open_file(s, &msg);
+  err = open_file(s, 0, &msg);
   if (s->sy) {
     /* The worker syncs the old file (per policy) and closes its own copy. */
     syncer_set_fd(s);
@@ -726,7 +738,7 @@ static void file_pending(lua_State *L, audit *a, asink *base) {
     memcpy(head, s->head, AUDIT_HEX);
     uint64_t prev_seq = s->last_seq;
     const char *msg;
-    int err = open_file(s, &msg);
+    int err = open_file(s, 0, &msg);
     if (err) {
       s->fd = -1;
       s->next_retry = cl_now_ns() + RETRY_NS;
@@ -1113,7 +1125,7 @@ int audit_sink_open(lua_State *L) {
     s->keep = (int)keep;
     s->mode = (int)mode;
     const char *msg;
-    int err = open_file(s, &msg);
+    int err = open_file(s, 1, &msg);
     if (err) {
       free(s->path);
       s->path = NULL;
