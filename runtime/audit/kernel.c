@@ -48,6 +48,7 @@ struct ksource {
   audit *a;
   char error[160];
   uint64_t records, events, unmatched, malformed, overruns;
+  uint64_t overruns_reported, last_overrun_report;
   char *buf;
 };
 
@@ -298,14 +299,35 @@ static void handle_record(ksource *k, const char *text, size_t n) {
   lua_settop(L, top);
 }
 
+/* The kernel dropped records for us (our socket buffer was full): say so, at most every 10 s,
+ * so that a gap in the seccomp events is never silent. */
+static void report_overruns(ksource *k) {
+  uint64_t now = cl_now_ns();
+  if (k->overruns == k->overruns_reported) return;
+  if (k->last_overrun_report && now - k->last_overrun_report < 10ull * 1000000000ull) return;
+  lua_State *L = k->a->L;
+  int top = lua_gettop(L);
+  lua_createtable(L, 0, 2);
+  lua_pushliteral(L, "kernel.seccomp");
+  lua_setfield(L, -2, "source");
+  lua_pushinteger(L, (lua_Integer)(k->overruns - k->overruns_reported));
+  lua_setfield(L, -2, "overruns");
+  k->overruns_reported = k->overruns;
+  k->last_overrun_report = now;
+  audit_emit(L, k->a, "audit.source.overrun", NULL, 0, lua_gettop(L));
+  lua_settop(L, top);
+}
+
 static void on_netlink(cl_watch *w, uint32_t events) {
   ksource *k = w->data;
+  report_overruns(k);
   for (int i = 0; i < MAX_PER_WAKE; i++) {
     ssize_t n = recv(k->fd, k->buf, RECV_BUF, MSG_DONTWAIT);
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == ENOBUFS) { /* the kernel dropped records: we were too slow */
         k->overruns++;
+        report_overruns(k);
         continue;
       }
       return;

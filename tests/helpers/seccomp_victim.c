@@ -7,6 +7,7 @@
  * usage: seccomp_victim ACTION [COMM_HEX]
  *   ACTION  kill   SCMP_ACT_KILL_PROCESS on getppid (always logged by the kernel)
  *           errno  SCMP_ACT_ERRNO(EPERM) on getppid, filter loaded with the LOG flag
+ *           flood:N  like errno, then N denied calls in a row (N kernel records)
  *   COMM_HEX  the process name to set first, hex-encoded (any bytes, invalid UTF-8 included)
  * Prints its pid, waits for a line on stdin (the test attributes the pid meanwhile), then calls
  * getppid. With errno it prints the result and exits 0.
@@ -34,6 +35,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   int kill = strcmp(argv[1], "kill") == 0;
+  long flood = strncmp(argv[1], "flood:", 6) == 0 ? strtol(argv[1] + 6, NULL, 10) : 1;
   if (argc > 2) {
     char name[16] = {0};
     size_t n = strlen(argv[2]) / 2;
@@ -56,7 +58,8 @@ int main(int argc, char **argv) {
   fflush(stdout);
   char line[64];
   if (!fgets(line, sizeof line, stdin)) return 4;
-  long r = syscall(SYS_getppid);
+  long r = 0;
+  for (long i = 0; i < flood; i++) r = syscall(SYS_getppid);
   printf("%ld %d\n", r, r < 0 ? errno : 0);
   return 0;
 }

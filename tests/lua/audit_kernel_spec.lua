@@ -148,6 +148,28 @@ describe("the kernel audit source", function()
     assert(ok2, err)
   end)
 
+  it("reports records the kernel could not deliver because the loop fell behind", function()
+    local ok, why = kernel_ready()
+    if not ok then pending(why) return end
+    local before = audit.stats().kernel.overruns
+    local seq = audit.stats().last_seq
+    local p = assert(claw.proc.spawn { VICTIM, "flood:8000", stdin = "pipe", stdout = "pipe" })
+    audit.track_pid(p.pid, "jail-flood")
+    p.stdout:set_timeout(10 * H.scale)
+    assert.is_string(p.stdout:read_line())
+    p.stdin:write("go\n")
+    os.execute("sleep 1") -- blocks this process's loop: the socket buffer fills meanwhile
+    p:wait()
+    audit.forget_pid(p.pid)
+    p:close()
+    assert.is_true(H.eventually(function()
+      return #audit.events { after_seq = seq, kind = "audit.source.overrun" } > 0
+    end, 5 * H.scale))
+    local st = audit.stats().kernel
+    assert.is_true(st.overruns > before)
+    assert.is_true(#audit.events { after_seq = seq, kind = "seccomp.deny", sandbox = "jail-flood" } > 100)
+  end)
+
   it("says once, as an event, that it is unavailable without CAP_AUDIT_READ", function()
     if not H.is_root() then pending("needs root to drop a capability") return end
     local r = assert(claw.proc.run { "setpriv", "--bounding-set=-audit_read", "--inh-caps=-all", H.bin, "-e", [[
