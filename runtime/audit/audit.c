@@ -155,44 +155,123 @@ void audit_bump_seq(audit *a, uint64_t seq) {
 /* ------------------------------------------------------------------------------------------ */
 /* Records                                                                                    */
 
-/* Appends s as a JSON string (s is short and from C: ids and kinds). */
+/* Length of the valid UTF-8 sequence at p (0: invalid). */
+static size_t utf8_seq(const unsigned char *p) {
+  unsigned c = p[0];
+  size_t n = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 ? 2 : 0;
+  if (!n || c > 0xf4) return 0;
+  for (size_t i = 1; i < n; i++)
+    if ((p[i] & 0xc0) != 0x80) return 0; /* also stops at the terminating NUL */
+  if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) || (c == 0xf0 && p[1] < 0x90) ||
+      (c == 0xf4 && p[1] > 0x8f))
+    return 0; /* overlong, surrogate, beyond U+10FFFF */
+  return n;
+}
+
+/* Appends s as a JSON string (s is short and from C: ids and kinds). Valid UTF-8 passes
+ * through; control characters are escaped and invalid bytes become U+FFFD. */
 static size_t put_json_string(char *o, size_t room, const char *s) {
+  static const char hex[] = "0123456789abcdef";
   size_t n = 0;
   if (room < 3) return 0;
   o[n++] = '"';
-  for (; *s && n + 8 < room; s++) {
-    unsigned char c = (unsigned char)*s;
+  for (const unsigned char *p = (const unsigned char *)s; *p && n + 8 < room;) {
+    unsigned c = *p;
     if (c == '"' || c == '\\') {
       o[n++] = '\\';
       o[n++] = (char)c;
-    } else if (c < 0x20 || c >= 0x7f) {
-      n += (size_t)snprintf(o + n, room - n, "\\u%04x", c < 0x80 ? c : 0xfffd);
-    } else {
+      p++;
+    } else if (c < 0x20 || c == 0x7f) {
+      o[n] = '\\';
+      o[n + 1] = 'u';
+      o[n + 2] = '0';
+      o[n + 3] = '0';
+      o[n + 4] = hex[c >> 4];
+      o[n + 5] = hex[c & 15];
+      n += 6;
+      p++;
+    } else if (c < 0x80) {
       o[n++] = (char)c;
+      p++;
+    } else {
+      size_t k = utf8_seq(p);
+      if (k) {
+        memcpy(o + n, p, k);
+        n += k;
+        p += k;
+      } else {
+        static const char repl[6] = {'\\', 'u', 'f', 'f', 'f', 'd'};
+        memcpy(o + n, repl, sizeof repl);
+        n += 6;
+        p++;
+      }
     }
   }
   o[n++] = '"';
   return n;
 }
 
-/* Builds the record for slot s from the detail JSON d (len dl) into s->rec. */
-static int store_record(audit *a, slot *s, const char *d, size_t dl, uint64_t mono, int cut) {
-  char head[64], tail[512];
-  size_t hn = (size_t)snprintf(head, sizeof head, "{\"detail\":");
-  size_t tn = 0;
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"kind\":");
-  tn += put_json_string(tail + tn, sizeof tail - tn, s->kind);
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"mono\":%.6f", (double)mono / 1e9);
-  if (s->pid > 0) tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"pid\":%d", (int)s->pid);
-  if (s->sandbox[0]) {
-    tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"sandbox\":");
-    tn += put_json_string(tail + tn, sizeof tail - tn, s->sandbox);
+static size_t put_u64(char *o, uint64_t v) {
+  char tmp[24];
+  size_t n = 0;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  for (size_t i = 0; i < n; i++) o[i] = tmp[n - 1 - i];
+  return n;
+}
+
+/* ns as seconds with 6 decimals ("12.000345"): what %.6f printed, without formatting a double
+ * (which cost a quarter of an emit). */
+static size_t put_seconds(char *o, uint64_t ns) {
+  size_t n = put_u64(o, ns / 1000000000u);
+  uint32_t us = (uint32_t)(ns % 1000000000u / 1000u);
+  o[n++] = '.';
+  for (int i = 5; i >= 0; i--, us /= 10) o[n + (size_t)i] = (char)('0' + us % 10);
+  return n + 6;
+}
+
+static size_t put_lit(char *o, const char *s) {
+  size_t n = 0;
+  while (s[n]) {
+    o[n] = s[n];
+    n++;
   }
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"seq\":%llu,\"time\":%.6f",
-                         (unsigned long long)s->seq, s->wall);
-  if (cut) tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"truncated\":true");
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, "}");
-  size_t need = hn + dl + tn;
+  return n;
+}
+
+/* The fields after "detail", up to but without the closing brace (and "truncated"). */
+static size_t build_tail(const slot *s, char *tail, size_t room) {
+  size_t tn = 0;
+  tn += put_lit(tail + tn, ",\"kind\":");
+  tn += put_json_string(tail + tn, room - tn - 200, s->kind);
+  tn += put_lit(tail + tn, ",\"mono\":");
+  tn += put_seconds(tail + tn, s->mono_ns);
+  if (s->pid > 0) {
+    tn += put_lit(tail + tn, ",\"pid\":");
+    tn += put_u64(tail + tn, (uint64_t)s->pid);
+  }
+  if (s->sandbox[0]) {
+    tn += put_lit(tail + tn, ",\"sandbox\":");
+    tn += put_json_string(tail + tn, room - tn - 100, s->sandbox);
+  }
+  tn += put_lit(tail + tn, ",\"seq\":");
+  tn += put_u64(tail + tn, s->seq);
+  tn += put_lit(tail + tn, ",\"time\":");
+  tn += put_seconds(tail + tn, s->wall_ns > 0 ? (uint64_t)s->wall_ns : 0);
+  return tn;
+}
+
+#define TAIL_MAX 1536 /* kind and sandbox at 8 bytes per character escaped, and numbers */
+
+/* Builds the record for slot s from the detail JSON d (len dl) and the tail into s->rec. */
+static int store_record(audit *a, slot *s, const char *d, size_t dl, const char *tail,
+                        size_t tn, int cut) {
+  static const char head[] = "{\"detail\":";
+  static const char trunc[] = ",\"truncated\":true}";
+  size_t hn = sizeof head - 1, en = cut ? sizeof trunc - 1 : 1;
+  size_t need = hn + dl + tn + en;
   if (need > a->event_cap) return 0;
   if (need > s->cap) {
     char *r = realloc(s->rec, need);
@@ -204,6 +283,7 @@ static int store_record(audit *a, slot *s, const char *d, size_t dl, uint64_t mo
   memcpy(s->rec, head, hn);
   memcpy(s->rec + hn, d, dl);
   memcpy(s->rec + hn + dl, tail, tn);
+  memcpy(s->rec + hn + dl + tn, cut ? trunc : "}", en);
   s->len = (uint32_t)need;
   return 1;
 }
@@ -242,12 +322,15 @@ uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbo
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   s->seq = ++a->seq;
+  s->wall_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
   s->wall = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
   s->pid = pid > 0 ? pid : 0;
   snprintf(s->kind, sizeof s->kind, "%s", kind);
   if (!sandbox && pid > 0) sandbox = audit_attribute(a, pid, 0);
   snprintf(s->sandbox, sizeof s->sandbox, "%s", sandbox ? sandbox : "");
-  uint64_t mono = cl_now_ns();
+  s->mono_ns = cl_now_ns();
+  char tail[TAIL_MAX];
+  size_t tn = build_tail(s, tail, sizeof tail);
 
   /* The detail, cut harder until the record fits. */
   int top = lua_gettop(L);
@@ -267,14 +350,14 @@ uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbo
       }
       if (replaced) cut = 1;
     }
-    stored = store_record(a, s, d, dl, mono, cut);
+    stored = store_record(a, s, d, dl, tail, tn, cut);
     lua_settop(L, top);
     if (!stored) cut = 1;
   }
   if (!stored) {
     char note[80];
     int n = snprintf(note, sizeof note, "{\"_dropped_detail\":true}");
-    if (!store_record(a, s, note, (size_t)n, mono, 1)) s->len = 0; /* out of memory */
+    if (!store_record(a, s, note, (size_t)n, tail, tn, 1)) s->len = 0; /* out of memory */
   }
   if (cut) a->truncated++;
   a->count++;
@@ -561,7 +644,9 @@ static int l_configure(lua_State *L) {
     a->bytes -= s->cap;
     s->rec = NULL;
     s->cap = 0;
-    store_record(a, s, note, strlen(note), cl_now_ns(), 1);
+    char tail[TAIL_MAX];
+    size_t tn = build_tail(s, tail, sizeof tail);
+    if (!store_record(a, s, note, strlen(note), tail, tn, 1)) s->len = 0;
   }
   if ((size_t)cap != a->capacity && resize(a, (size_t)cap) != 0)
     return cl_fail(L, "audit.configure", ENOMEM);

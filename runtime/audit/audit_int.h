@@ -29,7 +29,9 @@ typedef struct ksource ksource;
 
 typedef struct slot {
   uint64_t seq;
-  double wall;
+  double wall;      /* seconds, for filters */
+  int64_t wall_ns;  /* the same, exactly, for the record */
+  uint64_t mono_ns;
   pid_t pid;
   char kind[AUDIT_KIND_MAX + 1];
   char sandbox[AUDIT_SANDBOX_MAX + 1];
