@@ -282,9 +282,11 @@ typedef struct out {
 
 static void put(out *o, const char *s, size_t n) {
   if (o->full) return;
-  if (o->n + n > o->max) {
-    n = o->max - o->n;
-    while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) n--; /* whole characters */
+  size_t room = o->max - o->n;
+  if (n > room) {
+    size_t k = room;
+    while (k > 0 && ((unsigned char)s[k] & 0xc0) == 0x80) k--; /* whole characters */
+    n = k;
     o->full = 1;
   }
   memcpy(o->p + o->n, s, n);
@@ -296,10 +298,18 @@ static void puts_(out *o, const char *s) { put(o, s, strlen(s)); }
 /* Copies text for a terminal: control characters (an escape sequence planted in a tampered
  * file) become '?'. */
 static void put_safe(out *o, const char *s, size_t n) {
-  for (size_t i = 0; i < n && !o->full; i++) {
+  if (o->full) return;
+  size_t i = 0;
+  for (; i < n && o->n < o->max; i++) {
     unsigned char c = (unsigned char)s[i];
-    char ch = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
-    put(o, &ch, 1);
+    o->p[o->n++] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
+  }
+  if (i < n) { /* cut: not in the middle of a character */
+    while (o->n > 0 && ((unsigned char)s[i] & 0xc0) == 0x80 && i > 0) {
+      o->n--;
+      i--;
+    }
+    o->full = 1;
   }
 }
 
