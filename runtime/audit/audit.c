@@ -35,7 +35,7 @@
 #define PID_BUCKETS AUDIT_PID_BUCKETS
 /* Forgotten pids stay attributable this long: the kernel's audit records reach us through
  * kauditd, often after the loop has reaped the process that caused them. */
-#define PID_GONE_TTL_NS (30ull * 1000000000ull)
+#define PID_GONE_TTL_NS (10ull * 1000000000ull)
 #define PID_GONE_MAX 1024
 #define ANCESTOR_DEPTH 32
 

@@ -158,7 +158,10 @@ describe("the kernel audit source", function()
     p.stdout:set_timeout(10 * H.scale)
     assert.is_string(p.stdout:read_line())
     p.stdin:write("go\n")
-    os.execute("sleep 1") -- blocks this process's loop: the socket buffer fills meanwhile
+    -- Block this process's loop until the flood is over: every record has been sent to a
+    -- socket nobody reads, far more than its buffer holds.
+    os.execute(("t=0; while [ -e /proc/%d ] && ! grep -q '^%d (seccomp_victim) Z' /proc/%d/stat && "
+      .. "[ $t -lt %d ]; do sleep 0.05; t=$((t+1)); done"):format(p.pid, p.pid, p.pid, math.floor(600 * H.scale)))
     p:wait()
     audit.forget_pid(p.pid)
     p:close()
