@@ -240,6 +240,7 @@ typedef struct cl_spawn_req {
   int (*parent_setup)(void *arg, pid_t pid, char *err, size_t errlen);
   void *parent_arg;
   int cwd_after_setup;    /* enter cwd after child_setup (a jail's cwd is inside its new root) */
+  int netns_fd;           /* > 0: the child starts in this network namespace (joined around clone) */
   /* A seccomp filter installed after everything else, just before exec (seccomp.c). */
   cl_seccomp_prog *seccomp;
 } cl_spawn_req;
@@ -275,6 +276,7 @@ typedef struct cl_spawn_hooks {
   void *arg;
   /* Runs after the handle exists (at stack top) and the child runs. */
   void (*started)(lua_State *L, int handle, pid_t pid, void *arg);
+  const char *sandbox; /* audit attribution of the notify supervisor; set by prepare */
 } cl_spawn_hooks;
 /* Lua-facing spawn: options table at opts; returns proc.spawn's results (handle or nil, err,
  * code). The handle's "seccomp" field is the notify supervisor when there is one. */

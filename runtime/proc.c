@@ -234,6 +234,23 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   }
   a.errfd = ep[1];
   a.syncfd = sp[0];
+  /* Joining a network namespace: this thread enters it for the clone and comes back, so the
+   * child starts there whatever namespaces it creates (a child in a new user namespace could
+   * not join a namespace the host owns by itself). */
+  int home_net = -1;
+  if (req->netns_fd > 0) {
+    home_net = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (home_net < 0 || setns(req->netns_fd, CLONE_NEWNET) < 0) {
+      int se = errno;
+      if (home_net >= 0) close(home_net);
+      close(ep[0]);
+      close(ep[1]);
+      if (sp[0] >= 0) close(sp[0]), close(sp[1]);
+      snprintf(err, errlen, "setns(net): %s", strerror(se));
+      return se;
+    }
+    forked = 1;
+  }
   /* No signal handler may run in a child that shares our memory: block all around clone. */
   sigset_t all, old;
   sigfillset(&all);
@@ -242,6 +259,10 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   long p = forked ? spawn_fork(req, &a, &fd, sp[1], ep[0]) : spawn_vfork(&a, &fd);
   int e = p < 0 ? errno : 0;
   sigprocmask(SIG_SETMASK, &old, NULL);
+  if (home_net >= 0) {
+    if (setns(home_net, CLONE_NEWNET) < 0) abort(); /* cannot happen: our own namespace */
+    close(home_net);
+  }
   close(ep[1]);
   if (sp[0] >= 0) close(sp[0]);
   if (p < 0) {
@@ -801,8 +822,8 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   char msg[512] = "";
   if (hooks && hooks->prepare) {
     /* The handle owns the extension from here: collecting it on an error releases it. */
+    /* What prepare pushes stays on the stack (above the handle) until we return. */
     int pe = hooks->prepare(L, opts, &req, hooks->arg, &p->ext, msg, sizeof msg);
-    lua_settop(L, pi);
     if (pe) {
       p->ext_reaped = 1; /* never started: nothing to collect */
       return cl_failf(L, pe, "spawn %s: %s", argv[0], msg);
@@ -861,7 +882,7 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   p->started = cl_now();
   cl_watch_start(cl_loop_get(L), &p->watch, p->pidfd, 0, NULL);
   if (sc && cl_seccomp_prog_notifies(sc)) {
-    cl_seccomp_supervise(L, sc_idx, p->pid, NULL);
+    cl_seccomp_supervise(L, sc_idx, p->pid, hooks ? hooks->sandbox : NULL);
     lua_setiuservalue(L, pi, 4);
   }
   if (hooks && hooks->started) {
