@@ -955,9 +955,18 @@ ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t 
       return -errno;
     }
     if (pf[0].revents) {
+      /* Exec'd (or failed): the listener was sent before, so it is in the socket already. */
+      if (p->listener < 0 && p->sock[0] >= 0) {
+        p->listener = recv_fd(p->sock[0]);
+        if (p->listener >= 0) cl_set_nonblock(p->listener, 1);
+      }
       ssize_t r;
       do r = read(errfd, buf, len); while (r < 0 && errno == EINTR);
       if (r > 0) kill(pid, SIGKILL); /* failed before exec: it may be stuck in a notified exit */
+      if (r == 0 && p->listener < 0) { /* exec'd without handing over: cannot supervise */
+        kill(pid, SIGKILL);
+        return -EPROTO;
+      }
       return r < 0 ? -errno : r;
     }
     if (pf[1].revents && p->listener < 0) {
@@ -1214,22 +1223,31 @@ static const struct {
   {"connect", -1, -1, 1, 2},     {"bind", -1, -1, 1, 2},        {"sendto", -1, -1, 4, 5},
 };
 
-/* Runs as a task: calls the handler with the event and answers unless the answer is late. */
-static int handler_task(lua_State *L) {
-  /* args: supervisor, slot index, generation, handler, event */
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
+  return 1;
+}
+
+/* Continuation of handler_task: the handler returned (status LUA_OK/LUA_YIELD) or failed. */
+static int handler_task_k(lua_State *L, int status, lua_KContext ctx) {
+  CL_UNUSED(ctx);
   supervisor *sv = luaL_checkudata(L, 1, SUPER_MT);
   int slot = (int)lua_tointeger(L, 2);
   uint64_t gen = (uint64_t)lua_tointeger(L, 3);
-  lua_settop(L, 5);
-  lua_pushvalue(L, 4);
-  lua_pushvalue(L, 5);
-  int ok = cl_pcall_report(L, 1, 1, "seccomp notify handler");
+  int ok = status == LUA_OK || status == LUA_YIELD;
   if (sv->closed || slot >= sv->max_pending) return 0;
   pending *pd = &sv->slots[slot];
-  if (!pd->busy || pd->gen != gen) return 0; /* answered already (timeout) */
+  if (!pd->busy || pd->gen != gen) return 0; /* answered already (timeout): nothing to say */
   if (!ok) {
     sv->errors++;
-    decide(pd, 0, EPERM, "handler error");
+    fprintf(stderr, "clawlua: seccomp notify handler failed: %s\n", lua_tostring(L, -1));
+    char reason[200];
+    const char *msg = lua_tostring(L, -1);
+    snprintf(reason, sizeof reason, "handler error: %s", msg ? msg : "?");
+    char *nl = strchr(reason, '\n');
+    if (nl) *nl = 0;
+    decide(pd, 0, EPERM, reason);
     return 0;
   }
   int t = lua_type(L, -1);
@@ -1246,6 +1264,17 @@ static int handler_task(lua_State *L) {
     decide(pd, 0, EPERM, "bad handler result");
   }
   return 0;
+}
+
+/* Runs as a task: calls the handler with the event (it may wait: the call yields) and answers
+ * unless the answer is late. Arguments: supervisor, slot, generation, handler, event. */
+static int handler_task(lua_State *L) {
+  lua_settop(L, 5);
+  lua_pushcfunction(L, traceback);
+  lua_pushvalue(L, 4);
+  lua_pushvalue(L, 5);
+  int st = lua_pcallk(L, 1, 1, 6, 0, handler_task_k);
+  return handler_task_k(L, st, 0);
 }
 
 static void handle_notification(supervisor *sv, struct seccomp_notif *req, int handler_idx,
@@ -1352,7 +1381,9 @@ static void supervisor_stop(supervisor *sv) {
 }
 
 static void push_supervisor(lua_State *L, supervisor *sv) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, sv); /* weak registry entry: the userdata */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &SV_KEY); /* weak table: pointer -> userdata */
+  lua_rawgetp(L, -1, sv);
+  lua_remove(L, -2);
 }
 
 static void on_notify_fd(cl_watch *w, uint32_t events) {
