@@ -133,6 +133,7 @@ typedef struct jail_cfg {
   } rlimits[CL_ARRAY_LEN(rlimit_names)];
   /* parent side */
   char uid_map[256], gid_map[256];
+  int root_mapped; /* both maps give the namespace a root (inside id 0) */
   int netfd;
 } jail_cfg;
 
@@ -570,15 +571,15 @@ static int mkdirs(char *path, int last) {
   return 0;
 }
 
-static int make_readonly(const char *dst) {
+/* Makes a mount (and with recursive, those under it) read-only, leaving its other flags. */
+static int make_readonly(const char *dst, int recursive) {
   struct mount_attr attr;
   memset(&attr, 0, sizeof attr);
   attr.attr_set = MOUNT_ATTR_RDONLY;
-  if (syscall(SYS_mount_setattr, AT_FDCWD, dst, AT_RECURSIVE, &attr, sizeof attr) == 0) return 0;
-  /* Older kernels: remount the top mount read-only, keeping the flags the kernel locked. */
-  struct statvfs_like {
-    unsigned long f;
-  };
+  if (syscall(SYS_mount_setattr, AT_FDCWD, dst, recursive ? AT_RECURSIVE : 0, &attr,
+              sizeof attr) == 0)
+    return 0;
+  /* Kernels before 5.12: remount the top mount read-only. */
   if (mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) == 0)
     return 0;
   return errno;
@@ -609,11 +610,11 @@ static int do_mount(mnt *m, const char **stage) {
       if (!m->dev) rf |= MS_NODEV;
       if (!m->rw) rf |= MS_RDONLY;
       if (mount(NULL, m->dst, NULL, rf, NULL) < 0 && !m->rw) {
-        int re = make_readonly(m->dst);
+        int re = make_readonly(m->dst, 1);
         if (re) return re;
       }
       if (!m->rw) {
-        int re = make_readonly(m->dst); /* submounts too */
+        int re = make_readonly(m->dst, 1); /* submounts too */
         if (re) return re;
       }
     }
@@ -671,6 +672,12 @@ static int set_caps(const jail_cfg *c) {
 
 static int child_setup(void *arg, const char **stage) {
   jail_cfg *c = arg;
+  if (c->userns && c->root_mapped) {
+    /* Become the namespace's root (a mapped host id): files the child creates from here on
+     * (its tmpfs roots) need an owner the namespace can represent. */
+    *stage = "setresuid(0) in the user namespace";
+    if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0) return errno;
+  }
   if (c->utsns && c->hostname[0]) {
     *stage = "sethostname";
     if (sethostname(c->hostname, strlen(c->hostname)) < 0) return errno;
@@ -706,10 +713,6 @@ static int child_setup(void *arg, const char **stage) {
     if (c->have_root) {
       *stage = "root";
       if (mount(c->root_src, "/newroot", NULL, MS_BIND | MS_REC, NULL) < 0) return errno;
-      if (!c->root_rw) {
-        int e = make_readonly("/newroot");
-        if (e) return e;
-      }
     } else {
       *stage = "root tmpfs";
       if (mount("tmpfs", "/newroot", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0) return errno;
@@ -718,11 +721,10 @@ static int child_setup(void *arg, const char **stage) {
       int e = do_mount(&c->mounts[i], stage);
       if (e) return e;
     }
-    if (!c->have_root && !c->root_rw) {
+    if (!c->root_rw) { /* last, so the mount points above could still be made */
       *stage = "root read-only";
-      if (mount(NULL, "/newroot", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
-                NULL) < 0)
-        return errno;
+      int e = make_readonly("/newroot", 0);
+      if (e) return e;
     }
     *stage = "pivot_root";
     if (chdir("/newroot") < 0) return errno;
@@ -1045,6 +1047,17 @@ static void parse_map(lua_State *L, int opts, const char *field, char *out, size
   lua_pop(L, 1);
 }
 
+/* Does an id map ("inside outside count" lines) cover inside id 0? */
+static int maps_zero(const char *map) {
+  for (const char *p = map; p && *p;) {
+    long long in = 0, out = 0, n = 0;
+    if (sscanf(p, "%lld %lld %lld", &in, &out, &n) == 3 && in <= 0 && in + n > 0) return 1;
+    p = strchr(p, '\n');
+    if (p) p++;
+  }
+  return 0;
+}
+
 static int ns_flag(lua_State *L, int t, const char *name, int def) {
   if (!t) return def;
   int ty = lua_getfield(L, t, name);
@@ -1147,6 +1160,17 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     for (int i = 0; i < c->nmounts; i++) {
       mnt *m = &c->mounts[i];
       struct stat st;
+      if (c->have_root && (m->kind == M_TMPFS || m->kind == M_PROC) &&
+          strncmp(m->dst, "/newroot/dev/", 13) != 0) {
+        char inroot[2 * MAX_PATH_LEN];
+        snprintf(inroot, sizeof inroot, "%s%s", c->root_src + 8, m->dst + 8);
+        if (stat(inroot, &st) < 0 || !S_ISDIR(st.st_mode)) {
+          snprintf(err, errlen, "root %s has no directory %s to mount on", c->root_src + 8,
+                   m->dst + 8);
+          if (c->netfd >= 0) close(c->netfd);
+          return ENOENT;
+        }
+      }
       if (m->kind != M_BIND || m->optional) continue;
       if (stat(m->src + 8, &st) < 0) {
         snprintf(err, errlen, "bind source %s: %s", m->src + 8, strerror(errno));
@@ -1182,6 +1206,7 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   if (c->userns) {
     parse_map(L, opts, "uid_map", c->uid_map, sizeof c->uid_map, (long)c->uid, (long)getuid());
     parse_map(L, opts, "gid_map", c->gid_map, sizeof c->gid_map, (long)c->gid, (long)getgid());
+    c->root_mapped = maps_zero(c->uid_map) && maps_zero(c->gid_map);
   } else {
     static const char *const maps[] = {"uid_map", "gid_map", NULL};
     for (const char *const *f = maps; *f; f++)
