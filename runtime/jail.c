@@ -78,7 +78,7 @@ static int cap_number(const char *name) {
   char low[40];
   size_t i = 0;
   if (strncasecmp(name, "cap_", 4) == 0) name += 4;
-  for (; name[i] && i < sizeof low - 1; i++)
+  for (; i < sizeof low - 1 && name[i]; i++)
     low[i] = (char)(name[i] >= 'A' && name[i] <= 'Z' ? name[i] - 'A' + 'a' : name[i]);
   low[i] = 0;
   for (size_t c = 0; c < CL_ARRAY_LEN(cap_names); c++)
@@ -190,7 +190,7 @@ static long long read_key(const char *dir, const char *file, const char *key) {
   if (read_file(path, buf, sizeof buf) < 0) return -1;
   size_t kl = strlen(key);
   for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL)
-    if (strncmp(line, key, kl) == 0 && line[kl] == ' ') return atoll(line + kl + 1);
+    if (strncmp(line, key, kl) == 0 && line[kl] == ' ') return strtoll(line + kl + 1, NULL, 10);
   return -1;
 }
 
@@ -198,7 +198,7 @@ static long long read_num(const char *dir, const char *file) {
   char path[MAX_PATH_LEN + 64], buf[64];
   snprintf(path, sizeof path, "%s/%s", dir, file);
   if (read_file(path, buf, sizeof buf) < 0) return -1;
-  return atoll(buf);
+  return strtoll(buf, NULL, 10);
 }
 
 /* The mount point of the v1 hierarchy that has controller ctrl, or of cgroup2 (ctrl NULL). */
@@ -390,7 +390,8 @@ static int cg_create(jail_ext *x, int version, long long memory, long long pids,
   int want[CG_NCTRL] = {memory > 0, pids > 0, cpu > 0};
   char v2mnt[256] = "", v2self[400] = "", v2parent[700] = "";
   int v2ok = 0;
-  if (version != 1 && find_mount(NULL, v2mnt, sizeof v2mnt) && self_cgroup(NULL, v2self, sizeof v2self)) {
+  if (version != 1 && find_mount(NULL, v2mnt, sizeof v2mnt) &&
+      self_cgroup(NULL, v2self, sizeof v2self)) {
     snprintf(v2parent, sizeof v2parent, "%s%s", v2mnt, v2self);
     v2ok = 1;
     for (int c = 0; c < CG_NCTRL; c++)
@@ -424,7 +425,8 @@ static int cg_create(jail_ext *x, int version, long long memory, long long pids,
       snprintf(line, sizeof line, "+%s", cg_names[c]);
       int e = write_file(path, line);
       if (e) {
-        snprintf(err, errlen, "cgroup v2: enabling %s in %s: %s", cg_names[c], v2parent, strerror(e));
+        snprintf(err, errlen, "cgroup v2: enabling %s in %s: %s", cg_names[c], v2parent,
+                 strerror(e));
         return e;
       }
     }
@@ -942,7 +944,8 @@ static void add_devices(lua_State *L, int opts, jail_cfg *c) {
   m->kind = M_TMPFS;
   snprintf(m->opts, sizeof m->opts, "mode=0755,size=64k");
   set_dst(L, c, m, "/dev", "devices");
-  lua_Integer n = t ? (lua_Integer)lua_rawlen(L, t) : (lua_Integer)CL_ARRAY_LEN(default_devices) - 1;
+  lua_Integer n = t ? (lua_Integer)lua_rawlen(L, t)
+                    : (lua_Integer)CL_ARRAY_LEN(default_devices) - 1;
   if (n > MAX_DEVICES) cl_field_error(L, "devices", "too many devices");
   for (lua_Integer i = 1; i <= n; i++) {
     const char *name;
@@ -989,8 +992,7 @@ static void add_devices(lua_State *L, int opts, jail_cfg *c) {
   shm->kind = M_TMPFS;
   snprintf(shm->opts, sizeof shm->opts, "mode=1777,size=16m");
   snprintf(shm->dst, sizeof shm->dst, "/newroot/dev/shm");
-  if (t) lua_pop(L, 1);
-  else lua_pop(L, 1);
+  lua_pop(L, 1); /* the devices field */
 }
 
 /* "64M", "1G", 1048576 -> bytes; -1 when malformed. */
@@ -1050,8 +1052,10 @@ static void parse_map(lua_State *L, int opts, const char *field, char *out, size
 /* Does an id map ("inside outside count" lines) cover inside id 0? */
 static int maps_zero(const char *map) {
   for (const char *p = map; p && *p;) {
-    long long in = 0, out = 0, n = 0;
-    if (sscanf(p, "%lld %lld %lld", &in, &out, &n) == 3 && in <= 0 && in + n > 0) return 1;
+    char *e1, *e2, *e3;
+    long long in = strtoll(p, &e1, 10), out = strtoll(e1, &e2, 10), n = strtoll(e2, &e3, 10);
+    CL_UNUSED(out);
+    if (e1 != p && e3 != e2 && in <= 0 && in + n > 0) return 1;
     p = strchr(p, '\n');
     if (p) p++;
   }
@@ -1072,7 +1076,7 @@ static int ns_flag(lua_State *L, int t, const char *name, int def) {
 static int userns_available(void) {
   char buf[32];
   if (read_file("/proc/sys/user/max_user_namespaces", buf, sizeof buf) <= 0) return 0;
-  return atol(buf) > 0;
+  return strtol(buf, NULL, 10) > 0;
 }
 
 /* prepare hook: reads the jail options, builds the child's configuration and the cgroups. */
@@ -1231,7 +1235,8 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   lua_pop(L, 1);
   /* Capabilities. */
   char buf[32];
-  c->cap_last = read_file("/proc/sys/kernel/cap_last_cap", buf, sizeof buf) > 0 ? atoi(buf) : 40;
+  c->cap_last = read_file("/proc/sys/kernel/cap_last_cap", buf, sizeof buf) > 0
+                  ? (int)strtol(buf, NULL, 10) : 40;
   if (c->cap_last > 63) c->cap_last = 63;
   if (lua_getfield(L, opts, "caps") != LUA_TNIL) {
     if (!lua_istable(L, -1)) cl_field_error(L, "caps", "list of capability names expected");
@@ -1324,7 +1329,10 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   }
   lua_pop(L, 1);
   jail_ext *x = calloc(1, sizeof *x);
-  if (!x) luaL_error(L, "jail: out of memory");
+  if (!x) {
+    luaL_error(L, "jail: out of memory");
+    abort(); /* not reached */
+  }
   x->ext.kill = ext_kill;
   x->ext.reaped = ext_reaped;
   x->ext.status = ext_status;

@@ -1220,7 +1220,9 @@ static void on_reap(cl_watch *w, uint32_t events) {
   free(r);
 }
 
-void cl_reap_later(cl_loop *lp, pid_t pid, int pidfd) { cl_reap_later_then(lp, pid, pidfd, NULL, NULL); }
+void cl_reap_later(cl_loop *lp, pid_t pid, int pidfd) {
+  cl_reap_later_then(lp, pid, pidfd, NULL, NULL);
+}
 
 void cl_reap_later_then(cl_loop *lp, pid_t pid, int pidfd, void (*done)(void *), void *arg) {
   reap *r = calloc(1, sizeof *r);

@@ -51,6 +51,11 @@
 
 static const char SV_KEY = 'S'; /* registry: supervisor pointer -> userdata (weak) */
 
+static __attribute__((noreturn)) void out_of_memory(lua_State *L) {
+  luaL_error(L, "seccomp: out of memory");
+  abort(); /* not reached */
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Names                                                                                      */
 
@@ -147,9 +152,12 @@ static uint32_t parse_action(lua_State *L, int idx, const char *field) {
     if (strcmp(s, "log") == 0) return SCMP_ACT_LOG;
     if (strcmp(s, "notify") == 0) return SCMP_ACT_NOTIFY;
     if (strcmp(s, "errno") == 0 || strcmp(s, "deny") == 0) return SCMP_ACT_ERRNO(EPERM);
-    int n, used = 0;
-    if (sscanf(s, "errno(%d)%n", &n, &used) == 1 && used == (int)strlen(s) && n >= 0 && n < 4096)
-      return SCMP_ACT_ERRNO((uint32_t)n);
+    if (strncmp(s, "errno(", 6) == 0) {
+      char *end;
+      long n = strtol(s + 6, &end, 10);
+      if (end != s + 6 && strcmp(end, ")") == 0 && n >= 0 && n < 4096)
+        return SCMP_ACT_ERRNO((uint32_t)n);
+    }
     const char *msg = lua_pushfstring(L, "unknown action '%s' (allow, errno, errno(N), "
                                       "kill_process, kill_thread, trap, log, notify)", s);
     cl_field_error(L, field, msg);
@@ -479,7 +487,7 @@ static rule *push_rule(lua_State *L, filter *f) {
     if (f->cap >= MAX_RULES) luaL_error(L, "seccomp: more than %d rules", MAX_RULES);
     size_t nc = f->cap ? f->cap * 2 : 32;
     rule *nr = realloc(f->rules, nc * sizeof *nr);
-    if (!nr) luaL_error(L, "seccomp: out of memory");
+    if (!nr) out_of_memory(L);
     f->rules = nr;
     f->cap = nc;
   }
@@ -1121,7 +1129,9 @@ static void push_remote_string(lua_State *L, pid_t pid, uint64_t addr) {
     uint64_t a = addr + got;
     size_t chunk = 4096 - (size_t)(a & 4095);
     if (chunk > sizeof buf - got) chunk = sizeof buf - got;
-    struct iovec local = {buf + got, chunk}, remote = {(void *)(uintptr_t)a, chunk};
+    struct iovec local = {buf + got, chunk};
+    /* NOLINTNEXTLINE(performance-no-int-to-ptr) */
+    struct iovec remote = {(void *)(uintptr_t)a, chunk};
     ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
     if (n <= 0) {
       char path[64];
@@ -1149,7 +1159,9 @@ static void push_sockaddr(lua_State *L, pid_t pid, uint64_t addr, uint64_t len) 
     return;
   }
   if (len > sizeof buf) len = sizeof buf;
-  struct iovec local = {buf, (size_t)len}, remote = {(void *)(uintptr_t)addr, (size_t)len};
+  struct iovec local = {buf, (size_t)len};
+  /* NOLINTNEXTLINE(performance-no-int-to-ptr) */
+  struct iovec remote = {(void *)(uintptr_t)addr, (size_t)len};
   ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
   if (n < (ssize_t)sizeof(sa_family_t)) {
     lua_pushnil(L);
@@ -1441,7 +1453,7 @@ void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *san
   lua_getiuservalue(L, prep_idx, 1);
   lua_setiuservalue(L, svi, 1);
   sv->slots = calloc((size_t)p->max_pending, sizeof *sv->slots);
-  if (!sv->slots) luaL_error(L, "seccomp: out of memory");
+  if (!sv->slots) out_of_memory(L);
   sv->closed = 0;
   lua_State *main;
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);

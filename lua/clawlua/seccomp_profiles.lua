@@ -182,7 +182,8 @@ function M.oci_table(doc, opts)
     end
     if exc ~= nil and exc ~= json.null then
       expect(exc, "table", p .. ".excludes")
-      if exc.arches and exc.arches ~= json.null and set_of(expect(exc.arches, "array", p .. ".excludes.arches"))[goarch] then
+      if exc.arches and exc.arches ~= json.null
+          and set_of(expect(exc.arches, "array", p .. ".excludes.arches"))[goarch] then
         include = false
       end
       if exc.caps and exc.caps ~= json.null then
@@ -259,7 +260,7 @@ function M.firecracker(src, opts)
   local doc, name = decode(src)
   if not doc then return nil, name end
   local ok, res = pcall(function()
-    local out, unknown = {}, {}
+    local out = {}
     local threads = {}
     for k in pairs(doc) do threads[#threads + 1] = k end
     table.sort(threads)
@@ -309,7 +310,6 @@ function M.firecracker(src, opts)
       end
       local f = seccomp.filter { default = def, rules = rules, strict = false,
                                  optimize = opts.optimize, log = opts.log }
-      for _, u in ipairs(f:info().unknown) do unknown[#unknown + 1] = u end
       out[thread] = f
     end
     return out

@@ -204,7 +204,9 @@ describe("jail.spawn", function()
       if not (" " .. (info.v2_controllers or "") .. " "):find(" " .. c .. " ") then missing = c end
     end
     if missing then
-      local q, err = jail.spawn { BUSYBOX, "true", binds = { BUSYBOX }, cgroup = { version = 2, [missing] = missing == "memory" and "32M" or (missing == "pids" and 10 or 0.5) } }
+      local limits = { memory = "32M", pids = 10, cpu = 0.5 }
+      local q, err = jail.spawn { BUSYBOX, "true", binds = { BUSYBOX },
+                                  cgroup = { version = 2, [missing] = limits[missing] } }
       assert.is_nil(q)
       assert.matches("cgroup v2 at .* has no '" .. missing .. "' controller %(available: ", err)
     end
@@ -236,7 +238,8 @@ describe("jail.spawn", function()
       assert.is_false(ok)
       assert.matches(pat, e)
     end
-    raises({ BUSYBOX, "true", binds = { "/usr", "/usr" } }, "bad field 'binds%[2%]' %('/usr' overlaps an earlier mount at '/usr'%)")
+    raises({ BUSYBOX, "true", binds = { "/usr", "/usr" } },
+           "bad field 'binds%[2%]' %('/usr' overlaps an earlier mount at '/usr'%)")
     raises({ BUSYBOX, "true", binds = { "/usr/lib", "/usr" } }, "overlaps an earlier mount at '/usr/lib'")
     raises({ BUSYBOX, "true", binds = { "relative/path" } }, "bad field 'binds%[1%]'")
     raises({ BUSYBOX, "true", cgroup = { memory = 1000 } }, "bad field 'cgroup%.memory' %(1 MiB")

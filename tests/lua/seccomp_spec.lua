@@ -200,8 +200,8 @@ describe("seccomp profiles", function()
     assert.are.equal("errno 1\n", probe({ "unshare" }, f).stdout)
     assert.are.equal("errno 1\n", probe({ "mount" }, f).stdout)
     assert.are.equal("ok\n", probe({ "socket", "inet" }, f).stdout)
-    local r = assert(claw.proc.run { "sh", "-c", "echo hello world | tr a-z A-Z | sort | wc -c; ls / >/dev/null && echo ls-ok",
-                                     seccomp = f, timeout = 30 })
+    local r = assert(claw.proc.run { "sh", "-c",
+      "echo hello world | tr a-z A-Z | sort | wc -c; ls / >/dev/null && echo ls-ok", seccomp = f, timeout = 30 })
     assert.are.equal(0, r.code)
     assert.are.equal("12\nls-ok\n", r.stdout)
     -- with CAP_SYS_ADMIN in the capability set, Docker's includes allow them
@@ -220,15 +220,17 @@ describe("seccomp profiles", function()
     local function load(doc) return select(2, seccomp.load_oci(doc)) end
     assert.matches("%$%.defaultAction: string expected",
       load '{"syscalls": []}')
+    local head = '{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"'
     assert.matches("%$%.syscalls%[0%]%.args%[0%]%.index: 0%.%.5 expected, got 9",
-      load '{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW","args":[{"index":9,"value":1,"op":"SCMP_CMP_EQ"}]}]}')
+      load(head .. ',"args":[{"index":9,"value":1,"op":"SCMP_CMP_EQ"}]}]}'))
     assert.matches("%$%.syscalls%[1%]%.action: unknown action 'SCMP_ACT_MAYBE'",
-      load '{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"},{"names":["write"],"action":"SCMP_ACT_MAYBE"}]}')
+      load(head .. '},{"names":["write"],"action":"SCMP_ACT_MAYBE"}]}'))
     assert.matches("%$%.syscalls%[0%]%.args%[0%]%.op: unknown operator",
-      load '{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":1,"op":"SCMP_CMP_LIKE"}]}]}')
+      load(head .. ',"args":[{"index":0,"value":1,"op":"SCMP_CMP_LIKE"}]}]}'))
     assert.matches("json: .* at byte %d+", load '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [')
     assert.matches("No such file", select(2, seccomp.load_oci("/nonexistent/profile.json")))
-    local _, e = seccomp.load_firecracker('{"vmm":{"default_action":"trap","filter_action":"allow","filter":[{"syscall":"read","args":[{"index":1,"type":"dword","op":"like","val":1}]}]}}')
+    local _, e = seccomp.load_firecracker('{"vmm":{"default_action":"trap","filter_action":"allow",'
+      .. '"filter":[{"syscall":"read","args":[{"index":1,"type":"dword","op":"like","val":1}]}]}}')
     assert.matches("%$%.vmm%.filter%[0%]%.args%[0%]%.op: unknown operator 'like'", e)
   end)
 
@@ -308,8 +310,8 @@ describe("seccomp notify supervisor", function()
     local f = seccomp.filter { default = "allow", max_pending = 1, notify_timeout = 5,
       rules = { { syscall = "mkdir", action = "notify" } },
       handler = function() claw.sleep(0.3) return "allow" end }
-    local p = assert(claw.proc.spawn { "sh", "-c", ("%s mkdir %s/a & %s mkdir %s/b & wait"):format(PROBE, dir, PROBE, dir),
-                                       seccomp = f, stdout = "pipe" })
+    local line = ("%s mkdir %s/a & %s mkdir %s/b & wait"):format(PROBE, dir, PROBE, dir)
+    local p = assert(claw.proc.spawn { "sh", "-c", line, seccomp = f, stdout = "pipe" })
     local out = p.stdout:read_all()
     p:wait()
     local st = p.seccomp:stats()
