@@ -47,7 +47,6 @@
 #define HANDOFF_TIMEOUT_MS 10000
 #define MAX_READ_STRING 4096
 #define MAX_SOCKADDR 128
-#define RECV_PER_TURN 32
 
 static const char SV_KEY = 'S'; /* registry: supervisor pointer -> userdata (weak) */
 
@@ -1411,17 +1410,12 @@ static void on_notify_fd(cl_watch *w, uint32_t events) {
   lua_getiuservalue(L, svi, 1);
   int hi = lua_gettop(L);
   if (events & EPOLLIN) {
-    for (int k = 0; k < RECV_PER_TURN && !sv->closed; k++) {
-      struct pollfd pf = {sv->fd, POLLIN, 0};
-      if (poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
-      struct seccomp_notif req;
-      memset(&req, 0, sizeof req);
-      if (ioctl(sv->fd, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0) {
-        if (errno == EINTR || errno == ENOENT) continue;
-        break;
-      }
-      handle_notification(sv, &req, hi, svi);
-    }
+    /* One per readiness report: epoll is level-triggered, and readable means a notification
+     * was waiting, so RECV cannot block (one that vanished since, its target killed, gives
+     * ENOENT). */
+    struct seccomp_notif req;
+    memset(&req, 0, sizeof req);
+    if (ioctl(sv->fd, SECCOMP_IOCTL_NOTIF_RECV, &req) == 0) handle_notification(sv, &req, hi, svi);
   }
   if ((events & (EPOLLHUP | EPOLLERR)) && !(events & EPOLLIN)) {
     /* Every process using the filter is gone. */
