@@ -1567,5 +1567,10 @@ int luaopen_clawlua_seccomp(lua_State *L) {
   lua_setfield(L, -2, "libseccomp_version");
   lua_pushstring(L, arch_name(seccomp_arch_native()));
   lua_setfield(L, -2, "native_arch");
+  /* Whether this kernel (or emulator: valgrind has no seccomp) takes filters with notify. */
+  uint32_t act = SECCOMP_RET_USER_NOTIF;
+  lua_pushboolean(L, syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, &act) == 0 &&
+                       seccomp_api_get() >= 6);
+  lua_setfield(L, -2, "available");
   return 1;
 }

@@ -164,12 +164,21 @@ describe("jail.spawn", function()
     assert.matches("^%s*0%s+100000%s+1", r.stdout)
   end)
 
-  it("applies rlimits, and the seccomp filter last", function()
+  it("applies rlimits", function()
+    local r = assert(run { BUSYBOX, "sh", "-c", "ulimit -u; ulimit -S -c; ulimit -H -c",
+                           rlimits = { nproc = 77, core = { 0, 1048576 } } })
+    assert.are.equal("77\n0\n2048\n", r.stdout) -- core in 512-byte blocks
+  end)
+
+  it("applies the seccomp filter last", function()
+    if not claw.seccomp.available then
+      return pending("seccomp(2) is not available here (valgrind does not emulate it)")
+    end
     local f = claw.seccomp.filter { default = "allow", rules = {
       { syscall = "socket", action = { errno = 1 }, args = { { 0, "==", 2 } } } } }
-    local r = assert(run { BUSYBOX, "sh", "-c", "ulimit -n; " .. PROBE .. " socket inet; " .. PROBE .. " socket unix",
-                           rlimits = { nofile = 64 }, seccomp = f })
-    assert.are.equal("64\nerrno 1\nok\n", r.stdout)
+    local r = assert(run { BUSYBOX, "sh", "-c", PROBE .. " socket inet; " .. PROBE .. " socket unix",
+                           seccomp = f })
+    assert.are.equal("errno 1\nok\n", r.stdout)
     -- under Docker's profile inside a jail
     local docker = assert(claw.seccomp.load_oci("/work/shared/specs/seccomp/docker-default.json"))
     r = assert(run { BUSYBOX, "sh", "-c", "echo a b c | " .. BUSYBOX .. " wc -w; " .. PROBE .. " unshare",
