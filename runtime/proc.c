@@ -849,8 +849,9 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
     /* The handle owns the extension from here: collecting it on an error releases it. */
     /* What prepare pushes stays on the stack (above the handle) until we return. */
     int pe = hooks->prepare(L, opts, &req, hooks->arg, &p->ext, msg, sizeof msg);
-    if (pe) {
-      p->ext_reaped = 1; /* never started: nothing to collect */
+    if (pe) { /* never started: release what prepare made (cgroups) now, not at collection */
+      if (p->ext) p->ext->destroy(p->ext);
+      p->ext = NULL;
       return cl_failf(L, pe, "spawn %s: %s", argv[0], msg);
     }
   }
@@ -898,7 +899,8 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   if (err) {
     for (int i = 0; i < 3; i++)
       if (parent_fd[i] >= 0) close(parent_fd[i]);
-    p->ext_reaped = 1;
+    if (p->ext) p->ext->destroy(p->ext);
+    p->ext = NULL;
     if (what) return cl_failf(L, err, "spawn %s: %s: %s", argv[0], what, strerror(err));
     return cl_failf(L, err, "spawn %s: %s", argv[0], msg);
   }

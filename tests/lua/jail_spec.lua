@@ -272,6 +272,7 @@ describe("jail.spawn", function()
     p, err = jail.spawn { "/no/such/program", cgroup = { pids = 10 } }
     assert.is_nil(p)
     assert.matches("exec: No such file or directory", err)
+    assert.same({}, our_cgroups()) -- released at once, not when the handle is collected
   end)
 
   it("records jail.spawn and jail.exit audit events", function()
