@@ -1107,17 +1107,9 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   if (nt) lua_pop(L, 1);
   /* Network: "new" (default), "host", or a namespace to join (path like /run/netns/x). */
   const char *net = cl_opt_string(L, opts, "net", netns_flag ? "new" : "host");
-  if (strcmp(net, "new") == 0) {
-    c->netns_new = 1;
-  } else if (strcmp(net, "host") != 0) {
-    c->netfd = open(net, O_RDONLY | O_CLOEXEC);
-    if (c->netfd < 0) {
-      snprintf(err, errlen, "net %s: %s", net, strerror(errno));
-      return errno;
-    }
-    /* Closed with the config: the fd lives until the spawn returns. */
-    req->netns_fd = c->netfd;
-  }
+  if (strcmp(net, "new") == 0) c->netns_new = 1;
+  else if (strcmp(net, "host") != 0 && net[0] != '/')
+    cl_field_error(L, "net", "\"new\", \"host\" or the path of a network namespace expected");
   if (!c->mountns) {
     static const char *const need[] = {"root", "binds", "tmpfs", "symlinks", NULL};
     for (const char *const *f = need; *f; f++)
@@ -1136,12 +1128,10 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     struct stat st;
     if (stat(clean, &st) < 0) {
       snprintf(err, errlen, "root %s: %s", clean, strerror(errno));
-      close(c->netfd);
       return errno;
     }
     if (!S_ISDIR(st.st_mode)) {
       snprintf(err, errlen, "root %s: not a directory", clean);
-      close(c->netfd);
       return ENOTDIR;
     }
     c->have_root = 1;
@@ -1159,7 +1149,10 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
         cl_field_error(L, "proc", "mounting /proc in a new user namespace needs a new pid "
                                   "namespace too (or proc = false)");
     }
+    int before = c->nmounts;
     parse_symlinks(L, opts, c);
+    if (c->have_root && c->nmounts > before)
+      cl_field_error(L, "symlinks", "not with root= (they would be made in the host directory)");
     /* Bind sources must exist now: a clear error instead of a failure in the child. */
     for (int i = 0; i < c->nmounts; i++) {
       mnt *m = &c->mounts[i];
@@ -1171,14 +1164,12 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
         if (stat(inroot, &st) < 0 || !S_ISDIR(st.st_mode)) {
           snprintf(err, errlen, "root %s has no directory %s to mount on", c->root_src + 8,
                    m->dst + 8);
-          if (c->netfd >= 0) close(c->netfd);
           return ENOENT;
         }
       }
       if (m->kind != M_BIND || m->optional) continue;
       if (stat(m->src + 8, &st) < 0) {
         snprintf(err, errlen, "bind source %s: %s", m->src + 8, strerror(errno));
-        if (c->netfd >= 0) close(c->netfd);
         return errno;
       }
       if (c->have_root) { /* nothing is created in a host directory: the target must exist */
@@ -1187,7 +1178,6 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
         if (stat(inroot, &st) < 0) {
           snprintf(err, errlen, "bind target %s does not exist in root %s", m->dst + 8,
                    c->root_src + 8);
-          if (c->netfd >= 0) close(c->netfd);
           return ENOENT;
         }
       }
@@ -1328,6 +1318,16 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  /* The namespace to join: opened last, after every check that raises (it must not leak);
+   * closed when the spawn returns. */
+  if (strcmp(net, "new") != 0 && strcmp(net, "host") != 0) {
+    c->netfd = open(net, O_RDONLY | O_CLOEXEC);
+    if (c->netfd < 0) {
+      snprintf(err, errlen, "net %s: %s", net, strerror(errno));
+      return errno;
+    }
+    req->netns_fd = c->netfd;
+  }
   jail_ext *x = calloc(1, sizeof *x);
   if (!x) {
     luaL_error(L, "jail: out of memory");

@@ -500,9 +500,14 @@ static void add_rule(lua_State *L, filter *f, int idx, lua_Integer pos, int repo
   static const char *const fields[] = {"syscall", "syscalls", "action", "args", "where", NULL};
   idx = lua_absindex(L, idx);
   int top = lua_gettop(L);
-  const char *where = lua_getfield(L, idx, "where") == LUA_TSTRING
-                        ? lua_tostring(L, -1) : lua_pushfstring(L, "rules[%I]", pos);
-  if (!lua_istable(L, idx)) cl_field_error(L, where, "table expected");
+  if (!lua_istable(L, idx))
+    cl_field_error(L, lua_pushfstring(L, "rules[%I]", pos), "table expected");
+  /* The rule's name for errors, anchored at top + 1 for the whole function. */
+  if (lua_getfield(L, idx, "where") != LUA_TSTRING) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "rules[%I]", pos);
+  }
+  const char *where = lua_tostring(L, -1);
   cl_check_fields(L, idx, fields);
   uint32_t action = SCMP_ACT_ALLOW;
   if (lua_getfield(L, idx, "action") != LUA_TNIL) {

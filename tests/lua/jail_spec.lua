@@ -263,6 +263,10 @@ describe("jail.spawn", function()
     raises({ BUSYBOX, "true", devices = { "no-such-device" } }, "bad field 'devices%[1%]'")
     raises({ BUSYBOX, "true", namespaces = { mount = false }, binds = { "/usr" } }, "needs the mount namespace")
     raises({ BUSYBOX, "true", seccomp = "strict" }, "bad field 'seccomp'")
+    raises({ BUSYBOX, "true", net = "bogus" }, "bad field 'net'")
+    raises({ BUSYBOX, "true", root = "/", symlinks = { ["/x"] = "y" } }, "bad field 'symlinks' %(not with root=")
+    -- a namespace to join is opened after every check, so a later error leaks no fd
+    raises({ BUSYBOX, "true", net = "/proc/self/ns/net", caps = { "nope" } }, "unknown capability")
     local p, err = jail.spawn { BUSYBOX, "true", root = "/nonexistent/root" }
     assert.is_nil(p)
     assert.matches("root /nonexistent/root: No such file or directory", err)
