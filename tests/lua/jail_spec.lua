@@ -279,6 +279,33 @@ describe("jail.spawn", function()
     assert.same({}, our_cgroups()) -- released at once, not when the handle is collected
   end)
 
+  it("cleans up after a running jail whose handle is dropped", function()
+    do
+      local p = assert(jail.spawn { BUSYBOX, "sleep", "30", binds = { BUSYBOX }, cgroup = { pids = 8 } })
+      assert.are.equal(1, #our_cgroups())
+      assert.is_true(p:running())
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.same({}, H.eventually(function() return #our_cgroups() == 0 and {} or nil end, 5) or our_cgroups())
+  end)
+
+  it("supervises a jailed process's notified syscalls", function()
+    if not claw.seccomp.available then
+      return pending("seccomp(2) is not available here (valgrind does not emulate it)")
+    end
+    local seen
+    local f = claw.seccomp.filter { default = "allow", rules = { { syscall = "mkdir", action = "notify" } },
+      handler = function(ev) seen = ev return ev.path == "/tmp/ok" and "allow" or "deny" end }
+    local r = assert(run { BUSYBOX, "sh", "-c", PROBE .. " mkdir /tmp/ok; " .. PROBE .. " mkdir /tmp/no",
+                           tmpfs = { "/tmp" }, seccomp = f, id = "notify-jail" })
+    assert.are.equal("ok\nerrno 1\n", r.stdout)
+    assert.are.equal("/tmp/no", seen.path) -- read from the jailed process, as it sees it
+    local denies = claw.audit.events { kind = "seccomp.deny", sandbox = "notify-jail" }
+    assert.are.equal(1, #denies)
+    assert.are.equal(1, r.handle.seccomp:stats().allowed)
+  end)
+
   it("records jail.spawn and jail.exit audit events", function()
     local r = assert(run { PROBE, "pid", id = "audit-test-jail" })
     local spawns = claw.audit.events { kind = "jail.spawn", sandbox = "audit-test-jail" }

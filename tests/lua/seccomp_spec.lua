@@ -149,6 +149,14 @@ describe("seccomp filter construction", function()
     assert.has_error(function() f:bpf() end, "attempt to use a closed seccomp filter")
   end)
 
+  it("refuses a filter longer than the kernel takes", function()
+    local rules = {}
+    for i = 1, 4200 do rules[i] = { syscall = "read", action = { errno = 1 }, args = { { 0, "==", i } } } end
+    local ok, e = pcall(seccomp.filter, { default = "allow", rules = rules })
+    assert.is_false(ok)
+    assert.matches("compiles to %d+ BPF instructions; the kernel takes at most 4096", e)
+  end)
+
   it("handles native and x86/x32 architectures explicitly", function()
     if no_seccomp() then return end
     local f = seccomp.filter { default = "allow", arches = { "native", "x86", "x32" },
