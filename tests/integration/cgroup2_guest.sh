@@ -14,7 +14,10 @@ mkdir -p "$work"
 work=$(cd "$work" && pwd)
 command -v qemu-system-x86_64 >/dev/null || { echo "no qemu-system-x86_64"; exit 77; }
 
-# The kernel: Debian's, fetched once with apt-get download and kept in WORK_DIR.
+# The kernel: Debian's, fetched once with apt-get download and kept in WORK_DIR (under a lock:
+# ctest runs the spec in both hosts at once).
+exec 9>"$work/.lock"
+flock 9
 kernel=$(ls "$work"/vmlinuz-* 2>/dev/null | head -1 || true)
 if [ -z "$kernel" ]; then
   pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
@@ -25,10 +28,14 @@ if [ -z "$kernel" ]; then
   rm -rf "$work/deb" "$work"/"$pkg"_*.deb
   kernel=$(ls "$work"/vmlinuz-* | head -1)
 fi
+flock -u 9
+
+# Everything else is this run's own.
+run=$(mktemp -d "$work/run.XXXXXX")
+trap 'rm -rf "$run"' EXIT
 
 # The initramfs: busybox, the clawlua host with the libraries it links, the static probe.
-root="$work/root"
-rm -rf "$root"
+root="$run/root"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib64,usr/lib/x86_64-linux-gnu,lib/x86_64-linux-gnu}
 cp /bin/busybox "$root/bin/busybox"
 for a in sh mount mkdir cat echo poweroff sleep cp switch_root; do ln -s busybox "$root/bin/$a"; done
@@ -61,10 +68,10 @@ echo "GUEST exit $?"
 poweroff -f
 INIT
 chmod +x "$root/init" "$root/init2"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 > "$work/initrd.gz")
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 > "$run/initrd.gz")
 
 khz=$(awk '/cpu MHz/ {printf "%d", $4 * 1000; exit}' /proc/cpuinfo)
 timeout 600 qemu-system-x86_64 -machine q35 -accel tcg -cpu max -m 512 -smp 1 -nographic \
-  -no-reboot -kernel "$kernel" -initrd "$work/initrd.gz" \
+  -no-reboot -kernel "$kernel" -initrd "$run/initrd.gz" \
   -append "console=ttyS0 quiet panic=-1 tsc_early_khz=$khz tsc=reliable cgroup_no_v1=all rdinit=/init" \
   </dev/null
