@@ -87,6 +87,10 @@ describe("jail.spawn", function()
     assert.matches("NoNewPrivs:%s+1", r.stdout)
     local st = r.handle:status()
     assert.truthy(st.jail)
+    -- /dev holds the listed devices only
+    r = assert(run { BUSYBOX, "sh", "-c", "ls /dev | tr '\\n' ' '; echo x > /dev/null && echo null-ok",
+                     devices = { "null" } })
+    assert.are.equal("fd null shm stderr stdin stdout null-ok\n", r.stdout)
   end)
 
   it("enforces read-only binds and allows read-write ones", function()
