@@ -340,7 +340,7 @@ describe("seccomp notify supervisor", function()
     local dir = H.tmpdir()
     local f = seccomp.filter { default = "allow", max_pending = 1, notify_timeout = 5,
       rules = { { syscall = "mkdir", action = "notify" } },
-      handler = function() claw.sleep(0.3) return "allow" end }
+      handler = function() claw.sleep(1) return "allow" end }
     local line = ("%s mkdir %s/a & %s mkdir %s/b & wait"):format(PROBE, dir, PROBE, dir)
     local p = assert(claw.proc.spawn { "sh", "-c", line, seccomp = f, stdout = "pipe" })
     local out = p.stdout:read_all()
