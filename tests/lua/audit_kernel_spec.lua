@@ -5,34 +5,21 @@ local claw = require "clawlua"
 local H = require "helper"
 local audit = claw.audit
 
-local VICTIM = os.getenv("CLAWLUA_SECCOMP_VICTIM") or (H.so_dir .. "/../tests/seccomp_victim")
+local PROBE = os.getenv("CLAWLUA_PROBE") or "build/bin/clawlua-probe"
 
 local function kernel_ready()
   if not H.is_root() then return false, "needs root (CAP_AUDIT_READ)" end
+  if not claw.seccomp.available then return false, "seccomp filters are not available here" end
   local st = audit.kernel_source()
   if st.state ~= "running" then return false, "kernel audit source unavailable: " .. tostring(st.error) end
-  if not io.open(VICTIM) then return false, "test fixture not built: " .. VICTIM end
+  if not io.open(PROBE) then return false, "probe not built: " .. PROBE end
   return true
 end
 
---- Runs the fixture (through `wrapper` argv, if any) and returns its pid and exit status.
-local function run_victim(action, opts)
-  opts = opts or {}
-  local argv = {}
-  for _, a in ipairs(opts.wrapper or {}) do argv[#argv + 1] = a end
-  argv[#argv + 1] = VICTIM
-  argv[#argv + 1] = action
-  argv[#argv + 1] = opts.comm
-  argv.stdin, argv.stdout = "pipe", "pipe"
-  local p = assert(claw.proc.spawn(argv))
-  p.stdout:set_timeout(10 * H.scale)
-  local pid = tonumber(assert(p.stdout:read_line()))
-  if opts.track ~= false then audit.track_pid(opts.track_pid or p.pid, opts.sandbox or "jail-test") end
-  p.stdin:write("go\n")
-  local st = p:wait(10 * H.scale)
-  if opts.track ~= false then audit.forget_pid(opts.track_pid or p.pid) end -- reaped, as a jail does
-  p:close()
-  return pid, st
+--- A filter that lets everything through but getppid, which gets `action`.
+local function filter(action, log)
+  return assert(claw.seccomp.filter { default = "allow", log = log,
+                                      rules = { { syscall = "getppid", action = action } } })
 end
 
 --- Waits for a seccomp event about pid after seq.
@@ -46,12 +33,30 @@ local function seccomp_event(seq, pid, timeout)
   end
 end
 
+--- Runs the probe with a filter through proc.spawn, attributing it to `sandbox` (as a sandbox
+--- backend would) unless that is false; returns its pid and exit status.
+local function run_probe(argv, f, sandbox)
+  local cmd = { PROBE, seccomp = f, stdout = "pipe" }
+  for _, a in ipairs(argv) do cmd[#cmd + 1] = a end
+  local p = assert(claw.proc.spawn(cmd))
+  if sandbox ~= false then audit.track_pid(p.pid, sandbox or "sb-test") end
+  local st = p:wait(30 * H.scale)
+  if sandbox ~= false then audit.forget_pid(p.pid) end -- reaped, as a backend does
+  local pid = p.pid
+  p:close()
+  return pid, st
+end
+
 describe("the kernel audit source", function()
-  it("turns a seccomp kill into a seccomp.kill event with the pid, syscall and sandbox", function()
+  it("turns a jailed process's seccomp kill into seccomp.kill, attributed to the jail", function()
     local ok, why = kernel_ready()
     if not ok then pending(why) return end
     local seq = audit.stats().last_seq
-    local pid, st = run_victim("kill", { sandbox = "jail-kill" })
+    local p = assert(claw.jail.spawn { PROBE, "getppid", "1", binds = { PROBE }, id = "jail-kill",
+                                       seccomp = filter("kill_process"), stdout = "null" })
+    local pid = p.pid
+    local st = p:wait(30 * H.scale)
+    p:close()
     assert.are.equal("SIGSYS", st.signal_name)
     local ev = seccomp_event(seq, pid)
     assert.is_table(ev, "no seccomp event for pid " .. pid)
@@ -65,65 +70,76 @@ describe("the kernel audit source", function()
     assert.are.equal("kill_process", d.action)
     assert.are.equal("0x80000000", d.code)
     assert.are.equal(31, d.sig)
-    assert.are.equal("seccomp_victim", d.comm)
-    assert.matches("seccomp_victim$", d.exe)
+    assert.are.equal("clawlua-probe", d.comm)
+    assert.matches("clawlua%-probe$", d.exe)
     assert.are.equal("kernel", d.source)
     assert.matches("^%d+%.%d+:%d+$", d.audit_id)
+    -- The jail's own events name the same sandbox.
+    assert.are.equal(1, #audit.events { after_seq = seq, kind = "jail.exit", sandbox = "jail-kill" })
   end)
 
   it("turns a logged errno denial into seccomp.deny", function()
     local ok, why = kernel_ready()
     if not ok then pending(why) return end
     local seq = audit.stats().last_seq
-    local pid, st = run_victim("errno", { sandbox = "jail-deny" })
+    local pid, st = run_probe({ "getppid", "1" }, filter({ errno = "EPERM" }, true), "sb-deny")
     assert.are.equal(0, st.code)
     local ev = seccomp_event(seq, pid)
     assert.is_table(ev)
     assert.are.equal("seccomp.deny", ev.kind)
     assert.are.equal("errno", ev.detail.action)
     assert.are.equal("getppid", ev.detail.syscall)
-    assert.are.equal("jail-deny", ev.sandbox)
+    assert.are.equal("sb-deny", ev.sandbox)
   end)
 
   it("attributes a denial to the sandbox of a tracked ancestor", function()
     local ok, why = kernel_ready()
     if not ok then pending(why) return end
     local seq = audit.stats().last_seq
-    -- A clawlua process is the tracked sandbox process; the victim is its child, reaped only
+    -- A clawlua process is the tracked sandbox process; the probe is its child, reaped only
     -- after a while: a descendant already reaped when its record is read has no /proc entry
     -- left to find its ancestors by.
     local p = assert(claw.proc.spawn { H.bin, "-e", [[
       local claw = require "clawlua"
-      local v = assert(claw.proc.spawn { os.getenv("VICTIM"), "kill", stdin = "inherit",
-                                         stdout = "inherit" })
+      local f = claw.seccomp.filter { default = "allow", rules = { { syscall = "getppid", action = "kill_process" } } }
+      local v = assert(claw.proc.spawn { os.getenv("PROBE"), "getppid", "1", seccomp = f, stdout = "null" })
+      print(v.pid)
+      io.stdout:flush()
       claw.sleep(tonumber(os.getenv("WAIT")))
       v:wait()
       print("done")
-    ]], env_add = { VICTIM = VICTIM, WAIT = tostring(2 * H.scale) }, stdin = "pipe", stdout = "pipe",
-      stderr = "null" })
-    audit.track_pid(p.pid, "jail-parent")
-    p.stdout:set_timeout(10 * H.scale)
+    ]], env_add = { PROBE = PROBE, WAIT = tostring(2 * H.scale) }, stdout = "pipe" })
+    audit.track_pid(p.pid, "sb-parent")
+    p.stdout:set_timeout(30 * H.scale)
     local pid = tonumber(assert(p.stdout:read_line()))
     assert.are_not.equal(p.pid, pid)
-    p.stdin:write("go\n")
-    p.stdout:set_timeout(30 * H.scale)
     assert.are.equal("done", p.stdout:read_line())
     p:wait()
     audit.forget_pid(p.pid)
     p:close()
     local ev = seccomp_event(seq, pid)
     assert.is_table(ev)
-    assert.are.equal("jail-parent", ev.sandbox)
+    assert.are.equal("sb-parent", ev.sandbox)
   end)
 
   it("records a process name that is not UTF-8 with replacement characters", function()
     local ok, why = kernel_ready()
     if not ok then pending(why) return end
+    -- The kernel takes the name from the file: give the probe one that is not UTF-8.
+    local dir = H.tmpdir()
+    local odd = dir .. "/\xff\xfeA\xc3"
+    H.sh(("cp '%s' '%s'"):format(PROBE, odd))
     local seq = audit.stats().last_seq
-    local pid = run_victim("kill", { comm = "fffe41c3", sandbox = "jail-utf8" }) -- \xff\xfeA\xc3
+    local p = assert(claw.proc.spawn { odd, "getppid", "1", seccomp = filter("kill_process"), stdout = "null" })
+    audit.track_pid(p.pid, "sb-utf8")
+    local pid = p.pid
+    p:wait()
+    p:close()
+    H.rm_rf(dir)
     local ev = seccomp_event(seq, pid)
     assert.is_table(ev)
     assert.are.equal("\u{fffd}\u{fffd}A\u{fffd}", ev.detail.comm)
+    assert.are.equal(dir .. "/\u{fffd}\u{fffd}A\u{fffd}", ev.detail.exe)
     assert.is_true(ev.truncated)
   end)
 
@@ -132,14 +148,14 @@ describe("the kernel audit source", function()
     if not ok then pending(why) return end
     local before = audit.stats().kernel.unmatched
     local seq = audit.stats().last_seq
-    local pid = run_victim("kill", { track = false })
+    local pid = run_probe({ "getppid", "1" }, filter("kill_process"), false)
     assert.is_true(H.eventually(function() return audit.stats().kernel.unmatched > before end,
       5 * H.scale))
     assert.is_nil(seccomp_event(seq, pid, 0.2))
     audit.kernel_source { scope = "all" }
     local ok2, err = pcall(function()
       seq = audit.stats().last_seq
-      pid = run_victim("kill", { track = false })
+      pid = run_probe({ "getppid", "1" }, filter("kill_process"), false)
       local ev = seccomp_event(seq, pid)
       assert.is_table(ev)
       assert.is_nil(ev.sandbox)
@@ -153,14 +169,12 @@ describe("the kernel audit source", function()
     if not ok then pending(why) return end
     local before = audit.stats().kernel.overruns
     local seq = audit.stats().last_seq
-    local p = assert(claw.proc.spawn { VICTIM, "flood:8000", stdin = "pipe", stdout = "pipe" })
-    audit.track_pid(p.pid, "jail-flood")
-    p.stdout:set_timeout(10 * H.scale)
-    assert.is_string(p.stdout:read_line())
-    p.stdin:write("go\n")
+    local p = assert(claw.proc.spawn { PROBE, "getppid", "8000", seccomp = filter({ errno = "EPERM" }, true),
+                                       stdout = "null" })
+    audit.track_pid(p.pid, "sb-flood")
     -- Block this process's loop until the flood is over: every record has been sent to a
     -- socket nobody reads, far more than its buffer holds.
-    os.execute(("t=0; while [ -e /proc/%d ] && ! grep -q '^%d (seccomp_victim) Z' /proc/%d/stat && "
+    os.execute(("t=0; while [ -e /proc/%d ] && ! grep -q '^%d (clawlua-probe) Z' /proc/%d/stat && "
       .. "[ $t -lt %d ]; do sleep 0.05; t=$((t+1)); done"):format(p.pid, p.pid, p.pid, math.floor(600 * H.scale)))
     p:wait()
     audit.forget_pid(p.pid)
@@ -170,7 +184,7 @@ describe("the kernel audit source", function()
     end, 5 * H.scale))
     local st = audit.stats().kernel
     assert.is_true(st.overruns > before)
-    assert.is_true(#audit.events { after_seq = seq, kind = "seccomp.deny", sandbox = "jail-flood" } > 100)
+    assert.is_true(#audit.events { after_seq = seq, kind = "seccomp.deny", sandbox = "sb-flood" } > 100)
   end)
 
   it("says once, as an event, that it is unavailable without CAP_AUDIT_READ", function()
