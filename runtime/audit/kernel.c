@@ -34,6 +34,7 @@
 #endif
 #define RECV_BUF 65536
 #define MAX_PER_WAKE 256
+#define DEFAULT_RCVBUF (1 << 20)
 #define FIELD_MAX 512
 
 enum { K_STOPPED, K_RUNNING, K_UNAVAILABLE };
@@ -43,6 +44,7 @@ struct ksource {
   int fd;
   int state;
   int scope_all;
+  int rcvbuf;    /* socket receive buffer asked for (bytes) */
   int announced; /* the unavailable event was emitted */
   cl_watch watch;
   audit *a;
@@ -385,6 +387,11 @@ static int in_initial_netns(void) {
   return self.st_ino == kt.st_ino && self.st_dev == kt.st_dev;
 }
 
+static void set_rcvbuf(int fd, int bytes) {
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) < 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
+}
+
 int audit_kernel_start(lua_State *L, audit *a, int scope_all, int quiet) {
   ksource *k = a->kernel;
   if (!k) {
@@ -392,6 +399,7 @@ int audit_kernel_start(lua_State *L, audit *a, int scope_all, int quiet) {
     if (!k) return ENOMEM;
     k->fd = -1;
     k->a = a;
+    k->rcvbuf = DEFAULT_RCVBUF;
     a->kernel = k;
   }
   k->scope_all = scope_all;
@@ -422,9 +430,7 @@ int audit_kernel_start(lua_State *L, audit *a, int scope_all, int quiet) {
                     err, quiet);
     return err;
   }
-  int rcv = 1 << 20;
-  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv) < 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+  set_rcvbuf(fd, k->rcvbuf);
   if (!k->buf) k->buf = malloc(RECV_BUF);
   int err = k->buf ? cl_watch_start(cl_loop_get(L), &k->watch, fd, EPOLLIN, on_netlink) : ENOMEM;
   if (err) {
@@ -476,16 +482,21 @@ void audit_kernel_push_state(lua_State *L, audit *a) {
   lua_setfield(L, -2, "overruns");
 }
 
-/* Lua: audit.kernel_source([{enable=true, scope="tracked"|"all"}]) -> state table. Starting
- * an unavailable source returns the state too (with .error); it never raises for that. */
+/* Lua: audit.kernel_source([{enable=true, scope="tracked"|"all", rcvbuf=1 MiB}]) -> state
+ * table. Starting an unavailable source returns the state too (with .error); it never raises
+ * for that. */
 int audit_l_kernel_source(lua_State *L) {
-  static const char *const fields[] = {"enable", "scope", NULL};
+  static const char *const fields[] = {"enable", "scope", "rcvbuf", NULL};
   audit *a = audit_get(L);
   int enable = 1, scope_all = a->kernel ? a->kernel->scope_all : 0;
+  lua_Integer rcvbuf = 0;
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
     cl_check_fields(L, 1, fields);
     enable = cl_opt_boolean(L, 1, "enable", 1);
+    rcvbuf = cl_opt_integer(L, 1, "rcvbuf", 0);
+    if (rcvbuf && (rcvbuf < 4096 || rcvbuf > (64 << 20)))
+      cl_field_error(L, "rcvbuf", "bytes in 4096..67108864 expected");
     const char *scope = cl_opt_string(L, 1, "scope", scope_all ? "all" : "tracked");
     if (strcmp(scope, "all") == 0) scope_all = 1;
     else if (strcmp(scope, "tracked") == 0) scope_all = 0;
@@ -493,7 +504,15 @@ int audit_l_kernel_source(lua_State *L) {
   }
   if (enable) {
     a->kernel_disabled = 0;
+    if (rcvbuf && a->kernel) {
+      a->kernel->rcvbuf = (int)rcvbuf;
+      if (a->kernel->fd >= 0) set_rcvbuf(a->kernel->fd, (int)rcvbuf);
+    }
     audit_kernel_start(L, a, scope_all, 0);
+    if (rcvbuf && a->kernel && a->kernel->rcvbuf != (int)rcvbuf) {
+      a->kernel->rcvbuf = (int)rcvbuf;
+      if (a->kernel->fd >= 0) set_rcvbuf(a->kernel->fd, (int)rcvbuf);
+    }
   } else {
     audit_kernel_stop(a);
     a->kernel_disabled = 1;

@@ -97,27 +97,28 @@ describe("the kernel audit source", function()
     if not ok then pending(why) return end
     local seq = audit.stats().last_seq
     -- A clawlua process is the tracked sandbox process; the probe is its child, reaped only
-    -- after a while: a descendant already reaped when its record is read has no /proc entry
-    -- left to find its ancestors by.
+    -- once we have the event: a descendant already reaped when its record is read has no /proc
+    -- entry left to find its ancestors by.
     local p = assert(claw.proc.spawn { H.bin, "-e", [[
       local claw = require "clawlua"
       local f = claw.seccomp.filter { default = "allow", rules = { { syscall = "getppid", action = "kill_process" } } }
       local v = assert(claw.proc.spawn { os.getenv("PROBE"), "getppid", "1", seccomp = f, stdout = "null" })
       print(v.pid)
       io.stdout:flush()
-      claw.sleep(tonumber(os.getenv("WAIT")))
+      io.stdin:read("l")
       v:wait()
       print("done")
-    ]], env_add = { PROBE = PROBE, WAIT = tostring(2 * H.scale) }, stdout = "pipe" })
+    ]], env_add = { PROBE = PROBE }, stdin = "pipe", stdout = "pipe" })
     audit.track_pid(p.pid, "sb-parent")
     p.stdout:set_timeout(30 * H.scale)
     local pid = tonumber(assert(p.stdout:read_line()))
     assert.are_not.equal(p.pid, pid)
+    local ev = seccomp_event(seq, pid, 30)
+    p.stdin:write("reap\n")
     assert.are.equal("done", p.stdout:read_line())
     p:wait()
     audit.forget_pid(p.pid)
     p:close()
-    local ev = seccomp_event(seq, pid)
     assert.is_table(ev)
     assert.are.equal("sb-parent", ev.sandbox)
   end)
@@ -156,7 +157,7 @@ describe("the kernel audit source", function()
     local ok2, err = pcall(function()
       seq = audit.stats().last_seq
       pid = run_probe({ "getppid", "1" }, filter("kill_process"), false)
-      local ev = seccomp_event(seq, pid)
+      local ev = seccomp_event(seq, pid, 15)
       assert.is_table(ev)
       assert.is_nil(ev.sandbox)
     end)
@@ -169,22 +170,28 @@ describe("the kernel audit source", function()
     if not ok then pending(why) return end
     local before = audit.stats().kernel.overruns
     local seq = audit.stats().last_seq
-    local p = assert(claw.proc.spawn { PROBE, "getppid", "8000", seccomp = filter({ errno = "EPERM" }, true),
-                                       stdout = "null" })
-    audit.track_pid(p.pid, "sb-flood")
-    -- Block this process's loop until the flood is over: every record has been sent to a
-    -- socket nobody reads, far more than its buffer holds.
-    os.execute(("t=0; while [ -e /proc/%d ] && ! grep -q '^%d (clawlua-probe) Z' /proc/%d/stat && "
-      .. "[ $t -lt %d ]; do sleep 0.05; t=$((t+1)); done"):format(p.pid, p.pid, p.pid, math.floor(600 * H.scale)))
-    p:wait()
-    audit.forget_pid(p.pid)
-    p:close()
-    assert.is_true(H.eventually(function()
-      return #audit.events { after_seq = seq, kind = "audit.source.overrun" } > 0
-    end, 5 * H.scale))
-    local st = audit.stats().kernel
-    assert.is_true(st.overruns > before)
-    assert.is_true(#audit.events { after_seq = seq, kind = "seccomp.deny", sandbox = "sb-flood" } > 100)
+    -- A socket buffer that holds a few records, and a loop that does not read while a process
+    -- has 200 calls denied (and logged).
+    audit.kernel_source { rcvbuf = 4096 }
+    local ok2, err = pcall(function()
+      local p = assert(claw.proc.spawn { PROBE, "getppid", "200", seccomp = filter({ errno = "EPERM" }, true),
+                                         stdout = "null" })
+      audit.track_pid(p.pid, "sb-flood")
+      os.execute(("t=0; while [ -e /proc/%d ] && ! grep -q '^%d (clawlua-probe) Z' /proc/%d/stat && "
+        .. "[ $t -lt %d ]; do sleep 0.05; t=$((t+1)); done; sleep 0.5"):format(p.pid, p.pid, p.pid,
+        math.floor(600 * H.scale)))
+      p:wait()
+      audit.forget_pid(p.pid)
+      p:close()
+      assert.is_true(H.eventually(function()
+        return #audit.events { after_seq = seq, kind = "audit.source.overrun" } > 0
+      end, 10 * H.scale))
+      assert.is_true(audit.stats().kernel.overruns > before)
+      local got = #audit.events { after_seq = seq, kind = "seccomp.deny", sandbox = "sb-flood" }
+      assert.is_true(got > 0 and got < 200, ("%d of 200 denials seen"):format(got))
+    end)
+    audit.kernel_source { rcvbuf = 1 << 20 }
+    assert(ok2, err)
   end)
 
   it("says once, as an event, that it is unavailable without CAP_AUDIT_READ", function()
