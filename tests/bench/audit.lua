@@ -26,7 +26,8 @@ end
 
 local function fmt_rate(x)
   if x >= 1e6 then return ("%.2f M/s"):format(x / 1e6) end
-  return ("%.0f k/s"):format(x / 1e3)
+  if x >= 1e4 then return ("%.0f k/s"):format(x / 1e3) end
+  return ("%.0f /s"):format(x)
 end
 
 local rows = {}
