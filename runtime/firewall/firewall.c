@@ -159,11 +159,8 @@ static int vm_plan_sets(fw_vm *v) {
   const fw_plan *p = v->plan;
   for (size_t i = 0; i < p->nentries; i++) {
     const fw_entry *e = &p->entries[i];
-    if (e->any) continue;
     for (int fam = 4; fam <= 6; fam += 2) {
-      int has = e->nhosts > 0;
-      for (size_t k = 0; k < e->naddrs && !has; k++) has = e->addrs[k].fam == fam;
-      if (!has) continue;
+      if (!cl_fw_entry_uses_set(e, fam)) continue;
       char name[FW_NAME_MAX];
       if (vm_add_set(v, cl_fw_set_name(v, v->gen, e, fam, name)) != 0) return ENOMEM;
     }
@@ -1144,6 +1141,172 @@ static int attach_common(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* attach_many: many VMs in one batch                                                          */
+
+/* The kernel checks the whole jump graph of the table (loop detection) once per batch, which
+ * costs in proportion to the VMs already there: attaching N VMs one batch each is O(N^2),
+ * in one batch O(N). Restoring a fleet after a restart wants the latter. */
+
+static int parse_spec_cf(lua_State *L) {
+  fw *f = lua_touserdata(L, 1);
+  parse_spec(L, 2, f); /* leaves the box on top */
+  return 1;
+}
+
+/* stack: 1 fw, 2 specs, 3 ids (sorted list), 4 boxes (id -> plan box), 5 resolving, 6 tbox */
+static int many_done_k(lua_State *L, int status, lua_KContext ctx) {
+  fw *f = lua_touserdata(L, 1);
+  fw_txn *t = resumed_txn(L, ctx, 6);
+  int n = txn_result(L, f, t, "attach_many", NULL);
+  if (n == 1) {
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, 3);
+    lua_setfield(L, -2, "vms");
+    cl_audit_emit(L, "fw.attach", NULL, 0, lua_gettop(L));
+    lua_pop(L, 1);
+  }
+  return n;
+}
+
+static int many_build_k(lua_State *L, int status, lua_KContext ctx) {
+  if (ctx) cl_wait_resumed(L, ctx);
+  lua_settop(L, 5);
+  fw *f = lua_touserdata(L, 1);
+  if (f->closed) return cl_failf(L, ECANCELED, "firewall: attach_many: firewall closed");
+  fw_txn *t = new_batch(L, f, OP_ATTACH); /* 6 */
+  lua_Integer n = (lua_Integer)lua_rawlen(L, 3);
+  int err = 0;
+  for (lua_Integer i = 1; i <= n && !err; i++) {
+    lua_rawgeti(L, 3, i);
+    const char *id = lua_tostring(L, -1);
+    char key[FW_HASH_HEX + 1], base[FW_BASE_MAX];
+    cl_fw_vm_names(id, key, base);
+    if (cl_fw_find_key(f, key))
+      luaL_error(L, "bad argument #1 to 'attach_many' (vm '%s' is already attached)", id);
+    lua_rawget(L, 4);
+    pbox *box = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (find_iface(f, box->p->iface))
+      luaL_error(L, "vm '%s': bad field 'iface' (interface '%s' is used by vm '%s')", id,
+                 box->p->iface, find_iface(f, box->p->iface)->id);
+    lua_rawgeti(L, 3, i);
+    fw_vm *v = vm_new(lua_tostring(L, -1));
+    lua_pop(L, 1);
+    if (!v) luaL_error(L, "out of memory");
+    ctx_add(L, t, v);
+    v->plan = box->p;
+    box->p = NULL;
+    snprintf(v->iface, sizeof v->iface, "%s", v->plan->iface);
+    if (vm_plan_sets(v) != 0) luaL_error(L, "out of memory");
+    err = cl_fw_build_attach(f, t, v, v->plan, 0, NULL);
+  }
+  finish_batch(L, f, t, err);
+  return run_txn(L, f, 6, many_done_k);
+}
+
+static int l_attach_many(lua_State *L) {
+  fw *f = check_fw(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+  lua_newtable(L); /* 3: sorted ids */
+  lua_Integer n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, 2)) {
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING) luaL_argerror(L, 2, "table of vm id -> spec expected");
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, 3, ++n);
+  }
+  lua_getglobal(L, "table");
+  if (lua_type(L, -1) == LUA_TTABLE && lua_getfield(L, -1, "sort") == LUA_TFUNCTION) {
+    lua_pushvalue(L, 3);
+    lua_call(L, 1, 0);
+  }
+  lua_settop(L, 3);
+  lua_newtable(L); /* 4: id -> plan box */
+  lua_newtable(L); /* 5: iface -> id, within this batch */
+  fw_plan **plans = lua_newuserdatauv(L, sizeof *plans * (size_t)(n ? n : 1), 0); /* 6 */
+  const char **ids = lua_newuserdatauv(L, sizeof *ids * (size_t)(n ? n : 1), 0);   /* 7 */
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_settop(L, 7);
+    lua_rawgeti(L, 3, i); /* 8: id */
+    const char *id = check_id(L, 8);
+    char key[FW_HASH_HEX + 1], base[FW_BASE_MAX];
+    cl_fw_vm_names(id, key, base);
+    fw_vm *old = cl_fw_find_key(f, key);
+    if (old) luaL_error(L, "bad argument #1 to 'attach_many' (vm '%s' is already attached)", id);
+    lua_pushcfunction(L, parse_spec_cf);
+    lua_pushlightuserdata(L, f);
+    lua_pushvalue(L, 8);
+    lua_gettable(L, 2);
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK)
+      luaL_error(L, "vm '%s': %s", id, lua_tostring(L, -1));
+    pbox *box = lua_touserdata(L, -1);
+    const char *iface = box->p->iface;
+    fw_vm *other = find_iface(f, iface);
+    if (other)
+      luaL_error(L, "vm '%s': bad field 'iface' (interface '%s' is used by vm '%s')", id, iface,
+                 other->id);
+    if (lua_getfield(L, 5, iface) != LUA_TNIL)
+      luaL_error(L, "vm '%s': bad field 'iface' (interface '%s' is used by vm '%s')", id, iface,
+                 lua_tostring(L, -1));
+    lua_pop(L, 1);
+    lua_pushvalue(L, 8);
+    lua_setfield(L, 5, iface);
+    plans[i - 1] = box->p;
+    lua_pushvalue(L, 8);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 4); /* boxes[id] = box */
+    lua_rawgeti(L, 3, i);
+    ids[i - 1] = lua_tostring(L, -1); /* anchored by the ids list */
+    lua_settop(L, 7);
+  }
+  lua_settop(L, 7);
+  int names = resolve_plans(L, f, plans, ids, (size_t)n); /* 8 */
+  resolving *r = lua_touserdata(L, 8);
+  lua_replace(L, 5); /* 5: resolving */
+  lua_settop(L, 5);
+  if (names == 0 || r->left == 0) return many_build_k(L, LUA_OK, 0);
+  cl_wait *w = cl_wait_push(L);
+  w->external = 1;
+  w->data = r;
+  w->on_abort = r_abort;
+  r->w = w;
+  return cl_wait_suspend(L, w, many_build_k, lua_gettop(L));
+}
+
+static int detach_many_k(lua_State *L, int status, lua_KContext ctx) {
+  fw *f = lua_touserdata(L, 1);
+  fw_txn *t = resumed_txn(L, ctx, 3);
+  return txn_result(L, f, t, "detach_many", NULL);
+}
+
+static int l_detach_many(lua_State *L) {
+  fw *f = check_fw(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+  fw_txn *t = new_batch(L, f, OP_DETACH); /* 3 */
+  lua_Integer n = (lua_Integer)lua_rawlen(L, 2);
+  int err = 0;
+  for (lua_Integer i = 1; i <= n && !err; i++) {
+    lua_rawgeti(L, 2, i);
+    const char *id = check_id(L, lua_gettop(L));
+    char key[FW_HASH_HEX + 1], base[FW_BASE_MAX];
+    cl_fw_vm_names(id, key, base);
+    fw_vm *v = cl_fw_find_key(f, key);
+    if (!v || strcmp(v->id, id) != 0)
+      return cl_failf(L, ENOENT, "firewall: detach_many '%s': not attached", id);
+    fw_vm *k = vm_new(id);
+    if (!k) luaL_error(L, "out of memory");
+    ctx_add(L, t, k);
+    err = cl_fw_build_detach(f, t, v);
+    lua_pop(L, 1);
+  }
+  finish_batch(L, f, t, err);
+  return run_txn(L, f, 3, detach_many_k);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* detach / reconcile / destroy                                                               */
 
 static int detach_k(lua_State *L, int status, lua_KContext ctx) {
@@ -1780,7 +1943,8 @@ int cl_fw_resolve(lua_State *L);
 static const luaL_Reg fw_methods[] = {
   {"detach", l_detach},       {"reconcile", l_reconcile}, {"counters", l_counters},
   {"list", l_list},           {"close", l_close},         {"destroy", l_destroy},
-  {"stats", l_stats},         {"resolve", cl_fw_resolve}, {NULL, NULL},
+  {"stats", l_stats},         {"resolve", cl_fw_resolve}, {"attach_many", l_attach_many},
+  {"detach_many", l_detach_many}, {NULL, NULL},
 };
 
 int luaopen_clawlua_firewall(lua_State *L) {

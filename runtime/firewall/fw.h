@@ -22,6 +22,7 @@
 #define FW_MAX_ENTRIES 512     /* allow/deny entries per direction */
 #define FW_MAX_HOSTS 64        /* domain names per VM */
 #define FW_MAX_RESOLVED 64     /* addresses kept per resolved domain name */
+#define FW_INLINE_MAX 8        /* CIDRs per entry and family matched inline, not in a set */
 #define FW_METADATA_ADDR "169.254.169.254"
 
 enum { FW_EGRESS = 0, FW_INGRESS = 1 };
@@ -179,6 +180,7 @@ int cl_fw_build_set_refresh(fw *f, fw_txn *t, const fw_vm *vm, size_t entry);
 int cl_fw_build_delete_table(fw *f, fw_txn *t);
 int cl_fw_dump_request(fw *f, fw_txn *t, uint16_t type, uint16_t family, const char *chain,
                        const char *set);
+int cl_fw_entry_uses_set(const fw_entry *e, int fam);
 char *cl_fw_set_name(const fw_vm *vm, unsigned gen, const fw_entry *e, int fam, char *out);
 void cl_fw_plan_free(fw_plan *p);
 
