@@ -819,9 +819,6 @@ static void direction_rules(build *b, const fw_vm *vm, unsigned gen, int dir,
   /* Order: deny entries, DNS (egress), explicitly allowed metadata, the metadata drop, the
    * other allow entries, the policy. A deny always wins over an allow. */
   for (int pass = 0; pass < 4; pass++) {
-    if (dir == FW_EGRESS && pass == 2) {
-      drop_with(b, NFPROTO_INET, chain, "egress.metadata", m_metadata, NULL);
-    }
     for (size_t i = 0; i < p->nentries; i++) {
       const fw_entry *e = &p->entries[i];
       if (e->dir != dir) continue;
@@ -841,6 +838,8 @@ static void direction_rules(build *b, const fw_vm *vm, unsigned gen, int dir,
       drop_with(b, NFPROTO_INET, chain, "egress.dns_other", m_dns_other, &udp);
       drop_with(b, NFPROTO_INET, chain, "egress.dns_other", m_dns_other, &tcp);
     }
+    if (dir == FW_EGRESS && pass == 2) /* after the entries that name it explicitly */
+      drop_with(b, NFPROTO_INET, chain, "egress.metadata", m_metadata, NULL);
   }
   snprintf(label, sizeof label, "%s.policy", d);
   if (p->accept[dir]) ret_with(b, chain, label, m_none, NULL);

@@ -20,6 +20,7 @@
 """
 import json
 import os
+import random
 import select
 import socket
 import struct
@@ -143,7 +144,7 @@ def probe_icmp(p):
     v6 = ":" in p["dst"]
     proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
     s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, proto)
-    ident = (os.getpid() + threading.get_ident()) & 0xFFFF
+    ident = random.getrandbits(16)  # each probe its own flow (thread ids share low bits)
     typ = 128 if v6 else 8
     hdr = struct.pack("!BBHHH", typ, 0, 0, ident, 1) + b"clawlua"
     if not v6:

@@ -220,7 +220,7 @@ end
 
 --- The ruleset of the host namespace as nft's JSON.
 function Topo:ruleset_json()
-  return json.decode(self:nft("-j list ruleset")).nftables
+  return json.decode((self:nft("-j list ruleset"))).nftables
 end
 
 --- Removes every process and namespace of the topology. Safe to call twice.
