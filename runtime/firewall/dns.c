@@ -246,17 +246,21 @@ static void on_timeout(cl_timer *t) {
 static int same_server(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
   if (a->ss_family != b->ss_family) return 0;
   if (a->ss_family == AF_INET) {
-    const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-    return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    struct sockaddr_in x, y;
+    memcpy(&x, a, sizeof x);
+    memcpy(&y, b, sizeof y);
+    return memcmp(&x.sin_port, &y.sin_port, 2) == 0 && memcmp(&x.sin_addr, &y.sin_addr, 4) == 0;
   }
-  const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-  return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0;
+  struct sockaddr_in6 x, y;
+  memcpy(&x, a, sizeof x);
+  memcpy(&y, b, sizeof y);
+  return memcmp(&x.sin6_port, &y.sin6_port, 2) == 0 && memcmp(&x.sin6_addr, &y.sin6_addr, 16) == 0;
 }
 
 static void on_readable(cl_watch *w, uint32_t events) {
   fw_dns *d = w->data;
   for (int rounds = 0; rounds < 64; rounds++) {
-    struct sockaddr_storage from;
+    struct sockaddr_storage from = {0};
     socklen_t fl = sizeof from;
     ssize_t n = recvfrom(w->fd, d->buf, sizeof d->buf, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
     if (n < 0) {
@@ -328,14 +332,14 @@ static int add_server(fw_dns *d, const char *spec) {
     if (!e || (size_t)(e - p - 1) >= sizeof host) return 0;
     memcpy(host, p + 1, (size_t)(e - p - 1));
     host[e - p - 1] = 0;
-    if (e[1] == ':') port = atoi(e + 2);
+    if (e[1] == ':') port = (int)strtol(e + 2, NULL, 10);
     else if (e[1]) return 0;
   } else {
     snprintf(host, sizeof host, "%s", p);
     char *c = strchr(host, ':');
     if (c && !strchr(c + 1, ':')) { /* one colon: v4:port */
       *c = 0;
-      port = atoi(c + 1);
+      port = (int)strtol(c + 1, NULL, 10);
     }
   }
   if (port < 1 || port > 65535) return 0;

@@ -40,6 +40,12 @@
 
 enum { OP_BASE, OP_ATTACH, OP_UPDATE, OP_DETACH, OP_DESTROY, OP_REFRESH, OP_DUMP };
 
+/* luaL_error does not return; saying so lets the analyzers follow the error paths. */
+static __attribute__((noreturn)) void oom(lua_State *L) {
+  luaL_error(L, "firewall: out of memory");
+  __builtin_unreachable();
+}
+
 static fw *check_fw(lua_State *L) {
   fw *f = luaL_checkudata(L, 1, FW_MT);
   if (f->closed) luaL_error(L, "attempt to use a closed firewall");
@@ -57,7 +63,7 @@ static size_t strhash(const char *s) {
 
 static int reg_grow(fw *f) {
   size_t n = f->nbuckets ? f->nbuckets * 2 : 64;
-  fw_vm **k = calloc(n, sizeof *k), **i = calloc(n, sizeof *i);
+  fw_vm **k = calloc(n, sizeof(void *)), **i = calloc(n, sizeof(void *));
   if (!k || !i) {
     free(k);
     free(i);
@@ -296,7 +302,7 @@ static void push_addr(lua_State *L, const char *path, fw_addr **arr, size_t *n, 
     bad(L, path, "more than %d addresses in the spec", FW_MAX_ADDRS);
   }
   fw_addr *na = realloc(*arr, (*n + 1) * sizeof *na);
-  if (!na) luaL_error(L, "out of memory");
+  if (!na) oom(L);
   *arr = na;
   na[(*n)++] = *a;
 }
@@ -305,10 +311,10 @@ static void add_host(lua_State *L, const char *path, fw_entry *e, const char *s,
   if (!valid_hostname(s)) bad(L, path, "invalid host name '%s'", s);
   if (++*hosts > FW_MAX_HOSTS) bad(L, path, "more than %d domain names", FW_MAX_HOSTS);
   fw_host *h = realloc(e->hosts, (e->nhosts + 1) * sizeof *h);
-  if (!h) luaL_error(L, "out of memory");
+  if (!h) oom(L);
   e->hosts = h;
   memset(&h[e->nhosts], 0, sizeof *h);
-  if (!(h[e->nhosts].name = strdup(s))) luaL_error(L, "out of memory");
+  if (!(h[e->nhosts].name = strdup(s))) oom(L);
   e->nhosts++;
 }
 
@@ -375,7 +381,7 @@ static void read_port(lua_State *L, int idx, const char *path, fw_entry *e) {
 
 static fw_entry *new_entry(lua_State *L, fw_plan *p) {
   fw_entry *n = realloc(p->entries, (p->nentries + 1) * sizeof *n);
-  if (!n) luaL_error(L, "out of memory");
+  if (!n) oom(L);
   p->entries = n;
   fw_entry *e = &n[p->nentries++];
   memset(e, 0, sizeof *e);
@@ -483,7 +489,7 @@ static void read_dir(lua_State *L, int idx, const char *name, fw_plan *p, int di
   if (lua_getfield(L, t, "policy") != LUA_TNIL) {
     snprintf(path, sizeof path, "%s.policy", name);
     const char *s = lua_tostring(L, -1);
-    if (lua_type(L, -1) != LUA_TSTRING || (strcmp(s, "drop") && strcmp(s, "accept")))
+    if (lua_type(L, -1) != LUA_TSTRING || (strcmp(s, "drop") != 0 && strcmp(s, "accept") != 0))
       bad(L, path, "\"drop\" or \"accept\" expected, got '%s'", luaL_tolstring(L, -1, NULL));
     p->accept[dir] = strcmp(s, "accept") == 0;
   }
@@ -525,13 +531,19 @@ static void valid_iface(lua_State *L, const char *s) {
       bad(L, "iface", "invalid interface name '%s'", s);
 }
 
+static int hexval(char c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+       : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* aa:bb:cc:dd:ee:ff, exactly. */
 static int parse_mac(const char *s, uint8_t *mac) {
-  unsigned v[6];
-  char extra;
-  if (sscanf(s, "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &extra) != 6)
-    return 0;
   if (strlen(s) != 17) return 0;
-  for (int i = 0; i < 6; i++) mac[i] = (uint8_t)v[i];
+  for (int i = 0; i < 6; i++) {
+    int hi = hexval(s[3 * i]), lo = hexval(s[3 * i + 1]);
+    if (hi < 0 || lo < 0 || (i < 5 && s[3 * i + 2] != ':')) return 0;
+    mac[i] = (uint8_t)(hi << 4 | lo);
+  }
   return 1;
 }
 
@@ -544,7 +556,7 @@ static fw_plan *parse_spec(lua_State *L, int idx, fw *f) {
   box->p = NULL;
   luaL_setmetatable(L, PBOX_MT);
   fw_plan *p = box->p = calloc(1, sizeof *p);
-  if (!p) luaL_error(L, "out of memory");
+  if (!p) oom(L);
   check_fields(L, idx, "", SPEC_FIELDS);
 
   if (lua_getfield(L, idx, "iface") != LUA_TSTRING)
@@ -863,12 +875,15 @@ static void op_done(fw *f, fw_txn *t) {
     }
     if (c->kind == OP_DESTROY) {
       for (size_t b = 0; b < f->nbuckets; b++) {
-        while (f->bykey[b]) {
-          fw_vm *v = f->bykey[b];
-          reg_remove(f, v);
+        fw_vm *v = f->bykey[b];
+        f->bykey[b] = f->byif[b] = NULL;
+        while (v) {
+          fw_vm *next = v->next_key;
           vm_free(f, v);
+          v = next;
         }
       }
+      f->nvms = 0;
     }
   }
   ctx_free(f, c);
@@ -949,7 +964,7 @@ static fw_txn *new_batch(lua_State *L, fw *f, int kind) {
   if (!t || !c || cl_fw_txn_begin(f, t) != 0) {
     free(c);
     cl_fw_txn_free(t);
-    luaL_error(L, "firewall: out of memory");
+    oom(L);
   }
   c->kind = kind;
   t->ctx = c;
@@ -960,10 +975,10 @@ static fw_txn *new_batch(lua_State *L, fw *f, int kind) {
 
 static void ctx_add(lua_State *L, fw_txn *t, fw_vm *v) {
   op_ctx *c = t->ctx;
-  fw_vm **n = realloc(c->vms, (c->n + 1) * sizeof *n);
+  fw_vm **n = realloc(c->vms, (c->n + 1) * sizeof(void *));
   if (!n) {
     vm_free(NULL, v);
-    luaL_error(L, "firewall: out of memory");
+    oom(L);
   }
   c->vms = n;
   c->vms[c->n++] = v;
@@ -1033,7 +1048,7 @@ static int resolve_plans(lua_State *L, fw *f, fw_plan **plans, const char **ids,
   if (!total) return 0;
   if (!f->dns) luaL_error(L, "firewall: domain names need resolvers (none configured)");
   r->slots = calloc(total, sizeof *r->slots);
-  if (!r->slots) luaL_error(L, "out of memory");
+  if (!r->slots) oom(L);
   for (size_t i = 0; i < nplans; i++) {
     for (size_t e = 0; e < plans[i]->nentries; e++) {
       fw_entry *en = &plans[i]->entries[e];
@@ -1097,13 +1112,13 @@ static int attach_build_k(lua_State *L, int status, lua_KContext ctx) {
   }
   fw_txn *t = new_batch(L, f, update ? OP_UPDATE : OP_ATTACH);
   fw_vm *v = vm_new(id);
-  if (!v) luaL_error(L, "out of memory");
+  if (!v) oom(L);
   ctx_add(L, t, v);
   v->plan = box->p;
   box->p = NULL;
   snprintf(v->iface, sizeof v->iface, "%s", v->plan->iface);
   v->gen = old ? old->gen + 1 : 0;
-  if (vm_plan_sets(v) != 0) luaL_error(L, "out of memory");
+  if (vm_plan_sets(v) != 0) oom(L);
   finish_batch(L, f, t, cl_fw_build_attach(f, t, v, v->plan, update, old));
   return run_txn(L, f, 6, attach_done_k);
 }
@@ -1192,12 +1207,12 @@ static int many_build_k(lua_State *L, int status, lua_KContext ctx) {
     lua_rawgeti(L, 3, i);
     fw_vm *v = vm_new(lua_tostring(L, -1));
     lua_pop(L, 1);
-    if (!v) luaL_error(L, "out of memory");
+    if (!v) oom(L);
     ctx_add(L, t, v);
     v->plan = box->p;
     box->p = NULL;
     snprintf(v->iface, sizeof v->iface, "%s", v->plan->iface);
-    if (vm_plan_sets(v) != 0) luaL_error(L, "out of memory");
+    if (vm_plan_sets(v) != 0) oom(L);
     err = cl_fw_build_attach(f, t, v, v->plan, 0, NULL);
   }
   finish_batch(L, f, t, err);
@@ -1225,8 +1240,8 @@ static int l_attach_many(lua_State *L) {
   lua_settop(L, 3);
   lua_newtable(L); /* 4: id -> plan box */
   lua_newtable(L); /* 5: iface -> id, within this batch */
-  fw_plan **plans = lua_newuserdatauv(L, sizeof *plans * (size_t)(n ? n : 1), 0); /* 6 */
-  const char **ids = lua_newuserdatauv(L, sizeof *ids * (size_t)(n ? n : 1), 0);   /* 7 */
+  fw_plan **plans = lua_newuserdatauv(L, sizeof(void *) * (size_t)(n ? n : 1), 0); /* 6 */
+  const char **ids = lua_newuserdatauv(L, sizeof(void *) * (size_t)(n ? n : 1), 0); /* 7 */
   for (lua_Integer i = 1; i <= n; i++) {
     lua_settop(L, 7);
     lua_rawgeti(L, 3, i); /* 8: id */
@@ -1297,7 +1312,7 @@ static int l_detach_many(lua_State *L) {
     if (!v || strcmp(v->id, id) != 0)
       return cl_failf(L, ENOENT, "firewall: detach_many '%s': not attached", id);
     fw_vm *k = vm_new(id);
-    if (!k) luaL_error(L, "out of memory");
+    if (!k) oom(L);
     ctx_add(L, t, k);
     err = cl_fw_build_detach(f, t, v);
     lua_pop(L, 1);
@@ -1327,7 +1342,7 @@ static int l_detach(lua_State *L) {
     return cl_failf(L, ENOENT, "firewall: detach '%s': not attached", id);
   fw_txn *t = new_batch(L, f, OP_DETACH);
   fw_vm *k = vm_new(id);
-  if (!k) luaL_error(L, "out of memory");
+  if (!k) oom(L);
   ctx_add(L, t, k);
   finish_batch(L, f, t, cl_fw_build_detach(f, t, v));
   lua_createtable(L, 0, 1);
@@ -1379,7 +1394,7 @@ static int l_reconcile(lua_State *L) {
       lua_pop(L, 1);
       if (live) continue;
       fw_vm *k = vm_new(v->id);
-      if (!k) luaL_error(L, "out of memory");
+      if (!k) oom(L);
       ctx_add(L, t, k);
       err = cl_fw_build_detach(f, t, v);
       lua_pushstring(L, v->id);
@@ -1488,11 +1503,11 @@ static int counters_k(lua_State *L, int status, lua_KContext ctx) {
   char chain[FW_NAME_MAX + 8];
   snprintf(chain, sizeof chain, "%s_%c", base, sfx[step]);
   fw_txn *t = cl_fw_txn_new(1);
-  if (!t) luaL_error(L, "out of memory");
+  if (!t) oom(L);
   push_tbox(L, t);
   if (cl_fw_dump_request(f, t, NFT_MSG_GETRULE, sfx[step] == 'a' ? NFPROTO_ARP : NFPROTO_INET,
                          chain, NULL) != 0)
-    luaL_error(L, "out of memory");
+    oom(L);
   counters_acc *acc = lua_touserdata(L, 4);
   acc->L = L;
   acc->tidx = 3;
@@ -1522,11 +1537,11 @@ static int cmp_vm(const void *a, const void *b) {
 
 static int l_list(lua_State *L) {
   fw *f = check_fw(L);
-  fw_vm **all = lua_newuserdatauv(L, (f->nvms ? f->nvms : 1) * sizeof *all, 0);
+  fw_vm **all = lua_newuserdatauv(L, (f->nvms ? f->nvms : 1) * sizeof(void *), 0);
   size_t nall = 0;
   for (size_t b = 0; b < f->nbuckets; b++)
     for (fw_vm *v = f->bykey[b]; v; v = v->next_key) all[nall++] = v;
-  qsort(all, nall, sizeof *all, cmp_vm); /* sorted by id, so that output is stable */
+  qsort(all, nall, sizeof(void *), cmp_vm); /* sorted by id, so that output is stable */
   lua_createtable(L, (int)f->nvms, 0);
   int n = 0;
   for (size_t k = 0; k < nall; k++) {
@@ -1698,7 +1713,7 @@ static int open_k(lua_State *L, int status, lua_KContext ctx) {
   switch (step) {
   case 0:
     t = cl_fw_txn_new(0);
-    if (!t) luaL_error(L, "out of memory");
+    if (!t) oom(L);
     push_tbox(L, t);
     err = cl_fw_txn_begin(f, t);
     if (!err) err = cl_fw_build_base(f, t);
@@ -1708,7 +1723,7 @@ static int open_k(lua_State *L, int status, lua_KContext ctx) {
   case 2:
   case 3:
     t = cl_fw_txn_new(1);
-    if (!t) luaL_error(L, "out of memory");
+    if (!t) oom(L);
     push_tbox(L, t);
     t->arg = a;
     if (step == 1) {
@@ -1848,12 +1863,15 @@ static int fw_release(lua_State *L, fw *f) {
   cl_fw_abort_all(f);
   cl_fw_nflog_stop(f);
   for (size_t b = 0; b < f->nbuckets; b++) {
-    while (f->bykey[b]) {
-      fw_vm *v = f->bykey[b];
-      reg_remove(f, v);
+    fw_vm *v = f->bykey[b];
+    f->bykey[b] = NULL;
+    while (v) {
+      fw_vm *next = v->next_key;
       vm_free(f, v);
+      v = next;
     }
   }
+  f->nvms = 0;
   cl_fw_dns_stop(f);
   free(f->bykey);
   free(f->byif);

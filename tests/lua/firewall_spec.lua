@@ -357,10 +357,13 @@ describe("firewall", function()
         assert.are.equal(before, ruleset_text(t))
       end
       local function eg(entry) return t:spec(2, { egress = { allow = { entry } } }) end
-      refuses("vm-2", eg { cidr = "10.0.0.0/33" }, "bad field 'egress.allow%[1%]%.cidr' %(invalid CIDR '10%.0%.0%.0/33'%)")
-      refuses("vm-2", eg { cidr = { "10.0.0.1", "10.0.0.300" } }, "bad field 'egress.allow%[1%]%.cidr%[2%]' %(invalid CIDR '10%.0%.0%.300'%)")
+      refuses("vm-2", eg { cidr = "10.0.0.0/33" },
+              "bad field 'egress.allow%[1%]%.cidr' %(invalid CIDR '10%.0%.0%.0/33'%)")
+      refuses("vm-2", eg { cidr = { "10.0.0.1", "10.0.0.300" } },
+              "bad field 'egress.allow%[1%]%.cidr%[2%]' %(invalid CIDR '10%.0%.0%.300'%)")
       refuses("vm-2", eg { cidr = "fd00::/129" }, "invalid CIDR 'fd00::/129'")
-      refuses("vm-2", eg { proto = "tcp", port = 0 }, "bad field 'egress.allow%[1%]%.port' %(port 0 out of range 1%-65535%)")
+      refuses("vm-2", eg { proto = "tcp", port = 0 },
+              "bad field 'egress.allow%[1%]%.port' %(port 0 out of range 1%-65535%)")
       refuses("vm-2", eg { proto = "tcp", port = 65536 }, "port 65536 out of range")
       refuses("vm-2", eg { proto = "udp", port = "9-5" }, "invalid port or range '9%-5'")
       refuses("vm-2", eg { proto = "udp", port = "1-70000" }, "invalid port or range '1%-70000'")
@@ -368,9 +371,11 @@ describe("firewall", function()
       refuses("vm-2", eg { proto = "icmp", port = 80 }, "a port needs proto tcp, udp or any")
       refuses("vm-2", eg { prot = "tcp" }, "bad field 'egress.allow%[1%]%.prot' %(unknown field%)")
       refuses("vm-2", t:spec(2, { colour = "red" }), "bad field 'colour' %(unknown field%)")
-      refuses("vm-2", t:spec(2, { egress = { policy = "maybe" } }), "bad field 'egress.policy' %(\"drop\" or \"accept\" expected, got 'maybe'%)")
+      refuses("vm-2", t:spec(2, { egress = { policy = "maybe" } }),
+              "bad field 'egress.policy' %(\"drop\" or \"accept\" expected, got 'maybe'%)")
       refuses("vm-2", t:spec(2, { egress = { allowed = {} } }), "bad field 'egress.allowed' %(unknown field%)")
-      refuses("vm-2", t:spec(2, { iface = "tap-name-too-long" }), "bad field 'iface' %(interface name 'tap%-name%-too%-long' longer than 15 bytes%)")
+      refuses("vm-2", t:spec(2, { iface = "tap-name-too-long" }),
+              "bad field 'iface' %(interface name 'tap%-name%-too%-long' longer than 15 bytes%)")
       refuses("vm-2", t:spec(2, { iface = "tap1" }), "bad field 'iface' %(interface 'tap1' is used by vm 'vm%-1'%)")
       refuses("vm-2", t:spec(2, { mac = "02:00:00:00:00" }), "bad field 'mac' %(invalid MAC address '02:00:00:00:00'")
       refuses("vm-2", t:spec(2, { ip = "10.0.0.1/24" }), "bad field 'ip' %(invalid IPv4 address '10%.0%.0%.1/24'%)")
@@ -382,7 +387,8 @@ describe("firewall", function()
       refuses("a\nb", t:spec(2), "invalid byte 0x0a at 2 of vm id")
       refuses(("x"):rep(129), t:spec(2), "vm id longer than 128 bytes")
       refuses("vm-3", { iface = "tap2", mac = t:vm_mac(2) }, "the VM needs an address")
-      assert.has_error(function() fw:update("vm-9", t:spec(2)) end, "bad argument #1 to 'update' (vm 'vm-9' is not attached)")
+      assert.has_error(function() fw:update("vm-9", t:spec(2)) end,
+                       "bad argument #1 to 'update' (vm 'vm-9' is not attached)")
       assert.are.equal(1, #fw:list())
     end)
   end)
@@ -469,8 +475,8 @@ describe("firewall", function()
     -- the kernel agrees: all of them attached in one batch, each with its own chains
     with_topo({ vms = 0 }, function(t, fw)
       local specs = {}
-      for i, id in ipairs(ids) do
-        specs[id] = { iface = ("t%d"):format(i), ip = "10.0.0.2" }
+      for k, id in ipairs(ids) do
+        specs[id] = { iface = ("t%d"):format(k), ip = "10.0.0.2" }
       end
       assert(fw:attach_many(specs))
       local listed = fw:list()
@@ -486,7 +492,7 @@ describe("firewall", function()
       local adopted = fw2:list()
       assert.are.equal(#ids, #adopted)
       table.sort(ids)
-      for i = 1, #ids do assert.are.equal(ids[i], adopted[i].id) end
+      for k = 1, #ids do assert.are.equal(ids[k], adopted[k].id) end
       assert.are.equal(#ids, #assert(fw2:reconcile {}))
     end)
   end)
@@ -513,7 +519,8 @@ describe("firewall", function()
       assert.matches("NXDOMAIN", err)
 
       local seq0 = claw.audit.stats().last_seq
-      assert(fw:attach("vm-1", t:spec(1, { egress = { allow = { { host = "svc.test", proto = "tcp", port = TCP } } } })))
+      assert(fw:attach("vm-1", t:spec(1, {
+        egress = { allow = { { host = "svc.test", proto = "tcp", port = TCP } } } })))
       assert.are.same({ true, false, true }, oks(t:probe(1, {
         { kind = "tcp", dst = "10.98.0.1", port = TCP }, { kind = "tcp", dst = "10.98.0.2", port = TCP },
         { kind = "tcp", dst = "fd98::1", port = TCP } })))

@@ -123,10 +123,9 @@ function N.topology(opts)
   return t
 end
 
-function Topo:vm_ip(i) return ("10.200.%d.2"):format(i) end
-function Topo:vm_ip6(i) return ("fd00:200:%d::2"):format(i) end
-function Topo:vm_mac(i) return ("02:00:00:00:%02x:02"):format(i) end
-function Topo:netns_path() return "/run/netns/" .. self.host end
+function Topo.vm_ip(_, i) return ("10.200.%d.2"):format(i) end
+function Topo.vm_ip6(_, i) return ("fd00:200:%d::2"):format(i) end
+function Topo.vm_mac(_, i) return ("02:00:00:00:%02x:02"):format(i) end
 
 --- The MAC address of tap<i> (the host end), as the VM sees its gateway.
 function Topo:tap_mac(i)
@@ -141,7 +140,7 @@ function Topo:spec(i, extra)
 end
 
 --- Runs argv inside namespace ns; returns proc.run's result.
-function Topo:exec(ns, argv, opts)
+function Topo.exec(_, ns, argv, opts)
   local cmd = { "ip", "netns", "exec", ns }
   for _, a in ipairs(argv) do cmd[#cmd + 1] = a end
   for k, v in pairs(opts or {}) do cmd[k] = v end
