@@ -431,9 +431,11 @@ void cl_fw_dns_stop(fw *f) {
   fw_dns *d = f->dns;
   if (!d) return;
   f->dns = NULL;
+  /* Queries still running belong to calls waiting for them: they end with an error. */
   while (d->queries) {
     query *q = d->queries;
     unlink_query(d, q);
+    q->cb(f, q->arg, q->name, NULL, 0, 0, "firewall closed");
     free(q);
   }
   for (int k = 0; k < 2; k++)

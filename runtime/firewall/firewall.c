@@ -902,6 +902,7 @@ static int tbox_gc(lua_State *L) {
     if (b->t->sent && !b->t->done) {
       b->t->orphan = 1; /* the firewall frees it when the kernel has answered */
       b->t->waiter = NULL;
+      b->t->on_msg = NULL; /* a dump's accumulator lived on the caller's stack */
     } else {
       if (!b->t->sent && b->t->ctx) {
         /* never submitted: nobody else will run its completion */
@@ -924,7 +925,10 @@ static tbox *push_tbox(lua_State *L, fw_txn *t) {
 
 static void on_abort(cl_wait *w) {
   fw_txn *t = w->data;
-  if (t) t->waiter = NULL;
+  if (t) {
+    t->waiter = NULL;
+    t->on_msg = NULL;
+  }
 }
 
 /* Submits the transaction in the tbox at stack index bidx and waits for the kernel's answer;

@@ -199,7 +199,8 @@ describe("firewall", function()
       end
       assert.matches("sent " .. N_MSGS, allowed:join())
       denied:join()
-      assert.is_true(updates >= 50, "only " .. updates .. " updates during the flood")
+      -- (many more without a sanitizer: the point is that updates ran while traffic flowed)
+      assert.is_true(updates >= 10, "only " .. updates .. " updates during the flood")
       assert.is_true(H.eventually(function()
         return t:arrived { payload_prefix = "seq allowed" } == N_MSGS
       end, 5 * H.scale), ("allowed: %d of %d arrived"):format(t:arrived { payload_prefix = "seq allowed" }, N_MSGS))
