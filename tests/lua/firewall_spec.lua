@@ -388,6 +388,13 @@ describe("firewall", function()
       refuses("a\nb", t:spec(2), "invalid byte 0x0a at 2 of vm id")
       refuses(("x"):rep(129), t:spec(2), "vm id longer than 128 bytes")
       refuses("vm-3", { iface = "tap2", mac = t:vm_mac(2) }, "the VM needs an address")
+      -- the caps that bound a spec's memory
+      local many = {}
+      for k = 1, 4097 do many[k] = ("10.%d.%d.%d"):format(k // 65536, (k // 256) % 256, k % 256) end
+      refuses("vm-2", eg { cidr = many }, "bad field 'egress.allow%[1%]%.cidr%[4097%]' %(more than 4096 addresses")
+      local entries = {}
+      for k = 1, 513 do entries[k] = "10.0.0.1" end
+      refuses("vm-2", t:spec(2, { egress = { allow = entries } }), "bad field 'egress.allow' %(more than 512 entries%)")
       assert.has_error(function() fw:update("vm-9", t:spec(2)) end,
                        "bad argument #1 to 'update' (vm 'vm-9' is not attached)")
       assert.are.equal(1, #fw:list())
@@ -561,6 +568,23 @@ describe("firewall", function()
         assert.are.equal(UDP, a.detail.dport)
         assert.is_true(fw:stats().log.received >= 1)
       end)
+  end)
+
+  it("bounds the queue of drop events a slow callback has not taken yet", function()
+    local calls = 0
+    with_topo({ log_group = 4000 + tonumber(N.pid) % 1000,
+                on_drop = function() calls = calls + 1; claw.sleep(2) end }, function(t, fw)
+      assert(fw:attach("vm-1", t:spec(1, { log = true, egress = { policy = "drop" } })))
+      t:netprobe(t.vms[1], { "flood", "10.98.0.1", UDP, 1500, 0, "log" })
+      assert.is_truthy(H.eventually(function()
+        local st = fw:stats().log
+        return st.received >= 1400 and st.received
+      end, 5 * H.scale))
+      local st = fw:stats().log
+      assert.are.equal(1024, st.queued) -- the cap, while the callback sleeps on the first one
+      assert.is_true(st.lost_queue > 0)
+      assert.are.equal(st.received, st.queued + st.lost_queue + calls)
+    end)
   end)
 
   it("limits the rate of a VM's traffic", function()
