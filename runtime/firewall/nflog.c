@@ -295,7 +295,7 @@ int cl_fw_nflog_start(fw *f, int fd, int group, char *err, size_t errlen) {
     close(fd);
     return e;
   }
-  int rcv = 1 << 20;
+  int rcv = 4 << 20; /* bursts of logged drops wait here; beyond, the kernel drops them */
   if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv) != 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
 
