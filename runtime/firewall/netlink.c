@@ -179,6 +179,8 @@ static int reserve(fw_txn *t, size_t room) {
   while (c - t->len < room) c *= 2;
   char *b = realloc(t->buf, c);
   if (!b) return 0;
+  /* Zeroed: the alignment padding after each message is sent as it is. */
+  memset(b + t->cap, 0, c - t->cap);
   t->buf = b;
   t->cap = c;
   return 1;

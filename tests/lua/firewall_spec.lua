@@ -593,6 +593,19 @@ describe("firewall", function()
     end)
   end)
 
+  it("rate-limits logging without letting limited packets through", function()
+    with_topo({ log_group = 5000 + tonumber(N.pid) % 1000 }, function(t, fw)
+      t:serve { UDP }
+      assert(fw:attach("vm-1", t:spec(1, { log = { rate = 5, burst = 5 }, egress = { policy = "drop" } })))
+      t:netprobe(t.vms[1], { "flood", "10.98.0.1", UDP, 200, 0, "lim" })
+      claw.sleep(0.5 * H.scale)
+      local logged = fw:stats().log.received
+      assert.is_true(logged >= 5 and logged <= 20, logged .. " drops logged")
+      assert.is_true(fw:counters("vm-1")["egress.policy"].packets >= 200) -- all dropped
+      assert.are.equal(0, t:arrived { payload_prefix = "seq lim" })
+    end)
+  end)
+
   it("limits the rate of a VM's traffic", function()
     with_topo({}, function(t, fw)
       t:serve { UDP }
