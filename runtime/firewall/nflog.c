@@ -236,7 +236,7 @@ static void on_readable(cl_watch *w, uint32_t events) {
 /* Set-up                                                                                     */
 
 static int config(int fd, uint16_t group, int cmd, int with_mode, char *err, size_t errlen) {
-  char buf[256];
+  char buf[256] = {0}; /* the message's alignment padding is sent as it is */
   struct nlmsghdr *nlh = mnl_nlmsg_put_header(buf);
   nlh->nlmsg_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG;
   nlh->nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;

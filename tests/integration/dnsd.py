@@ -4,13 +4,15 @@
   dnsd.py ADDR PORT ZONEFILE
 
 ZONEFILE is JSON, read again for every query so a test can change answers:
-  {"name": {"a": ["10.0.0.1"], "aaaa": ["fd00::1"], "ttl": 1, "cname": "other.name"}}
+  {"name": {"a": ["10.0.0.1"], "aaaa": ["fd00::1"], "ttl": 1, "cname": "other.name",
+            "delay": 0.3}}
 Unknown names get NXDOMAIN. Prints "ready", then "query <name> <type>" per question.
 """
 import json
 import socket
 import struct
 import sys
+import time
 
 
 def read_name(msg, off):
@@ -53,6 +55,8 @@ def main():
         answers = []
         rcode = 0
         cur = name.lower()
+        if cur in zone and zone[cur].get("delay"):
+            time.sleep(zone[cur]["delay"])
         seen = 0
         while cur in zone and seen < 5:
             seen += 1

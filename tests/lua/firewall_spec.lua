@@ -546,6 +546,27 @@ describe("firewall", function()
         { kind = "tcp", dst = "10.98.0.1", port = TCP }, { kind = "tcp", dst = "10.98.0.2", port = TCP } })))
       local h = fw:list()[1].hosts[1]
       assert.are.same({ host = "svc.test", addrs = { "10.98.0.2" }, ttl = 1 }, h)
+      -- a slow answer: the update waits for it without holding up the loop
+      set_zone { ["svc.test"] = { a = { "10.98.0.2" }, ttl = 1 },
+                 ["slow.test"] = { a = { "10.98.0.1" }, ttl = 30, delay = 0.4 } }
+      local ticks, done = 0, false
+      local ticker = claw.spawn(function()
+        while not done do
+          ticks = ticks + 1
+          claw.sleep(0.02)
+        end
+      end)
+      local t0 = claw.now()
+      local up = claw.spawn(function()
+        return fw:update("vm-1", t:spec(1, {
+          egress = { allow = { { host = "slow.test", proto = "tcp", port = TCP } } } }))
+      end)
+      assert.is_true(up:join())
+      done = true
+      ticker:join()
+      assert.is_true(claw.now() - t0 >= 0.4)
+      assert.is_true(ticks >= 5, ticks .. " ticks while the update waited")
+      assert.are.same({ true }, oks(t:probe(1, { { kind = "tcp", dst = "10.98.0.1", port = TCP } })))
     end)
   end)
 
