@@ -332,4 +332,9 @@ void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox);
 void cl_audit_forget_pid(lua_State *L, pid_t pid);
 const char *cl_audit_sandbox_of(lua_State *L, pid_t pid);
 
+/* ------------------------------------------------------------------------------------------ */
+/* Firewall (runtime/firewall/, private declarations in runtime/firewall/fw.h)               */
+
+int luaopen_clawlua_firewall(lua_State *L);
+
 #endif
