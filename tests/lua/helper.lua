@@ -9,6 +9,15 @@ H.so_dir = os.getenv("CLAWLUA_SO_DIR") or "build/lib"
 -- Timing bounds in specs are multiplied by this under sanitizers and valgrind.
 H.scale = tonumber(os.getenv("CLAWLUA_TIME_SCALE")) or 1
 
+--- A file of the team's read-only shared material (specs, profiles), which sits beside the
+--- checkout (../shared); /work/shared is where it lives on the development machines.
+function H.shared(rel)
+  local p = H.src .. "/../shared/" .. rel
+  local f = io.open(p)
+  if f then f:close() return p end
+  return "/work/shared/" .. rel
+end
+
 --- Runs the clawlua binary with args; returns proc.run's result.
 function H.clawlua(args, opts)
   opts = opts or {}

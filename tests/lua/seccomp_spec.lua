@@ -7,12 +7,8 @@ local H = require "helper"
 local seccomp = claw.seccomp
 
 local PROBE = os.getenv("CLAWLUA_PROBE") or "build/bin/clawlua-probe"
-local DOCKER = H.src .. "/../shared/specs/seccomp/docker-default.json"
-local FIRECRACKER = H.src .. "/../shared/specs/firecracker/seccomp-x86_64.json"
-if not io.open(DOCKER) then
-  DOCKER = "/work/shared/specs/seccomp/docker-default.json"
-  FIRECRACKER = "/work/shared/specs/firecracker/seccomp-x86_64.json"
-end
+local DOCKER = H.shared("specs/seccomp/docker-default.json")
+local FIRECRACKER = H.shared("specs/firecracker/seccomp-x86_64.json")
 
 -- Skips (with the reason printed) where seccomp(2) itself is missing: valgrind does not emulate
 -- it, so under the valgrind stage only what needs no kernel filter runs.
