@@ -21,6 +21,7 @@ static const struct {
   {"loop", luaopen_clawlua_loop},     {"json", luaopen_clawlua_json},
   {"stream", luaopen_clawlua_stream}, {"proc", luaopen_clawlua_proc},
   {"http", luaopen_clawlua_http},     {"audit", luaopen_clawlua_audit},
+  {"vm", luaopen_clawlua_vm},
 };
 
 /* Loop functions that are also part of the top-level namespace. */

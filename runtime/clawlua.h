@@ -271,4 +271,15 @@ void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox);
 void cl_audit_forget_pid(lua_State *L, pid_t pid);
 const char *cl_audit_sandbox_of(lua_State *L, pid_t pid);
 
+/* ------------------------------------------------------------------------------------------ */
+/* HTTP transfers of C code (http.c) and the vm primitive (vm/)                               */
+
+int luaopen_clawlua_vm(lua_State *L);
+/* Runs a configured CURL easy handle on the loop's shared multi handle; done(arg, CURLcode) is
+ * called from the loop when it finishes. The caller keeps owning the easy handle and must
+ * cl_http_remove it before cleaning it up if done has not been called. */
+typedef void (*cl_http_done_fn)(void *arg, int curlcode);
+int cl_http_add(lua_State *L, void *easy, cl_http_done_fn done, void *arg);
+void cl_http_remove(lua_State *L, void *easy);
+
 #endif
