@@ -776,7 +776,8 @@ static int pump_read(job *j) {
 
 static void power_off(int action) {
   logf_("%s", action == CLA_ACTION_REBOOT ? "rebooting" : "powering off");
-  if (!g.pid1) exit(0);
+  /* Not PID 1 (--fd on a host): the exit status tells whoever runs it what the guest did. */
+  if (!g.pid1) exit(action == CLA_ACTION_REBOOT ? 101 : 100);
   sync();
   kill(-1, SIGTERM);
   uint64_t until = now_ms() + 300;

@@ -367,9 +367,12 @@ static int spawn_fc(lua_State *L, vm *v, char *err, size_t errlen) {
   snprintf(id, sizeof id, "%s", v->id);
   for (char *p = id; *p; p++)
     if (*p == '_' || *p == '.') *p = '-'; /* Firecracker ids: alphanumerics and '-' */
-  char *argv[10];
+  char *argv[32];
   int n = 0;
-  argv[n++] = v->vmm ? v->vmm : "firecracker";
+  if (v->vmm)
+    for (char **p = v->vmm; *p; p++) argv[n++] = *p;
+  else
+    argv[n++] = "firecracker";
   argv[n++] = "--api-sock";
   argv[n++] = sock;
   argv[n++] = "--id";
@@ -418,6 +421,8 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
   char err[400];
   int r;
   long s = w->aux[0];
+  if (s > 0 && v->chan.closed && strstr(v->chan.error, "protocol violation"))
+    return cl_vm_fail(L, v, 1, 1, EPROTO, "start: %s", v->chan.error);
   if (s == 0) {
     v->state = VS_STARTING;
     int e = spawn_fc(L, v, err, sizeof err);

@@ -227,7 +227,10 @@ static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
     return ENOMEM;
   }
   char e1[1200];
-  arg(a, "%s", v->vmm ? v->vmm : "qemu-system-x86_64");
+  if (v->vmm)
+    for (char **p = v->vmm; *p; p++) arg(a, "%s", *p);
+  else
+    arg(a, "qemu-system-x86_64");
   arg(a, "-name");
   arg(a, "%s", v->id);
   arg(a, "-M");
@@ -404,6 +407,9 @@ static int await_reply(lua_State *L, vm *v, cl_wait *w, const char *what) {
 static int start_step(lua_State *L, vm *v, cl_wait *w) {
   char err[400];
   int r;
+  /* A misbehaving agent is the news, even when its VMM went away afterwards. */
+  if (w->aux[0] > 0 && v->chan.closed && strstr(v->chan.error, "protocol violation"))
+    return cl_vm_fail(L, v, 1, 1, EPROTO, "start: %s", v->chan.error);
   switch (w->aux[0]) {
   case 0: {
     if (v->restore_dir) { /* the migration stream is inherited by the new QEMU */

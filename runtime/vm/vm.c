@@ -361,6 +361,11 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
     snprintf(err, errlen, "%s: %s", argv[0], e == ENOENT ? "not found in PATH" : strerror(e));
     return e;
   }
+  if (path[0] != '/') { /* the VMM starts in its run directory */
+    char *rp = realpath(path, NULL);
+    if (rp && strlen(rp) < sizeof path) strcpy(path, rp);
+    free(rp);
+  }
   fdmap m;
   m.n = nfds;
   for (int i = 0; i < nfds; i++) m.src[i] = fds[i];
@@ -496,7 +501,8 @@ static void vm_release(lua_State *L, vm *v) {
   free(v->vmm);
   free(v->seccomp_file);
   free(v->restore_dir);
-  v->kernel = v->initrd = v->rootfs = v->boot_args = v->vmm = v->seccomp_file = NULL;
+  v->kernel = v->initrd = v->rootfs = v->boot_args = v->seccomp_file = NULL;
+  v->vmm = NULL;
   v->restore_dir = NULL;
 }
 
@@ -544,7 +550,7 @@ static void verdict_key(vm *v, char *k, size_t n) {
   struct utsname u;
   struct stat sq, sk;
   char qpath[4096] = "";
-  cl_find_executable(v->vmm ? v->vmm : "qemu-system-x86_64", getenv("PATH"), qpath, sizeof qpath);
+  cl_find_executable(v->vmm ? v->vmm[0] : "qemu-system-x86_64", getenv("PATH"), qpath, sizeof qpath);
   memset(&sq, 0, sizeof sq);
   memset(&sk, 0, sizeof sk);
   stat(qpath, &sq);
@@ -737,9 +743,35 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     random_hex(hex, 4);
     snprintf(v->id, sizeof v->id, "vm-%s", hex);
   }
-  const char *vmm = cl_opt_string(L, idx, "vmm", NULL);
-  if (vmm && *want_backend == 0) cl_field_error(L, "vmm", "needs backend = \"qemu\" or \"firecracker\"");
-  v->vmm = dupstr(vmm);
+  /* vmm = "path" | {"path", "arg", ...}: the VMM program (and arguments before the driver's) */
+  int vt = lua_getfield(L, idx, "vmm");
+  if (vt != LUA_TNIL) {
+    if (*want_backend == 0) cl_field_error(L, "vmm", "needs backend = \"qemu\" or \"firecracker\"");
+    if (vt == LUA_TSTRING) {
+      lua_createtable(L, 1, 0);
+      lua_pushvalue(L, -2);
+      lua_rawseti(L, -2, 1);
+      lua_replace(L, -2);
+    } else if (vt != LUA_TTABLE) {
+      cl_field_error(L, "vmm", lua_pushfstring(L, "string or table of strings expected, got %s", luaL_typename(L, -1)));
+    }
+    char **src = cl_check_argv(L, -1, "vmm", 0);
+    size_t n = 0, bytes = 0;
+    for (; src[n]; n++) bytes += strlen(src[n]) + 1;
+    if (n > 16) cl_field_error(L, "vmm", "more than 16 entries");
+    char **dst = malloc((n + 1) * sizeof(char *) + bytes);
+    if (!dst) abort();
+    char *p = (char *)(dst + n + 1);
+    for (size_t i = 0; i < n; i++) {
+      dst[i] = p;
+      strcpy(p, src[i]);
+      p += strlen(src[i]) + 1;
+    }
+    dst[n] = NULL;
+    v->vmm = dst;
+    lua_pop(L, 1); /* the argv vector */
+  }
+  lua_pop(L, 1);
   const char *log = cl_opt_string(L, idx, "log", NULL);
   if (log) {
     snprintf(v->log_path, sizeof v->log_path, "%s", log);
@@ -827,7 +859,8 @@ static void free_config(vm *v) {
   free(v->vmm);
   free(v->seccomp_file);
   free(v->restore_dir);
-  v->kernel = v->initrd = v->rootfs = v->boot_args = v->vmm = v->seccomp_file = NULL;
+  v->kernel = v->initrd = v->rootfs = v->boot_args = v->seccomp_file = NULL;
+  v->vmm = NULL;
   v->restore_dir = NULL;
 }
 
@@ -1031,8 +1064,7 @@ static int op_continue(lua_State *L, vm *v, cl_wait *w, int ctx) {
 
 static int op_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = cl_wait_resumed(L, ctx);
-  vm *v = lua_touserdata(L, 1);
-  return op_continue(L, v, w, (int)ctx);
+  return op_continue(L, w->data, w, (int)ctx);
 }
 
 /* The task waiting in an operation was cancelled: nothing may be left half done. */
@@ -1407,6 +1439,8 @@ static int l_restore(lua_State *L) {
   int r = setup_vm(L, v, want_backend, accel, tap, want_net);
   if (r != 1) return r;
   v->state = VS_CREATED;
+  lua_replace(L, 1); /* the steps find the vm at index 1 */
+  lua_settop(L, 1);
   return op_run(L, v, OP_START, "restore", -1, 1);
 }
 

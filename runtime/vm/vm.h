@@ -76,7 +76,8 @@ struct vm {
   lua_State *L;     /* the main thread, for audit records from loop callbacks */
   cl_loop *loop;
   /* configuration */
-  char *kernel, *initrd, *rootfs, *boot_args, *vmm, *seccomp_file, *restore_dir;
+  char *kernel, *initrd, *rootfs, *boot_args, *seccomp_file, *restore_dir;
+  char **vmm; /* the VMM's argv prefix (program [, args]); NULL: the backend's default */
   int rootfs_ro;
   int vcpus, mem_mib;
   int channel;
