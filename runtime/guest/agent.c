@@ -1028,7 +1028,8 @@ static void pid1_setup(void) {
     load_modules("/etc/clawlua/modules.ext4"); /* a disk for files: mounted on /mnt/root */
     mkdir("/mnt", 0755);
     mkdir("/mnt/root", 0755);
-    if (mount(root, "/mnt/root", "ext4", 0, NULL) < 0)
+    if (mount(root, "/mnt/root", "ext4", 0, NULL) < 0 &&
+        ((errno != EROFS && errno != EACCES) || mount(root, "/mnt/root", "ext4", MS_RDONLY, NULL) < 0))
       logf_("mount %s: %s", root, strerror(errno));
   }
   open_inputs();

@@ -104,6 +104,8 @@ static int api_call(vm *v, const char *method, const char *path, const char *bod
   curl_easy_setopt(e, CURLOPT_WRITEDATA, a);
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, 60000L);
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http");
+  /* No connection outlives its call: a cached one would hold an fd to a VMM that may be gone. */
+  curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
   struct curl_slist *h = curl_slist_append(NULL, "Accept: application/json");
   if (body) {
     h = curl_slist_append(h, "Content-Type: application/json");

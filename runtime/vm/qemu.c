@@ -484,9 +484,12 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
   case 5: {
     if (v->exited) goto vmm_gone;
     if (v->channel != CH_NONE && !v->chan.ready) {
-      if (v->chan.closed && v->chan.error[0])
-        return cl_vm_fail(L, v, 1, 1, EPROTO, "start: %s", v->chan.error);
-      if (w->state == CL_WAIT_TIMEOUT) goto timeout;
+      if (w->state == CL_WAIT_TIMEOUT) {
+        if (v->chan.closed && v->chan.error[0])
+          return cl_vm_fail(L, v, 1, 1, EPIPE, "start: the agent channel closed: %s", v->chan.error);
+        goto timeout;
+      }
+      /* A channel that closed by itself means QEMU is going: its exit is the better news. */
       return VM_WAIT;
     }
     if (v->kvm == 2) {

@@ -330,7 +330,7 @@ static void on_vmm_exit(cl_watch *w, uint32_t events) {
   if (si.si_code == CLD_EXITED) v->exit_code = si.si_status;
   else v->exit_signal = si.si_status;
   int expected = v->state == VS_STOPPING;
-  if (v->state != VS_STARTING) v->state = VS_EXITED; /* a failed start says FAILED itself */
+  if (v->state != VS_STARTING && v->state != VS_FAILED) v->state = VS_EXITED; /* a failed start says FAILED itself */
   release_runtime(v, v->exit_signal ? "the VMM was killed" : "the VMM exited");
   lua_State *L = v->L;
   int stopped = lua_gc(L, LUA_GCISRUNNING);
@@ -1051,6 +1051,9 @@ static int op_continue(lua_State *L, vm *v, cl_wait *w, int ctx) {
   if (n != VM_WAIT) {
     if (w->aux[1] == 1) v->busy = NULL; /* this call held the VM */
     w->data = NULL;
+    /* A failed vm.restore: the caller never gets the handle, so it goes now. */
+    if (v->restoring && n >= 2 && lua_isnil(L, -n)) vm_release(L, v);
+    v->restoring = 0;
     return n;
   }
   lua_settop(L, ctx);
@@ -1441,6 +1444,7 @@ static int l_restore(lua_State *L) {
   v->state = VS_CREATED;
   lua_replace(L, 1); /* the steps find the vm at index 1 */
   lua_settop(L, 1);
+  v->restoring = 1;
   return op_run(L, v, OP_START, "restore", -1, 1);
 }
 

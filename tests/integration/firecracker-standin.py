@@ -435,6 +435,7 @@ class Instance:
         if self.args["seccomp_threads"] is not None:
             self.vcpu_pid = vcpu_child(self.args["seccomp_threads"]["vcpu"])
             self.log_line("vcpu stand-in pid %d runs under the vcpu seccomp filter" % self.vcpu_pid)
+            threading.Thread(target=self.watch_vcpu, args=(self.vcpu_pid,), daemon=True).start()
         if "vsock" in self.cfg:
             path = self.path(self.cfg["vsock"]["uds_path"])
             if os.path.exists(path):
@@ -444,6 +445,13 @@ class Instance:
             s.listen(8)
             self.vsock_listener = s
             threading.Thread(target=self.vsock_loop, daemon=True).start()
+
+    def watch_vcpu(self, pid):
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            self.log_line("vcpu stand-in pid %d was killed by signal %d" % (pid, os.WTERMSIG(status)))
+        else:
+            self.log_line("vcpu stand-in pid %d exited with %d" % (pid, os.WEXITSTATUS(status)))
 
     def vsock_loop(self):
         while not self.exiting:
