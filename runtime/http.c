@@ -350,6 +350,10 @@ static int request_k(lua_State *L, int status, lua_KContext ctx);
 
 static int after_chunk_k(lua_State *L, int status, lua_KContext ctx) {
   req *r = lua_touserdata(L, (int)ctx - 1);
+  if (status != LUA_OK && status != LUA_YIELD) { /* on_chunk raised: stop the transfer now */
+    req_release(r);
+    return lua_error(L);
+  }
   int stop = lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1);
   lua_pop(L, 1);
   if (stop) {
@@ -372,8 +376,7 @@ static int request_k(lua_State *L, int status, lua_KContext ctx) {
       r->paused = 0;
       curl_easy_pause(r->easy, CURLPAUSE_CONT);
     }
-    lua_callk(L, 1, 1, ctx, after_chunk_k);
-    return after_chunk_k(L, LUA_OK, ctx);
+    return after_chunk_k(L, lua_pcallk(L, 1, 1, 0, ctx, after_chunk_k), ctx);
   }
   if (r->done) return finish(L, r);
   r->w = w;
@@ -391,11 +394,11 @@ static CURLcode set_method(CURL *e, const char *method, int has_body) {
 
 /* Lua: http.request{url=, method="GET", headers={name=value}|{"Name: value"}, body=,
  * timeout=, connect_timeout=, unix_socket=, max_body=, follow=false, insecure=false,
- * on_chunk=function(chunk) end} -> {status=, headers=, body=, url=, elapsed=} | nil, err, code */
+ * keepalive=true, on_chunk=function(chunk) end} -> {status=, headers=, body=, url=, elapsed=} | nil, err, code */
 static int l_request(lua_State *L) {
   static const char *const fields[] = {"url", "method", "headers", "body", "timeout",
                                        "connect_timeout", "unix_socket", "max_body", "follow",
-                                       "insecure", "on_chunk", NULL};
+                                       "insecure", "on_chunk", "keepalive", NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   cl_check_fields(L, 1, fields);
@@ -421,6 +424,7 @@ static int l_request(lua_State *L) {
   if (max_body < 0) cl_field_error(L, "max_body", "must not be negative");
   int follow = cl_opt_boolean(L, 1, "follow", 0);
   int insecure = cl_opt_boolean(L, 1, "insecure", 0);
+  int keepalive = cl_opt_boolean(L, 1, "keepalive", 1);
   int t = lua_getfield(L, 1, "on_chunk");
   if (t != LUA_TNIL && t != LUA_TFUNCTION) cl_field_error(L, "on_chunk", "function expected");
   int streaming = t == LUA_TFUNCTION;
@@ -484,6 +488,10 @@ static int l_request(lua_State *L) {
   if (follow) {
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(e, CURLOPT_MAXREDIRS, 10L);
+  }
+  if (!keepalive) { /* a connection of its own, closed when the transfer ends */
+    curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
+    curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 1L);
   }
   if (insecure) {
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);

@@ -476,7 +476,11 @@ static int l_decode(lua_State *L) {
 typedef struct strbuf {
   char *p;
   size_t n, cap;
+  int busy; /* the per-state scratch buffer is in use (an encode inside __tojson) */
 } strbuf;
+
+static const char SCRATCH_KEY = 's'; /* registry: a strbuf reused across encodes */
+#define SCRATCH_KEEP ((size_t)1 << 20) /* larger scratch buffers are freed after use */
 
 static int strbuf_gc(lua_State *L) {
   strbuf *b = lua_touserdata(L, 1);
@@ -491,12 +495,14 @@ typedef struct encoder {
   int depth, max_depth;
   size_t max_size;
   int pretty, sort_keys;
+  int array_mt, object_mt; /* stack indices of the marker metatables */
   /* Lenient mode (audit records): what cannot be encoded becomes a "<placeholder>" string,
    * invalid UTF-8 becomes U+FFFD, strings longer than max_string are cut with a marker. */
   int lenient;
   size_t max_string;
   long replaced; /* placeholders and cuts made in lenient mode */
   const char *err;
+  size_t lim; /* min(buffer capacity, max_size): the fast paths check only this */
   char errbuf[160];
   /* The path to the value being encoded, for error messages. */
   struct { const char *key; size_t keylen; lua_Integer index; } path[64];
@@ -510,28 +516,30 @@ static int enc_grow(encoder *e, size_t need) {
     e->err = e->errbuf;
     return 0;
   }
-  if (b->n + need <= b->cap) return 1;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < b->n + need) cap *= 2;
-  char *p = realloc(b->p, cap);
-  if (!p) {
-    e->err = "out of memory";
-    return 0;
+  if (b->n + need > b->cap) {
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->n + need) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) {
+      e->err = "out of memory";
+      return 0;
+    }
+    b->p = p;
+    b->cap = cap;
   }
-  b->p = p;
-  b->cap = cap;
+  e->lim = b->cap < e->max_size ? b->cap : e->max_size;
   return 1;
 }
 
 static inline int put(encoder *e, const char *s, size_t n) {
-  if (e->b->n + n > e->b->cap && !enc_grow(e, n)) return 0;
+  if (e->b->n + n > e->lim && !enc_grow(e, n)) return 0;
   memcpy(e->b->p + e->b->n, s, n);
   e->b->n += n;
   return 1;
 }
 
 static inline int putc_(encoder *e, char c) {
-  if (e->b->n + 1 > e->b->cap && !enc_grow(e, 1)) return 0;
+  if (e->b->n + 1 > e->lim && !enc_grow(e, 1)) return 0;
   e->b->p[e->b->n++] = c;
   return 1;
 }
@@ -569,6 +577,18 @@ static int enc_bad(encoder *e, const char *what, const char *placeholder) {
   return enc_string(e, placeholder, strlen(placeholder));
 }
 
+/* 1 for bytes that end a run of plain ASCII: controls, '"', '\\' and non-ASCII. */
+static const unsigned char special[256] = {
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+};
+
 static int enc_string(encoder *e, const char *s, size_t len) {
   size_t cut = 0;
   if (e->lenient && e->max_string && len > e->max_string) {
@@ -577,16 +597,24 @@ static int enc_string(encoder *e, const char *s, size_t len) {
     while (len > 0 && ((unsigned char)s[len] & 0xC0) == 0x80) len--, cut++; /* whole chars */
     e->replaced++;
   }
-  if (!enc_grow(e, len + 2)) return 0;
-  putc_(e, '"');
+  if (e->b->n + len + 2 > e->lim && !enc_grow(e, len + 2)) return 0;
+  e->b->p[e->b->n++] = '"';
   const unsigned char *p = (const unsigned char *)s, *end = p + len, *run = p;
   while (p < end) {
+    while (p < end && !special[*p]) p++;
+    if (p == end) break;
     unsigned c = *p;
-    if (c >= 0x20 && c != '"' && c != '\\' && c < 0x80) {
-      p++;
-      continue;
-    }
     if (c >= 0x80) {
+      /* Common 2- and 3-byte forms inline (no overlong or surrogate possible for these leads). */
+      if (c >= 0xC2 && c <= 0xDF && end - p >= 2 && (p[1] & 0xC0) == 0x80) {
+        p += 2;
+        continue;
+      }
+      if (((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) && end - p >= 3 &&
+          (p[1] & 0xC0) == 0x80 && (p[2] & 0xC0) == 0x80) {
+        p += 3;
+        continue;
+      }
       size_t n = utf8_len(p, end);
       if (n) {
         p += n;
@@ -736,7 +764,12 @@ static int key_cmp(const void *a, const void *b) {
   return c ? c : (x->n > y->n) - (x->n < y->n);
 }
 
-static int enc_object(encoder *e, int idx) {
+static lua_Integer table_shape(encoder *e, int idx, int *bad);
+static int shape_error(encoder *e, int bad);
+
+/* With strict set (an unmarked table whose length is 0, taken for an object in one pass), a
+ * key that is not a string means the table is no object: say why. */
+static int enc_object(encoder *e, int idx, int strict) {
   lua_State *L = e->L;
   if (!putc_(e, '{')) return 0;
   e->depth++;
@@ -781,14 +814,28 @@ static int enc_object(encoder *e, int idx) {
     }
     free(keys);
   } else {
+    int vi = lua_gettop(L) + 2, ki = vi - 1; /* where lua_next leaves key and value */
     lua_pushnil(L);
     while (lua_next(L, idx)) {
       if (!first && !putc_(e, ',')) return 0;
       first = 0;
-      if (!enc_newline(e)) return 0;
-      if (!enc_key(e, lua_gettop(L) - 1)) return 0;
+      if (e->pretty && !enc_newline(e)) return 0;
+      if (lua_type(L, ki) == LUA_TSTRING) { /* the common case, inline */
+        size_t kl;
+        const char *k = lua_tolstring(L, ki, &kl);
+        enc_push_path(e, k, kl, 0);
+        if (!enc_string(e, k, kl)) return 0;
+      } else if (strict && lua_isinteger(L, ki)) {
+        int bad = 0;
+        lua_pop(L, 2);
+        e->depth--;
+        table_shape(e, idx, &bad);
+        return shape_error(e, bad ? bad : 2);
+      } else if (!enc_key(e, ki)) {
+        return 0;
+      }
       if (!put(e, e->pretty ? ": " : ":", e->pretty ? 2 : 1)) return 0;
-      if (!enc_value(e, lua_gettop(L))) return 0;
+      if (!enc_value(e, vi)) return 0;
       lua_pop(L, 1);
     }
   }
@@ -829,22 +876,25 @@ static int enc_table(encoder *e, int idx) {
   }
   if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack overflow");
   if (lua_getmetatable(L, idx)) {
-    luaL_getmetatable(L, ARRAY_MT);
-    int is_array = lua_rawequal(L, -1, -2);
+    int is_array = lua_rawequal(L, -1, e->array_mt);
+    int is_object = lua_rawequal(L, -1, e->object_mt);
     lua_pop(L, 1);
-    luaL_getmetatable(L, OBJECT_MT);
-    int is_object = lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
     if (is_array) return enc_array(e, idx, (lua_Integer)lua_rawlen(L, idx));
-    if (is_object) return enc_object(e, idx);
+    if (is_object) return enc_object(e, idx, 0);
   }
+  /* No array part: an object, checked while it is written (one traversal, not two). */
+  if (!e->lenient && lua_rawlen(L, idx) == 0) return enc_object(e, idx, 1);
   int bad = 0;
   lua_Integer n = table_shape(e, idx, &bad);
-  if (bad && e->lenient) return enc_object(e, idx); /* keys become strings */
-  if (bad == 1) return enc_fail(e, "cannot encode an array with holes or keys below 1");
-  if (bad == 2) return enc_fail(e, "cannot encode a table with both integer and string keys");
+  if (bad && e->lenient) return enc_object(e, idx, 0); /* keys become strings */
+  if (bad) return shape_error(e, bad);
   if (n > 0) return enc_array(e, idx, n);
-  return enc_object(e, idx);
+  return enc_object(e, idx, 0);
+}
+
+static int shape_error(encoder *e, int bad) {
+  if (bad == 1) return enc_fail(e, "cannot encode an array with holes or keys below 1");
+  return enc_fail(e, "cannot encode a table with both integer and string keys");
 }
 
 static int enc_value(encoder *e, int idx) {
@@ -864,6 +914,13 @@ static int enc_value(encoder *e, int idx) {
     if (lua_touserdata(L, idx) == CL_JSON_NULL) return put(e, "null", 4);
     break;
   case LUA_TTABLE:
+    if (!lua_getmetatable(L, idx)) return enc_table(e, idx);
+    if (lua_rawequal(L, -1, e->array_mt) || lua_rawequal(L, -1, e->object_mt)) {
+      lua_pop(L, 1);
+      return enc_table(e, idx);
+    }
+    lua_pop(L, 1);
+    __attribute__((fallthrough)); /* another metatable may have __tojson */
   case LUA_TUSERDATA:
     if (luaL_getmetafield(L, idx, "__tojson") != LUA_TNIL) {
       if (e->depth >= e->max_depth) return enc_fail(e, "nesting too deep in __tojson");
@@ -893,9 +950,19 @@ static int enc_value(encoder *e, int idx) {
 static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max_depth,
                        size_t max_size, size_t lenient_max_string, long *replaced) {
   idx = lua_absindex(L, idx);
-  strbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
-  memset(b, 0, sizeof *b);
-  luaL_setmetatable(L, BUF_MT);
+  luaL_getmetatable(L, ARRAY_MT);
+  luaL_getmetatable(L, OBJECT_MT);
+  /* Reuse the state's scratch buffer (no malloc per call), unless a nested encode holds it. */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
+  strbuf *b = lua_touserdata(L, -1);
+  if (!b || b->busy) {
+    lua_pop(L, 1);
+    b = lua_newuserdatauv(L, sizeof *b, 0);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, BUF_MT);
+  }
+  b->busy = 1;
+  b->n = 0;
   int bi = lua_gettop(L);
   encoder e;
   memset(&e, 0, sizeof e);
@@ -905,23 +972,34 @@ static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max
   e.sort_keys = sort_keys;
   e.max_depth = max_depth;
   e.max_size = max_size;
+  e.lim = b->cap < max_size ? b->cap : max_size;
+  e.array_mt = bi - 2;
+  e.object_mt = bi - 1;
   e.lenient = lenient_max_string > 0;
   e.max_string = lenient_max_string == (size_t)-1 ? 0 : lenient_max_string;
   int ok = enc_value(&e, idx);
   if (replaced) *replaced = e.replaced;
+  b->busy = 0;
   if (!ok) {
-    free(b->p);
-    b->p = NULL;
-    lua_settop(L, bi - 1);
+    if (b->cap > SCRATCH_KEEP) {
+      free(b->p);
+      b->p = NULL;
+      b->cap = 0;
+    }
+    lua_settop(L, bi - 3);
     lua_pushnil(L);
     lua_pushfstring(L, "json: %s", e.err ? e.err : "encoding failed");
     return 0;
   }
   lua_settop(L, bi);
   lua_pushlstring(L, b->p ? b->p : "", b->n);
-  lua_remove(L, bi);
-  free(b->p);
-  b->p = NULL;
+  lua_replace(L, bi - 2);
+  lua_settop(L, bi - 2);
+  if (b->cap > SCRATCH_KEEP) {
+    free(b->p);
+    b->p = NULL;
+    b->cap = 0;
+  }
   return 1;
 }
 
@@ -1006,6 +1084,10 @@ int luaopen_clawlua_json(lua_State *L) {
   lua_pushcfunction(L, strbuf_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
+  strbuf *scratch = lua_newuserdatauv(L, sizeof *scratch, 0);
+  memset(scratch, 0, sizeof *scratch);
+  luaL_setmetatable(L, BUF_MT);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
   luaL_newlib(L, funcs);
   lua_pushlightuserdata(L, CL_JSON_NULL);
   lua_setfield(L, -2, "null");

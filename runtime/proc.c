@@ -46,6 +46,7 @@ int cl_entry_redirect(lua_State *L, const char *name);
 typedef struct child_args {
   const cl_spawn_req *req;
   pid_t parent;
+  uint64_t reset; /* signals with a handler or ignored in the parent (bit n-1: signal n) */
   int errfd;  /* the child reports a failure before exec here (close-on-exec: EOF = exec'd) */
   int syncfd; /* fork path: the child waits here for the parent's set-up */
 } child_args;
@@ -71,14 +72,12 @@ static int child_main(void *arg) {
   const cl_spawn_req *r = a->req;
   /* Dispositions that survive exec (ignored signals) go back to default; handlers installed by
    * anyone in this process must not run in a child that shares our memory. */
-  for (int sig = 1; sig < NSIG; sig++) {
+  for (int sig = 1; sig < NSIG && sig <= 64; sig++) {
+    if (sig == SIGKILL || sig == SIGSTOP || !(a->reset & ((uint64_t)1 << (sig - 1)))) continue;
     struct sigaction sa;
-    if (sig == SIGKILL || sig == SIGSTOP) continue;
-    if (sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL) {
-      memset(&sa, 0, sizeof sa);
-      sa.sa_handler = SIG_DFL;
-      sigaction(sig, &sa, NULL);
-    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    sigaction(sig, &sa, NULL);
   }
   if (a->syncfd >= 0) { /* wait for the parent's set-up (uid maps, cgroups) */
     char c;
@@ -136,6 +135,31 @@ static int child_main(void *arg) {
   return 127;
 }
 
+/* The signals the child must reset: those this process catches or ignores, from one read of
+ * /proc/self/status rather than 64 sigaction queries in every child. All of them when /proc
+ * cannot tell. */
+static uint64_t signals_to_reset(void) {
+  uint64_t mask = 0;
+  int found = 0;
+  int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    char buf[4096];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n > 0) {
+      buf[n] = 0;
+      static const char *const keys[] = {"\nSigIgn:", "\nSigCgt:"};
+      for (int i = 0; i < 2; i++) {
+        const char *p = strstr(buf, keys[i]);
+        if (!p) continue;
+        mask |= strtoull(p + strlen(keys[i]), NULL, 16);
+        found++;
+      }
+    }
+  }
+  return found == 2 ? mask : ~(uint64_t)0;
+}
+
 static void reap_now(int pidfd) {
   siginfo_t si;
   while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
@@ -183,6 +207,7 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   memset(&a, 0, sizeof a);
   a.req = req;
   a.parent = getpid();
+  a.reset = signals_to_reset();
   a.syncfd = -1;
   err[0] = 0;
   int ep[2] = {-1, -1}, sp[2] = {-1, -1};

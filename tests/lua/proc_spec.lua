@@ -46,6 +46,16 @@ describe("proc.spawn", function()
     H.rm_rf(dir)
   end)
 
+  it("gives children default signal dispositions and an empty signal mask", function()
+    -- the runtime ignores SIGPIPE and blocks SIGINT/SIGTERM for its signalfd; children must not
+    -- inherit either
+    local r = assert(proc.run { "grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status" })
+    assert.matches("SigBlk:%s+0+\n", r.stdout)
+    assert.matches("SigIgn:%s+0+\n", r.stdout)
+    r = assert(proc.run { "sh", "-c", "yes | head -c 1" })
+    assert.are.equal("", r.stderr) -- yes died of SIGPIPE instead of reporting EPIPE
+  end)
+
   it("reports death by signal", function()
     local r = assert(proc.run { "sh", "-c", "kill -SEGV $$" })
     assert.is_nil(r.code)
