@@ -77,17 +77,17 @@ static struct {
 
 static void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void logf_(const char *fmt, ...) {
-  char buf[512];
+  char buf[512] = "clawlua-agent: ";
+  size_t pre = strlen(buf);
   va_list ap;
   va_start(ap, fmt);
-  int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+  int n = vsnprintf(buf + pre, sizeof buf - pre - 1, fmt, ap);
   va_end(ap);
   if (n < 0) return;
-  if ((size_t)n > sizeof buf - 2) n = (int)sizeof buf - 2;
-  buf[n++] = '\n';
-  ssize_t w = write(2, "clawlua-agent: ", 15);
-  w = write(2, buf, (size_t)n);
-  (void)w;
+  size_t len = pre + (size_t)n;
+  if (len > sizeof buf - 2) len = sizeof buf - 2;
+  buf[len++] = '\n';
+  if (write(2, buf, len) < 0) return; /* the console is gone: nothing to tell */
 }
 
 static uint64_t now_ms(void) {
@@ -300,9 +300,7 @@ static void exec_search(const char *file, char *const argv[], char *const envp[]
     const char *c = strchr(p, ':');
     size_t dl = c ? (size_t)(c - p) : strlen(p);
     if (dl > 0 && dl + strlen(file) + 2 < sizeof buf) {
-      memcpy(buf, p, dl);
-      buf[dl] = '/';
-      strcpy(buf + dl + 1, file);
+      snprintf(buf, sizeof buf, "%.*s/%s", (int)dl, p, file);
       execve(buf, argv, envp);
       if (errno == EACCES) err = EACCES;
       else if (errno != ENOENT && errno != ENOTDIR) err = errno;
@@ -450,7 +448,7 @@ static void handle_exec(uint32_t id, const unsigned char *p, uint32_t len) {
   close_fd(&px[0]);
   if (n > 0) {
     msg[n] = 0;
-    int e = atoi(msg);
+    int e = (int)strtol(msg, NULL, 10);
     const char *stage = strchr(msg, ' ') ? strchr(msg, ' ') + 1 : "exec";
     waitpid(pid, NULL, 0);
     close_fd(&po[0]);
@@ -1000,7 +998,7 @@ static void read_cmdline(char *root, size_t rootlen) {
   for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) {
     if (strcmp(tok, "clawlua.channel=vsock") == 0) g.mode = CH_VSOCK;
     else if (strcmp(tok, "clawlua.channel=serial") == 0) g.mode = CH_SERIAL;
-    else if (strncmp(tok, "clawlua.vsock_port=", 19) == 0) g.vsock_port = (uint32_t)atoi(tok + 19);
+    else if (strncmp(tok, "clawlua.vsock_port=", 19) == 0) g.vsock_port = (uint32_t)strtoul(tok + 19, NULL, 10);
     else if (strncmp(tok, "clawlua.root=", 13) == 0) snprintf(root, rootlen, "%s", tok + 13);
   }
 }
@@ -1069,7 +1067,7 @@ int main(int argc, char **argv) {
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--fd") == 0 && i + 1 < argc) {
       g.mode = CH_FD;
-      g.fd = atoi(argv[++i]);
+      g.fd = (int)strtol(argv[++i], NULL, 10);
     } else if (strcmp(argv[i], "--vsock") == 0) {
       g.mode = CH_VSOCK;
     } else if (strcmp(argv[i], "--version") == 0) {

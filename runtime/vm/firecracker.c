@@ -141,7 +141,7 @@ static int api_await(lua_State *L, vm *v, cl_wait *w, int fatal) {
     char fault[400] = "";
     cJSON *j = a->body ? cJSON_Parse(a->body) : NULL;
     cJSON *fm = j ? cJSON_GetObjectItemCaseSensitive(j, "fault_message") : NULL;
-    if (cJSON_IsString(fm)) snprintf(fault, sizeof fault, "%s", fm->valuestring);
+    if (fm && cJSON_IsString(fm)) snprintf(fault, sizeof fault, "%s", fm->valuestring);
     else if (a->body) snprintf(fault, sizeof fault, "%.300s", a->body);
     cJSON_Delete(j);
     return cl_vm_fail(L, v, fatal, 0, EIO, "firecracker %s %s: %ld: %s", a->method, a->path, a->status,
@@ -393,11 +393,21 @@ static int parse_version(vm *v) {
   cJSON *j = v->api.body ? cJSON_Parse(v->api.body) : NULL;
   cJSON *x = j ? cJSON_GetObjectItemCaseSensitive(j, "firecracker_version") : NULL;
   int ok = 0;
-  if (cJSON_IsString(x)) {
+  if (x && cJSON_IsString(x)) {
     snprintf(v->fc_version, sizeof v->fc_version, "%s", x->valuestring);
     const char *s = x->valuestring;
     if (*s == 'v') s++;
-    ok = sscanf(s, "%d.%d", &v->fc_major, &v->fc_minor) == 2;
+    char *end;
+    long major = strtol(s, &end, 10);
+    if (end != s && *end == '.') {
+      const char *m = end + 1;
+      long minor = strtol(m, &end, 10);
+      if (end != m) {
+        v->fc_major = (int)major;
+        v->fc_minor = (int)minor;
+        ok = 1;
+      }
+    }
   }
   cJSON_Delete(j);
   return ok;
@@ -414,7 +424,7 @@ static char *snap_tap_of(vm *v) {
   buf[n] = 0;
   cJSON *j = cJSON_Parse(buf);
   cJSON *t = j ? cJSON_GetObjectItemCaseSensitive(j, "tap") : NULL;
-  char *r = cJSON_IsString(t) ? strdup(t->valuestring) : NULL;
+  char *r = t && cJSON_IsString(t) ? strdup(t->valuestring) : NULL;
   cJSON_Delete(j);
   return r;
 }
@@ -453,7 +463,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     }
     int e = api_call(v, "GET", "/version", NULL);
     if (e) return cl_vm_fail(L, v, 1, 1, e, "start: GET /version: %s", strerror(e));
-    w->aux[0] = s = 2;
+    w->aux[0] = 2;
     return VM_WAIT;
   }
   if (s == 2) {
@@ -496,9 +506,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
   }
   if (s == 50) { /* connect to the agent through the vsock proxy */
     if (v->exited) goto gone;
-    if (v->channel == CH_NONE) {
-      w->aux[0] = s = 51;
-    } else if (!v->chan.closed || vsock_try(v)) {
+    if (v->channel == CH_NONE || !v->chan.closed || vsock_try(v)) {
       w->aux[0] = s = 51;
     } else {
       if (w->state == CL_WAIT_TIMEOUT) goto timeout;

@@ -49,7 +49,7 @@ static void qmp_store_reply(vm *v, cJSON *value, int is_error) {
   v->qmp_reply = NULL;
   if (is_error) {
     cJSON *desc = cJSON_GetObjectItemCaseSensitive(value, "desc");
-    v->qmp_reply = strdup(cJSON_IsString(desc) ? desc->valuestring : "unknown QMP error");
+    v->qmp_reply = strdup(desc && cJSON_IsString(desc) ? desc->valuestring : "unknown QMP error");
   } else {
     v->qmp_reply = cJSON_PrintUnformatted(value);
   }
@@ -87,7 +87,7 @@ static void qmp_message(vm *v, const char *line) {
         lua_setfield(L, -2, "event");
         cJSON *data = cJSON_GetObjectItemCaseSensitive(j, "data");
         cJSON *reason = data ? cJSON_GetObjectItemCaseSensitive(data, "reason") : NULL;
-        if (cJSON_IsString(reason)) {
+        if (reason && cJSON_IsString(reason)) {
           lua_pushstring(L, reason->valuestring);
           lua_setfield(L, -2, "reason");
         }
@@ -377,7 +377,7 @@ static const char *reply_field(vm *v, const char *key, char *out, size_t n) {
   out[0] = 0;
   cJSON *j = v->qmp_reply ? cJSON_Parse(v->qmp_reply) : NULL;
   cJSON *x = j ? cJSON_GetObjectItemCaseSensitive(j, key) : NULL;
-  if (cJSON_IsString(x)) snprintf(out, n, "%s", x->valuestring);
+  if (x && cJSON_IsString(x)) snprintf(out, n, "%s", x->valuestring);
   cJSON_Delete(j);
   return out;
 }

@@ -90,8 +90,11 @@ int cl_vm_tsc_khz(void) {
   if (!f) return khz;
   char line[256];
   while (fgets(line, sizeof line, f)) {
-    double mhz;
-    if (strncmp(line, "cpu MHz", 7) == 0 && sscanf(strchr(line, ':') + 1, "%lf", &mhz) == 1) {
+    char *colon = strchr(line, ':');
+    if (strncmp(line, "cpu MHz", 7) != 0 || !colon) continue;
+    char *end;
+    double mhz = strtod(colon + 1, &end);
+    if (end != colon + 1 && mhz > 0) {
       khz = (int)(mhz * 1000.0 + 0.5);
       break;
     }
@@ -677,11 +680,19 @@ static long host_mem_mib(void) {
   return (long)((double)pages * (double)ps / (1024.0 * 1024.0));
 }
 
+static int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+/* "xx:xx:xx:xx:xx:xx", unicast (the group bit of the first byte clear). */
 static int valid_mac(const char *s) {
-  unsigned b[6];
-  char c;
-  return strlen(s) == 17 && sscanf(s, "%2x:%2x:%2x:%2x:%2x:%2x%c", &b[0], &b[1], &b[2], &b[3],
-                                   &b[4], &b[5], &c) == 6 && !(b[0] & 1);
+  if (strlen(s) != 17) return 0;
+  for (int i = 0; i < 17; i++)
+    if ((i % 3 == 2) ? s[i] != ':' : hexval(s[i]) < 0) return 0;
+  return !(hexval(s[1]) & 1);
 }
 
 static void random_hex(char *out, size_t nbytes) {
@@ -1271,7 +1282,10 @@ static long proc_rss_kb(pid_t pid) {
   if (!f) return -1;
   long kb = -1;
   while (fgets(line, sizeof line, f))
-    if (sscanf(line, "VmRSS: %ld", &kb) == 1) break;
+    if (strncmp(line, "VmRSS:", 6) == 0) {
+      kb = strtol(line + 6, NULL, 10);
+      break;
+    }
   fclose(f);
   return kb;
 }

@@ -29,7 +29,8 @@ describe("vm.create", function()
   it("raises on misuse, naming the field", function()
     assert.has_error(function() vm.create {} end, "bad field 'kernel' (a kernel image path is required)")
     assert.has_error(function() vm.create { kernel = kernel, bogus = 1 } end, "bad field 'bogus' (unknown field)")
-    assert.has_error(function() vm.create { kernel = kernel, vcpus = 0 } end, "bad field 'vcpus' (1 to 32 expected, got 0)")
+    assert.has_error(function() vm.create { kernel = kernel, vcpus = 0 } end,
+      "bad field 'vcpus' (1 to 32 expected, got 0)")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = 1000 } end,
       "bad field 'vcpus' (1 to 32 expected, got 1000)")
     assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 4 } end,
@@ -141,7 +142,8 @@ describe("vm with a fake VMM", function()
     local v = fake("exit")
     local ok, err = v:start()
     assert.is_nil(ok)
-    assert.matches("^vm " .. v.id:gsub("%-", "%%-") .. ": start: the VMM exited during start; VMM log %(.-%) ends:\n", err)
+    assert.matches("^vm " .. v.id:gsub("%-", "%%-") .. ": start: the VMM exited during start; VMM log %(.-%) ends:\n",
+      err)
     assert.matches("cannot initialise the machine %(mode exit%)", err)
     assert.are.equal("failed", v:state())
     assert.matches("cannot initialise the machine", v:log())

@@ -140,7 +140,8 @@ describe("vm with " .. what, function()
       assert.matches("Seccomp:%s+2", status)
       assert.matches("Seccomp_filters:%s+1", status)
       H.sh("kill -USR1 " .. vcpu)
-      assert(H.eventually(function() return v:log(65536):match("vcpu stand%-in pid " .. vcpu .. " was killed by signal 31") end),
+      local died = "vcpu stand%-in pid " .. vcpu .. " was killed by signal 31"
+      assert(H.eventually(function() return v:log(65536):match(died) end),
         "getpid(2) under the filter did not die of SIGSYS")
     end
     v:close()
