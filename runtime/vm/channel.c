@@ -562,8 +562,8 @@ static void req_release(vm_req *r) {
   vm *v = r->v;
   r->w = NULL;
   if (v && !v->released && !r->done && !r->failed && !v->chan.closed &&
-      (r->kind == R_EXEC || r->kind == R_WRITE))
-    cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0); /* the guest kills the command, drops the file */
+      (r->kind == R_EXEC || r->kind == R_WRITE || r->kind == R_READ))
+    cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0); /* kills the command, drops the file, stops a read */
   req_unlink(r);
   req_free_data(r);
   unthrottle(v);

@@ -98,7 +98,7 @@ describe("vm with " .. what, function()
     assert.are.equal("running", v:state(), "the VM runs on after its snapshot")
     assert(v:exec { "true" })
     v:close()
-    local r, err = vm.restore { dir = snap, vmm = vmm }
+    local r, err = T.restore { dir = snap, vmm = vmm }
     assert(r, err)
     assert.are.equal("running", r:state())
     assert.are.equal("before-snapshot\n", assert(r:exec { "cat", marker }).stdout)
@@ -114,7 +114,7 @@ describe("vm with " .. what, function()
     v:close()
     -- A memory file that does not match its snapshot: Firecracker answers 400.
     H.sh("truncate -s 4096 " .. snap .. "/memory.fc")
-    local r, err = vm.restore { dir = snap, vmm = vmm }
+    local r, err = T.restore { dir = snap, vmm = vmm }
     assert.is_nil(r)
     assert.matches("^vm [%w-]+: firecracker PUT /snapshot/load: 400: ", err)
     if not real then assert.matches("the memory file does not match the snapshot", err) end

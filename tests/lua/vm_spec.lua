@@ -167,7 +167,7 @@ describe("vm with a real QEMU guest", function()
     assert.are.equal("qemu", s.backend)
     assert.is_true(s.bytes > 1 << 20)
     assert.are.equal("running", v:state())
-    local r, err = vm.restore { dir = dir .. "/snap" }
+    local r, err = T.restore { dir = dir .. "/snap" }
     assert(r, err)
     local ok, e2 = pcall(function()
       assert.are.equal("running", r:state())

@@ -43,21 +43,24 @@ function T.fake(mode)
   return { T.fake_qemu, "--mode", mode, "--agent", T.agent }
 end
 
-local function list_dir(dir)
-  local out = {}
-  local r = claw.proc.run { "ls", "-1", dir }
-  if r and r.code == 0 then
-    for name in r.stdout:gmatch("[^\n]+") do out[name] = true end
+-- Every VM a test makes is tracked, so that the leak check looks at exactly what this process
+-- made (other specs may run in parallel and make their own taps and run directories).
+T.tracked = {}
+
+--- Remembers a VM's kernel objects for the leak check; returns the VM.
+function T.track(v)
+  if v then
+    local info = v:info()
+    T.tracked[#T.tracked + 1] = { id = v.id, tap = v.tap, rundir = info.rundir, pid = info.pid }
   end
-  return out
+  return v
 end
 
-local function count_lines(path)
+local function mounts_under_run()
   local n = 0
-  local f = io.open(path)
-  if not f then return 0 end
-  for _ in f:lines() do n = n + 1 end
-  f:close()
+  for line in io.lines("/proc/self/mounts") do
+    if line:find("/run/clawlua", 1, true) then n = n + 1 end
+  end
   return n
 end
 
@@ -71,37 +74,43 @@ function T.snapshot()
   end
   collectgarbage("collect")
   H.settle()
-  return {
-    fds = H.fds(),
-    taps = list_dir("/sys/class/net"),
-    runs = list_dir("/run/clawlua"),
-    mounts = count_lines("/proc/self/mounts"),
-  }
+  return { fds = H.fds(), tracked = #T.tracked, mounts = mounts_under_run() }
 end
 
---- Asserts that nothing the VM code made is left: child processes (the loop reaps killed VMMs
---- asynchronously, so this waits a little), fds, interfaces, run directories, mounts.
+local function exists(path)
+  local f = io.open(path)
+  if f then f:close() end
+  return f ~= nil
+end
+
+--- Asserts that nothing the VMs of this test made is left: child processes (the loop reaps
+--- killed VMMs asynchronously, so this waits a little), fds, taps, run directories, mounts.
 function T.assert_clean(before)
   collectgarbage("collect")
   assert(H.eventually(function() collectgarbage("collect") return H.children() == 0 end, 10 * H.scale),
     "child processes left: " .. table.concat(claw.proc.diagnostics().children, ","))
   H.settle()
-  local after = T.snapshot()
-  assert(after.fds == before.fds, ("fds: %d before, %d after"):format(before.fds, after.fds))
-  for name in pairs(after.taps) do
-    assert(before.taps[name], "interface left behind: " .. name)
+  local fds = H.fds()
+  assert(fds == before.fds, ("fds: %d before, %d after"):format(before.fds, fds))
+  for i = before.tracked + 1, #T.tracked do
+    local t = T.tracked[i]
+    if t.tap then assert(not exists("/sys/class/net/" .. t.tap), "tap left behind: " .. t.tap) end
+    if t.rundir then assert(not exists(t.rundir), "run directory left behind: " .. t.rundir) end
   end
-  for name in pairs(after.runs) do
-    assert(before.runs[name], "run directory left behind: /run/clawlua/" .. name)
-  end
-  assert(after.mounts == before.mounts, "mount table changed")
+  assert(mounts_under_run() == before.mounts, "a mount under /run/clawlua appeared")
 end
 
---- Creates a VM, raising with the error when that fails.
+--- Creates a VM (tracked), raising with the error when that fails.
 function T.create(opts)
   local v, err = claw.vm.create(opts)
   assert(v, err)
-  return v
+  return T.track(v)
+end
+
+--- vm.restore, tracked.
+function T.restore(opts)
+  local v, err = claw.vm.restore(opts)
+  return T.track(v), err
 end
 
 --- Writes a filter file in Firecracker's --seccomp-filter format (bincode: u64 count, then per
