@@ -467,6 +467,13 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     return VM_WAIT;
   }
   if (s == 2) {
+    /* The socket file exists from bind(), a moment before listen(): refused means "not yet". */
+    if (v->api.done && v->api.result == CURLE_COULDNT_CONNECT && !v->exited && w->state != CL_WAIT_TIMEOUT) {
+      cl_fc_release_api(v);
+      w->aux[0] = 1;
+      cl_vm_poll_in(v, 5);
+      return VM_WAIT;
+    }
     r = api_await(L, v, w, 1);
     if (r != 1) return r;
     if (!parse_version(v))

@@ -5,7 +5,6 @@
 local claw = require "clawlua"
 local H = require "helper"
 local T = require "vmtest"
-local vm = claw.vm
 
 local skip = T.no_qemu() or (not T.is_root() and "taps and /run/clawlua need root") or nil
 local files, image_err
