@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <linux/vm_sockets.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -33,6 +34,9 @@
 #define QMP_IN_CAP ((size_t)1 << 20)
 
 void cl_qemu_release(vm *v) {
+  if (v->vwatch.active) cl_watch_stop(&v->vwatch);
+  if (v->vsock_fd >= 0) close(v->vsock_fd);
+  v->vsock_fd = -1;
   if (v->qwatch.active) cl_watch_stop(&v->qwatch);
   if (v->qmpfd >= 0) close(v->qmpfd);
   v->qmpfd = -1;
@@ -337,6 +341,47 @@ static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
   return 0;
 }
 
+/* vhost-vsock: the host connects to the guest agent's port; until the agent listens the
+ * connection is reset, and it is tried again. Returns 1 once the channel is attached. */
+static void on_vsock_connect(cl_watch *w, uint32_t events) {
+  vm *v = w->data;
+  cl_watch_stop(&v->vwatch);
+  v->vsock_len = 1; /* the connect finished, one way or the other */
+  cl_vm_changed(v);
+}
+
+static int vsock_connect(vm *v) {
+  if (v->vsock_fd >= 0 && !v->vsock_len) return 0; /* in progress */
+  if (v->vsock_fd >= 0) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(v->vsock_fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    int fd = v->vsock_fd;
+    v->vsock_fd = -1;
+    if (!err) return cl_chan_attach(v, fd) == 0;
+    close(fd);
+    cl_vm_poll_in(v, 20);
+    return 0;
+  }
+  int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return 0;
+  struct sockaddr_vm a;
+  memset(&a, 0, sizeof a);
+  a.svm_family = AF_VSOCK;
+  a.svm_cid = (unsigned)v->cid;
+  a.svm_port = CLA_VSOCK_PORT;
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) return cl_chan_attach(v, fd) == 0;
+  if (errno != EINPROGRESS || cl_watch_start(v->loop, &v->vwatch, fd, EPOLLOUT, on_vsock_connect) != 0) {
+    close(fd);
+    cl_vm_poll_in(v, 20);
+    return 0;
+  }
+  v->vwatch.data = v;
+  v->vsock_fd = fd;
+  v->vsock_len = 0;
+  return 0;
+}
+
 static int write_meta(vm *v, char *err, size_t errlen) {
   cJSON *j = cJSON_CreateObject();
   cJSON_AddStringToObject(j, "backend", "qemu");
@@ -483,6 +528,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
   /* fall through */
   case 5: {
     if (v->exited) goto vmm_gone;
+    if (v->channel == CH_VSOCK && v->chan.closed && !v->chan.error[0]) vsock_connect(v);
     if (v->channel != CH_NONE && !v->chan.ready) {
       if (w->state == CL_WAIT_TIMEOUT) {
         if (v->chan.closed && v->chan.error[0])

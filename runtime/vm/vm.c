@@ -976,7 +976,9 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
       return cl_failf(L, e, "vm.create: tap %s: %s", name, strerror(e));
     }
   }
-  v->cid = 3 + (int)(getpid() % 100000) * 64 + (int)(v->t_create % 64);
+  /* A vsock context id of its own (vhost-vsock refuses one in use): the pid and a counter. */
+  static unsigned cid_counter;
+  v->cid = 3 + (int)(((unsigned)getpid() & 0x7fffu) << 8 | (cid_counter++ & 0xffu));
   push_detail(L, v);
   lua_pushstring(L, v->why);
   lua_setfield(L, -2, "why");
