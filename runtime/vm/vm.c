@@ -460,6 +460,19 @@ static void unregister_id(lua_State *L, vm *v) {
   lua_pop(L, 1);
 }
 
+static void free_config(vm *v) {
+  free(v->kernel);
+  free(v->initrd);
+  free(v->rootfs);
+  free(v->boot_args);
+  free(v->vmm);
+  free(v->seccomp_file);
+  free(v->restore_dir);
+  v->kernel = v->initrd = v->rootfs = v->boot_args = v->seccomp_file = NULL;
+  v->vmm = NULL;
+  v->restore_dir = NULL;
+}
+
 static void vm_release(lua_State *L, vm *v) {
   if (v->released) return;
   v->released = 1; /* first: whatever wakes below sees a closed VM */
@@ -497,21 +510,13 @@ static void vm_release(lua_State *L, vm *v) {
     cl_audit_emit(L, "vm.close", v->id, 0, lua_gettop(L));
     lua_pop(L, 1);
   }
-  free(v->kernel);
-  free(v->initrd);
-  free(v->rootfs);
-  free(v->boot_args);
-  free(v->vmm);
-  free(v->seccomp_file);
-  free(v->restore_dir);
-  v->kernel = v->initrd = v->rootfs = v->boot_args = v->seccomp_file = NULL;
-  v->vmm = NULL;
-  v->restore_dir = NULL;
+  free_config(v);
 }
 
 static int l_gc(lua_State *L) {
   vm *v = lua_touserdata(L, 1);
   vm_release(L, v);
+  free_config(v); /* also when create raised half-way, before the handle owned anything */
   return 0;
 }
 
@@ -862,18 +867,6 @@ static vm *push_vm(lua_State *L) {
   return v;
 }
 
-static void free_config(vm *v) {
-  free(v->kernel);
-  free(v->initrd);
-  free(v->rootfs);
-  free(v->boot_args);
-  free(v->vmm);
-  free(v->seccomp_file);
-  free(v->restore_dir);
-  v->kernel = v->initrd = v->rootfs = v->boot_args = v->seccomp_file = NULL;
-  v->vmm = NULL;
-  v->restore_dir = NULL;
-}
 
 /* The part of create and restore after the options: checks, then the kernel objects. The vm
  * userdata is on top of the stack. Returns 1 (the vm stays on top) or pushes nil, err, code. */
