@@ -254,8 +254,10 @@ static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
   arg(a, "-smp");
   arg(a, "%d", v->vcpus);
   arg(a, "-no-reboot");
-  arg(a, "-sandbox");
-  arg(a, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+  if (!v->seccomp_file) { /* seccomp = false turns QEMU's own sandbox off (audited: vm.spawn) */
+    arg(a, "-sandbox");
+    arg(a, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+  }
   arg(a, "-kernel");
   arg(a, "%s", v->kernel);
   if (v->initrd) {

@@ -628,7 +628,10 @@ static int choose_backend(vm *v, int want, int accel) {
     return 0;
   }
   const char *fcnote = want ? "asked for" : have_fc ? "firecracker needs KVM" : "no firecracker in PATH";
-  if (accel == 2) {
+  if (accel == 3) {
+    v->kvm = 2;
+    snprintf(v->why, sizeof v->why, "qemu: KVM to be proved by a probe boot (%s; probe asked for)", fcnote);
+  } else if (accel == 2) {
     v->kvm = 0;
     snprintf(v->why, sizeof v->why, "qemu with TCG (%s; TCG asked for)", fcnote);
   } else if (accel == 1) {
@@ -728,7 +731,8 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
   if (strcmp(ac, "auto") == 0) *accel = 0;
   else if (strcmp(ac, "kvm") == 0) *accel = 1;
   else if (strcmp(ac, "tcg") == 0) *accel = 2;
-  else cl_field_error(L, "accel", lua_pushfstring(L, "\"auto\", \"kvm\" or \"tcg\" expected, got \"%s\"", ac));
+  else if (strcmp(ac, "probe") == 0) *accel = 3;
+  else cl_field_error(L, "accel", lua_pushfstring(L, "\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"%s\"", ac));
   if (!restore) {
     const char *kernel = cl_opt_string(L, idx, "kernel", NULL);
     if (!kernel) cl_field_error(L, "kernel", "a kernel image path is required");
@@ -907,6 +911,11 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
   if (choose_backend(v, want_backend, accel)) {
     free_config(v);
     return cl_failf(L, ENOENT, "vm.create: %s", v->why);
+  }
+  if (v->backend == VM_QEMU && v->seccomp_file && v->seccomp_file[0]) {
+    free_config(v);
+    return cl_failf(L, EINVAL, "vm.create: seccomp: a Firecracker filter file needs the firecracker "
+                    "backend, and this vm is %s", v->why);
   }
   if (v->channel < 0) v->channel = v->backend == VM_FIRECRACKER ? CH_VSOCK
                                    : access("/dev/vhost-vsock", R_OK | W_OK) == 0 ? CH_VSOCK

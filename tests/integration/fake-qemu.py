@@ -10,6 +10,8 @@ modes:
   exit        print an error and exit 1 at once (a VMM that dies during start)
   silent      QMP works, the agent never says READY (a guest that never becomes ready)
   agent       the real agent (--agent PATH --fd M) serves the channel: a VM without a VM
+  nokvm       like agent, but under -accel kvm it fails the way a stock kernel fails on a nested
+              PVM hypervisor (for the KVM probe boot)
   oversized   READY, then a frame header announcing a 100 MiB payload
   badmagic    READY, then bytes that are not a frame
   unknown-id  READY, then EXIT for a request the host never made
@@ -90,6 +92,11 @@ def main(argv):
             fds[opts["id"]] = int(opts["fd"])
     sys.stderr.write("fake-qemu (no VM runs): mode %s, fds %s\n" % (mode, fds))
     sys.stderr.flush()
+    if mode == "nokvm":
+        if any(a == "kvm" and argv[i - 1] == "-accel" for i, a in enumerate(argv)):
+            sys.stderr.write("KVM internal error. Suberror: 1 (fake-qemu, mode nokvm)\n")
+            return 1
+        mode = "agent"
     if mode == "exit":
         sys.stderr.write("fake-qemu: cannot initialise the machine (mode exit)\n")
         return 1

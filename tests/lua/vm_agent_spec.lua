@@ -50,6 +50,8 @@ describe("vm.create", function()
       "bad field 'net' (tap name \"this-name-is-too-long\" is not a valid interface name)")
     assert.has_error(function() vm.create { kernel = kernel, guest = { channel = "pigeon" } } end,
       "bad field 'guest' (channel \"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, got \"pigeon\")")
+    assert.has_error(function() vm.create { kernel = kernel, accel = "hvf" } end,
+      "bad field 'accel' (\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"hvf\")")
     assert.has_error(function() vm.create { kernel = kernel, guest = { ready_timeout = -1 } } end,
       "bad field 'guest' (ready_timeout must be between 0 and 3600 seconds)")
   end)
@@ -197,6 +199,54 @@ describe("vm with a fake VMM", function()
       v:close()
     end)
   end
+
+  it("proves KVM with a probe boot, and boots again under TCG when the probe fails", function()
+    local v = fake("nokvm", { accel = "probe" })
+    assert.are.equal("kvm-probe", v:info().accel)
+    assert(v:start())
+    local info = v:info()
+    assert.are.equal("tcg", info.accel)
+    assert.matches("a probe boot under it failed", info.why)
+    local spawns = {}
+    for ev in claw.audit.query { sandbox = v.id, kind = "vm.spawn" } do
+      spawns[#spawns + 1] = table.concat(ev.detail.argv, " ")
+    end
+    assert.are.equal(2, #spawns)
+    assert.matches("%-accel kvm ", spawns[1])
+    assert.matches("%-accel tcg ", spawns[2])
+    assert.are.equal("ok\n", assert(v:exec { "echo", "ok" }).stdout)
+    v:close()
+    -- The verdict was cached for this (host kernel, VMM, guest kernel); take the fake's out.
+    local cache = (os.getenv("XDG_CACHE_HOME") or (os.getenv("HOME") .. "/.cache")) .. "/clawlua/kvm-verdicts"
+    local kept, found = {}, false
+    for line in io.lines(cache) do
+      if line:find(T.fake_qemu, 1, true) then
+        found = found or line:match(" fails$") ~= nil
+      else
+        kept[#kept + 1] = line .. "\n"
+      end
+    end
+    H.write_file(cache, table.concat(kept))
+    assert.is_true(found, "no 'fails' verdict recorded")
+  end)
+
+  it("runs QEMU under its own seccomp sandbox unless seccomp = false", function()
+    local function argv_of(v)
+      local evs = claw.audit.events { sandbox = v.id, kind = "vm.spawn" }
+      return table.concat(evs[#evs].detail.argv, " ")
+    end
+    local v = fake("agent")
+    assert(v:start())
+    assert.matches(" %-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny ", argv_of(v))
+    v:close()
+    v = fake("agent", { seccomp = false })
+    assert(v:start())
+    assert.is_nil(argv_of(v):find("-sandbox", 1, true))
+    v:close()
+    local x, err = vm.create { backend = "qemu", kernel = kernel, seccomp = kernel }
+    assert.is_nil(x)
+    assert.matches("seccomp: a Firecracker filter file needs the firecracker backend", err)
+  end)
 
   it("caps what a flooding agent sends", function()
     local v = fake("flood")
