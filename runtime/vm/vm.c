@@ -82,24 +82,50 @@ void cl_vm_poll_in(vm *v, unsigned ms) {
   cl_timer_start(v->loop, &v->poll_timer, cl_now_ns() + (uint64_t)ms * 1000000u, on_poll_timer);
 }
 
+/* The host's TSC rate for tsc_early_khz=: what the kernel measured (its log, when it is still
+ * there), else /proc/cpuinfo's "cpu MHz". */
+static double mhz_after(const char *s, const char *key) {
+  const char *p = strstr(s, key);
+  if (!p) return 0;
+  char *end;
+  double mhz = strtod(p + strlen(key), &end);
+  return end != p + strlen(key) && strncmp(end, " MHz", 4) == 0 ? mhz : 0;
+}
+
 int cl_vm_tsc_khz(void) {
   static int khz = -1;
   if (khz >= 0) return khz;
   khz = 0;
-  FILE *f = fopen("/proc/cpuinfo", "re");
-  if (!f) return khz;
-  char line[256];
-  while (fgets(line, sizeof line, f)) {
-    char *colon = strchr(line, ':');
-    if (strncmp(line, "cpu MHz", 7) != 0 || !colon) continue;
-    char *end;
-    double mhz = strtod(colon + 1, &end);
-    if (end != colon + 1 && mhz > 0) {
-      khz = (int)(mhz * 1000.0 + 0.5);
-      break;
+  double detected = 0, refined = 0;
+  int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd >= 0) {
+    char rec[1024];
+    for (int i = 0; i < 20000; i++) {
+      ssize_t n = read(fd, rec, sizeof rec - 1);
+      if (n < 0 && errno == EPIPE) continue; /* a record was overwritten while we read */
+      if (n <= 0) break;
+      rec[n] = 0;
+      double m;
+      if ((m = mhz_after(rec, "tsc: Refined TSC clocksource calibration: ")) > 0) refined = m;
+      else if ((m = mhz_after(rec, "tsc: Detected ")) > 0) detected = m;
     }
+    close(fd);
   }
-  fclose(f);
+  double mhz = refined > 0 ? refined : detected;
+  FILE *f = mhz > 0 ? NULL : fopen("/proc/cpuinfo", "re");
+  if (f) {
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+      char *colon = strchr(line, ':');
+      if (strncmp(line, "cpu MHz", 7) != 0 || !colon) continue;
+      char *end;
+      mhz = strtod(colon + 1, &end);
+      if (end != colon + 1 && mhz > 0) break;
+      mhz = 0;
+    }
+    fclose(f);
+  }
+  if (mhz > 0) khz = (int)(mhz * 1000.0 + 0.5);
   return khz;
 }
 
