@@ -248,6 +248,36 @@ describe("vm with a fake VMM", function()
     assert.matches("seccomp: a Firecracker filter file needs the firecracker backend", err)
   end)
 
+  it("cleans up after a cancelled start, a close during start and a dropped handle", function()
+    -- a task cancelled while its start waits: the VMM is killed, the VM is failed
+    local v = fake("silent")
+    local t = claw.spawn(function() return v:start() end)
+    assert(H.eventually(function() return v:pid() ~= nil end))
+    local pid = v:pid()
+    t:cancel()
+    assert.are.same({ nil, "cancelled" }, { t:join() })
+    assert.are.equal("failed", v:state())
+    assert(H.eventually(function() return io.open("/proc/" .. pid .. "/stat") == nil end), "the VMM survived")
+    v:close()
+    -- closed under a waiting start: the start fails at once
+    v = fake("silent")
+    t = claw.spawn(function() return v:start() end)
+    assert(H.eventually(function() return v:pid() ~= nil end))
+    v:close()
+    local ok, err = t:join()
+    assert.is_nil(ok)
+    assert.matches("closed", err)
+    -- a running VM nobody holds any more: the collector tears it down
+    v = fake("agent")
+    assert(v:start())
+    local rundir = v:info().rundir
+    v = nil -- luacheck: ignore 311
+    collectgarbage("collect")
+    collectgarbage("collect")
+    assert(H.eventually(function() return H.children() == 0 end), "the VMM of a collected VM lives on")
+    assert.is_nil(io.open(rundir .. "/vmm.log"), "the run directory of a collected VM is still there")
+  end)
+
   it("caps what a flooding agent sends", function()
     local v = fake("flood")
     assert(v:start())
