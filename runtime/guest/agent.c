@@ -592,6 +592,8 @@ static void finish_exec(job *j) {
   uint64_t flags = (j->timed_out ? CLA_F_TIMED_OUT : 0) | (j->out_trunc ? CLA_F_OUT_TRUNCATED : 0) |
                    (j->err_trunc ? CLA_F_ERR_TRUNCATED : 0);
   tlv_u64(&t, CLA_T_FLAGS, flags);
+  tlv_u64(&t, CLA_T_OUT_BYTES, j->out_n);
+  tlv_u64(&t, CLA_T_ERR_BYTES, j->err_n);
   ack_stdin(j, 1);
   send_frame(CLA_EXIT, j->id, t.b, t.n);
   job_free(j);
@@ -1155,13 +1157,15 @@ int main(int argc, char **argv) {
       next = j->next;
       if (j->kind == J_READ && g.out_len < OUT_HIGH && pump_read(j)) job_free(j);
     }
-    if (g.out_len < OUT_HIGH)
-      for (job *j = jobs; j; j = j->next)
-        if (j->kind == J_READ) timeout = 0;
     if (g.fd >= 0 && flush_out() < 0) {
       drop_connection();
       continue;
     }
+    /* After the flush: a read held back by a full queue goes on as soon as the queue drained
+     * (deciding this before the flush left a drained queue and a waiting read: a deadlock). */
+    if (g.out_len < OUT_HIGH)
+      for (job *j = jobs; j; j = j->next)
+        if (j->kind == J_READ) timeout = 0;
     if (g.shutting_down && (g.out_len == 0 || g.fd < 0)) power_off(g.shutdown_action);
     int n = 0;
     if (g.fd >= 0) {

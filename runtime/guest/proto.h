@@ -18,7 +18,8 @@
  *   EXEC {ARG+, ENV*, CWD, TIMEOUT_MS, MAX_OUT, MAX_ERR, STDIN}
  *                              -> STARTED {PID} | ERROR {ERRNO, MESSAGE}
  *                                 then STDOUT/STDERR data frames, STDIN_ACK {SIZE} for stdin
- *                                 the agent consumed, and last EXIT {CODE | SIGNAL, FLAGS}
+ *                                 the agent consumed, and last EXIT {CODE | SIGNAL, FLAGS,
+ *                                 OUT_BYTES, ERR_BYTES}
  *   STDIN (data; empty = EOF), KILL {SIGNAL}   (no answer)
  *   WRITE {PATH, MODE, SIZE}   -> OK | ERROR; then WDATA* and WEND -> OK (renamed) | ERROR
  *   READ {PATH, MAX}           -> RINFO {SIZE, MODE}, RDATA*, REND | ERROR
@@ -90,6 +91,8 @@ enum cla_tag {
   CLA_T_UPTIME_MS = 19,
   CLA_T_ACTION = 20,
   CLA_T_PID = 21,
+  CLA_T_OUT_BYTES = 22, /* EXIT: what the command wrote, kept or not */
+  CLA_T_ERR_BYTES = 23,
 };
 
 /* EXIT flags */

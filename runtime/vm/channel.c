@@ -415,6 +415,10 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
         have = 1;
       } else if (t.tag == CLA_T_FLAGS) {
         cla_tlv_u64(&t, &r->flags);
+      } else if (t.tag == CLA_T_OUT_BYTES && cla_tlv_u64(&t, &x)) {
+        if (x > r->out_total) r->out_total = x; /* what the command wrote, beyond what came */
+      } else if (t.tag == CLA_T_ERR_BYTES && cla_tlv_u64(&t, &x)) {
+        if (x > r->err_total) r->err_total = x;
       }
     }
     if (r_ < 0 || !have) return violation(v, "malformed EXIT frame"), 0;
@@ -902,6 +906,10 @@ static int write_k(lua_State *L, int status, lua_KContext ctx) {
     lua_pushboolean(L, 1);
     return 1;
   }
+  if (w->state == CL_WAIT_TIMEOUT) {
+    req_fail(r, ETIMEDOUT, "write_file: no answer from the guest agent within the timeout");
+    return req_failed(L, r); /* releasing it cancels the write: no file is left */
+  }
   r->want_write = 0;
   while (r->wsent < r->wlen && !v->chan.closed) {
     if (v->chan.out_len >= OUT_HIGH) {
@@ -949,11 +957,13 @@ static int l_write_file(lua_State *L) {
   size_t len;
   const char *data = luaL_checklstring(L, 3, &len);
   lua_Integer mode = 0644;
+  double timeout = -1;
   if (!lua_isnoneornil(L, 4)) {
     luaL_checktype(L, 4, LUA_TTABLE);
-    static const char *const fields[] = {"mode", NULL};
+    static const char *const fields[] = {"mode", "timeout", NULL};
     cl_check_fields(L, 4, fields);
     mode = opt_mode(L, 4);
+    timeout = cl_opt_number(L, 4, "timeout", -1);
   }
   lua_settop(L, 4);
   if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "write_file");
@@ -978,7 +988,7 @@ static int l_write_file(lua_State *L) {
   lua_replace(L, 5);
   lua_settop(L, 5);
   cl_wait *w = cl_wait_push(L);
-  CL_UNUSED(w);
+  w->deadline = cl_deadline(timeout);
   return write_k(L, LUA_OK, lua_gettop(L));
 }
 
@@ -1001,6 +1011,10 @@ static int read_k(lua_State *L, int status, lua_KContext ctx) {
     req_release(r);
     return 1;
   }
+  if (w->state == CL_WAIT_TIMEOUT) {
+    req_fail(r, ETIMEDOUT, "read_file: no answer from the guest agent within the timeout");
+    return req_failed(L, r);
+  }
   return req_wait(L, r, w, read_k, ctx);
 }
 
@@ -1009,10 +1023,12 @@ static int l_read_file(lua_State *L) {
   vm *v = cl_vm_check(L, 1);
   check_path(L, 2, "read_file");
   lua_Integer max = (lua_Integer)DEFAULT_MAX_READ;
+  double timeout = -1;
   if (!lua_isnoneornil(L, 3)) {
     luaL_checktype(L, 3, LUA_TTABLE);
-    static const char *const fields[] = {"max", NULL};
+    static const char *const fields[] = {"max", "timeout", NULL};
     cl_check_fields(L, 3, fields);
+    timeout = cl_opt_number(L, 3, "timeout", -1);
     max = cl_opt_integer(L, 3, "max", max);
     if (max < 0 || (uint64_t)max > MAX_FILE) cl_field_error(L, "max", "between 0 and 2^40 expected");
   }
@@ -1037,6 +1053,7 @@ static int l_read_file(lua_State *L) {
   lua_replace(L, 4);
   lua_settop(L, 4);
   cl_wait *w = cl_wait_push(L);
+  w->deadline = cl_deadline(timeout);
   return req_wait(L, r, w, read_k, lua_gettop(L));
 }
 

@@ -395,6 +395,22 @@ describe("vm channel with the real agent on the host", function()
     assert.are.equal("", H.sh("ls -a " .. dir .. " | grep clawlua- || true"), "no temporary file left")
   end)
 
+  it("moves files larger than the agent's output queue both ways", function()
+    local big = ("0123456789abcdef"):rep(1 << 20) -- 16 MiB: the agent's queue holds 1 MiB
+    local path = dir .. "/big"
+    assert(v:write_file(path, big, { timeout = 60 * H.scale }))
+    local back = assert(v:read_file(path, { timeout = 60 * H.scale }))
+    assert.are.equal(#big, #back)
+    assert.is_true(back == big)
+    local r, err = v:exec { "sh", "-c", "sleep 0.2; dd if=/dev/zero bs=1M count=20 2>/dev/null", max_output = 10,
+                            timeout = 30 }
+    assert(r, err)
+    assert.are.equal(20 << 20, r.stdout_bytes)
+    assert.are.equal(10, #r.stdout)
+    assert.is_true(r.truncated)
+    os.remove(path)
+  end)
+
   it("runs commands concurrently from several tasks", function()
     local tasks = {}
     for i = 1, 8 do
