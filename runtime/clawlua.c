@@ -21,6 +21,7 @@ static const struct {
   {"loop", luaopen_clawlua_loop},     {"json", luaopen_clawlua_json},
   {"stream", luaopen_clawlua_stream}, {"proc", luaopen_clawlua_proc},
   {"http", luaopen_clawlua_http},     {"audit", luaopen_clawlua_audit},
+  {"seccomp", luaopen_clawlua_seccomp}, {"jail", luaopen_clawlua_jail},
   {"vm", luaopen_clawlua_vm},
 };
 

@@ -59,6 +59,8 @@ typedef struct reap {
   pid_t pid;
   int pidfd;
   cl_watch watch;
+  void (*done)(void *);
+  void *arg;
 } reap;
 
 typedef struct closer {
@@ -1214,10 +1216,15 @@ static void on_reap(cl_watch *w, uint32_t events) {
   close(r->pidfd);
   for (reap **p = &lp->reaps; *p; p = &(*p)->next)
     if (*p == r) { *p = r->next; break; }
+  if (r->done) r->done(r->arg);
   free(r);
 }
 
 void cl_reap_later(cl_loop *lp, pid_t pid, int pidfd) {
+  cl_reap_later_then(lp, pid, pidfd, NULL, NULL);
+}
+
+void cl_reap_later_then(cl_loop *lp, pid_t pid, int pidfd, void (*done)(void *), void *arg) {
   reap *r = calloc(1, sizeof *r);
   if (!r || cl_watch_start(lp, &r->watch, pidfd, EPOLLIN, on_reap) != 0) {
     /* Out of memory or epoll refused: the child was killed, reap it now. */
@@ -1225,8 +1232,11 @@ void cl_reap_later(cl_loop *lp, pid_t pid, int pidfd) {
     waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED);
     close(pidfd);
     free(r);
+    if (done) done(arg);
     return;
   }
+  r->done = done;
+  r->arg = arg;
   r->pid = pid;
   r->pidfd = pidfd;
   r->watch.data = r;
@@ -1378,6 +1388,7 @@ static int loop_gc(lua_State *L) {
     siginfo_t si;
     waitid((idtype_t)P_PIDFD, (id_t)r->pidfd, &si, WEXITED);
     close(r->pidfd);
+    if (r->done) r->done(r->arg);
     free(r);
   }
   close(lp->epfd);

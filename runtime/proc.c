@@ -121,16 +121,49 @@ static int child_main(void *arg) {
       if (fl >= 0) fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
     }
   }
-  if (r->cwd && chdir(r->cwd) < 0) child_fail(a, errno, "chdir");
+  /* Every handler is back to default (above), so signals may be delivered from here on. */
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  if (r->cwd && !r->cwd_after_setup && chdir(r->cwd) < 0) child_fail(a, errno, "chdir");
   if (r->child_setup) {
     const char *stage = "setup";
     int err = r->child_setup(r->child_arg, &stage);
     if (err) child_fail(a, err, stage);
   }
-  sigset_t none;
-  sigemptyset(&none);
-  sigprocmask(SIG_SETMASK, &none, NULL);
-  execve(r->path, r->argv, r->envp ? r->envp : environ);
+  if (r->cwd && r->cwd_after_setup && chdir(r->cwd) < 0) child_fail(a, errno, "chdir");
+  char *const *envp = r->envp ? r->envp : environ;
+  char found[4096];
+  const char *path = r->path;
+  if (!path) { /* search PATH here, in the child's own root, without allocating */
+    int best = ENOENT;
+    const char *p = r->search_path ? r->search_path : "/usr/local/bin:/usr/bin:/bin";
+    path = found;
+    found[0] = 0;
+    while (*p) {
+      const char *c = strchr(p, ':');
+      size_t dl = c ? (size_t)(c - p) : strlen(p);
+      size_t nl = strlen(r->argv[0]);
+      if (dl && dl + nl + 2 <= sizeof found) {
+        memcpy(found, p, dl);
+        found[dl] = '/';
+        memcpy(found + dl + 1, r->argv[0], nl + 1);
+        if (access(found, X_OK) == 0) break;
+        if (errno == EACCES) best = EACCES;
+      }
+      found[0] = 0;
+      if (!c) break;
+      p = c + 1;
+    }
+    if (!found[0]) child_fail(a, best, "exec (searching PATH)");
+  }
+  /* The filter goes last: nothing of ours runs under it but the hand-off and the exec. */
+  if (r->seccomp) {
+    const char *stage = "seccomp";
+    int err = cl_seccomp_child_install(r->seccomp, &stage);
+    if (err) child_fail(a, err, stage);
+  }
+  execve(path, r->argv, envp);
   child_fail(a, errno, "exec");
   return 127;
 }
@@ -215,7 +248,8 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
     snprintf(err, errlen, "pipe: %s", strerror(errno));
     return errno;
   }
-  int forked = req->child_setup || req->parent_setup || req->clone_flags;
+  int forked = req->child_setup || req->parent_setup || req->clone_flags || req->seccomp ||
+               !req->path;
   if (req->parent_setup && pipe2(sp, O_CLOEXEC) < 0) {
     int e = errno;
     close(ep[0]);
@@ -225,6 +259,23 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   }
   a.errfd = ep[1];
   a.syncfd = sp[0];
+  /* Joining a network namespace: this thread enters it for the clone and comes back, so the
+   * child starts there whatever namespaces it creates (a child in a new user namespace could
+   * not join a namespace the host owns by itself). */
+  int home_net = -1;
+  if (req->netns_fd > 0) {
+    home_net = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (home_net < 0 || setns(req->netns_fd, CLONE_NEWNET) < 0) {
+      int se = errno;
+      if (home_net >= 0) close(home_net);
+      close(ep[0]);
+      close(ep[1]);
+      if (sp[0] >= 0) close(sp[0]), close(sp[1]);
+      snprintf(err, errlen, "setns(net): %s", strerror(se));
+      return se;
+    }
+    forked = 1;
+  }
   /* No signal handler may run in a child that shares our memory: block all around clone. */
   sigset_t all, old;
   sigfillset(&all);
@@ -233,6 +284,10 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   long p = forked ? spawn_fork(req, &a, &fd, sp[1], ep[0]) : spawn_vfork(&a, &fd);
   int e = p < 0 ? errno : 0;
   sigprocmask(SIG_SETMASK, &old, NULL);
+  if (home_net >= 0) {
+    if (setns(home_net, CLONE_NEWNET) < 0) abort(); /* cannot happen: our own namespace */
+    close(home_net);
+  }
   close(ep[1]);
   if (sp[0] >= 0) close(sp[0]);
   if (p < 0) {
@@ -259,7 +314,21 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   /* Exec closes the error pipe: EOF means the child runs the new program. */
   child_report msg;
   ssize_t n;
-  do n = read(ep[0], &msg, sizeof msg); while (n < 0 && errno == EINTR);
+  if (req->seccomp && cl_seccomp_prog_notifies(req->seccomp)) {
+    n = cl_seccomp_exec_wait(req->seccomp, (pid_t)p, ep[0], &msg, sizeof msg);
+    if (n < 0) {
+      close(ep[0]);
+      kill((pid_t)p, SIGKILL);
+      reap_now(fd);
+      close(fd);
+      snprintf(err, errlen, "seccomp: handing over the notify fd: %s%s", strerror((int)-n),
+               n == -EPROTO || n == -ETIMEDOUT ? " (does the filter let sendmsg and execve "
+                                                 "through?)" : "");
+      return (int)-n;
+    }
+  } else {
+    do n = read(ep[0], &msg, sizeof msg); while (n < 0 && errno == EINTR);
+  }
   close(ep[0]);
   if (n == (ssize_t)sizeof msg) { /* the child failed before exec and has exited */
     msg.stage[sizeof msg.stage - 1] = 0;
@@ -315,13 +384,28 @@ typedef struct proc {
   struct rusage ru;
   double started, ended;
   cl_watch watch;
+  cl_proc_ext *ext; /* owned: released after the child on every path */
+  int ext_reaped;
   char name[64];
 } proc;
+
+static void ext_reaped(proc *p, lua_State *L) {
+  if (p->ext && !p->ext_reaped) {
+    p->ext_reaped = 1;
+    p->ext->reaped(p->ext, L, p->pid);
+  }
+}
+
+static void ext_done(void *arg) {
+  cl_proc_ext *x = arg;
+  x->reaped(x, NULL, 0);
+  x->destroy(x);
+}
 
 static proc *check_proc(lua_State *L, int i) { return luaL_checkudata(L, i, PROC_MT); }
 
 /* Reaps if the child has exited. Returns 1 when reaped (now or before). */
-static int try_reap(proc *p) {
+static int try_reap_L(proc *p, lua_State *L) {
   if (p->reaped) return 1;
   if (p->pidfd < 0) return 0;
   siginfo_t si;
@@ -343,8 +427,10 @@ static int try_reap(proc *p) {
   cl_watch_stop(&p->watch);
   close(p->pidfd);
   p->pidfd = -1;
+  ext_reaped(p, L);
   return 1;
 }
+
 
 static void push_status(lua_State *L, proc *p) {
   lua_createtable(L, 0, 8);
@@ -369,6 +455,7 @@ static void push_status(lua_State *L, proc *p) {
   lua_setfield(L, -2, "stime");
   lua_pushinteger(L, p->ru.ru_maxrss);
   lua_setfield(L, -2, "maxrss_kb");
+  if (p->ext) p->ext->status(p->ext, L);
 }
 
 static int kill_child(proc *p, int sig, int group) {
@@ -386,12 +473,23 @@ static void proc_release(lua_State *L, proc *p) {
   p->closed = 1;
   if (!p->reaped && p->pidfd >= 0) {
     kill_child(p, SIGKILL, 1);
-    if (!try_reap(p)) {
+    if (p->ext) p->ext->kill(p->ext);
+    if (!try_reap_L(p, L)) {
       cl_watch_stop(&p->watch);
-      cl_reap_later(p->watch.loop ? p->watch.loop : cl_loop_get(L), p->pid, p->pidfd);
+      cl_loop *lp = p->watch.loop ? p->watch.loop : cl_loop_get(L);
+      if (p->ext) { /* the reaper releases the rest once the child is gone */
+        cl_reap_later_then(lp, p->pid, p->pidfd, ext_done, p->ext);
+        p->ext = NULL;
+      } else {
+        cl_reap_later(lp, p->pid, p->pidfd);
+      }
       p->pidfd = -1;
     }
   }
+  /* The notify supervisor stops with the handle. */
+  if (lua_getiuservalue(L, 1, 4) == LUA_TUSERDATA && luaL_callmeta(L, -1, "__close"))
+    lua_pop(L, 1);
+  lua_pop(L, 1);
   /* Pipes: close the streams the handle owns. */
   for (int i = 1; i <= 3; i++) {
     if (lua_getiuservalue(L, 1, i) == LUA_TUSERDATA && luaL_callmeta(L, -1, "__gc")) lua_pop(L, 1);
@@ -402,7 +500,7 @@ static void proc_release(lua_State *L, proc *p) {
 static int wait_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = cl_wait_resumed(L, ctx);
   proc *p = check_proc(L, 1);
-  if (try_reap(p)) {
+  if (try_reap_L(p, L)) {
     push_status(L, p);
     return 1;
   }
@@ -422,7 +520,7 @@ static int l_wait(lua_State *L) {
   proc *p = check_proc(L, 1);
   double timeout = luaL_optnumber(L, 2, -1);
   lua_settop(L, 2);
-  if (try_reap(p)) {
+  if (try_reap_L(p, L)) {
     push_status(L, p);
     return 1;
   }
@@ -453,14 +551,14 @@ static int l_kill(lua_State *L) {
 /* Lua: p:running() -> boolean (reaps without blocking) */
 static int l_running(lua_State *L) {
   proc *p = check_proc(L, 1);
-  lua_pushboolean(L, !p->closed && !try_reap(p));
+  lua_pushboolean(L, !p->closed && !try_reap_L(p, L));
   return 1;
 }
 
 /* Lua: p:status() -> status table or nil while running */
 static int l_status(lua_State *L) {
   proc *p = check_proc(L, 1);
-  if (!try_reap(p)) return 0;
+  if (!try_reap_L(p, L)) return 0;
   push_status(L, p);
   return 1;
 }
@@ -472,7 +570,13 @@ static int l_close(lua_State *L) {
 }
 
 static int l_gc(lua_State *L) {
-  proc_release(L, lua_touserdata(L, 1));
+  proc *p = lua_touserdata(L, 1);
+  proc_release(L, p);
+  if (p->ext) { /* reaped already (or never started): release what is left */
+    ext_reaped(p, NULL);
+    p->ext->destroy(p->ext);
+    p->ext = NULL;
+  }
   return 0;
 }
 
@@ -501,6 +605,14 @@ static int l_index(lua_State *L) {
       lua_getiuservalue(L, 1, i + 1);
       return 1;
     }
+  if (strcmp(k, "seccomp") == 0) {
+    lua_getiuservalue(L, 1, 4);
+    return 1;
+  }
+  if (strcmp(k, "jail") == 0) {
+    lua_getiuservalue(L, 1, 5);
+    return 1;
+  }
   lua_getmetatable(L, 1);
   lua_getfield(L, -1, "methods");
   lua_getfield(L, -1, k);
@@ -641,46 +753,80 @@ static const char *env_path(char **envp) {
 }
 
 /* Lua: proc.spawn{argv... | argv=, cwd=, env=, env_add=, stdin=, stdout=, stderr=, group=true,
- * session=false, pdeathsig="KILL"} -> process | nil, err, code */
+ * session=false, pdeathsig="KILL", seccomp=filter} -> process | nil, err, code */
 static int l_spawn(lua_State *L) {
-  static const char *const fields[] = {"argv", "cwd", "env", "env_add", "stdin", "stdout",
-                                       "stderr", "group", "session", "pdeathsig", "name", NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
-  cl_check_fields(L, 1, fields);
+  return cl_proc_spawn(L, 1, NULL);
+}
+
+int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
+  static const char *const fields[] = {"argv", "cwd", "env", "env_add", "stdin", "stdout",
+                                       "stderr", "group", "session", "pdeathsig", "name",
+                                       "seccomp", NULL};
+  opts = lua_absindex(L, opts);
+  luaL_checktype(L, opts, LUA_TTABLE);
+  /* Unknown fields: ours plus the caller's. */
+  lua_pushnil(L);
+  while (lua_next(L, opts)) {
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      if (lua_isinteger(L, -1)) continue;
+      luaL_error(L, "bad field of type %s (string keys expected)", luaL_typename(L, -1));
+    }
+    const char *k = lua_tostring(L, -1);
+    int ok = 0;
+    for (const char *const *f = fields; *f && !ok; f++) ok = strcmp(*f, k) == 0;
+    for (const char *const *f = hooks ? hooks->fields : NULL; f && *f && !ok; f++)
+      ok = strcmp(*f, k) == 0;
+    if (!ok) luaL_error(L, "bad field '%s' (unknown field)", k);
+  }
+  int base = lua_gettop(L);
   char **argv;
-  if (lua_getfield(L, 1, "argv") != LUA_TNIL) {
-    if (lua_rawlen(L, 1) > 0) cl_field_error(L, "argv", "given twice (positional and argv=)");
+  if (lua_getfield(L, opts, "argv") != LUA_TNIL) {
+    if (lua_rawlen(L, opts) > 0) cl_field_error(L, "argv", "given twice (positional and argv=)");
     argv = cl_check_argv(L, -1, "argv", 0);
   } else {
-    argv = cl_check_argv(L, 1, "argv", 0);
+    argv = cl_check_argv(L, opts, "argv", 0);
   }
   int argv_idx = lua_gettop(L);
-  const char *cwd = cl_opt_string(L, 1, "cwd", NULL);
-  int group = cl_opt_boolean(L, 1, "group", 1);
-  int session = cl_opt_boolean(L, 1, "session", 0);
+  const char *cwd = cl_opt_string(L, opts, "cwd", NULL);
+  int group = cl_opt_boolean(L, opts, "group", 1);
+  int session = cl_opt_boolean(L, opts, "session", 0);
   int pdeath = SIGKILL;
-  if (lua_getfield(L, 1, "pdeathsig") != LUA_TNIL) {
+  if (lua_getfield(L, opts, "pdeathsig") != LUA_TNIL) {
     if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) pdeath = 0;
     else if ((pdeath = cl_signal_number(L, -1)) < 0) cl_field_error(L, "pdeathsig", "unknown signal");
   }
   lua_pop(L, 1);
   stdio_spec sp[3];
-  parse_stdio(L, 1, "stdin", 0, &sp[0]);
-  parse_stdio(L, 1, "stdout", 1, &sp[1]);
-  parse_stdio(L, 1, "stderr", 2, &sp[2]);
-  char **envp = build_env(L, 1);
+  parse_stdio(L, opts, "stdin", 0, &sp[0]);
+  parse_stdio(L, opts, "stdout", 1, &sp[1]);
+  parse_stdio(L, opts, "stderr", 2, &sp[2]);
+  char **envp = build_env(L, opts);
   lua_settop(L, argv_idx + (envp ? 1 : 0));
-  CL_UNUSED(argv_idx);
-
-  char path[4096];
-  int e = cl_find_executable(argv[0], env_path(envp), path, sizeof path);
-  if (e) {
-    if (e == ENOENT && !strchr(argv[0], '/'))
-      return cl_failf(L, e, "spawn %s: not found in PATH", argv[0]);
-    return cl_failf(L, e, "spawn %s: %s", argv[0], strerror(e));
+  cl_seccomp_prog *sc = NULL;
+  int sc_idx = 0;
+  if (lua_getfield(L, opts, "seccomp") != LUA_TNIL) {
+    sc = cl_seccomp_prepare(L, -1);
+    lua_remove(L, -2);
+    sc_idx = lua_gettop(L);
+  } else {
+    lua_pop(L, 1);
   }
-  if (cwd) {
+  CL_UNUSED(base);
+
+  int in_jail = hooks && hooks->in_jail;
+  char path[4096];
+  if (!in_jail) {
+    int e = cl_find_executable(argv[0], env_path(envp), path, sizeof path);
+    if (e) {
+      if (e == ENOENT && !strchr(argv[0], '/'))
+        return cl_failf(L, e, "spawn %s: not found in PATH", argv[0]);
+      return cl_failf(L, e, "spawn %s: %s", argv[0], strerror(e));
+    }
+  }
+  if (cwd && !in_jail) {
     struct stat st;
     if (stat(cwd, &st) < 0) return cl_failf(L, errno, "spawn %s: cwd %s: %s", argv[0], cwd,
                                             strerror(errno));
@@ -689,13 +835,26 @@ static int l_spawn(lua_State *L) {
   }
 
   /* The handle exists before any fd, so every later failure has an owner to release. */
-  proc *p = lua_newuserdatauv(L, sizeof *p, 4);
+  proc *p = lua_newuserdatauv(L, sizeof *p, 5);
   memset(p, 0, sizeof *p);
   p->pidfd = -1;
   p->closed = 1;
   luaL_setmetatable(L, PROC_MT);
   int pi = lua_gettop(L);
   snprintf(p->name, sizeof p->name, "%s", argv[0]);
+  cl_spawn_req req;
+  memset(&req, 0, sizeof req);
+  char msg[512] = "";
+  if (hooks && hooks->prepare) {
+    /* The handle owns the extension from here: collecting it on an error releases it. */
+    /* What prepare pushes stays on the stack (above the handle) until we return. */
+    int pe = hooks->prepare(L, opts, &req, hooks->arg, &p->ext, msg, sizeof msg);
+    if (pe) { /* never started: release what prepare made (cgroups) now, not at collection */
+      if (p->ext) p->ext->destroy(p->ext);
+      p->ext = NULL;
+      return cl_failf(L, pe, "spawn %s: %s", argv[0], msg);
+    }
+  }
 
   int child_fd[3] = {-2, -2, -2}, parent_fd[3] = {-1, -1, -1}, opened[3] = {-1, -1, -1};
   int err = 0;
@@ -720,18 +879,18 @@ static int l_spawn(lua_State *L) {
     case 5: child_fd[i] = child_fd[1] == -2 ? 1 : child_fd[1]; break;
     }
   }
-  char msg[256] = "";
   if (!err) {
-    cl_spawn_req req;
-    memset(&req, 0, sizeof req);
-    req.path = path;
+    req.path = in_jail ? (strchr(argv[0], '/') ? argv[0] : NULL) : path;
+    req.search_path = env_path(envp);
     req.argv = argv;
     req.envp = envp;
     req.cwd = cwd;
+    req.cwd_after_setup = in_jail;
     for (int i = 0; i < 3; i++) req.fds[i] = child_fd[i];
     req.new_pgroup = group;
     req.new_session = session;
     req.pdeathsig = pdeath;
+    req.seccomp = sc;
     err = cl_spawn(&req, &p->pid, &p->pidfd, msg, sizeof msg);
     what = NULL;
   }
@@ -740,6 +899,8 @@ static int l_spawn(lua_State *L) {
   if (err) {
     for (int i = 0; i < 3; i++)
       if (parent_fd[i] >= 0) close(parent_fd[i]);
+    if (p->ext) p->ext->destroy(p->ext);
+    p->ext = NULL;
     if (what) return cl_failf(L, err, "spawn %s: %s: %s", argv[0], what, strerror(err));
     return cl_failf(L, err, "spawn %s: %s", argv[0], msg);
   }
@@ -747,6 +908,15 @@ static int l_spawn(lua_State *L) {
   p->group = group || session;
   p->started = cl_now();
   cl_watch_start(cl_loop_get(L), &p->watch, p->pidfd, 0, NULL);
+  if (sc && cl_seccomp_prog_notifies(sc)) {
+    cl_seccomp_supervise(L, sc_idx, p->pid, hooks ? hooks->sandbox : NULL);
+    lua_setiuservalue(L, pi, 4);
+  }
+  if (hooks && hooks->started) {
+    lua_pushvalue(L, pi);
+    hooks->started(L, lua_gettop(L), p->pid, hooks->arg);
+    lua_settop(L, pi);
+  }
   static const char *const names[] = {"stdin", "stdout", "stderr"};
   for (int i = 0; i < 3; i++) {
     if (parent_fd[i] < 0) continue;

@@ -105,6 +105,17 @@ function proc.run(opts)
   return status
 end
 
+local seccomp = claw.seccomp
+
+--- Loads an OCI/Docker seccomp profile (a path or JSON text) as a filter. See
+--- clawlua.seccomp_profiles.oci for the options.
+function seccomp.load_oci(src, opts) return require("clawlua.seccomp_profiles").oci(src, opts) end
+
+--- Loads Firecracker seccompiler JSON: {thread = filter}.
+function seccomp.load_firecracker(src, opts)
+  return require("clawlua.seccomp_profiles").firecracker(src, opts)
+end
+
 local audit = claw.audit
 
 --- Calls fn(event) on the loop for every event emitted from now on that matches filter
