@@ -243,7 +243,11 @@ typedef struct cl_spawn_req {
   int netns_fd;           /* > 0: the child starts in this network namespace (joined around clone) */
   /* A seccomp filter installed after everything else, just before exec (seccomp.c). */
   cl_seccomp_prog *seccomp;
+  /* fds the child gets as 3, 4, ... (a VMM's sockets and tap); the rest stays closed. */
+  const int *pass_fds;
+  int npass;
 } cl_spawn_req;
+#define CL_MAX_PASS_FDS 16
 
 /* Starts a child. On success returns 0 and sets *pid and *pidfd (close-on-exec). On failure
  * returns an errno, writes a message to err and leaves nothing behind (the child, if one was

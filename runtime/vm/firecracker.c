@@ -360,11 +360,77 @@ static int write_meta(vm *v, char *err, size_t errlen) {
   return e;
 }
 
+/* Moves dir_from/name to dir_to/name: a rename, or a copy where they are on two file systems
+ * (the run directory is on /run). */
+static int move_file(const char *from_dir, const char *to_dir, const char *name, char *err,
+                     size_t errlen) {
+  char from[600], to[600];
+  snprintf(from, sizeof from, "%s/%s", from_dir, name);
+  snprintf(to, sizeof to, "%s/%s", to_dir, name);
+  if (rename(from, to) == 0) return 0;
+  if (errno != EXDEV) {
+    snprintf(err, errlen, "%.280s: %s", to, strerror(errno));
+    return errno;
+  }
+  int in = open(from, O_RDONLY | O_CLOEXEC);
+  int out = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int e = in < 0 || out < 0 ? errno : 0;
+  while (!e) {
+    ssize_t n = copy_file_range(in, NULL, out, NULL, 1 << 30, 0);
+    if (n < 0) e = errno;
+    if (n <= 0) break;
+  }
+  if (in >= 0) close(in);
+  if (out >= 0 && close(out) != 0 && !e) e = errno;
+  if (e) {
+    snprintf(err, errlen, "%.280s: %s", to, strerror(e));
+    unlink(to);
+    return e;
+  }
+  unlink(from);
+  return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Steps                                                                                      */
 
+/* clawlua filters become the file Firecracker's --seccomp-filter reads (seccomp.firecracker_file:
+ * the format of Firecracker 1.0 to 1.14), in the run directory. */
+static int write_filter_file(lua_State *L, vm *v, char *path, size_t pathlen, char *err,
+                             size_t errlen) {
+  int top = lua_gettop(L);
+  cl_push_namespace(L);
+  lua_getfield(L, -1, "seccomp");
+  lua_getfield(L, -1, "firecracker_file");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, v->filter_ref);
+  if (!lua_istable(L, -1)) { /* one filter for every thread */
+    lua_createtable(L, 0, 3);
+    static const char *const threads[] = {"vmm", "api", "vcpu"};
+    for (int i = 0; i < 3; i++) {
+      lua_pushvalue(L, -2);
+      lua_setfield(L, -2, threads[i]);
+    }
+    lua_remove(L, -2);
+  }
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    snprintf(err, errlen, "seccomp: %s", lua_tostring(L, -1));
+    lua_settop(L, top);
+    return EINVAL;
+  }
+  size_t len;
+  const char *bytes = lua_tolstring(L, -1, &len);
+  snprintf(path, pathlen, "%s/seccomp-filter.bpf", v->rundir);
+  int e = 0;
+  FILE *f = fopen(path, "we");
+  if (!f || fwrite(bytes, 1, len, f) != len) e = errno ? errno : EIO;
+  if (f && fclose(f) != 0 && !e) e = errno;
+  if (e) snprintf(err, errlen, "%s: %s", path, strerror(e));
+  lua_settop(L, top);
+  return e;
+}
+
 static int spawn_fc(lua_State *L, vm *v, char *err, size_t errlen) {
-  char sock[300], id[48];
+  char sock[300], id[48], filter[300];
   snprintf(sock, sizeof sock, "%s/api.sock", v->rundir);
   snprintf(id, sizeof id, "%s", v->id);
   for (char *p = id; *p; p++)
@@ -379,7 +445,12 @@ static int spawn_fc(lua_State *L, vm *v, char *err, size_t errlen) {
   argv[n++] = sock;
   argv[n++] = "--id";
   argv[n++] = id;
-  if (v->seccomp_file && v->seccomp_file[0]) {
+  if (v->filter_ref != LUA_NOREF) {
+    int e = write_filter_file(L, v, filter, sizeof filter, err, errlen);
+    if (e) return e;
+    argv[n++] = "--seccomp-filter";
+    argv[n++] = filter;
+  } else if (v->seccomp_file && v->seccomp_file[0]) {
     argv[n++] = "--seccomp-filter";
     argv[n++] = v->seccomp_file;
   } else if (v->seccomp_file) {
@@ -600,9 +671,11 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
   case 2: {
     cJSON *b = cJSON_CreateObject();
     char p[600];
-    snprintf(p, sizeof p, "%s/vmstate.fc", v->op_path);
+    /* A jailed Firecracker sees only its run directory: it writes there, the files move after. */
+    const char *dir = v->jailed ? v->rundir : v->op_path;
+    snprintf(p, sizeof p, "%s/vmstate.fc", dir);
     cJSON_AddStringToObject(b, "snapshot_path", p);
-    snprintf(p, sizeof p, "%s/memory.fc", v->op_path);
+    snprintf(p, sizeof p, "%s/memory.fc", dir);
     cJSON_AddStringToObject(b, "mem_file_path", p);
     cJSON_AddStringToObject(b, "snapshot_type", "Full");
     char *body = cJSON_PrintUnformatted(b);
@@ -616,7 +689,13 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
   case 3: {
     r = api_await(L, v, w, 0);
     if (r != 1) return r;
-    int e = write_meta(v, err, sizeof err);
+    int e = 0;
+    if (v->jailed) {
+      static const char *const files[] = {"vmstate.fc", "memory.fc"};
+      for (int i = 0; i < 2 && !e; i++) e = move_file(v->rundir, v->op_path, files[i], err, sizeof err);
+      if (e) return cl_vm_fail(L, v, 0, 0, e, "snapshot: %s", err);
+    }
+    e = write_meta(v, err, sizeof err);
     if (e) return cl_vm_fail(L, v, 0, 0, e, "snapshot: %s", err);
     if (v->was_running) {
       e = api_call(v, "PATCH", "/vm", "{\"state\":\"Resumed\"}");

@@ -308,29 +308,16 @@ static void remove_rundir(vm *v, int keep_log) {
 /* ------------------------------------------------------------------------------------------ */
 /* The VMM process                                                                            */
 
-typedef struct fdmap {
-  int n;
-  int src[VM_MAX_FDS];
-} fdmap;
-
-/* In the child, before exec (async-signal-safe only): the VMM's fds go to 3, 4, ... */
-static int place_fds(void *arg, const char **stage) {
-  fdmap *m = arg;
-  int tmp[VM_MAX_FDS];
-  *stage = "fd set-up";
-  for (int i = 0; i < m->n; i++) {
-    tmp[i] = fcntl(m->src[i], F_DUPFD_CLOEXEC, 64);
-    if (tmp[i] < 0) return errno;
-  }
-  for (int i = 0; i < m->n; i++) {
-    if (dup2(tmp[i], 3 + i) < 0) return errno; /* dup2 leaves the new fd inheritable */
-    close(tmp[i]);
-  }
-  return 0;
-}
+/*
+ * The VMM is a clawlua.proc handle made by jail.spawn (the default: namespaces, a root of binds,
+ * cgroups, an optional seccomp filter applied last) or by proc.spawn (jail = false), kept in the
+ * registry (v->proc_ref). The VM watches its exit through a pidfd of its own without reaping it
+ * (WNOWAIT): the handle reaps it when asked for its status, and its jail then reads the cgroup
+ * (OOM kills) and removes it. Until then the pid cannot be reused, so kill(pid) is exact.
+ */
 
 void cl_vm_kill(vm *v) {
-  if (v->pidfd >= 0 && !v->exited) kill(v->pid, SIGKILL); /* unreaped: the pid is still ours */
+  if (v->pid > 0 && !v->exited && v->proc_ref != LUA_NOREF) kill(v->pid, SIGKILL);
 }
 
 /* Everything the VM holds only while its VMM runs. */
@@ -345,11 +332,34 @@ static void release_runtime(vm *v, const char *why) {
   }
 }
 
+/* Calls handle:method() protected; leaves one result (or nil) on the stack. */
+static void proc_method(lua_State *L, vm *v, const char *method) {
+  luaL_checkstack(L, 6, "vm");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, v->proc_ref);
+  if (lua_isnil(L, -1)) return;
+  lua_getfield(L, -1, method);
+  lua_insert(L, -2);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    fprintf(stderr, "clawlua: vm %s: %s: %s\n", v->id, method, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+}
+
+static void drop_proc(lua_State *L, vm *v) {
+  if (v->proc_ref == LUA_NOREF) return;
+  proc_method(L, v, "close"); /* a live VMM is killed and reaped by the loop, its cgroups go */
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, v->proc_ref);
+  v->proc_ref = LUA_NOREF;
+}
+
 static void on_vmm_exit(cl_watch *w, uint32_t events) {
   vm *v = w->data;
   siginfo_t si;
   memset(&si, 0, sizeof si);
-  if (waitid((idtype_t)P_PIDFD, (id_t)v->pidfd, &si, WEXITED | WNOHANG) < 0 || si.si_pid == 0)
+  if (waitid((idtype_t)P_PIDFD, (id_t)v->pidfd, &si, WEXITED | WNOHANG | WNOWAIT) < 0 ||
+      si.si_pid == 0)
     return;
   cl_watch_stop(&v->pwatch);
   close(v->pidfd);
@@ -366,20 +376,200 @@ static void on_vmm_exit(cl_watch *w, uint32_t events) {
   if (stopped) lua_gc(L, LUA_GCSTOP);
   luaL_checkstack(L, 8, "vm exit");
   push_detail(L, v);
+  int detail = lua_gettop(L);
+  proc_method(L, v, "status"); /* reaps it; a jail reports OOM kills and removes its cgroups */
+  if (lua_istable(L, -1)) {
+    if (lua_getfield(L, -1, "oom_killed") != LUA_TNIL) lua_setfield(L, detail, "oom_killed");
+    else lua_pop(L, 1);
+    if (lua_getfield(L, -1, "cgroup") != LUA_TNIL) lua_setfield(L, detail, "cgroup");
+    else lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
   if (v->exit_signal) {
     lua_pushstring(L, cl_signal_name(v->exit_signal));
-    lua_setfield(L, -2, "signal");
+    lua_setfield(L, detail, "signal");
   } else {
     lua_pushinteger(L, v->exit_code);
-    lua_setfield(L, -2, "code");
+    lua_setfield(L, detail, "code");
   }
   lua_pushboolean(L, expected);
-  lua_setfield(L, -2, "expected");
-  cl_audit_emit(L, "vm.exit", v->id, v->pid, lua_gettop(L));
-  lua_pop(L, 1);
+  lua_setfield(L, detail, "expected");
+  cl_audit_emit(L, "vm.exit", v->id, v->pid, detail);
+  lua_settop(L, detail - 1);
   cl_audit_forget_pid(L, v->pid);
   if (stopped) lua_gc(L, LUA_GCRESTART);
   cl_vm_changed(v);
+}
+
+/* --- the options of proc.spawn / jail.spawn ---------------------------------------------- */
+
+static void list_add_str(lua_State *L, int list, const char *s) {
+  lua_pushstring(L, s);
+  lua_rawseti(L, list, (lua_Integer)lua_rawlen(L, list) + 1);
+}
+
+/* Is path inside (or equal to) an entry of the binds list? */
+static int bind_covers(lua_State *L, int binds, const char *path) {
+  lua_Integer n = (lua_Integer)lua_rawlen(L, binds);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, binds, i);
+    const char *b = NULL;
+    if (lua_istable(L, -1)) {
+      lua_getfield(L, -1, "dst");
+      if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_getfield(L, -1, "src");
+      }
+      lua_remove(L, -2);
+    }
+    b = lua_tostring(L, -1);
+    size_t bl = b ? strlen(b) : 0;
+    int covered = b && strncmp(path, b, bl) == 0 && (path[bl] == 0 || path[bl] == '/' || bl == 1);
+    lua_pop(L, 1);
+    if (covered) return 1;
+  }
+  return 0;
+}
+
+static void add_bind(lua_State *L, int binds, const char *path, int rw) {
+  if (!path || !*path || bind_covers(L, binds, path)) return;
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, path);
+  lua_setfield(L, -2, "src");
+  lua_pushboolean(L, rw);
+  lua_setfield(L, -2, "rw");
+  lua_rawseti(L, binds, (lua_Integer)lua_rawlen(L, binds) + 1);
+}
+
+/* Copies the array part of t.field onto the end of list (user additions to ours). */
+static void append_list(lua_State *L, int t, const char *field, int list) {
+  if (lua_getfield(L, t, field) == LUA_TTABLE) {
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    for (lua_Integer i = 1; i <= n; i++) {
+      lua_rawgeti(L, -1, i);
+      lua_rawseti(L, list, (lua_Integer)lua_rawlen(L, list) + 1);
+    }
+  }
+  lua_pop(L, 1);
+}
+
+/* Fills the jail options table at jt: what a VMM needs, then what the caller asked for. */
+static void jail_options(lua_State *L, vm *v, int jt, const char *program) {
+  int user = 0;
+  if (v->jail_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, v->jail_ref);
+    if (lua_istable(L, -1)) user = lua_gettop(L);
+    else lua_pop(L, 1);
+  }
+  /* Scalar options of the caller go through as they are. */
+  if (user) {
+    lua_pushnil(L);
+    while (lua_next(L, user)) {
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+      if (strcmp(k, "binds") && strcmp(k, "devices") && strcmp(k, "symlinks")) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, jt);
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+  }
+  /* A root of the host's programs and libraries, read-only (merged /usr or not). */
+  lua_newtable(L);
+  int binds = lua_gettop(L);
+  lua_newtable(L);
+  int links = lua_gettop(L);
+  add_bind(L, binds, "/usr", 0);
+  static const char *const tops[] = {"/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", NULL};
+  for (const char *const *t = tops; *t; t++) {
+    struct stat st;
+    if (lstat(*t, &st) < 0) continue;
+    if (S_ISLNK(st.st_mode)) {
+      char target[256];
+      ssize_t n = readlink(*t, target, sizeof target - 1);
+      if (n <= 0) continue;
+      target[n] = 0;
+      lua_pushstring(L, target);
+      lua_setfield(L, links, *t);
+    } else if (S_ISDIR(st.st_mode)) {
+      add_bind(L, binds, *t, 0);
+    }
+  }
+  if (access("/etc/ld.so.cache", R_OK) == 0) add_bind(L, binds, "/etc/ld.so.cache", 0);
+  /* The caller's binds next (a read-only one already covered is dropped), so that the VM's own
+   * files below are only bound where the caller's do not already show them. */
+  if (user && lua_getfield(L, user, "binds") == LUA_TTABLE) {
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    for (lua_Integer i = 1; i <= n; i++) {
+      int bt = lua_rawgeti(L, -1, i);
+      const char *bp = bt == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+      if (!bp || !bind_covers(L, binds, bp)) lua_rawseti(L, binds, (lua_Integer)lua_rawlen(L, binds) + 1);
+      else lua_pop(L, 1);
+    }
+  }
+  if (user) lua_pop(L, 1);
+  /* The VM's own files; the run directory (sockets, log, snapshots in flight) writable. */
+  add_bind(L, binds, program, 0);
+  add_bind(L, binds, v->kernel, 0);
+  add_bind(L, binds, v->initrd, 0);
+  add_bind(L, binds, v->rootfs, !v->rootfs_ro);
+  if (v->seccomp_file && v->seccomp_file[0]) add_bind(L, binds, v->seccomp_file, 0);
+  if (v->restore_dir) add_bind(L, binds, v->restore_dir, 0);
+  add_bind(L, binds, v->rundir, 1);
+  if (v->log_keep) add_bind(L, binds, v->log_path, 1);
+  lua_pushvalue(L, binds);
+  lua_setfield(L, jt, "binds");
+  if (user && lua_getfield(L, user, "symlinks") == LUA_TTABLE) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, links);
+    }
+  }
+  if (user) lua_pop(L, 1);
+  lua_pushvalue(L, links);
+  lua_setfield(L, jt, "symlinks");
+  /* Devices: the usual ones, KVM, and the tun device Firecracker opens its tap with. */
+  lua_newtable(L);
+  int devs = lua_gettop(L);
+  static const char *const base_devs[] = {"null", "zero", "full", "random", "urandom", NULL};
+  for (const char *const *d = base_devs; *d; d++) list_add_str(L, devs, *d);
+  if ((v->kvm == 1 || v->kvm == 2 || v->backend == VM_FIRECRACKER) && access("/dev/kvm", F_OK) == 0)
+    list_add_str(L, devs, "kvm");
+  if (v->backend == VM_FIRECRACKER && v->tap[0]) list_add_str(L, devs, "net/tun");
+  if (user) append_list(L, user, "devices", devs);
+  lua_pushvalue(L, devs);
+  lua_setfield(L, jt, "devices");
+  /* QEMU gets its tap as an fd: it needs no network. Firecracker opens its tap by name, in the
+   * namespace that has it. */
+  if (lua_getfield(L, jt, "net") == LUA_TNIL) {
+    lua_pushstring(L, v->backend == VM_FIRECRACKER && v->tap[0] ? "host" : "new");
+    lua_setfield(L, jt, "net");
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, jt, "id") == LUA_TNIL) {
+    lua_pushstring(L, v->id);
+    lua_setfield(L, jt, "id");
+  }
+  lua_pop(L, 1);
+  /* Cgroup limits unless the caller set its own (or none: cgroup = false): the guest's memory
+   * with room for the VMM itself (TCG's translation cache), and a bound on its threads. */
+  int ct = lua_getfield(L, jt, "cgroup");
+  if (ct == LUA_TBOOLEAN) {
+    lua_pushnil(L);
+    lua_setfield(L, jt, "cgroup");
+  } else if (ct == LUA_TNIL) {
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, ((lua_Integer)v->mem_mib + 1024) << 20);
+    lua_setfield(L, -2, "memory");
+    lua_pushinteger(L, 1024);
+    lua_setfield(L, -2, "pids");
+    lua_setfield(L, jt, "cgroup");
+  }
+  lua_pop(L, 1);
+  lua_settop(L, jt);
 }
 
 int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfds, char *err,
@@ -395,48 +585,99 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
     if (rp && strlen(rp) < sizeof path) strcpy(path, rp);
     free(rp);
   }
-  fdmap m;
-  m.n = nfds;
-  for (int i = 0; i < nfds; i++) m.src[i] = fds[i];
+  int top = lua_gettop(L);
+  luaL_checkstack(L, 16, "vm spawn");
+  cl_push_namespace(L);
+  lua_getfield(L, -1, v->jailed ? "jail" : "proc");
+  lua_getfield(L, -1, "spawn");
+  lua_createtable(L, 8, 12);
+  int t = lua_gettop(L);
+  lua_pushstring(L, path);
+  lua_rawseti(L, t, 1);
+  for (int i = 1; argv[i]; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, t, i + 1);
+  }
   /* A small, explicit environment: nothing of the runtime's leaks into the VMM. */
-  char pathenv[600];
+  lua_createtable(L, 0, 2);
   const char *pe = getenv("PATH");
-  snprintf(pathenv, sizeof pathenv, "PATH=%s", pe && strlen(pe) < 580 ? pe : "/usr/sbin:/usr/bin:/sbin:/bin");
-  char *envp[] = {pathenv, "LC_ALL=C", NULL};
-  cl_spawn_req req;
-  memset(&req, 0, sizeof req);
-  req.path = path;
-  req.argv = argv;
-  req.envp = envp;
-  req.cwd = v->rundir;
-  req.fds[0] = -1;
-  req.fds[1] = v->logfd;
-  req.fds[2] = v->logfd;
-  req.new_session = 1;
-  req.pdeathsig = SIGKILL; /* the VMM never outlives the runtime */
-  req.child_setup = place_fds;
-  req.child_arg = &m;
-  char msg[256];
-  e = cl_spawn(&req, &v->pid, &v->pidfd, msg, sizeof msg);
-  if (e) {
-    snprintf(err, errlen, "spawn %s: %s", argv[0], msg);
-    v->pid = 0;
+  lua_pushstring(L, pe && *pe ? pe : "/usr/sbin:/usr/bin:/sbin:/bin");
+  lua_setfield(L, -2, "PATH");
+  lua_pushliteral(L, "C");
+  lua_setfield(L, -2, "LC_ALL");
+  lua_setfield(L, t, "env");
+  lua_pushstring(L, v->rundir);
+  lua_setfield(L, t, "cwd");
+  lua_pushliteral(L, "null");
+  lua_setfield(L, t, "stdin");
+  lua_pushinteger(L, v->logfd);
+  lua_setfield(L, t, "stdout");
+  lua_pushinteger(L, v->logfd);
+  lua_setfield(L, t, "stderr");
+  lua_pushboolean(L, 1);
+  lua_setfield(L, t, "session");
+  lua_pushstring(L, v->id);
+  lua_setfield(L, t, "name");
+  lua_createtable(L, nfds, 0);
+  for (int i = 0; i < nfds; i++) {
+    lua_pushinteger(L, fds[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, t, "fds");
+  if (v->filter_ref != LUA_NOREF && v->backend == VM_QEMU) { /* clawlua's filter, applied last */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, v->filter_ref);
+    lua_setfield(L, t, "seccomp");
+  }
+  if (v->jailed) jail_options(L, v, t, path);
+  /* pdeathsig (proc.spawn's default KILL): the VMM never outlives the runtime. */
+  if (lua_pcall(L, 1, 3, 0) != LUA_OK) { /* bad jail options raise */
+    snprintf(err, errlen, "%s%s", v->jailed ? "jail: " : "", lua_tostring(L, -1));
+    lua_settop(L, top);
+    return EINVAL;
+  }
+  if (lua_isnil(L, -3)) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -2));
+    e = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : EIO;
+    lua_settop(L, top);
+    return e ? e : EIO;
+  }
+  lua_pop(L, 2);
+  lua_getfield(L, -1, "pid");
+  v->pid = (pid_t)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  v->proc_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_settop(L, top);
+  v->pidfd = (int)syscall(SYS_pidfd_open, v->pid, 0);
+  if (v->pidfd < 0 || cl_watch_start(v->loop, &v->pwatch, v->pidfd, EPOLLIN, on_vmm_exit) != 0) {
+    e = errno ? errno : EIO;
+    if (v->pidfd >= 0) close(v->pidfd);
     v->pidfd = -1;
+    drop_proc(L, v);
+    snprintf(err, errlen, "pidfd of the VMM: %s", strerror(e));
     return e;
   }
+  v->pwatch.data = v;
   v->exited = 0;
   v->exit_code = v->exit_signal = 0;
   v->t_spawn = cl_now_ns();
-  cl_watch_start(v->loop, &v->pwatch, v->pidfd, EPOLLIN, on_vmm_exit);
-  v->pwatch.data = v;
   cl_audit_track_pid(L, v->pid, v->id);
   push_detail(L, v);
   lua_createtable(L, 8, 0);
-  for (int i = 0; argv[i]; i++) {
+  lua_pushstring(L, path);
+  lua_rawseti(L, -2, 1);
+  for (int i = 1; argv[i]; i++) {
     lua_pushstring(L, argv[i]);
     lua_rawseti(L, -2, i + 1);
   }
   lua_setfield(L, -2, "argv");
+  lua_pushboolean(L, v->jailed);
+  lua_setfield(L, -2, "jailed");
+  lua_pushstring(L, v->filter_ref != LUA_NOREF ? (v->backend == VM_QEMU ? "clawlua (applied by the runtime)"
+                                                                        : "clawlua (given to Firecracker)")
+                  : v->seccomp_file && v->seccomp_file[0] ? v->seccomp_file
+                  : v->seccomp_file ? "none (seccomp = false)"
+                  : v->backend == VM_QEMU ? "QEMU's -sandbox" : "Firecracker's built-in");
+  lua_setfield(L, -2, "seccomp");
   cl_vm_audit(v, L, "vm.spawn", lua_gettop(L));
   lua_pop(L, 1);
   return 0;
@@ -506,17 +747,14 @@ static void vm_release(lua_State *L, vm *v) {
   int was_running = v->pidfd >= 0 && !v->exited;
   if (was_running) {
     cl_vm_kill(v);
-    cl_watch_stop(&v->pwatch);
-    siginfo_t si;
-    memset(&si, 0, sizeof si);
-    if (waitid((idtype_t)P_PIDFD, (id_t)v->pidfd, &si, WEXITED | WNOHANG) == 0 && si.si_pid) {
-      close(v->pidfd);
-    } else {
-      cl_reap_later(v->loop, v->pid, v->pidfd); /* killed: the loop reaps it */
-    }
-    v->pidfd = -1;
     cl_audit_forget_pid(L, v->pid);
   }
+  if (v->pidfd >= 0) {
+    cl_watch_stop(&v->pwatch);
+    close(v->pidfd);
+    v->pidfd = -1;
+  }
+  drop_proc(L, v); /* reaped by the loop; a jail's cgroups go after that */
   release_runtime(v, "the vm was closed");
   cl_chan_release(v);
   if (v->tap[0] && v->tap_persist) tap_delete(v->tap);
@@ -526,6 +764,9 @@ static void vm_release(lua_State *L, vm *v) {
   v->logfd = -1;
   remove_rundir(v, 0);
   unregister_id(L, v);
+  luaL_unref(L, LUA_REGISTRYINDEX, v->jail_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, v->filter_ref);
+  v->jail_ref = v->filter_ref = LUA_NOREF;
   cl_waitq_wake_all(&v->changed, ECANCELED);
   if (v->state != VS_CREATED || was_running) {
     lua_createtable(L, 0, 2);
@@ -866,19 +1107,50 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     cl_field_error(L, "guest", lua_pushfstring(L, "table expected, got %s", luaL_typename(L, -1)));
   }
   lua_pop(L, 1);
-  /* seccomp = path of a filter in Firecracker's format | false (none) */
+  /* seccomp = a clawlua.seccomp filter | {vmm=, api=, vcpu=} (Firecracker's threads) | the path
+   * of a file in Firecracker's format | false (none) */
   t = lua_getfield(L, idx, "seccomp");
   if (t == LUA_TSTRING) {
     v->seccomp_file = dupstr(lua_tostring(L, -1));
   } else if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
     v->seccomp_file = dupstr("");
+  } else if (t == LUA_TUSERDATA && luaL_testudata(L, -1, "clawlua.seccomp.filter")) {
+    lua_pushvalue(L, -1);
+    v->filter_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (t == LUA_TTABLE) {
+    static const char *const threads[] = {"vmm", "api", "vcpu", NULL};
+    cl_check_fields(L, -1, threads);
+    for (const char *const *th = threads; *th; th++) {
+      if (lua_getfield(L, -1, *th) != LUA_TUSERDATA || !luaL_testudata(L, -1, "clawlua.seccomp.filter"))
+        cl_field_error(L, "seccomp", lua_pushfstring(L, "%s: a clawlua.seccomp filter expected", *th));
+      lua_pop(L, 1);
+    }
+    lua_pushvalue(L, -1);
+    v->filter_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else if (t != LUA_TNIL) {
-    cl_field_error(L, "seccomp", lua_pushfstring(L, "a filter file path or false expected, got %s",
+    cl_field_error(L, "seccomp", lua_pushfstring(L, "a clawlua.seccomp filter, {vmm=, api=, vcpu=}, "
+                                                 "a filter file path or false expected, got %s",
                                                  luaL_typename(L, -1)));
   }
   lua_pop(L, 1);
-  if (lua_getfield(L, idx, "jail") != LUA_TNIL)
-    cl_field_error(L, "jail", "clawlua.jail is not part of this build yet");
+  /* jail = true (the default) | false | {jail.spawn options}: where the VMM runs */
+  t = lua_getfield(L, idx, "jail");
+  if (t == LUA_TBOOLEAN) {
+    v->jailed = lua_toboolean(L, -1);
+  } else if (t == LUA_TTABLE) {
+    static const char *const refused[] = {"root", "cwd", "argv", "env", "stdin", "stdout",
+                                          "stderr", "fds", NULL};
+    for (const char *const *f = refused; *f; f++) {
+      if (lua_getfield(L, -1, *f) != LUA_TNIL)
+        cl_field_error(L, "jail", lua_pushfstring(L, "%s is set by the vm", *f));
+      lua_pop(L, 1);
+    }
+    lua_pushvalue(L, -1);
+    v->jail_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (t != LUA_TNIL) {
+    cl_field_error(L, "jail", lua_pushfstring(L, "boolean or table of jail.spawn options expected, got %s",
+                                              luaL_typename(L, -1)));
+  }
   lua_pop(L, 1);
 }
 
@@ -887,6 +1159,8 @@ static vm *push_vm(lua_State *L) {
   memset(v, 0, sizeof *v);
   v->released = 1; /* closed until set up: an error below has nothing to release */
   v->pidfd = v->logfd = v->tapfd = v->qmpfd = v->vsock_fd = v->snapshot_fd = -1;
+  v->proc_ref = v->jail_ref = v->filter_ref = LUA_NOREF;
+  v->jailed = 1;
   v->chan.fd = -1;
   luaL_setmetatable(L, VM_MT);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
@@ -937,6 +1211,16 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
   if (choose_backend(v, want_backend, accel)) {
     free_config(v);
     return cl_failf(L, ENOENT, "vm.create: %s", v->why);
+  }
+  if (v->backend == VM_QEMU && v->filter_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, v->filter_ref);
+    int is_table = lua_istable(L, -1);
+    lua_pop(L, 1);
+    if (is_table) {
+      free_config(v);
+      return cl_failf(L, EINVAL, "vm.create: seccomp: {vmm=, api=, vcpu=} is for Firecracker's "
+                      "threads; QEMU takes one filter");
+    }
   }
   if (v->backend == VM_QEMU && v->seccomp_file && v->seccomp_file[0]) {
     free_config(v);

@@ -84,7 +84,11 @@ struct vm {
   double ready_timeout;
   char mac[18];
   int cid;
-  /* the VMM process */
+  /* the VMM process: a clawlua.proc handle (jail.spawn or proc.spawn) in the registry */
+  int proc_ref;
+  int jailed;     /* spawned by clawlua.jail (jail = false: by proc.spawn) */
+  int jail_ref;   /* the caller's jail options table, or LUA_NOREF */
+  int filter_ref; /* seccomp: a clawlua filter (or Firecracker's {vmm=, api=, vcpu=}) */
   pid_t pid;
   int pidfd;
   cl_watch pwatch;

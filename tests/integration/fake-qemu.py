@@ -12,9 +12,9 @@ modes:
   agent       the real agent (--agent PATH --fd M) serves the channel: a VM without a VM
   nokvm       like agent, but under -accel kvm it fails the way a stock kernel fails on a nested
               PVM hypervisor (for the KVM probe boot)
-  oversized   READY, then a frame header announcing a 100 MiB payload
-  badmagic    READY, then bytes that are not a frame
-  unknown-id  READY, then EXIT for a request the host never made
+  oversized   a frame header announcing a 100 MiB payload (then READY)
+  badmagic    bytes that are not a frame (then READY)
+  unknown-id  EXIT for a request the host never made (then READY)
   bad-exit    READY, then answers an EXEC with an EXIT whose TLV runs past the frame
   flood       READY, then answers an EXEC with 8 MiB of stdout (the host must cap it)
   early-out   READY, then answers an EXEC with output before STARTED
@@ -112,15 +112,16 @@ def main(argv):
         if p.poll() is None:
             p.kill()
         return 0
-    if mode != "silent":
-        ch.sendall(ready())
-    buf = b""
+    # The hostile frames come before READY: the host must refuse them while it starts.
     if mode == "oversized":
         ch.sendall(struct.pack("<HHII", MAGIC, 67, 1, 100 << 20))
     elif mode == "badmagic":
         ch.sendall(b"this is not a frame at all\n")
     elif mode == "unknown-id":
         ch.sendall(frame(69, 4242, tlv(12, 0)))
+    if mode != "silent":
+        ch.sendall(ready())
+    buf = b""
     while not done.is_set():
         if ch is None or mode == "silent":
             time.sleep(0.05)

@@ -122,6 +122,15 @@ class Spec:
                 raise ValueError("%s: %s is above the maximum %s" % (where, value, schema["maximum"]))
 
 
+def tap_exists(name):
+    """The interface exists in this network namespace (asked by ioctl: a jail has no /sys)."""
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
+
+
 class Fault(Exception):
     def __init__(self, msg, status=400):
         super().__init__(msg)
@@ -344,7 +353,7 @@ class Instance:
 
     def op_putGuestNetworkInterfaceByID(self, body, params):
         dev = body["host_dev_name"]
-        if not os.path.exists("/sys/class/net/%s" % dev):
+        if not tap_exists(dev):
             raise Fault("Open tap device failed: Error while creating ifreq structure: "
                         "No such device (os error 19). Invalid TUN/TAP Backend provided by %s." % dev)
         if body.get("guest_mac") and not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", body["guest_mac"]):
@@ -421,7 +430,7 @@ class Instance:
                 raise Fault("Invalid network override: no interface %s" % o["iface_id"])
             self.cfg["network-interfaces"][o["iface_id"]]["host_dev_name"] = o["host_dev_name"]
         for nic in self.cfg["network-interfaces"].values():
-            if not os.path.exists("/sys/class/net/%s" % nic["host_dev_name"]):
+            if not tap_exists(nic["host_dev_name"]):
                 raise Fault("Load snapshot error: tap %s: No such device" % nic["host_dev_name"])
         self.boot(resume=body.get("resume_vm", False))
 

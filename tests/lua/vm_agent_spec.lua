@@ -134,8 +134,11 @@ describe("vm with a fake VMM", function()
     T.assert_clean(before)
   end)
 
+  -- The fake VMMs run unjailed (jail = false) unless a test says otherwise: the jail is tested
+  -- on its own below, and with real QEMU in vm_spec.lua.
   local function fake(mode, extra)
-    local opts = { backend = "qemu", vmm = T.fake(mode), kernel = kernel, guest = { ready_timeout = 3 * H.scale } }
+    local opts = { backend = "qemu", vmm = T.fake(mode), kernel = kernel, guest = { ready_timeout = 3 * H.scale },
+                   jail = false }
     for k, v in pairs(extra or {}) do opts[k] = v end
     return T.create(opts)
   end
@@ -278,6 +281,36 @@ describe("vm with a fake VMM", function()
     assert.is_nil(io.open(rundir .. "/vmm.log"), "the run directory of a collected VM is still there")
   end)
 
+  it("runs the VMM in a jail by default: namespaces, a root of binds, cgroups, no capabilities", function()
+    if not claw.seccomp.available then return pending("the jail needs seccomp(2), which valgrind lacks") end
+    local v = fake("agent", { jail = { binds = { T.build, dir } } })
+    assert(v:start())
+    local pid = assert(v:pid())
+    for _, ns in ipairs { "mnt", "pid", "net", "uts", "ipc" } do
+      assert.are_not.equal(H.sh("readlink /proc/self/ns/" .. ns), H.sh("readlink /proc/" .. pid .. "/ns/" .. ns),
+        ns .. " namespace shared with the runtime")
+    end
+    local status = H.read_file("/proc/" .. pid .. "/status")
+    assert.matches("CapEff:%s+0+\n", status)
+    assert.matches("NoNewPrivs:%s+1", status)
+    -- the "guest" (the agent, inside the jail) sees the jail's root, not the host's
+    local r = assert(v:exec { "sh", "-c", "ls /; test -e /etc/hostname && echo host-etc || echo no-host-etc" })
+    assert.matches("usr\n", r.stdout)
+    assert.matches("no%-host%-etc", r.stdout)
+    local spawn = claw.audit.events { sandbox = v.id, kind = "jail.spawn" }
+    assert.are.equal(1, #spawn)
+    assert.is_true(#spawn[1].detail.cgroups >= 1, "no cgroup")
+    local cgroups = spawn[1].detail.cgroups
+    v:close()
+    for _, cg in ipairs(cgroups) do
+      assert(H.eventually(function() return io.open(cg .. "/cgroup.procs") == nil end), "cgroup left: " .. cg)
+    end
+    assert.has_error(function() vm.create { backend = "qemu", kernel = kernel, jail = { root = "/" } } end,
+      "bad field 'jail' (root is set by the vm)")
+    assert.has_error(function() vm.create { backend = "qemu", kernel = kernel, jail = 1 } end,
+      "bad field 'jail' (boolean or table of jail.spawn options expected, got number)")
+  end)
+
   it("caps what a flooding agent sends", function()
     local v = fake("flood")
     assert(v:start())
@@ -296,7 +329,7 @@ describe("vm channel with the real agent on the host", function()
     before = T.snapshot()
     dir = H.tmpdir()
     kernel = kernel_file(dir)
-    v = T.create { backend = "qemu", vmm = T.fake("agent"), kernel = kernel }
+    v = T.create { backend = "qemu", vmm = T.fake("agent"), kernel = kernel, jail = false }
     assert(v:start())
   end)
   teardown(function()
@@ -422,7 +455,7 @@ describe("vm channel with the real agent on the host", function()
   end)
 
   it("fails waiting calls when the VM is closed under them", function()
-    local w = T.create { backend = "qemu", vmm = T.fake("agent"), kernel = kernel }
+    local w = T.create { backend = "qemu", vmm = T.fake("agent"), kernel = kernel, jail = false }
     assert(w:start())
     local t = claw.spawn(function() return w:exec { "sleep", "30" } end)
     claw.sleep(0.1)

@@ -30,8 +30,13 @@ describe("vm with " .. what, function()
   before_each(function() before = T.snapshot() end)
   after_each(function() T.assert_clean(before) end)
 
+  -- Jailed, as by default; the stand-in's script and the agent it serves are bound in, and so
+  -- is the test's directory (its "guest" commands write there).
+  local function jail() return { binds = { T.src, T.build, { src = dir, rw = true } } } end
+
   local function create(extra)
-    local opts = { backend = "firecracker", vmm = vmm, kernel = files.kernel, initrd = files.initrd }
+    local opts = { backend = "firecracker", vmm = vmm, kernel = files.kernel, initrd = files.initrd,
+                   jail = not real and jail() or nil }
     for k, v in pairs(extra or {}) do opts[k] = v end
     return T.create(opts)
   end
@@ -98,7 +103,7 @@ describe("vm with " .. what, function()
     assert.are.equal("running", v:state(), "the VM runs on after its snapshot")
     assert(v:exec { "true" })
     v:close()
-    local r, err = T.restore { dir = snap, vmm = vmm }
+    local r, err = T.restore { dir = snap, vmm = vmm, jail = not real and jail() or nil }
     assert(r, err)
     assert.are.equal("running", r:state())
     assert.are.equal("before-snapshot\n", assert(r:exec { "cat", marker }).stdout)
@@ -114,41 +119,72 @@ describe("vm with " .. what, function()
     v:close()
     -- A memory file that does not match its snapshot: Firecracker answers 400.
     H.sh("truncate -s 4096 " .. snap .. "/memory.fc")
-    local r, err = T.restore { dir = snap, vmm = vmm }
+    local r, err = T.restore { dir = snap, vmm = vmm, jail = not real and jail() or nil }
     assert.is_nil(r)
     assert.matches("^vm [%w-]+: firecracker PUT /snapshot/load: 400: ", err)
     if not real then assert.matches("the memory file does not match the snapshot", err) end
   end)
 
-  it("gives the VMM clawlua's seccomp filter file, in force (" .. what .. ")", function()
-    local filter = dir .. "/filter.bpf"
-    T.firecracker_filter(filter, 39) -- every thread: all syscalls but getpid(2)
-    local v = create { seccomp = filter }
-    assert(v:start())
+  -- Firecracker installs the filters itself, per thread; with the stand-in, its "vcpu thread"
+  -- (a child process) runs under the vcpu program, and getpid(2), denied there, kills it.
+  local function filter_in_force(v, instructions)
     local pid = assert(v:pid())
-    local cmdline = H.read_file("/proc/" .. pid .. "/cmdline"):gsub("%z", " ")
-    assert.matches("%-%-seccomp%-filter " .. filter:gsub("%p", "%%%0"), cmdline)
     if real then
       assert.matches("Seccomp:%s+2", H.read_file("/proc/" .. pid .. "/status"))
-    else
-      -- The stand-in parsed the file and runs its vcpu program in a child standing for a vCPU
-      -- thread: the filter is in force there, and the denied call kills it.
-      local log = v:log(65536)
-      assert.matches("seccomp filter .*: api 7 instructions, vcpu 7 instructions, vmm 7 instructions", log)
-      local vcpu = assert(log:match("vcpu stand%-in pid (%d+) runs under the vcpu seccomp filter"))
-      local status = H.read_file("/proc/" .. vcpu .. "/status")
-      assert.matches("Seccomp:%s+2", status)
-      assert.matches("Seccomp_filters:%s+1", status)
-      H.sh("kill -USR1 " .. vcpu)
-      local died = "vcpu stand%-in pid " .. vcpu .. " was killed by signal 31"
-      assert(H.eventually(function() return v:log(65536):match(died) end),
-        "getpid(2) under the filter did not die of SIGSYS")
+      return
     end
+    local log = v:log(65536)
+    assert.matches(("seccomp filter .*: api %d instructions, vcpu %d instructions, vmm %d instructions")
+      :format(instructions, instructions, instructions), log)
+    local nspid = assert(log:match("vcpu stand%-in pid (%d+) runs under the vcpu seccomp filter"))
+    -- the stand-in runs in the jail's pid namespace: find its vcpu child by the host's pids
+    local vcpu
+    local me = H.read_file("/proc/" .. pid .. "/cmdline")
+    for child in H.read_file(("/proc/%d/task/%d/children"):format(pid, pid)):gmatch("%d+") do
+      local f = io.open("/proc/" .. child .. "/cmdline")
+      if f and f:read("a") == me then vcpu = child end
+      if f then f:close() end
+    end
+    assert(vcpu, "no vcpu child of the stand-in")
+    local status = H.read_file("/proc/" .. vcpu .. "/status")
+    assert.matches("Seccomp:%s+2", status)
+    assert.matches("Seccomp_filters:%s+1", status)
+    assert.matches("NSpid:%s+%d+%s+" .. nspid, status)
+    H.sh("kill -USR1 " .. vcpu)
+    local died = "vcpu stand%-in pid " .. nspid .. " was killed by signal 31"
+    assert(H.eventually(function() return v:log(65536):match(died) end),
+      "getpid(2) under the filter did not die of SIGSYS")
+  end
+
+  it("gives Firecracker clawlua's seccomp filters in its --seccomp-filter format, in force (" .. what .. ")",
+     function()
+    if not claw.seccomp.available then return pending("seccomp(2) is not available (valgrind)") end
+    local f = claw.seccomp.filter { default = "allow", rules = { { syscall = "getpid", action = "trap" } } }
+    local v = create { seccomp = f }
+    assert(v:start())
+    local cmdline = H.read_file("/proc/" .. v:pid() .. "/cmdline"):gsub("%z", " ")
+    local file = assert(cmdline:match("%-%-seccomp%-filter (%S+)"))
+    assert.matches("seccomp%-filter%.bpf$", file)
+    -- the file is what seccomp.firecracker_file writes for these filters
+    assert.are.equal(claw.seccomp.firecracker_file { vmm = f, api = f, vcpu = f }, H.read_file(file))
+    filter_in_force(v, #f:bpf() // 8)
     v:close()
     local w = create { seccomp = false }
     assert(w:start())
     assert.matches("%-%-no%-seccomp", H.read_file("/proc/" .. w:pid() .. "/cmdline"):gsub("%z", " "))
     w:close()
+  end)
+
+  it("passes a filter file in Firecracker's format as it is (" .. what .. ")", function()
+    if not claw.seccomp.available then return pending("seccomp(2) is not available (valgrind)") end
+    local filter = dir .. "/filter.bpf"
+    T.firecracker_filter(filter, 39) -- every thread: all syscalls but getpid(2)
+    local v = create { seccomp = filter }
+    assert(v:start())
+    local cmdline = H.read_file("/proc/" .. v:pid() .. "/cmdline"):gsub("%z", " ")
+    assert.matches("%-%-seccomp%-filter " .. filter:gsub("%p", "%%%0"), cmdline)
+    filter_in_force(v, 7)
+    v:close()
   end)
 
   it("reports a VMM that dies during start with its log (" .. what .. ")", function()

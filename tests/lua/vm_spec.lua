@@ -31,8 +31,12 @@ describe("vm with a real QEMU guest", function()
     before = T.snapshot()
     dir = H.tmpdir()
     -- The disk is read-only so that the VM restored from a snapshot of this one can share it.
+    -- QEMU runs jailed (the default) under a clawlua filter besides its own -sandbox.
+    local filter = claw.seccomp.available and
+      claw.seccomp.filter { default = "allow", rules = { { syscall = "ptrace", action = "kill_process" } } }
     v = T.create { backend = "qemu", kernel = files.kernel, initrd = files.initrd, rootfs = files.rootfs,
-                   rootfs_readonly = true, net = true, id = "spec-main-" .. (H.sh("echo $PPID"):match("%d+")) }
+                   rootfs_readonly = true, net = true, seccomp = filter or nil,
+                   id = "spec-main-" .. (H.sh("echo $PPID"):match("%d+")) }
     local ok, err = v:start()
     assert(ok, err)
   end)
@@ -63,9 +67,20 @@ describe("vm with a real QEMU guest", function()
     assert.is_true(info.boot_seconds > 0 and info.boot_seconds < 60 * H.scale)
     assert.are.equal("virtio-serial", info.channel)
     assert.is_truthy(io.open("/sys/class/net/" .. v.tap .. "/tun_flags"), "the VM's tap exists")
-    -- QEMU runs under its own seccomp sandbox
-    assert.matches("Seccomp:%s+2", H.read_file("/proc/" .. v:pid() .. "/status"))
-    assert.matches("vm.create vm.spawn vm.start vm.ready", audit_kinds(v.id))
+    -- QEMU runs in a jail: its own namespaces, no capabilities, cgroups, and two seccomp
+    -- filters: clawlua's (applied by the jail) and QEMU's own -sandbox
+    local pid = v:pid()
+    local status = H.read_file("/proc/" .. pid .. "/status")
+    assert.matches("Seccomp:%s+2", status)
+    assert.matches("Seccomp_filters:%s+2", status)
+    assert.matches("CapEff:%s+0+\n", status)
+    assert.matches("NoNewPrivs:%s+1", status)
+    for _, ns in ipairs { "mnt", "pid", "net", "ipc", "uts" } do
+      assert.are_not.equal(H.sh("readlink /proc/self/ns/" .. ns), H.sh("readlink /proc/" .. pid .. "/ns/" .. ns))
+    end
+    local jail = claw.audit.events { sandbox = v.id, kind = "jail.spawn" }
+    assert.is_true(#jail == 1 and #jail[1].detail.cgroups >= 1, "the VMM has no cgroup")
+    assert.matches("vm.create jail.spawn vm.spawn vm.start vm.ready", audit_kinds(v.id))
   end)
 
   it("runs uname -a in the guest", function()
@@ -234,6 +249,23 @@ describe("vm with two real QEMU guests", function()
     a:close()
     b:close()
     assert(ok, err)
+    T.assert_clean(before)
+  end)
+
+  it("enforces clawlua's seccomp filter in the jailed VMM: a denied system call kills it", function()
+    if skip then return pending(skip) end
+    if not claw.seccomp.available then return pending("seccomp(2) is not available (valgrind)") end
+    local before = T.snapshot()
+    -- QEMU makes eventfds from its first steps: under this filter it cannot start
+    local f = claw.seccomp.filter { default = "allow",
+                                    rules = { { syscall = "eventfd2", action = "kill_process" } } }
+    local v = T.create { backend = "qemu", kernel = files.kernel, initrd = files.initrd, seccomp = f }
+    local ok, err = v:start()
+    assert.is_nil(ok)
+    assert.matches("start: the VMM was killed during start", err)
+    local exit = claw.audit.events { sandbox = v.id, kind = "vm.exit" }
+    assert.are.equal("SIGSYS", exit[#exit].detail.signal)
+    v:close()
     T.assert_clean(before)
   end)
 
