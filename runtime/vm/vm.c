@@ -465,8 +465,9 @@ static void jail_options(lua_State *L, vm *v, int jt, const char *program) {
   if (user) {
     lua_pushnil(L);
     while (lua_next(L, user)) {
-      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
-      if (strcmp(k, "binds") != 0 && strcmp(k, "devices") != 0 && strcmp(k, "symlinks") != 0) {
+      /* String keys only: positional entries would be argv. */
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+      if (k && strcmp(k, "binds") != 0 && strcmp(k, "devices") != 0 && strcmp(k, "symlinks") != 0) {
         lua_pushvalue(L, -2);
         lua_insert(L, -2);
         lua_rawset(L, jt);
