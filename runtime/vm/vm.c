@@ -1141,6 +1141,7 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
   } else if (t == LUA_TTABLE) {
     static const char *const refused[] = {"root", "cwd", "argv", "env", "stdin", "stdout",
                                           "stderr", "fds", NULL};
+    if (lua_rawlen(L, -1) > 0) cl_field_error(L, "jail", "positional entries (argv) are set by the vm");
     for (const char *const *f = refused; *f; f++) {
       if (lua_getfield(L, -1, *f) != LUA_TNIL)
         cl_field_error(L, "jail", lua_pushfstring(L, "%s is set by the vm", *f));
