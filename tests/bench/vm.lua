@@ -1,7 +1,8 @@
 -- clawlua.vm, each figure against a peer measured in the same run:
---   1. create -> agent ready: clawlua (vm.create + vm:start) vs the same image booted by a plain
---      qemu-system-x86_64 command line (same arguments; the agent's channel on QEMU's stdout) to
---      the same marker, the agent's READY frame. Median of ROUNDS each, interleaved.
+--   1. create -> agent ready: clawlua (vm.create + vm:start, jailed as by default) vs the same
+--      image booted by a plain qemu-system-x86_64 command line (clawlua's arguments, the agent's
+--      port on a socket path) to the same marker, the agent's READY frame. Median of ROUNDS
+--      each, interleaved.
 --   2. channel latency (ping, exec of `true`) and file throughput (write_file/read_file 8 MiB)
 --      to a TCG guest, vs the same agent and host code with no VM (the agent on the host over a
 --      socketpair, behind tests/integration/fake-qemu.py).
@@ -52,23 +53,39 @@ for line in io.lines("/proc/cpuinfo") do
   if mhz then khz = math.floor(tonumber(mhz) * 1000 + 0.5) break end
 end
 
--- The plain QEMU writes its console to a file, as clawlua's writes it to the VM's log.
+-- The plain QEMU: clawlua's own command line (the same machine, devices, boot arguments and
+-- -sandbox), with the console in a file and the agent's port on a Unix socket path instead of
+-- inherited fds; the bench connects as soon as the socket exists (long before the guest writes)
+-- and stops the clock at the READY frame. No jail, no QMP client, no tap.
 local console_log = os.tmpname()
+local agent_sock = os.tmpname() .. ".sock"
 
 local function plain_qemu()
+  os.remove(agent_sock)
   local t0 = claw.now()
   local p = assert(proc.spawn { "qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-no-user-config",
     "-display", "none", "-accel", "tcg", "-cpu", "max", "-m", "128", "-smp", "1", "-no-reboot",
+    "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     "-kernel", kernel, "-initrd", initrd, "-append",
     ("console=ttyS0 quiet panic=1 pci=off reboot=k tsc_early_khz=%d tsc=reliable clawlua.channel=serial"):format(khz),
     "-chardev", "file,id=con,path=" .. console_log, "-serial", "chardev:con",
-    "-device", "virtio-serial-device", "-chardev", "stdio,id=agent,signal=off",
+    "-device", "virtio-serial-device",
+    "-chardev", "socket,id=agent,path=" .. agent_sock .. ",server=on,wait=off",
     "-device", "virtserialport,chardev=agent,name=org.clawlua.agent",
-    stdin = "pipe", stdout = "pipe", stderr = "null" })
-  p.stdout:set_timeout(60)
-  local hdr = assert(p.stdout:read(12), "no READY from the plain QEMU")
-  assert(string.unpack("<I2I2", hdr) == 0xC1A7 and select(2, string.unpack("<I2I2", hdr)) == 64)
+    stdin = "null", stdout = "null", stderr = "null" })
+  local s
+  for _ = 1, 5000 do
+    s = claw.stream.connect_unix(agent_sock, 1)
+    if s then break end
+    claw.sleep(0.001)
+  end
+  assert(s, "cannot connect to the plain QEMU's agent socket")
+  s:set_timeout(60)
+  local hdr = assert(s:read(12), "no READY from the plain QEMU")
+  local magic, kind = string.unpack("<I2I2", hdr)
+  assert(magic == 0xC1A7 and kind == 64)
   local dt = claw.now() - t0
+  s:close()
   p:kill("KILL")
   p:wait()
   p:close()
@@ -98,6 +115,7 @@ for _ = 1, ROUNDS do
   tc[#tc + 1] = clawlua_boot()
 end
 os.remove(console_log)
+os.remove(agent_sock)
 local mq, mc = median(tq), median(tc)
 print(("create -> agent ready (TCG, median of %d): clawlua %.3f s, plain qemu %.3f s, ratio %.3f (goal <= 1.05)")
   :format(ROUNDS, mc, mq, mc / mq))
@@ -128,7 +146,7 @@ local guest = assert(vm.create { backend = "qemu", kernel = kernel, initrd = ini
 assert(guest:start())
 local g = channel(guest, "TCG guest")
 local dir = assert(proc.run { "mktemp", "-d", "/tmp/clawlua-bench.XXXXXX" }).stdout:gsub("%s+$", "")
-local hostv = assert(vm.create { backend = "qemu", kernel = kernel,
+local hostv = assert(vm.create { backend = "qemu", kernel = kernel, jail = false,
   vmm = { src .. "/tests/integration/fake-qemu.py", "--mode", "agent", "--agent", agent } })
 assert(hostv:start())
 local h = channel(hostv, "agent on the host")
@@ -162,7 +180,8 @@ local N = 10
 local c0 = os.clock()
 local t0 = claw.now()
 for _ = 1, N do
-  local v = assert(vm.create { backend = "firecracker", vmm = standin, kernel = kernel, initrd = initrd })
+  local v = assert(vm.create { backend = "firecracker", vmm = standin, kernel = kernel, initrd = initrd,
+                               jail = { binds = { src, build } } })
   assert(v:start())
   v:close()
 end
