@@ -586,6 +586,7 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
     if (rp && strlen(rp) < sizeof path) strcpy(path, rp);
     free(rp);
   }
+  drop_proc(L, v); /* a failed KVM probe boot's VMM, reaped already */
   int top = lua_gettop(L);
   luaL_checkstack(L, 16, "vm spawn");
   cl_push_namespace(L);
