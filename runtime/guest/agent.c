@@ -45,15 +45,16 @@
 #include <time.h>
 #include <unistd.h>
 
-#define OUT_HIGH (1u << 20)       /* stop producing data above this much queued output */
-#define IN_CAP (CLA_HEADER + CLA_MAX_PAYLOAD)
+#define OUT_HIGH           (1u << 20) /* stop producing data above this much queued output */
+#define IN_CAP             (CLA_HEADER + CLA_MAX_PAYLOAD)
 #define DEFAULT_MAX_OUTPUT ((uint64_t)16 << 20)
-#define DEFAULT_MAX_READ ((uint64_t)64 << 20)
-#define EXIT_DRAIN_MS 250 /* after the child exits, how long its pipes may stay open */
-#define STDIN_BUF_CAP (CLA_STDIN_WINDOW + CLA_MAX_PAYLOAD)
+#define DEFAULT_MAX_READ   ((uint64_t)64 << 20)
+#define EXIT_DRAIN_MS      250 /* after the child exits, how long its pipes may stay open */
+#define STDIN_BUF_CAP      (CLA_STDIN_WINDOW + CLA_MAX_PAYLOAD)
 
-static const char *const base_env[] = {"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                                       "HOME=/root", "TERM=linux", NULL};
+static const char *const base_env[] = {
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=linux",
+    NULL};
 
 enum { CH_SERIAL, CH_VSOCK, CH_FD };
 
@@ -69,7 +70,7 @@ static struct {
   size_t in_len;
   unsigned char *out;
   size_t out_off, out_len, out_cap;
-  uint64_t reopen_at;   /* ms: next attempt to open the port */
+  uint64_t reopen_at; /* ms: next attempt to open the port */
   int shutting_down;
   int shutdown_action;
   uint32_t shutdown_id;
@@ -144,14 +145,17 @@ typedef struct tlvbuf {
 } tlvbuf;
 
 static void tlv_bytes(tlvbuf *t, uint16_t tag, const void *v, size_t len) {
-  if (len > sizeof t->b - 6 - t->n) len = sizeof t->b - 6 - t->n; /* messages are cut, never overflow */
+  if (len > sizeof t->b - 6 - t->n)
+    len = sizeof t->b - 6 - t->n; /* messages are cut, never overflow */
   cla_put16(t->b + t->n, tag);
   cla_put32(t->b + t->n + 2, (uint32_t)len);
   memcpy(t->b + t->n + 6, v, len);
   t->n += 6 + len;
 }
 
-static void tlv_str(tlvbuf *t, uint16_t tag, const char *s) { tlv_bytes(t, tag, s, strlen(s)); }
+static void tlv_str(tlvbuf *t, uint16_t tag, const char *s) {
+  tlv_bytes(t, tag, s, strlen(s));
+}
 
 static void tlv_u64(tlvbuf *t, uint16_t tag, uint64_t v) {
   unsigned char b[8];
@@ -159,7 +163,8 @@ static void tlv_u64(tlvbuf *t, uint16_t tag, uint64_t v) {
   tlv_bytes(t, tag, b, 8);
 }
 
-static void send_error(uint32_t id, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void send_error(uint32_t id, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static void send_error(uint32_t id, int err, const char *fmt, ...) {
   char msg[1024];
   va_list ap;
@@ -303,8 +308,10 @@ static void exec_search(const char *file, char *const argv[], char *const envp[]
     if (dl > 0 && dl + strlen(file) + 2 < sizeof buf) {
       snprintf(buf, sizeof buf, "%.*s/%s", (int)dl, p, file);
       execve(buf, argv, envp);
-      if (errno == EACCES) err = EACCES;
-      else if (errno != ENOENT && errno != ENOTDIR) err = errno;
+      if (errno == EACCES)
+        err = EACCES;
+      else if (errno != ENOENT && errno != ENOTDIR)
+        err = errno;
     }
     if (!c) break;
     p = c + 1;
@@ -404,12 +411,23 @@ static void handle_exec(uint32_t id, const unsigned char *p, uint32_t len) {
       if (!replaced) envp[envc++] = s;
       break;
     }
-    case CLA_T_CWD: cwd = cwd_buf = s; break;
-    case CLA_T_TIMEOUT_MS: if (cla_tlv_u64(&t, &v)) timeout = v; break;
-    case CLA_T_MAX_OUT: if (cla_tlv_u64(&t, &v)) max_out = v; break;
-    case CLA_T_MAX_ERR: if (cla_tlv_u64(&t, &v)) max_err = v; break;
-    case CLA_T_STDIN: if (cla_tlv_u64(&t, &v)) want_stdin = v != 0; break;
-    default: break;
+    case CLA_T_CWD:
+      cwd = cwd_buf = s;
+      break;
+    case CLA_T_TIMEOUT_MS:
+      if (cla_tlv_u64(&t, &v)) timeout = v;
+      break;
+    case CLA_T_MAX_OUT:
+      if (cla_tlv_u64(&t, &v)) max_out = v;
+      break;
+    case CLA_T_MAX_ERR:
+      if (cla_tlv_u64(&t, &v)) max_err = v;
+      break;
+    case CLA_T_STDIN:
+      if (cla_tlv_u64(&t, &v)) want_stdin = v != 0;
+      break;
+    default:
+      break;
     }
   }
   (void)cwd_buf;
@@ -463,7 +481,8 @@ static void handle_exec(uint32_t id, const unsigned char *p, uint32_t len) {
   /* Exec closes px: EOF means the program runs. */
   char msg[64];
   ssize_t n;
-  do n = read(px[0], msg, sizeof msg - 1); while (n < 0 && errno == EINTR);
+  do n = read(px[0], msg, sizeof msg - 1);
+  while (n < 0 && errno == EINTR);
   close_fd(&px[0]);
   if (n > 0) {
     msg[n] = 0;
@@ -473,8 +492,10 @@ static void handle_exec(uint32_t id, const unsigned char *p, uint32_t len) {
     close_fd(&po[0]);
     close_fd(&pe[0]);
     close_fd(&pi[1]);
-    if (strcmp(stage, "chdir") == 0) send_error(id, e, "exec %s: cwd %s: %s", argv[0], cwd, strerror(e));
-    else send_error(id, e, "exec %s: %s", argv[0], strerror(e));
+    if (strcmp(stage, "chdir") == 0)
+      send_error(id, e, "exec %s: cwd %s: %s", argv[0], cwd, strerror(e));
+    else
+      send_error(id, e, "exec %s: %s", argv[0], strerror(e));
     free(strs);
     job_free(j);
     return;
@@ -587,8 +608,10 @@ static int drain_pipe(job *j, int *fd, uint16_t type, uint64_t *count, uint64_t 
 
 static void finish_exec(job *j) {
   tlvbuf t = {.n = 0};
-  if (WIFSIGNALED(j->status)) tlv_u64(&t, CLA_T_SIGNAL, (uint64_t)WTERMSIG(j->status));
-  else tlv_u64(&t, CLA_T_CODE, (uint64_t)WEXITSTATUS(j->status));
+  if (WIFSIGNALED(j->status))
+    tlv_u64(&t, CLA_T_SIGNAL, (uint64_t)WTERMSIG(j->status));
+  else
+    tlv_u64(&t, CLA_T_CODE, (uint64_t)WEXITSTATUS(j->status));
   uint64_t flags = (j->timed_out ? CLA_F_TIMED_OUT : 0) | (j->out_trunc ? CLA_F_OUT_TRUNCATED : 0) |
                    (j->err_trunc ? CLA_F_ERR_TRUNCATED : 0);
   tlv_u64(&t, CLA_T_FLAGS, flags);
@@ -625,9 +648,12 @@ static void handle_write(uint32_t id, const unsigned char *p, uint32_t len) {
   cla_tlv_init(&t, p, len);
   int r;
   while ((r = cla_tlv_next(&t)) > 0) {
-    if (t.tag == CLA_T_PATH) path = t.val, plen = t.len;
-    else if (t.tag == CLA_T_MODE && cla_tlv_u64(&t, &v)) mode = v & 07777;
-    else if (t.tag == CLA_T_SIZE && cla_tlv_u64(&t, &v)) size = v;
+    if (t.tag == CLA_T_PATH)
+      path = t.val, plen = t.len;
+    else if (t.tag == CLA_T_MODE && cla_tlv_u64(&t, &v))
+      mode = v & 07777;
+    else if (t.tag == CLA_T_SIZE && cla_tlv_u64(&t, &v))
+      size = v;
   }
   if (r < 0 || !path || plen == 0 || plen >= 4096 || memchr(path, 0, plen) || path[0] != '/') {
     send_error(id, EINVAL, "write: an absolute path is required");
@@ -644,7 +670,8 @@ static void handle_write(uint32_t id, const unsigned char *p, uint32_t len) {
   }
   /* A temporary name in the same directory, renamed over the target at the end: readers never
    * see a partial file. */
-  if (asprintf(&j->tmp, "%.*s/.%s.clawlua-%u", (int)(slash - j->path), j->path, slash + 1, id) < 0) {
+  if (asprintf(&j->tmp, "%.*s/.%s.clawlua-%u", (int)(slash - j->path), j->path, slash + 1, id) <
+      0) {
     j->tmp = NULL;
     send_error(id, ENOMEM, "write: out of memory");
     job_free(j);
@@ -692,8 +719,8 @@ static void handle_wend(uint32_t id) {
   if (!j || j->kind != J_WRITE) return;
   if (!j->error && j->size != UINT64_MAX && j->done != j->size) {
     j->error = EIO;
-    snprintf(j->errmsg, sizeof j->errmsg, "%llu of %llu bytes arrived",
-             (unsigned long long)j->done, (unsigned long long)j->size);
+    snprintf(j->errmsg, sizeof j->errmsg, "%llu of %llu bytes arrived", (unsigned long long)j->done,
+             (unsigned long long)j->size);
   }
   if (!j->error && fsync(j->fd) < 0) {
     j->error = errno;
@@ -723,8 +750,10 @@ static void handle_read(uint32_t id, const unsigned char *p, uint32_t len) {
   cla_tlv_init(&t, p, len);
   int r;
   while ((r = cla_tlv_next(&t)) > 0) {
-    if (t.tag == CLA_T_PATH) path = t.val, plen = t.len;
-    else if (t.tag == CLA_T_MAX && cla_tlv_u64(&t, &v)) max = v;
+    if (t.tag == CLA_T_PATH)
+      path = t.val, plen = t.len;
+    else if (t.tag == CLA_T_MAX && cla_tlv_u64(&t, &v))
+      max = v;
   }
   if (r < 0 || !path || plen == 0 || plen >= 4096 || memchr(path, 0, plen)) {
     send_error(id, EINVAL, "read: a path is required");
@@ -770,7 +799,8 @@ static void handle_read(uint32_t id, const unsigned char *p, uint32_t len) {
 static int pump_read(job *j) {
   static unsigned char buf[CLA_CHUNK];
   ssize_t n;
-  do n = read(j->fd, buf, sizeof buf); while (n < 0 && errno == EINTR);
+  do n = read(j->fd, buf, sizeof buf);
+  while (n < 0 && errno == EINTR);
   if (n < 0 && errno == EAGAIN) return 0;
   if (n < 0) {
     send_error(j->id, errno, "read %s: %s", j->path ? j->path : "?", strerror(errno));
@@ -904,22 +934,44 @@ static int open_channel(void) {
 
 static void handle_frame(const cla_header *h, const unsigned char *p) {
   switch (h->type) {
-  case CLA_PING: send_ready(CLA_PONG, h->id); break;
-  case CLA_EXEC: handle_exec(h->id, p, h->len); break;
-  case CLA_STDIN: handle_stdin(h->id, p, h->len); break;
-  case CLA_KILL: handle_kill(h->id, p, h->len); break;
-  case CLA_WRITE: handle_write(h->id, p, h->len); break;
-  case CLA_WDATA: handle_wdata(h->id, p, h->len); break;
-  case CLA_WEND: handle_wend(h->id); break;
-  case CLA_READ: handle_read(h->id, p, h->len); break;
-  case CLA_SHUTDOWN: handle_shutdown(h->id, p, h->len); break;
+  case CLA_PING:
+    send_ready(CLA_PONG, h->id);
+    break;
+  case CLA_EXEC:
+    handle_exec(h->id, p, h->len);
+    break;
+  case CLA_STDIN:
+    handle_stdin(h->id, p, h->len);
+    break;
+  case CLA_KILL:
+    handle_kill(h->id, p, h->len);
+    break;
+  case CLA_WRITE:
+    handle_write(h->id, p, h->len);
+    break;
+  case CLA_WDATA:
+    handle_wdata(h->id, p, h->len);
+    break;
+  case CLA_WEND:
+    handle_wend(h->id);
+    break;
+  case CLA_READ:
+    handle_read(h->id, p, h->len);
+    break;
+  case CLA_SHUTDOWN:
+    handle_shutdown(h->id, p, h->len);
+    break;
   case CLA_CANCEL: {
     job *j = job_find(h->id);
-    if (j && j->kind == J_EXEC && !j->exited) kill(-j->pid, SIGKILL);
-    else if (j) job_free(j);
+    if (j && j->kind == J_EXEC && !j->exited)
+      kill(-j->pid, SIGKILL);
+    else if (j)
+      job_free(j);
     break;
   }
-  default: send_error(h->id, ENOSYS, "agent: unknown request type %u", h->type); break;
+  default:
+    send_error(h->id, ENOSYS, "agent: unknown request type %u", h->type);
+    break;
   }
 }
 
@@ -1017,10 +1069,14 @@ static void read_cmdline(char *root, size_t rootlen) {
   if (n <= 0) return;
   buf[n] = 0;
   for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) {
-    if (strcmp(tok, "clawlua.channel=vsock") == 0) g.mode = CH_VSOCK;
-    else if (strcmp(tok, "clawlua.channel=serial") == 0) g.mode = CH_SERIAL;
-    else if (strncmp(tok, "clawlua.vsock_port=", 19) == 0) g.vsock_port = (uint32_t)strtoul(tok + 19, NULL, 10);
-    else if (strncmp(tok, "clawlua.root=", 13) == 0) snprintf(root, rootlen, "%s", tok + 13);
+    if (strcmp(tok, "clawlua.channel=vsock") == 0)
+      g.mode = CH_VSOCK;
+    else if (strcmp(tok, "clawlua.channel=serial") == 0)
+      g.mode = CH_SERIAL;
+    else if (strncmp(tok, "clawlua.vsock_port=", 19) == 0)
+      g.vsock_port = (uint32_t)strtoul(tok + 19, NULL, 10);
+    else if (strncmp(tok, "clawlua.root=", 13) == 0)
+      snprintf(root, rootlen, "%s", tok + 13);
   }
 }
 
@@ -1048,7 +1104,8 @@ static void pid1_setup(void) {
     mkdir("/mnt", 0755);
     mkdir("/mnt/root", 0755);
     if (mount(root, "/mnt/root", "ext4", 0, NULL) < 0 &&
-        ((errno != EROFS && errno != EACCES) || mount(root, "/mnt/root", "ext4", MS_RDONLY, NULL) < 0))
+        ((errno != EROFS && errno != EACCES) ||
+         mount(root, "/mnt/root", "ext4", MS_RDONLY, NULL) < 0))
       logf_("mount %s: %s", root, strerror(errno));
   }
   open_inputs();
@@ -1117,7 +1174,9 @@ int main(int argc, char **argv) {
     send_ready(CLA_READY, 0);
   }
   logf_("started (protocol %d, %s channel)", CLA_VERSION,
-        g.mode == CH_FD ? "fd" : g.mode == CH_VSOCK ? "vsock" : "virtio-serial");
+        g.mode == CH_FD      ? "fd"
+        : g.mode == CH_VSOCK ? "vsock"
+                             : "virtio-serial");
 
   struct pollfd pf[8 + 3 * CLA_MAX_JOBS + 4];
   job *pjob[8 + 3 * CLA_MAX_JOBS + 4];
@@ -1197,7 +1256,8 @@ int main(int argc, char **argv) {
         if (j->out_fd >= 0) pf[n].fd = j->out_fd, pf[n].events = POLLIN, pjob[n++] = j;
         if (j->err_fd >= 0) pf[n].fd = j->err_fd, pf[n].events = POLLIN, pjob[n++] = j;
       }
-      if (j->in_fd >= 0 && j->in_len > 0) pf[n].fd = j->in_fd, pf[n].events = POLLOUT, pjob[n++] = j;
+      if (j->in_fd >= 0 && j->in_len > 0)
+        pf[n].fd = j->in_fd, pf[n].events = POLLOUT, pjob[n++] = j;
     }
     int r = poll(pf, (nfds_t)n, timeout);
     if (r < 0) {

@@ -33,14 +33,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#define CLA_MAGIC 0xC1A7u
-#define CLA_HEADER 12u
-#define CLA_MAX_PAYLOAD (256u * 1024u)
-#define CLA_CHUNK (64u * 1024u)      /* data frames senders produce */
+#define CLA_MAGIC        0xC1A7u
+#define CLA_HEADER       12u
+#define CLA_MAX_PAYLOAD  (256u * 1024u)
+#define CLA_CHUNK        (64u * 1024u)  /* data frames senders produce */
 #define CLA_STDIN_WINDOW (256u * 1024u) /* stdin bytes the host may have unacknowledged */
-#define CLA_VERSION 1
-#define CLA_PORT_NAME "org.clawlua.agent" /* virtio-serial port name */
-#define CLA_VSOCK_PORT 1024u
+#define CLA_VERSION      1
+#define CLA_PORT_NAME    "org.clawlua.agent" /* virtio-serial port name */
+#define CLA_VSOCK_PORT   1024u
 
 enum cla_type {
   /* host -> guest */
@@ -96,13 +96,13 @@ enum cla_tag {
 };
 
 /* EXIT flags */
-#define CLA_F_TIMED_OUT 1u
+#define CLA_F_TIMED_OUT     1u
 #define CLA_F_OUT_TRUNCATED 2u
 #define CLA_F_ERR_TRUNCATED 4u
 
 /* SHUTDOWN actions */
 #define CLA_ACTION_POWEROFF 0
-#define CLA_ACTION_REBOOT 1
+#define CLA_ACTION_REBOOT   1
 
 /* Bounds the agent enforces on requests (the host checks its callers against the same). */
 #define CLA_MAX_ARGS 4096

@@ -27,14 +27,16 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-#define REQ_MT "clawlua.vm.request"
-#define IN_CAP (CLA_HEADER + CLA_MAX_PAYLOAD)
-#define OUT_HIGH ((size_t)512 << 10)  /* writers wait above this much queued for the guest */
-#define STREAM_HIGH ((size_t)1 << 20) /* streamed output queued for callbacks: stop reading */
+#define REQ_MT             "clawlua.vm.request"
+#define IN_CAP             (CLA_HEADER + CLA_MAX_PAYLOAD)
+/* Writers wait while this much is queued for the guest; past STREAM_HIGH of streamed output
+ * queued for callbacks, the channel stops reading. */
+#define OUT_HIGH           ((size_t)512 << 10)
+#define STREAM_HIGH        ((size_t)1 << 20)
 #define DEFAULT_MAX_OUTPUT ((uint64_t)16 << 20)
-#define DEFAULT_MAX_READ ((uint64_t)64 << 20)
-#define MAX_FILE ((uint64_t)1 << 40)
-#define EXEC_GRACE 10.0 /* seconds the host waits past a command's timeout for the agent */
+#define DEFAULT_MAX_READ   ((uint64_t)64 << 20)
+#define MAX_FILE           ((uint64_t)1 << 40)
+#define EXEC_GRACE         10.0 /* seconds the host waits past a command's timeout for the agent */
 
 enum { R_EXEC = 1, R_WRITE, R_READ, R_PING, R_SHUTDOWN };
 
@@ -162,7 +164,9 @@ void cl_chan_close(vm *v, const char *why) {
   if (!c->error[0] && why && was_open) snprintf(c->error, sizeof c->error, "%s", why);
   char msg[512];
   snprintf(msg, sizeof msg, "vm %s: the guest agent channel closed: %.320s", v->id,
-           c->error[0] ? c->error : why ? why : "closed");
+           c->error[0] ? c->error
+           : why       ? why
+                       : "closed");
   for (vm_req *r = c->reqs; r; r = r->next) req_fail(r, EPIPE, msg);
   c->in_len = 0;
   c->out_len = c->out_off = 0;
@@ -263,7 +267,8 @@ static vm_req *find_req(vm *v, uint32_t id) {
 /* A printable copy of an agent-provided string, at most n-1 bytes. */
 static void sanitize(char *dst, size_t n, const unsigned char *s, size_t len) {
   size_t j = 0;
-  for (size_t i = 0; i < len && j + 1 < n; i++) dst[j++] = (s[i] >= 32 && s[i] < 127) ? (char)s[i] : '?';
+  for (size_t i = 0; i < len && j + 1 < n; i++)
+    dst[j++] = (s[i] >= 32 && s[i] < 127) ? (char)s[i] : '?';
   dst[j] = 0;
 }
 
@@ -274,7 +279,10 @@ static void queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_
   ch->err = err;
   ch->len = n;
   memcpy(ch->data, p, n);
-  if (r->qtail) r->qtail->next = ch; else r->qhead = ch;
+  if (r->qtail)
+    r->qtail->next = ch;
+  else
+    r->qhead = ch;
   r->qtail = ch;
   r->queued += n;
   if (r->queued >= STREAM_HIGH && !v->chan.throttled) { /* back-pressure on the guest */
@@ -292,8 +300,10 @@ static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_
   *total += len;
   if (keep < len) *trunc = 1;
   if (!keep) return;
-  if (r->streaming) queue_chunk(v, r, err, p, keep);
-  else bbuf_add(err ? &r->err : &r->out, p, keep);
+  if (r->streaming)
+    queue_chunk(v, r, err, p, keep);
+  else
+    bbuf_add(err ? &r->err : &r->out, p, keep);
 }
 
 /* Handles one frame; returns 0 after a violation (the channel is closed). */
@@ -306,15 +316,20 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     uint64_t version = 0;
     cla_tlv_init(&t, p, h->len);
     while ((r_ = cla_tlv_next(&t)) > 0) {
-      if (t.tag == CLA_T_VERSION) cla_tlv_u64(&t, &version);
-      else if (t.tag == CLA_T_UNAME) sanitize(c->uname, sizeof c->uname, t.val, t.len);
-      else if (t.tag == CLA_T_UPTIME_MS && cla_tlv_u64(&t, &x)) c->boot_ms = x;
-      else if (t.tag == CLA_T_PID && cla_tlv_u64(&t, &x)) c->agent_pid = x;
+      if (t.tag == CLA_T_VERSION)
+        cla_tlv_u64(&t, &version);
+      else if (t.tag == CLA_T_UNAME)
+        sanitize(c->uname, sizeof c->uname, t.val, t.len);
+      else if (t.tag == CLA_T_UPTIME_MS && cla_tlv_u64(&t, &x))
+        c->boot_ms = x;
+      else if (t.tag == CLA_T_PID && cla_tlv_u64(&t, &x))
+        c->agent_pid = x;
     }
     if (r_ < 0) return violation(v, "malformed READY frame"), 0;
     if (version != CLA_VERSION)
-      return violation(v, "agent speaks protocol version %llu, the host %d", (unsigned long long)version,
-                       CLA_VERSION), 0;
+      return violation(v, "agent speaks protocol version %llu, the host %d",
+                       (unsigned long long)version, CLA_VERSION),
+             0;
     c->ready = 1;
     cl_vm_changed(v);
     return 1;
@@ -331,13 +346,15 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
   }
   vm_req *r = find_req(v, h->id);
   if (!r) {
-    if (h->id > c->next_id) return violation(v, "frame for request %u, which was never made", h->id), 0;
+    if (h->id > c->next_id)
+      return violation(v, "frame for request %u, which was never made", h->id), 0;
     return 1; /* a request the host gave up on: late frames are expected */
   }
   if (r->done || r->failed) return 1;
-  static const int kind_of[] = {[CLA_PONG] = R_PING,   [CLA_STARTED] = R_EXEC, [CLA_STDOUT] = R_EXEC,
-                                [CLA_STDERR] = R_EXEC, [CLA_EXIT] = R_EXEC,    [CLA_STDIN_ACK] = R_EXEC,
-                                [CLA_RINFO] = R_READ,  [CLA_RDATA] = R_READ,   [CLA_REND] = R_READ};
+  static const int kind_of[] = {
+      [CLA_PONG] = R_PING,   [CLA_STARTED] = R_EXEC, [CLA_STDOUT] = R_EXEC,
+      [CLA_STDERR] = R_EXEC, [CLA_EXIT] = R_EXEC,    [CLA_STDIN_ACK] = R_EXEC,
+      [CLA_RINFO] = R_READ,  [CLA_RDATA] = R_READ,   [CLA_REND] = R_READ};
   if (h->type != CLA_OK && h->type != CLA_ERROR) {
     if (h->type >= CL_ARRAY_LEN(kind_of) || !kind_of[h->type])
       return violation(v, "unknown frame type %u", h->type), 0;
@@ -350,8 +367,10 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     char msg[300] = "";
     cla_tlv_init(&t, p, h->len);
     while ((r_ = cla_tlv_next(&t)) > 0) {
-      if (t.tag == CLA_T_ERRNO) cla_tlv_u64(&t, &err);
-      else if (t.tag == CLA_T_MESSAGE) sanitize(msg, sizeof msg, t.val, t.len);
+      if (t.tag == CLA_T_ERRNO)
+        cla_tlv_u64(&t, &err);
+      else if (t.tag == CLA_T_MESSAGE)
+        sanitize(msg, sizeof msg, t.val, t.len);
     }
     if (r_ < 0) return violation(v, "malformed ERROR frame"), 0;
     char full[400];
@@ -360,15 +379,18 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     return 1;
   }
   case CLA_OK:
-    if (r->kind == R_SHUTDOWN) r->done = 1;
+    if (r->kind == R_SHUTDOWN)
+      r->done = 1;
     else if (r->kind == R_WRITE) {
       if (++r->oks == 2) {
         uint64_t size = UINT64_MAX;
         cla_tlv_init(&t, p, h->len);
         while (cla_tlv_next(&t) > 0)
           if (t.tag == CLA_T_SIZE) cla_tlv_u64(&t, &size);
-        if (size != r->wlen) return violation(v, "write of %zu bytes acknowledged as %llu", r->wlen,
-                                              (unsigned long long)size), 0;
+        if (size != r->wlen)
+          return violation(v, "write of %zu bytes acknowledged as %llu", r->wlen,
+                           (unsigned long long)size),
+                 0;
         r->done = 1;
       }
     } else {
@@ -430,19 +452,24 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     if (r->rinfo) return violation(v, "request %u described twice", h->id), 0;
     cla_tlv_init(&t, p, h->len);
     while ((r_ = cla_tlv_next(&t)) > 0) {
-      if (t.tag == CLA_T_SIZE) cla_tlv_u64(&t, &r->rsize);
-      else if (t.tag == CLA_T_MODE) cla_tlv_u64(&t, &r->rmode);
+      if (t.tag == CLA_T_SIZE)
+        cla_tlv_u64(&t, &r->rsize);
+      else if (t.tag == CLA_T_MODE)
+        cla_tlv_u64(&t, &r->rmode);
     }
     if (r_ < 0) return violation(v, "malformed RINFO frame"), 0;
     if (r->rsize > r->rmax)
       return violation(v, "announced a file of %llu bytes for a read capped at %llu",
-                       (unsigned long long)r->rsize, (unsigned long long)r->rmax), 0;
+                       (unsigned long long)r->rsize, (unsigned long long)r->rmax),
+             0;
     r->rinfo = 1;
     break;
   case CLA_RDATA:
     if (!r->rinfo) return violation(v, "file data before its description"), 0;
     if (r->data.len + h->len > r->rmax)
-      return violation(v, "sent more than the %llu bytes the read allows", (unsigned long long)r->rmax), 0;
+      return violation(v, "sent more than the %llu bytes the read allows",
+                       (unsigned long long)r->rmax),
+             0;
     if (!bbuf_add(&r->data, p, h->len)) {
       req_fail(r, ENOMEM, "read_file: out of memory");
       return 1;
@@ -471,8 +498,9 @@ static void on_chan(cl_watch *w, uint32_t events) {
     if (n < 0 && errno == EAGAIN) return;
     if (n <= 0) {
       char why[96];
-      snprintf(why, sizeof why, "%s", n == 0 ? (v->exited ? "the VMM exited" : "end of stream from the guest")
-                                             : strerror(errno));
+      snprintf(why, sizeof why, "%s",
+               n == 0 ? (v->exited ? "the VMM exited" : "end of stream from the guest")
+                      : strerror(errno));
       cl_chan_close(v, why);
       return;
     }
@@ -482,8 +510,10 @@ static void on_chan(cl_watch *w, uint32_t events) {
     while (!c->closed && c->in_len - off >= CLA_HEADER) {
       cla_header h;
       if (!cla_header_get(c->in + off, &h)) {
-        if (h.magic != CLA_MAGIC) violation(v, "bad frame header (magic 0x%04x)", h.magic);
-        else violation(v, "frame of %u bytes, over the limit of %u", h.len, CLA_MAX_PAYLOAD);
+        if (h.magic != CLA_MAGIC)
+          violation(v, "bad frame header (magic 0x%04x)", h.magic);
+        else
+          violation(v, "frame of %u bytes, over the limit of %u", h.len, CLA_MAX_PAYLOAD);
         return;
       }
       if (c->in_len - off < CLA_HEADER + h.len) break;
@@ -567,7 +597,8 @@ static void req_release(vm_req *r) {
   r->w = NULL;
   if (v && !v->released && !r->done && !r->failed && !v->chan.closed &&
       (r->kind == R_EXEC || r->kind == R_WRITE || r->kind == R_READ))
-    cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0); /* kills the command, drops the file, stops a read */
+    cl_chan_send(v, CLA_CANCEL, r->id, NULL,
+                 0); /* kills the command, drops the file, stops a read */
   req_unlink(r);
   req_free_data(r);
   unthrottle(v);
@@ -597,11 +628,13 @@ static vm_req *new_req(lua_State *L, vm *v, int kind) {
 }
 
 static int agent_unavailable(lua_State *L, vm *v, const char *what) {
-  if (v->channel == CH_NONE) return cl_failf(L, ENOTSUP, "vm %s: %s: the vm has no guest agent channel", v->id, what);
+  if (v->channel == CH_NONE)
+    return cl_failf(L, ENOTSUP, "vm %s: %s: the vm has no guest agent channel", v->id, what);
   if (v->chan.error[0])
-    return cl_failf(L, EPIPE, "vm %s: %s: the guest agent channel is closed: %s", v->id, what, v->chan.error);
-  return cl_failf(L, ENOTCONN, "vm %s: %s: the guest agent is not ready (the vm is %s)", v->id, what,
-                  cl_vm_state_name(v->state));
+    return cl_failf(L, EPIPE, "vm %s: %s: the guest agent channel is closed: %s", v->id, what,
+                    v->chan.error);
+  return cl_failf(L, ENOTCONN, "vm %s: %s: the guest agent is not ready (the vm is %s)", v->id,
+                  what, cl_vm_state_name(v->state));
 }
 
 static int req_failed(lua_State *L, vm_req *r) {
@@ -678,7 +711,8 @@ static void push_exec_result(lua_State *L, vm_req *r) {
     lua_pushlstring(L, r->err.p ? r->err.p : "", r->err.len);
     lua_setfield(L, -2, "stderr");
   }
-  int trunc = r->trunc_out || r->trunc_err || (r->flags & (CLA_F_OUT_TRUNCATED | CLA_F_ERR_TRUNCATED));
+  int trunc =
+      r->trunc_out || r->trunc_err || (r->flags & (CLA_F_OUT_TRUNCATED | CLA_F_ERR_TRUNCATED));
   lua_pushboolean(L, trunc);
   lua_setfield(L, -2, "truncated");
   lua_pushboolean(L, (r->flags & CLA_F_TIMED_OUT) != 0);
@@ -704,7 +738,8 @@ static void pump_stdin(vm *v, vm_req *r) {
     }
     size_t n = r->in_len - r->in_sent;
     if (n > CLA_CHUNK) n = CLA_CHUNK;
-    if (r->in_sent - r->in_acked + n > CLA_STDIN_WINDOW) n = CLA_STDIN_WINDOW - (size_t)(r->in_sent - r->in_acked);
+    if (r->in_sent - r->in_acked + n > CLA_STDIN_WINDOW)
+      n = CLA_STDIN_WINDOW - (size_t)(r->in_sent - r->in_acked);
     if (cl_chan_send(v, CLA_STDIN, r->id, r->in_data + r->in_sent, n)) return;
     r->in_sent += n;
   }
@@ -753,7 +788,8 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
   }
   if (w->state == CL_WAIT_TIMEOUT) {
     char msg[200];
-    snprintf(msg, sizeof msg, "vm %s: exec: no answer from the guest agent %.0f s after the command's timeout",
+    snprintf(msg, sizeof msg,
+             "vm %s: exec: no answer from the guest agent %.0f s after the command's timeout",
              v->id, EXEC_GRACE);
     cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0); /* the agent kills what is left of it */
     req_fail(r, ETIMEDOUT, msg);
@@ -767,8 +803,8 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
 /* Lua: vm:exec{argv... | argv=, env=, cwd=, stdin=, timeout=, max_output=, on_stdout=,
  * on_stderr=} -> {code=|signal=, stdout=, stderr=, truncated=, timed_out=, elapsed=, pid=} */
 static int l_exec(lua_State *L) {
-  static const char *const fields[] = {"argv", "env", "cwd", "stdin", "timeout", "max_output",
-                                       "on_stdout", "on_stderr", NULL};
+  static const char *const fields[] = {"argv",       "env",       "cwd",       "stdin", "timeout",
+                                       "max_output", "on_stdout", "on_stderr", NULL};
   vm *v = cl_vm_check(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
@@ -813,7 +849,8 @@ static int l_exec(lua_State *L) {
     int ei = lua_gettop(L);
     lua_pushnil(L);
     while (lua_next(L, ei)) {
-      if (lua_type(L, -2) != LUA_TSTRING || (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
+      if (lua_type(L, -2) != LUA_TSTRING ||
+          (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
         cl_field_error(L, "env", "string keys with string values expected");
       size_t kl, vl;
       const char *k = lua_tolstring(L, -2, &kl);
@@ -921,7 +958,8 @@ static int write_k(lua_State *L, int status, lua_KContext ctx) {
     if (cl_chan_send(v, CLA_WDATA, r->id, r->wdata + r->wsent, n)) break;
     r->wsent += n;
   }
-  if (r->wsent == r->wlen && !r->wend_sent && !v->chan.closed && cl_chan_send(v, CLA_WEND, r->id, NULL, 0) == 0)
+  if (r->wsent == r->wlen && !r->wend_sent && !v->chan.closed &&
+      cl_chan_send(v, CLA_WEND, r->id, NULL, 0) == 0)
     r->wend_sent = 1;
   if (r->failed) return req_failed(L, r);
   return req_wait(L, r, w, write_k, ctx);
@@ -930,11 +968,13 @@ static int write_k(lua_State *L, int status, lua_KContext ctx) {
 static lua_Integer opt_mode(lua_State *L, int idx) {
   int t = lua_getfield(L, idx, "mode");
   lua_Integer mode = 0644;
-  if (t == LUA_TNUMBER && lua_isinteger(L, -1)) mode = lua_tointeger(L, -1);
+  if (t == LUA_TNUMBER && lua_isinteger(L, -1))
+    mode = lua_tointeger(L, -1);
   else if (t == LUA_TSTRING) {
     char *end;
     mode = strtol(lua_tostring(L, -1), &end, 8);
-    if (*end || end == lua_tostring(L, -1)) cl_field_error(L, "mode", "octal string or integer expected");
+    if (*end || end == lua_tostring(L, -1))
+      cl_field_error(L, "mode", "octal string or integer expected");
   } else if (t != LUA_TNIL) {
     cl_field_error(L, "mode", "octal string or integer expected");
   }
@@ -946,7 +986,8 @@ static lua_Integer opt_mode(lua_State *L, int idx) {
 static void check_path(lua_State *L, int idx, const char *what) {
   size_t n;
   const char *p = luaL_checklstring(L, idx, &n);
-  if (n == 0 || n >= 4096 || strlen(p) != n) luaL_argerror(L, idx, "a path of 1 to 4095 bytes without NUL");
+  if (n == 0 || n >= 4096 || strlen(p) != n)
+    luaL_argerror(L, idx, "a path of 1 to 4095 bytes without NUL");
   if (p[0] != '/') luaL_argerror(L, idx, lua_pushfstring(L, "%s needs an absolute path", what));
 }
 
@@ -1030,7 +1071,8 @@ static int l_read_file(lua_State *L) {
     cl_check_fields(L, 3, fields);
     timeout = cl_opt_number(L, 3, "timeout", -1);
     max = cl_opt_integer(L, 3, "max", max);
-    if (max < 0 || (uint64_t)max > MAX_FILE) cl_field_error(L, "max", "between 0 and 2^40 expected");
+    if (max < 0 || (uint64_t)max > MAX_FILE)
+      cl_field_error(L, "max", "between 0 and 2^40 expected");
   }
   lua_settop(L, 3);
   if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "read_file");
@@ -1110,8 +1152,8 @@ void cl_chan_probe(vm *v) {
 }
 
 static const luaL_Reg chan_methods[] = {
-  {"exec", l_exec}, {"write_file", l_write_file}, {"read_file", l_read_file}, {"ping", l_ping},
-  {NULL, NULL},
+    {"exec", l_exec}, {"write_file", l_write_file}, {"read_file", l_read_file}, {"ping", l_ping},
+    {NULL, NULL},
 };
 
 int cl_chan_open_methods(lua_State *L) {

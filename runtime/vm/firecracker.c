@@ -128,9 +128,11 @@ static int api_call(vm *v, const char *method, const char *path, const char *bod
 static int api_await(lua_State *L, vm *v, cl_wait *w, int fatal) {
   vm_api *a = &v->api;
   if (!a->done) {
-    if (v->exited) return cl_vm_fail(L, v, 1, 1, ECHILD, "%s %s: the VMM exited", a->method, a->path);
+    if (v->exited)
+      return cl_vm_fail(L, v, 1, 1, ECHILD, "%s %s: the VMM exited", a->method, a->path);
     if (w->state == CL_WAIT_TIMEOUT)
-      return cl_vm_fail(L, v, fatal, fatal, ETIMEDOUT, "%s %s: no answer from Firecracker", a->method, a->path);
+      return cl_vm_fail(L, v, fatal, fatal, ETIMEDOUT, "%s %s: no answer from Firecracker",
+                        a->method, a->path);
     return VM_WAIT;
   }
   a->busy = 0;
@@ -141,11 +143,13 @@ static int api_await(lua_State *L, vm *v, cl_wait *w, int fatal) {
     char fault[400] = "";
     cJSON *j = a->body ? cJSON_Parse(a->body) : NULL;
     cJSON *fm = j ? cJSON_GetObjectItemCaseSensitive(j, "fault_message") : NULL;
-    if (fm && cJSON_IsString(fm)) snprintf(fault, sizeof fault, "%s", fm->valuestring);
-    else if (a->body) snprintf(fault, sizeof fault, "%.300s", a->body);
+    if (fm && cJSON_IsString(fm))
+      snprintf(fault, sizeof fault, "%s", fm->valuestring);
+    else if (a->body)
+      snprintf(fault, sizeof fault, "%.300s", a->body);
     cJSON_Delete(j);
-    return cl_vm_fail(L, v, fatal, 0, EIO, "firecracker %s %s: %ld: %s", a->method, a->path, a->status,
-                      fault[0] ? fault : "(no fault_message)");
+    return cl_vm_fail(L, v, fatal, 0, EIO, "firecracker %s %s: %ld: %s", a->method, a->path,
+                      a->status, fault[0] ? fault : "(no fault_message)");
   }
   return 1;
 }
@@ -155,10 +159,13 @@ static int api_await(lua_State *L, vm *v, cl_wait *w, int fatal) {
 
 static void on_vsock(cl_watch *w, uint32_t events) {
   vm *v = w->data;
-  ssize_t n = read(v->vsock_fd, v->vsock_buf + v->vsock_len, sizeof v->vsock_buf - 1 - v->vsock_len);
+  ssize_t n =
+      read(v->vsock_fd, v->vsock_buf + v->vsock_len, sizeof v->vsock_buf - 1 - v->vsock_len);
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  if (n <= 0) v->vsock_len = sizeof v->vsock_buf; /* marks failure */
-  else v->vsock_len += (size_t)n;
+  if (n <= 0)
+    v->vsock_len = sizeof v->vsock_buf; /* marks failure */
+  else
+    v->vsock_len += (size_t)n;
   cl_vm_changed(v);
 }
 
@@ -274,7 +281,8 @@ static void build_boot_calls(vm *v) {
   cJSON_AddStringToObject(b, "kernel_image_path", v->kernel);
   if (v->initrd) cJSON_AddStringToObject(b, "initrd_path", v->initrd);
   char args[2600];
-  snprintf(args, sizeof args, "console=ttyS0 reboot=k panic=1 pci=off quiet clawlua.channel=%s%s%s%s",
+  snprintf(args, sizeof args,
+           "console=ttyS0 reboot=k panic=1 pci=off quiet clawlua.channel=%s%s%s%s",
            v->channel == CH_VSOCK ? "vsock" : "serial", v->rootfs ? " clawlua.root=/dev/vda" : "",
            v->boot_args ? " " : "", v->boot_args ? v->boot_args : "");
   cJSON_AddStringToObject(b, "boot_args", args);
@@ -539,7 +547,8 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
   }
   if (s == 2) {
     /* The socket file exists from bind(), a moment before listen(): refused means "not yet". */
-    if (v->api.done && v->api.result == CURLE_COULDNT_CONNECT && !v->exited && w->state != CL_WAIT_TIMEOUT) {
+    if (v->api.done && v->api.result == CURLE_COULDNT_CONNECT && !v->exited &&
+        w->state != CL_WAIT_TIMEOUT) {
       cl_fc_release_api(v);
       w->aux[0] = 1;
       cl_vm_poll_in(v, 5);
@@ -551,7 +560,8 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
       return cl_vm_fail(L, v, 1, 1, EPROTO, "start: GET /version: no firecracker_version in %.100s",
                         v->api.body ? v->api.body : "(empty)");
     if (v->fc_major < 1)
-      return cl_vm_fail(L, v, 1, 0, ENOTSUP, "start: Firecracker %s is older than 1.0", v->fc_version);
+      return cl_vm_fail(L, v, 1, 0, ENOTSUP, "start: Firecracker %s is older than 1.0",
+                        v->fc_version);
     if (v->restore_dir) {
       char *t = snap_tap_of(v);
       build_restore_calls(v, t);
@@ -568,7 +578,9 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
       w->aux[0] = s = 50;
     } else {
       int e = api_call(v, v->calls[i].method, v->calls[i].path, v->calls[i].body);
-      if (e) return cl_vm_fail(L, v, 1, 1, e, "start: %s %s: %s", v->calls[i].method, v->calls[i].path, strerror(e));
+      if (e)
+        return cl_vm_fail(L, v, 1, 1, e, "start: %s %s: %s", v->calls[i].method, v->calls[i].path,
+                          strerror(e));
       w->aux[0] = 200 + i;
       return VM_WAIT;
     }
@@ -620,10 +632,12 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
   return cl_vm_fail(L, v, 1, 0, EINVAL, "start: bad step %ld", s);
 gone:
   calls_clear(v);
-  return cl_vm_fail(L, v, 1, 1, ECHILD, "start: the VMM %s during start", v->exit_signal ? "was killed" : "exited");
+  return cl_vm_fail(L, v, 1, 1, ECHILD, "start: the VMM %s during start",
+                    v->exit_signal ? "was killed" : "exited");
 timeout:
   calls_clear(v);
-  return cl_vm_fail(L, v, 1, 1, ETIMEDOUT, "start: the guest agent was not ready after %.0f s", v->ready_timeout);
+  return cl_vm_fail(L, v, 1, 1, ETIMEDOUT, "start: the guest agent was not ready after %.0f s",
+                    v->ready_timeout);
 }
 
 static int patch_state_step(lua_State *L, vm *v, cl_wait *w, const char *state, int new_state,
@@ -692,7 +706,8 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
     int e = 0;
     if (v->jailed) {
       static const char *const files[] = {"vmstate.fc", "memory.fc"};
-      for (int i = 0; i < 2 && !e; i++) e = move_file(v->rundir, v->op_path, files[i], err, sizeof err);
+      for (int i = 0; i < 2 && !e; i++)
+        e = move_file(v->rundir, v->op_path, files[i], err, sizeof err);
       if (e) return cl_vm_fail(L, v, 0, 0, e, "snapshot: %s", err);
     }
     e = write_meta(v, err, sizeof err);
@@ -773,12 +788,19 @@ static int ask_ctrl_alt_del(vm *v) {
 
 int cl_fc_step(lua_State *L, vm *v, cl_wait *w, int op) {
   switch (op) {
-  case OP_START: return start_step(L, v, w);
-  case OP_PAUSE: return patch_state_step(L, v, w, "Paused", VS_PAUSED, "vm.pause");
-  case OP_RESUME: return patch_state_step(L, v, w, "Resumed", VS_RUNNING, "vm.resume");
-  case OP_SNAPSHOT: return snapshot_step(L, v, w);
-  case OP_SHUTDOWN: return cl_shutdown_step(L, v, w, ask_ctrl_alt_del);
-  case OP_METRICS: return metrics_step(L, v, w);
-  default: return cl_vm_fail(L, v, 0, 0, EINVAL, "unknown operation");
+  case OP_START:
+    return start_step(L, v, w);
+  case OP_PAUSE:
+    return patch_state_step(L, v, w, "Paused", VS_PAUSED, "vm.pause");
+  case OP_RESUME:
+    return patch_state_step(L, v, w, "Resumed", VS_RUNNING, "vm.resume");
+  case OP_SNAPSHOT:
+    return snapshot_step(L, v, w);
+  case OP_SHUTDOWN:
+    return cl_shutdown_step(L, v, w, ask_ctrl_alt_del);
+  case OP_METRICS:
+    return metrics_step(L, v, w);
+  default:
+    return cl_vm_fail(L, v, 0, 0, EINVAL, "unknown operation");
   }
 }

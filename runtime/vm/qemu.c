@@ -22,11 +22,11 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/vm_sockets.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <linux/vm_sockets.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -82,7 +82,8 @@ static void qmp_message(vm *v, const char *line) {
       }
     } else if (cJSON_IsString(ev)) {
       const char *name = ev->valuestring;
-      if (strcmp(name, "SHUTDOWN") == 0 || strcmp(name, "POWERDOWN") == 0 || strcmp(name, "RESET") == 0) {
+      if (strcmp(name, "SHUTDOWN") == 0 || strcmp(name, "POWERDOWN") == 0 ||
+          strcmp(name, "RESET") == 0) {
         lua_State *L = v->L;
         int stopped = lua_gc(L, LUA_GCISRUNNING);
         if (stopped) lua_gc(L, LUA_GCSTOP);
@@ -168,7 +169,8 @@ int cl_qemu_command(vm *v, const char *execute, const char *args_json, int pass_
   /* Commands are small and QEMU reads them promptly: a full socket buffer here means QEMU
    * stopped reading, which the caller's deadline will report. */
   ssize_t w;
-  do w = sendmsg(v->qmpfd, &msg, MSG_NOSIGNAL); while (w < 0 && errno == EINTR);
+  do w = sendmsg(v->qmpfd, &msg, MSG_NOSIGNAL);
+  while (w < 0 && errno == EINTR);
   if (w < 0) return errno;
   if (w != n) return EAGAIN;
   return 0;
@@ -373,7 +375,8 @@ static int vsock_connect(vm *v) {
   a.svm_cid = (unsigned)v->cid;
   a.svm_port = CLA_VSOCK_PORT;
   if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) return cl_chan_attach(v, fd) == 0;
-  if (errno != EINPROGRESS || cl_watch_start(v->loop, &v->vwatch, fd, EPOLLOUT, on_vsock_connect) != 0) {
+  if (errno != EINPROGRESS ||
+      cl_watch_start(v->loop, &v->vwatch, fd, EPOLLOUT, on_vsock_connect) != 0) {
     close(fd);
     cl_vm_poll_in(v, 20);
     return 0;
@@ -397,7 +400,10 @@ static int write_meta(vm *v, char *err, size_t errlen) {
   cJSON_AddNumberToObject(j, "rootfs_readonly", v->rootfs_ro);
   cJSON_AddNumberToObject(j, "kvm", v->kvm == 1);
   cJSON_AddNumberToObject(j, "cid", v->cid);
-  cJSON_AddStringToObject(j, "channel", v->channel == CH_VSOCK ? "vsock" : v->channel == CH_NONE ? "none" : "virtio-serial");
+  cJSON_AddStringToObject(j, "channel",
+                          v->channel == CH_VSOCK  ? "vsock"
+                          : v->channel == CH_NONE ? "none"
+                                                  : "virtio-serial");
   if (v->tap[0]) {
     cJSON_AddStringToObject(j, "tap", v->tap);
     cJSON_AddStringToObject(j, "mac", v->mac);
@@ -446,10 +452,10 @@ static int await_reply(lua_State *L, vm *v, cl_wait *w, const char *what) {
   }
   if (v->exited) return cl_vm_fail(L, v, 1, 1, ECHILD, "%s: the VMM exited", what);
   if (v->qmpfd < 0) return cl_vm_fail(L, v, 1, 1, EPIPE, "%s: QMP connection lost", what);
-  if (w->state == CL_WAIT_TIMEOUT) return cl_vm_fail(L, v, 0, 0, ETIMEDOUT, "%s: no answer from QEMU", what);
+  if (w->state == CL_WAIT_TIMEOUT)
+    return cl_vm_fail(L, v, 0, 0, ETIMEDOUT, "%s: no answer from QEMU", what);
   return VM_WAIT;
 }
-
 
 static int start_step(lua_State *L, vm *v, cl_wait *w) {
   char err[400];
@@ -508,7 +514,8 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
       cl_vm_poll_in(v, 20);
       return VM_WAIT;
     }
-    if (strcmp(status, "paused") != 0 && strcmp(status, "prelaunch") != 0 && strcmp(status, "postmigrate") != 0)
+    if (strcmp(status, "paused") != 0 && strcmp(status, "prelaunch") != 0 &&
+        strcmp(status, "postmigrate") != 0)
       return cl_vm_fail(L, v, 1, 1, EIO, "restore: QEMU is %s after loading the snapshot", status);
     cl_qemu_command(v, "cont", NULL, -1);
     w->aux[0] = 4;
@@ -534,7 +541,8 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     if (v->channel != CH_NONE && !v->chan.ready) {
       if (w->state == CL_WAIT_TIMEOUT) {
         if (v->chan.closed && v->chan.error[0])
-          return cl_vm_fail(L, v, 1, 1, EPIPE, "start: the agent channel closed: %s", v->chan.error);
+          return cl_vm_fail(L, v, 1, 1, EPIPE, "start: the agent channel closed: %s",
+                            v->chan.error);
         goto timeout;
       }
       /* A channel that closed by itself means QEMU is going: its exit is the better news. */
@@ -580,7 +588,8 @@ probe_failed:
   }
   if (!v->exited) return VM_WAIT; /* back here once the probe VMM is gone */
   v->kvm = 0;
-  snprintf(v->why, sizeof v->why, "qemu with TCG (/dev/kvm exists but a probe boot under it failed)");
+  snprintf(v->why, sizeof v->why,
+           "qemu with TCG (/dev/kvm exists but a probe boot under it failed)");
   w->aux[0] = 0;
   w->state = CL_WAIT_DONE;
   return start_step(L, v, w);
@@ -659,7 +668,8 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
     if (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0) {
       char detail[200];
       reply_field(v, "error-desc", detail, sizeof detail);
-      return cl_vm_fail(L, v, 0, 0, EIO, "snapshot: migration %s%s%s", status, detail[0] ? ": " : "", detail);
+      return cl_vm_fail(L, v, 0, 0, EIO, "snapshot: migration %s%s%s", status,
+                        detail[0] ? ": " : "", detail);
     }
     if (strcmp(status, "completed") != 0) {
       w->aux[0] = 5;
@@ -706,15 +716,23 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
   }
 }
 
-static int ask_powerdown(vm *v) { return cl_qemu_command(v, "system_powerdown", NULL, -1); }
+static int ask_powerdown(vm *v) {
+  return cl_qemu_command(v, "system_powerdown", NULL, -1);
+}
 
 int cl_qemu_step(lua_State *L, vm *v, cl_wait *w, int op) {
   switch (op) {
-  case OP_START: return start_step(L, v, w);
-  case OP_PAUSE: return simple_step(L, v, w, "stop", "pause", VS_PAUSED, "vm.pause");
-  case OP_RESUME: return simple_step(L, v, w, "cont", "resume", VS_RUNNING, "vm.resume");
-  case OP_SNAPSHOT: return snapshot_step(L, v, w);
-  case OP_SHUTDOWN: return cl_shutdown_step(L, v, w, ask_powerdown);
-  default: return cl_vm_fail(L, v, 0, 0, EINVAL, "unknown operation");
+  case OP_START:
+    return start_step(L, v, w);
+  case OP_PAUSE:
+    return simple_step(L, v, w, "stop", "pause", VS_PAUSED, "vm.pause");
+  case OP_RESUME:
+    return simple_step(L, v, w, "cont", "resume", VS_RUNNING, "vm.resume");
+  case OP_SNAPSHOT:
+    return snapshot_step(L, v, w);
+  case OP_SHUTDOWN:
+    return cl_shutdown_step(L, v, w, ask_powerdown);
+  default:
+    return cl_vm_fail(L, v, 0, 0, EINVAL, "unknown operation");
   }
 }

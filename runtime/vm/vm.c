@@ -18,6 +18,7 @@
 #include "vm.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_tun.h>
@@ -36,19 +37,18 @@
 #include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
-#include <dirent.h>
 #include <unistd.h>
 
 int cl_entry_redirect(lua_State *L, const char *name);
 
 static const char IDS_KEY = 'i'; /* registry: id -> true for every live VM */
 
-#define MAX_VCPUS 32
-#define MIN_MEM_MIB 32
+#define MAX_VCPUS             32
+#define MIN_MEM_MIB           32
 #define DEFAULT_READY_TIMEOUT 60.0
-#define LOG_TAIL 1500
+#define LOG_TAIL              1500
 
-static const char *const state_names[] = {"created", "starting", "running", "paused",
+static const char *const state_names[] = {"created",  "starting", "running", "paused",
                                           "stopping", "exited",   "failed"};
 
 const char *cl_vm_state_name(int s) {
@@ -71,7 +71,9 @@ static char *dupstr(const char *s) {
   return d;
 }
 
-void cl_vm_changed(vm *v) { cl_waitq_wake_all(&v->changed, 0); }
+void cl_vm_changed(vm *v) {
+  cl_waitq_wake_all(&v->changed, 0);
+}
 
 static void on_poll_timer(cl_timer *t) {
   vm *v = (vm *)((char *)t - offsetof(vm, poll_timer));
@@ -106,8 +108,10 @@ int cl_vm_tsc_khz(void) {
       if (n <= 0) break;
       rec[n] = 0;
       double m;
-      if ((m = mhz_after(rec, "tsc: Refined TSC clocksource calibration: ")) > 0) refined = m;
-      else if ((m = mhz_after(rec, "tsc: Detected ")) > 0) detected = m;
+      if ((m = mhz_after(rec, "tsc: Refined TSC clocksource calibration: ")) > 0)
+        refined = m;
+      else if ((m = mhz_after(rec, "tsc: Detected ")) > 0)
+        detected = m;
     }
     close(fd);
   }
@@ -188,7 +192,8 @@ static int tap_up(const char *name) {
   memset(&ifr, 0, sizeof ifr);
   snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
   int err = 0;
-  if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) err = errno;
+  if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+    err = errno;
   else {
     ifr.ifr_flags |= IFF_UP;
     if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) err = errno;
@@ -242,7 +247,9 @@ static void tap_delete(const char *name) {
   close(fd);
 }
 
-static int iface_exists(const char *name) { return if_nametoindex(name) != 0; }
+static int iface_exists(const char *name) {
+  return if_nametoindex(name) != 0;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Run directory                                                                              */
@@ -263,15 +270,21 @@ static int make_dirs(const char *path) {
 static int make_rundir(vm *v) {
   char base[160];
   const char *xdg = getenv("XDG_RUNTIME_DIR");
-  if (xdg && *xdg && strlen(xdg) < 100) snprintf(base, sizeof base, "%s/clawlua", xdg);
-  else if (geteuid() == 0) snprintf(base, sizeof base, "/run/clawlua");
-  else snprintf(base, sizeof base, "/tmp/clawlua-%u", (unsigned)geteuid());
+  if (xdg && *xdg && strlen(xdg) < 100)
+    snprintf(base, sizeof base, "%s/clawlua", xdg);
+  else if (geteuid() == 0)
+    snprintf(base, sizeof base, "/run/clawlua");
+  else
+    snprintf(base, sizeof base, "/tmp/clawlua-%u", (unsigned)geteuid());
   int e = make_dirs(base);
   if (e) return e;
   /* Unix socket paths in it (api.sock, v.sock) must fit in 108 bytes: long ids are left out. */
-  if (strlen(base) + strlen(v->id) + 32 < 100) snprintf(v->rundir, sizeof v->rundir, "%s/%s.XXXXXX", base, v->id);
-  else if (strlen(base) + 32 < 100) snprintf(v->rundir, sizeof v->rundir, "%s/vm.XXXXXX", base);
-  else snprintf(v->rundir, sizeof v->rundir, "/tmp/clawlua-vm.XXXXXX");
+  if (strlen(base) + strlen(v->id) + 32 < 100)
+    snprintf(v->rundir, sizeof v->rundir, "%s/%s.XXXXXX", base, v->id);
+  else if (strlen(base) + 32 < 100)
+    snprintf(v->rundir, sizeof v->rundir, "%s/vm.XXXXXX", base);
+  else
+    snprintf(v->rundir, sizeof v->rundir, "/tmp/clawlua-vm.XXXXXX");
   if (!mkdtemp(v->rundir)) {
     e = errno;
     v->rundir[0] = 0;
@@ -323,8 +336,10 @@ void cl_vm_kill(vm *v) {
 /* Everything the VM holds only while its VMM runs. */
 static void release_runtime(vm *v, const char *why) {
   cl_chan_close(v, why);
-  if (v->backend == VM_QEMU) cl_qemu_release(v);
-  else cl_fc_release(v);
+  if (v->backend == VM_QEMU)
+    cl_qemu_release(v);
+  else
+    cl_fc_release(v);
   /* The tap goes with the VMM, except between a failed KVM probe boot and the real boot. */
   if (v->tapfd >= 0 && !(v->state == VS_STARTING && v->kvm == 2 && !v->released)) {
     close(v->tapfd);
@@ -366,10 +381,13 @@ static void on_vmm_exit(cl_watch *w, uint32_t events) {
   v->pidfd = -1;
   v->exited = 1;
   v->t_exit = cl_now_ns();
-  if (si.si_code == CLD_EXITED) v->exit_code = si.si_status;
-  else v->exit_signal = si.si_status;
+  if (si.si_code == CLD_EXITED)
+    v->exit_code = si.si_status;
+  else
+    v->exit_signal = si.si_status;
   int expected = v->state == VS_STOPPING;
-  if (v->state != VS_STARTING && v->state != VS_FAILED) v->state = VS_EXITED; /* a failed start says FAILED itself */
+  if (v->state != VS_STARTING && v->state != VS_FAILED)
+    v->state = VS_EXITED; /* a failed start says FAILED itself */
   release_runtime(v, v->exit_signal ? "the VMM was killed" : "the VMM exited");
   lua_State *L = v->L;
   int stopped = lua_gc(L, LUA_GCISRUNNING);
@@ -379,10 +397,14 @@ static void on_vmm_exit(cl_watch *w, uint32_t events) {
   int detail = lua_gettop(L);
   proc_method(L, v, "status"); /* reaps it; a jail reports OOM kills and removes its cgroups */
   if (lua_istable(L, -1)) {
-    if (lua_getfield(L, -1, "oom_killed") != LUA_TNIL) lua_setfield(L, detail, "oom_killed");
-    else lua_pop(L, 1);
-    if (lua_getfield(L, -1, "cgroup") != LUA_TNIL) lua_setfield(L, detail, "cgroup");
-    else lua_pop(L, 1);
+    if (lua_getfield(L, -1, "oom_killed") != LUA_TNIL)
+      lua_setfield(L, detail, "oom_killed");
+    else
+      lua_pop(L, 1);
+    if (lua_getfield(L, -1, "cgroup") != LUA_TNIL)
+      lua_setfield(L, detail, "cgroup");
+    else
+      lua_pop(L, 1);
   }
   lua_pop(L, 1);
   if (v->exit_signal) {
@@ -458,8 +480,10 @@ static void jail_options(lua_State *L, vm *v, int jt, const char *program) {
   int user = 0;
   if (v->jail_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, v->jail_ref);
-    if (lua_istable(L, -1)) user = lua_gettop(L);
-    else lua_pop(L, 1);
+    if (lua_istable(L, -1))
+      user = lua_gettop(L);
+    else
+      lua_pop(L, 1);
   }
   /* Scalar options of the caller go through as they are. */
   if (user) {
@@ -505,8 +529,10 @@ static void jail_options(lua_State *L, vm *v, int jt, const char *program) {
     for (lua_Integer i = 1; i <= n; i++) {
       int bt = lua_rawgeti(L, -1, i);
       const char *bp = bt == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-      if (!bp || !bind_covers(L, binds, bp)) lua_rawseti(L, binds, (lua_Integer)lua_rawlen(L, binds) + 1);
-      else lua_pop(L, 1);
+      if (!bp || !bind_covers(L, binds, bp))
+        lua_rawseti(L, binds, (lua_Integer)lua_rawlen(L, binds) + 1);
+      else
+        lua_pop(L, 1);
     }
   }
   if (user) lua_pop(L, 1);
@@ -674,11 +700,13 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
   lua_setfield(L, -2, "argv");
   lua_pushboolean(L, v->jailed);
   lua_setfield(L, -2, "jailed");
-  lua_pushstring(L, v->filter_ref != LUA_NOREF ? (v->backend == VM_QEMU ? "clawlua (applied by the runtime)"
-                                                                        : "clawlua (given to Firecracker)")
-                  : v->seccomp_file && v->seccomp_file[0] ? v->seccomp_file
-                  : v->seccomp_file ? "none (seccomp = false)"
-                  : v->backend == VM_QEMU ? "QEMU's -sandbox" : "Firecracker's built-in");
+  lua_pushstring(L, v->filter_ref != LUA_NOREF
+                        ? (v->backend == VM_QEMU ? "clawlua (applied by the runtime)"
+                                                 : "clawlua (given to Firecracker)")
+                    : v->seccomp_file && v->seccomp_file[0] ? v->seccomp_file
+                    : v->seccomp_file                       ? "none (seccomp = false)"
+                    : v->backend == VM_QEMU                 ? "QEMU's -sandbox"
+                                                            : "Firecracker's built-in");
   lua_setfield(L, -2, "seccomp");
   cl_vm_audit(v, L, "vm.spawn", lua_gettop(L));
   lua_pop(L, 1);
@@ -703,9 +731,12 @@ int cl_vm_fail(lua_State *L, vm *v, int fatal, int with_log, int code, const cha
   char tail[LOG_TAIL + 1] = "";
   if (with_log) cl_vm_log_tail(v, tail, sizeof tail);
   lua_pushnil(L);
-  if (tail[0]) lua_pushfstring(L, "vm %s: %s; VMM log (%s) ends:\n%s", v->id, msg, v->log_path, tail);
-  else if (with_log) lua_pushfstring(L, "vm %s: %s; the VMM log (%s) is empty", v->id, msg, v->log_path);
-  else lua_pushfstring(L, "vm %s: %s", v->id, msg);
+  if (tail[0])
+    lua_pushfstring(L, "vm %s: %s; VMM log (%s) ends:\n%s", v->id, msg, v->log_path, tail);
+  else if (with_log)
+    lua_pushfstring(L, "vm %s: %s; the VMM log (%s) is empty", v->id, msg, v->log_path);
+  else
+    lua_pushfstring(L, "vm %s: %s", v->id, msg);
   lua_pushinteger(L, code);
   lua_createtable(L, 0, 2);
   lua_pushvalue(L, -3);
@@ -819,15 +850,18 @@ static int kvm_device_ok(char *why, size_t n) {
 static void verdict_path(char *p, size_t n) {
   const char *c = getenv("XDG_CACHE_HOME");
   const char *h = getenv("HOME");
-  if (c && *c) snprintf(p, n, "%s/clawlua/kvm-verdicts", c);
-  else snprintf(p, n, "%s/.cache/clawlua/kvm-verdicts", h && *h ? h : "/tmp");
+  if (c && *c)
+    snprintf(p, n, "%s/clawlua/kvm-verdicts", c);
+  else
+    snprintf(p, n, "%s/.cache/clawlua/kvm-verdicts", h && *h ? h : "/tmp");
 }
 
 static void verdict_key(vm *v, char *k, size_t n) {
   struct utsname u;
   struct stat sq, sk;
   char qpath[4096] = "";
-  cl_find_executable(v->vmm ? v->vmm[0] : "qemu-system-x86_64", getenv("PATH"), qpath, sizeof qpath);
+  cl_find_executable(v->vmm ? v->vmm[0] : "qemu-system-x86_64", getenv("PATH"), qpath,
+                     sizeof qpath);
   memset(&sq, 0, sizeof sq);
   memset(&sk, 0, sizeof sk);
   stat(qpath, &sq);
@@ -847,7 +881,8 @@ static int kvm_verdict(vm *v) {
   int verdict = -1;
   size_t kl = strlen(key);
   while (fgets(line, sizeof line, f))
-    if (strncmp(line, key, kl) == 0 && line[kl] == ' ') verdict = strncmp(line + kl + 1, "boots", 5) == 0;
+    if (strncmp(line, key, kl) == 0 && line[kl] == ' ')
+      verdict = strncmp(line + kl + 1, "boots", 5) == 0;
   fclose(f);
   return verdict;
 }
@@ -893,13 +928,17 @@ static int choose_backend(vm *v, int want, int accel) {
     v->backend = want;
   }
   if (v->backend == VM_FIRECRACKER) {
-    snprintf(v->why, sizeof v->why, "firecracker (asked for)%s%s", kvm ? "" : "; ", kvm ? "" : kvmwhy);
+    snprintf(v->why, sizeof v->why, "firecracker (asked for)%s%s", kvm ? "" : "; ",
+             kvm ? "" : kvmwhy);
     return 0;
   }
-  const char *fcnote = want ? "asked for" : have_fc ? "firecracker needs KVM" : "no firecracker in PATH";
+  const char *fcnote = want      ? "asked for"
+                       : have_fc ? "firecracker needs KVM"
+                                 : "no firecracker in PATH";
   if (accel == 3) {
     v->kvm = 2;
-    snprintf(v->why, sizeof v->why, "qemu: KVM to be proved by a probe boot (%s; probe asked for)", fcnote);
+    snprintf(v->why, sizeof v->why, "qemu: KVM to be proved by a probe boot (%s; probe asked for)",
+             fcnote);
   } else if (accel == 2) {
     v->kvm = 0;
     snprintf(v->why, sizeof v->why, "qemu with TCG (%s; TCG asked for)", fcnote);
@@ -913,11 +952,14 @@ static int choose_backend(vm *v, int want, int accel) {
     int verdict = kvm_verdict(v);
     if (verdict == 1) {
       v->kvm = 1;
-      snprintf(v->why, sizeof v->why, "qemu with KVM (%s; a probe boot under KVM reached the agent)", fcnote);
+      snprintf(v->why, sizeof v->why,
+               "qemu with KVM (%s; a probe boot under KVM reached the agent)", fcnote);
     } else if (verdict == 0) {
       v->kvm = 0;
-      snprintf(v->why, sizeof v->why, "qemu with TCG (%s; /dev/kvm exists but a probe boot under it "
-               "failed: this KVM does not run stock kernels)", fcnote);
+      snprintf(v->why, sizeof v->why,
+               "qemu with TCG (%s; /dev/kvm exists but a probe boot under it "
+               "failed: this KVM does not run stock kernels)",
+               fcnote);
     } else {
       v->kvm = 2; /* probe at start: the probe boot is the real boot when it works */
       snprintf(v->why, sizeof v->why, "qemu: KVM to be proved by a probe boot (%s)", fcnote);
@@ -982,26 +1024,39 @@ static void random_hex(char *out, size_t nbytes) {
   for (size_t i = 0; i < nbytes; i++) sprintf(out + 2 * i, "%02x", r[i]);
 }
 
-static const char *const create_fields[] = {"backend", "kernel", "initrd", "rootfs",
-                                            "rootfs_readonly", "vcpus", "mem_mib", "boot_args",
-                                            "net", "guest", "jail", "seccomp", "log", "id", "vmm",
-                                            "accel", NULL};
+static const char *const create_fields[] = {
+    "backend",   "kernel", "initrd", "rootfs", "rootfs_readonly", "vcpus", "mem_mib",
+    "boot_args", "net",    "guest",  "jail",   "seccomp",         "log",   "id",
+    "vmm",       "accel",  NULL};
 
 /* Parses the options at idx into v (which is still closed: nothing to release). Raises on
  * misuse. restore: kernel and sizes come from the snapshot. */
 static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *accel,
                           const char **tap, int *want_net, int restore) {
   const char *backend = cl_opt_string(L, idx, "backend", "auto");
-  if (strcmp(backend, "auto") == 0) *want_backend = 0;
-  else if (strcmp(backend, "qemu") == 0) *want_backend = VM_QEMU;
-  else if (strcmp(backend, "firecracker") == 0) *want_backend = VM_FIRECRACKER;
-  else cl_field_error(L, "backend", lua_pushfstring(L, "\"auto\", \"qemu\" or \"firecracker\" expected, got \"%s\"", backend));
+  if (strcmp(backend, "auto") == 0)
+    *want_backend = 0;
+  else if (strcmp(backend, "qemu") == 0)
+    *want_backend = VM_QEMU;
+  else if (strcmp(backend, "firecracker") == 0)
+    *want_backend = VM_FIRECRACKER;
+  else
+    cl_field_error(
+        L, "backend",
+        lua_pushfstring(L, "\"auto\", \"qemu\" or \"firecracker\" expected, got \"%s\"", backend));
   const char *ac = cl_opt_string(L, idx, "accel", "auto");
-  if (strcmp(ac, "auto") == 0) *accel = 0;
-  else if (strcmp(ac, "kvm") == 0) *accel = 1;
-  else if (strcmp(ac, "tcg") == 0) *accel = 2;
-  else if (strcmp(ac, "probe") == 0) *accel = 3;
-  else cl_field_error(L, "accel", lua_pushfstring(L, "\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"%s\"", ac));
+  if (strcmp(ac, "auto") == 0)
+    *accel = 0;
+  else if (strcmp(ac, "kvm") == 0)
+    *accel = 1;
+  else if (strcmp(ac, "tcg") == 0)
+    *accel = 2;
+  else if (strcmp(ac, "probe") == 0)
+    *accel = 3;
+  else
+    cl_field_error(
+        L, "accel",
+        lua_pushfstring(L, "\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"%s\"", ac));
   if (!restore) {
     const char *kernel = cl_opt_string(L, idx, "kernel", NULL);
     if (!kernel) cl_field_error(L, "kernel", "a kernel image path is required");
@@ -1015,8 +1070,9 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     lua_Integer mem = cl_opt_integer(L, idx, "mem_mib", 128);
     long host = host_mem_mib();
     if (mem < MIN_MEM_MIB || mem > host)
-      cl_field_error(L, "mem_mib", lua_pushfstring(L, "%d to %I (the host's memory) expected, got %I",
-                                                   MIN_MEM_MIB, (lua_Integer)host, mem));
+      cl_field_error(L, "mem_mib",
+                     lua_pushfstring(L, "%d to %I (the host's memory) expected, got %I",
+                                     MIN_MEM_MIB, (lua_Integer)host, mem));
     v->vcpus = (int)vcpus;
     v->mem_mib = (int)mem;
     const char *ba = cl_opt_string(L, idx, "boot_args", NULL);
@@ -1025,8 +1081,11 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
   }
   const char *id = cl_opt_string(L, idx, "id", NULL);
   if (id && !valid_id(id))
-    cl_field_error(L, "id", lua_pushfstring(L, "1 to 40 characters of [A-Za-z0-9_.-] expected, got \"%s\"", id));
-  if (id) snprintf(v->id, sizeof v->id, "%s", id);
+    cl_field_error(
+        L, "id",
+        lua_pushfstring(L, "1 to 40 characters of [A-Za-z0-9_.-] expected, got \"%s\"", id));
+  if (id)
+    snprintf(v->id, sizeof v->id, "%s", id);
   else {
     char hex[13];
     random_hex(hex, 4);
@@ -1042,7 +1101,9 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
       lua_rawseti(L, -2, 1);
       lua_replace(L, -2);
     } else if (vt != LUA_TTABLE) {
-      cl_field_error(L, "vmm", lua_pushfstring(L, "string or table of strings expected, got %s", luaL_typename(L, -1)));
+      cl_field_error(
+          L, "vmm",
+          lua_pushfstring(L, "string or table of strings expected, got %s", luaL_typename(L, -1)));
     }
     char **src = cl_check_argv(L, -1, "vmm", 0);
     size_t n = 0, bytes = 0;
@@ -1078,14 +1139,17 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     *want_net = 1;
     int ni = lua_gettop(L);
     *tap = cl_opt_string(L, ni, "tap", NULL);
-    if (*tap && (strlen(*tap) == 0 || strlen(*tap) >= IFNAMSIZ || strchr(*tap, '/') || strchr(*tap, ' ')))
-      cl_field_error(L, "net", lua_pushfstring(L, "tap name \"%s\" is not a valid interface name", *tap));
+    if (*tap &&
+        (strlen(*tap) == 0 || strlen(*tap) >= IFNAMSIZ || strchr(*tap, '/') || strchr(*tap, ' ')))
+      cl_field_error(L, "net",
+                     lua_pushfstring(L, "tap name \"%s\" is not a valid interface name", *tap));
     const char *mac = cl_opt_string(L, ni, "mac", NULL);
     if (mac && !valid_mac(mac))
       cl_field_error(L, "net", lua_pushfstring(L, "mac \"%s\" is not a unicast MAC address", mac));
     if (mac) snprintf(v->mac, sizeof v->mac, "%s", mac);
   } else if (t != LUA_TNIL) {
-    cl_field_error(L, "net", lua_pushfstring(L, "boolean or table expected, got %s", luaL_typename(L, -1)));
+    cl_field_error(L, "net",
+                   lua_pushfstring(L, "boolean or table expected, got %s", luaL_typename(L, -1)));
   }
   lua_pop(L, 1); /* the tap string stays anchored by the option table */
   /* guest = {channel = "auto"|"virtio-serial"|"vsock"|"none", ready_timeout = s} */
@@ -1097,11 +1161,18 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     cl_check_fields(L, -1, gf);
     int gi = lua_gettop(L);
     const char *ch = cl_opt_string(L, gi, "channel", "auto");
-    if (strcmp(ch, "virtio-serial") == 0) v->channel = CH_SERIAL;
-    else if (strcmp(ch, "vsock") == 0) v->channel = CH_VSOCK;
-    else if (strcmp(ch, "none") == 0) v->channel = CH_NONE;
+    if (strcmp(ch, "virtio-serial") == 0)
+      v->channel = CH_SERIAL;
+    else if (strcmp(ch, "vsock") == 0)
+      v->channel = CH_VSOCK;
+    else if (strcmp(ch, "none") == 0)
+      v->channel = CH_NONE;
     else if (strcmp(ch, "auto") != 0)
-      cl_field_error(L, "guest", lua_pushfstring(L, "channel \"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, got \"%s\"", ch));
+      cl_field_error(
+          L, "guest",
+          lua_pushfstring(
+              L, "channel \"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, got \"%s\"",
+              ch));
     v->ready_timeout = cl_opt_number(L, gi, "ready_timeout", DEFAULT_READY_TIMEOUT);
     if (!(v->ready_timeout > 0 && v->ready_timeout <= 3600))
       cl_field_error(L, "guest", "ready_timeout must be between 0 and 3600 seconds");
@@ -1123,16 +1194,20 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     static const char *const threads[] = {"vmm", "api", "vcpu", NULL};
     cl_check_fields(L, -1, threads);
     for (const char *const *th = threads; *th; th++) {
-      if (lua_getfield(L, -1, *th) != LUA_TUSERDATA || !luaL_testudata(L, -1, "clawlua.seccomp.filter"))
-        cl_field_error(L, "seccomp", lua_pushfstring(L, "%s: a clawlua.seccomp filter expected", *th));
+      if (lua_getfield(L, -1, *th) != LUA_TUSERDATA ||
+          !luaL_testudata(L, -1, "clawlua.seccomp.filter"))
+        cl_field_error(L, "seccomp",
+                       lua_pushfstring(L, "%s: a clawlua.seccomp filter expected", *th));
       lua_pop(L, 1);
     }
     lua_pushvalue(L, -1);
     v->filter_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else if (t != LUA_TNIL) {
-    cl_field_error(L, "seccomp", lua_pushfstring(L, "a clawlua.seccomp filter, {vmm=, api=, vcpu=}, "
-                                                 "a filter file path or false expected, got %s",
-                                                 luaL_typename(L, -1)));
+    cl_field_error(L, "seccomp",
+                   lua_pushfstring(L,
+                                   "a clawlua.seccomp filter, {vmm=, api=, vcpu=}, "
+                                   "a filter file path or false expected, got %s",
+                                   luaL_typename(L, -1)));
   }
   lua_pop(L, 1);
   /* jail = true (the default) | false | {jail.spawn options}: where the VMM runs */
@@ -1140,9 +1215,10 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
   if (t == LUA_TBOOLEAN) {
     v->jailed = lua_toboolean(L, -1);
   } else if (t == LUA_TTABLE) {
-    static const char *const refused[] = {"root", "cwd", "argv", "env", "stdin", "stdout",
-                                          "stderr", "fds", NULL};
-    if (lua_rawlen(L, -1) > 0) cl_field_error(L, "jail", "positional entries (argv) are set by the vm");
+    static const char *const refused[] = {"root",   "cwd",    "argv", "env", "stdin",
+                                          "stdout", "stderr", "fds",  NULL};
+    if (lua_rawlen(L, -1) > 0)
+      cl_field_error(L, "jail", "positional entries (argv) are set by the vm");
     for (const char *const *f = refused; *f; f++) {
       if (lua_getfield(L, -1, *f) != LUA_TNIL)
         cl_field_error(L, "jail", lua_pushfstring(L, "%s is set by the vm", *f));
@@ -1151,8 +1227,9 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     lua_pushvalue(L, -1);
     v->jail_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else if (t != LUA_TNIL) {
-    cl_field_error(L, "jail", lua_pushfstring(L, "boolean or table of jail.spawn options expected, got %s",
-                                              luaL_typename(L, -1)));
+    cl_field_error(L, "jail",
+                   lua_pushfstring(L, "boolean or table of jail.spawn options expected, got %s",
+                                   luaL_typename(L, -1)));
   }
   lua_pop(L, 1);
 }
@@ -1174,7 +1251,6 @@ static vm *push_vm(lua_State *L) {
   return v;
 }
 
-
 /* The part of create and restore after the options: checks, then the kernel objects. The vm
  * userdata is on top of the stack. Returns 1 (the vm stays on top) or pushes nil, err, code. */
 static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char *tap,
@@ -1183,7 +1259,8 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
   if (v->kernel && (n = file_check(L, "kernel", v->kernel))) return (free_config(v), n);
   if (v->initrd && (n = file_check(L, "initrd", v->initrd))) return (free_config(v), n);
   if (v->rootfs && (n = file_check(L, "rootfs", v->rootfs))) return (free_config(v), n);
-  if (v->seccomp_file && v->seccomp_file[0] && (n = file_check(L, "seccomp filter", v->seccomp_file)))
+  if (v->seccomp_file && v->seccomp_file[0] &&
+      (n = file_check(L, "seccomp filter", v->seccomp_file)))
     return (free_config(v), n);
   /* The VMM runs in the run directory: every path it gets is absolute. */
   char **paths[] = {&v->kernel, &v->initrd, &v->rootfs, &v->seccomp_file};
@@ -1221,19 +1298,24 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
     lua_pop(L, 1);
     if (is_table) {
       free_config(v);
-      return cl_failf(L, EINVAL, "vm.create: seccomp: {vmm=, api=, vcpu=} is for Firecracker's "
+      return cl_failf(L, EINVAL,
+                      "vm.create: seccomp: {vmm=, api=, vcpu=} is for Firecracker's "
                       "threads; QEMU takes one filter");
     }
   }
   if (v->backend == VM_QEMU && v->seccomp_file && v->seccomp_file[0]) {
     free_config(v);
-    return cl_failf(L, EINVAL, "vm.create: seccomp: a Firecracker filter file needs the firecracker "
-                    "backend, and this vm is %s", v->why);
+    return cl_failf(L, EINVAL,
+                    "vm.create: seccomp: a Firecracker filter file needs the firecracker "
+                    "backend, and this vm is %s",
+                    v->why);
   }
-  if (v->channel < 0) v->channel = v->backend == VM_FIRECRACKER ? CH_VSOCK
-                                   : access("/dev/vhost-vsock", R_OK | W_OK) == 0 ? CH_VSOCK
-                                                                                  : CH_SERIAL;
-  if (v->channel == CH_VSOCK && v->backend == VM_QEMU && access("/dev/vhost-vsock", R_OK | W_OK) < 0) {
+  if (v->channel < 0)
+    v->channel = v->backend == VM_FIRECRACKER                   ? CH_VSOCK
+                 : access("/dev/vhost-vsock", R_OK | W_OK) == 0 ? CH_VSOCK
+                                                                : CH_SERIAL;
+  if (v->channel == CH_VSOCK && v->backend == VM_QEMU &&
+      access("/dev/vhost-vsock", R_OK | W_OK) < 0) {
     free_config(v);
     return cl_failf(L, ENODEV, "vm.create: channel \"vsock\" with qemu needs /dev/vhost-vsock: %s",
                     strerror(errno));
@@ -1271,7 +1353,8 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
                hex[4], hex[5]);
     }
     for (int attempt = 0; attempt < 8; attempt++) {
-      if (tap) snprintf(v->tap, sizeof v->tap, "%s", tap);
+      if (tap)
+        snprintf(v->tap, sizeof v->tap, "%s", tap);
       else {
         char hex[9];
         random_hex(hex, 4);
@@ -1287,7 +1370,8 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
       v->tap[0] = 0;
       vm_release(L, v);
       if (e == EBUSY)
-        return cl_failf(L, EEXIST, "vm.create: net.tap: an interface named \"%s\" already exists", name);
+        return cl_failf(L, EEXIST, "vm.create: net.tap: an interface named \"%s\" already exists",
+                        name);
       return cl_failf(L, e, "vm.create: tap %s: %s", name, strerror(e));
     }
   }
@@ -1479,7 +1563,8 @@ static int l_start(lua_State *L) {
   vm *v = cl_vm_check(L, 1);
   lua_settop(L, 1);
   if (v->state != VS_CREATED)
-    return cl_failf(L, EINVAL, "vm %s: start: the vm is %s, not created", v->id, cl_vm_state_name(v->state));
+    return cl_failf(L, EINVAL, "vm %s: start: the vm is %s, not created", v->id,
+                    cl_vm_state_name(v->state));
   return op_run(L, v, OP_START, "start", -1, 1);
 }
 
@@ -1487,7 +1572,8 @@ static int l_pause(lua_State *L) {
   vm *v = cl_vm_check(L, 1);
   lua_settop(L, 1);
   if (v->state != VS_RUNNING)
-    return cl_failf(L, EINVAL, "vm %s: pause: the vm is %s, not running", v->id, cl_vm_state_name(v->state));
+    return cl_failf(L, EINVAL, "vm %s: pause: the vm is %s, not running", v->id,
+                    cl_vm_state_name(v->state));
   return op_run(L, v, OP_PAUSE, "pause", 30, 1);
 }
 
@@ -1495,7 +1581,8 @@ static int l_resume(lua_State *L) {
   vm *v = cl_vm_check(L, 1);
   lua_settop(L, 1);
   if (v->state != VS_PAUSED)
-    return cl_failf(L, EINVAL, "vm %s: resume: the vm is %s, not paused", v->id, cl_vm_state_name(v->state));
+    return cl_failf(L, EINVAL, "vm %s: resume: the vm is %s, not paused", v->id,
+                    cl_vm_state_name(v->state));
   return op_run(L, v, OP_RESUME, "resume", 30, 1);
 }
 
@@ -1512,7 +1599,8 @@ static int l_snapshot(lua_State *L) {
     return cl_failf(L, EINVAL, "vm %s: snapshot: the vm is %s", v->id, cl_vm_state_name(v->state));
   if (cl_chan_busy(v))
     return cl_failf(L, EBUSY, "vm %s: snapshot: requests to the guest agent are in flight", v->id);
-  if (mkdir(dir, 0700) < 0 && errno != EEXIST) return cl_failf(L, errno, "vm %s: snapshot: %s: %s", v->id, dir, strerror(errno));
+  if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+    return cl_failf(L, errno, "vm %s: snapshot: %s: %s", v->id, dir, strerror(errno));
   char *rp = realpath(dir, NULL);
   if (!rp) return cl_failf(L, errno, "vm %s: snapshot: %s: %s", v->id, dir, strerror(errno));
   snprintf(v->op_path, sizeof v->op_path, "%s", rp);
@@ -1613,7 +1701,8 @@ static int l_info(lua_State *L) {
   lua_createtable(L, 0, 24);
   set_str(L, "id", v->id);
   set_str(L, "backend", v->backend == VM_QEMU ? "qemu" : "firecracker");
-  if (v->backend == VM_QEMU) set_str(L, "accel", v->kvm == 1 ? "kvm" : v->kvm == 2 ? "kvm-probe" : "tcg");
+  if (v->backend == VM_QEMU)
+    set_str(L, "accel", v->kvm == 1 ? "kvm" : v->kvm == 2 ? "kvm-probe" : "tcg");
   set_str(L, "why", v->why);
   set_str(L, "state", cl_vm_state_name(v->state));
   if (v->pid > 0 && !v->exited) {
@@ -1636,14 +1725,18 @@ static int l_info(lua_State *L) {
   lua_setfield(L, -2, "vcpus");
   lua_pushinteger(L, v->mem_mib);
   lua_setfield(L, -2, "mem_mib");
-  set_str(L, "channel", v->channel == CH_SERIAL ? "virtio-serial" : v->channel == CH_VSOCK ? "vsock" : "none");
+  set_str(L, "channel",
+          v->channel == CH_SERIAL  ? "virtio-serial"
+          : v->channel == CH_VSOCK ? "vsock"
+                                   : "none");
   set_str(L, "firecracker_version", v->fc_version);
   if (v->t_ready && v->t_spawn) {
     lua_pushnumber(L, (double)(v->t_ready - v->t_spawn) / 1e9);
     lua_setfield(L, -2, "boot_seconds");
   }
   if (v->exited) {
-    if (v->exit_signal) set_str(L, "exit_signal", cl_signal_name(v->exit_signal));
+    if (v->exit_signal)
+      set_str(L, "exit_signal", cl_signal_name(v->exit_signal));
     else {
       lua_pushinteger(L, v->exit_code);
       lua_setfield(L, -2, "exit_code");
@@ -1675,7 +1768,8 @@ static int l_metrics(lua_State *L) {
 
 static int l_tostring(lua_State *L) {
   vm *v = luaL_checkudata(L, 1, VM_MT);
-  lua_pushfstring(L, "clawlua.vm (%s, %s)", v->id, v->released ? "closed" : cl_vm_state_name(v->state));
+  lua_pushfstring(L, "clawlua.vm (%s, %s)", v->id,
+                  v->released ? "closed" : cl_vm_state_name(v->state));
   return 1;
 }
 
@@ -1687,7 +1781,10 @@ static int l_index(lua_State *L) {
     return 1;
   }
   if (strcmp(k, "tap") == 0) {
-    if (v->tap[0]) lua_pushstring(L, v->tap); else lua_pushnil(L);
+    if (v->tap[0])
+      lua_pushstring(L, v->tap);
+    else
+      lua_pushnil(L);
     return 1;
   }
   lua_getmetatable(L, 1);
@@ -1711,8 +1808,8 @@ static int json_int(cJSON *o, const char *k, int def) {
 
 /* Lua: vm.restore{dir=, id=, net=, log=, vmm=, seccomp=, guest=} -> running vm | nil, err */
 static int l_restore(lua_State *L) {
-  static const char *const fields[] = {"dir", "id", "net", "log", "vmm", "seccomp", "guest",
-                                       "backend", "accel", "jail", NULL};
+  static const char *const fields[] = {"dir",   "id",      "net",   "log",  "vmm", "seccomp",
+                                       "guest", "backend", "accel", "jail", NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   cl_check_fields(L, 1, fields);
@@ -1752,17 +1849,20 @@ static int l_restore(lua_State *L) {
   v->mem_mib = json_int(j, "mem_mib", 128);
   v->rootfs_ro = json_int(j, "rootfs_readonly", 0);
   const char *ch = json_str(j, "channel");
-  int snap_channel = ch && strcmp(ch, "vsock") == 0 ? CH_VSOCK : ch && strcmp(ch, "none") == 0 ? CH_NONE : CH_SERIAL;
+  int snap_channel = ch && strcmp(ch, "vsock") == 0  ? CH_VSOCK
+                     : ch && strcmp(ch, "none") == 0 ? CH_NONE
+                                                     : CH_SERIAL;
   if (v->channel >= 0 && v->channel != snap_channel) {
     cJSON_Delete(j);
     free_config(v);
-    return cl_failf(L, EINVAL, "vm.restore: the snapshot's guest channel is %s", ch ? ch : "virtio-serial");
+    return cl_failf(L, EINVAL, "vm.restore: the snapshot's guest channel is %s",
+                    ch ? ch : "virtio-serial");
   }
   v->channel = snap_channel;
   const char *mac = json_str(j, "mac");
   if (mac && !v->mac[0] && valid_mac(mac)) snprintf(v->mac, sizeof v->mac, "%s", mac);
   const char *snap_tap = json_str(j, "tap");
-  if (snap_tap && !want_net) want_net = 1; /* the guest has a NIC: it needs a tap */
+  if (snap_tap && !want_net) want_net = 1;            /* the guest has a NIC: it needs a tap */
   if (json_int(j, "kvm", 0) && accel == 0) accel = 1; /* a KVM snapshot restores under KVM */
   v->cid = json_int(j, "cid", 3);
   char *rp = realpath(dir, NULL);
@@ -1807,14 +1907,17 @@ static int l_backend(lua_State *L) {
 }
 
 static const luaL_Reg methods[] = {
-  {"start", l_start},     {"pause", l_pause}, {"resume", l_resume},   {"snapshot", l_snapshot},
-  {"shutdown", l_shutdown}, {"kill", l_kill}, {"wait", l_wait},       {"state", l_state},
-  {"pid", l_pid},         {"info", l_info},   {"log", l_log},         {"metrics", l_metrics},
-  {"close", l_close},     {NULL, NULL},
+    {"start", l_start},       {"pause", l_pause}, {"resume", l_resume}, {"snapshot", l_snapshot},
+    {"shutdown", l_shutdown}, {"kill", l_kill},   {"wait", l_wait},     {"state", l_state},
+    {"pid", l_pid},           {"info", l_info},   {"log", l_log},       {"metrics", l_metrics},
+    {"close", l_close},       {NULL, NULL},
 };
 
 static const luaL_Reg funcs[] = {
-  {"create", l_create}, {"restore", l_restore}, {"backend", l_backend}, {NULL, NULL},
+    {"create", l_create},
+    {"restore", l_restore},
+    {"backend", l_backend},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_vm(lua_State *L) {

@@ -10,9 +10,9 @@
 
 #include <stdint.h>
 
-#define VM_MT "clawlua.vm"
-#define VM_WAIT (-1) /* a step function's "not yet: wait for the next change" */
-#define VM_MAX_FDS 6  /* fds a VMM inherits */
+#define VM_MT      "clawlua.vm"
+#define VM_WAIT    (-1) /* a step function's "not yet: wait for the next change" */
+#define VM_MAX_FDS 6    /* fds a VMM inherits */
 
 enum { VM_QEMU = 1, VM_FIRECRACKER = 2 };
 enum { VS_CREATED, VS_STARTING, VS_RUNNING, VS_PAUSED, VS_STOPPING, VS_EXITED, VS_FAILED };
@@ -32,8 +32,8 @@ typedef struct vm_chan {
   size_t in_len;
   unsigned char *out;
   size_t out_off, out_len, out_cap;
-  int ready;   /* READY seen on this connection */
-  int closed;  /* EOF, error or protocol violation: no more frames */
+  int ready;  /* READY seen on this connection */
+  int closed; /* EOF, error or protocol violation: no more frames */
   char error[320];
   char uname[256];
   uint64_t agent_pid, boot_ms;
@@ -70,10 +70,10 @@ struct vm {
   int released;
   int state;
   int backend;
-  int kvm;          /* QEMU: -accel kvm (proved to boot) instead of tcg */
-  char why[320];    /* why this backend and accelerator */
+  int kvm;       /* QEMU: -accel kvm (proved to boot) instead of tcg */
+  char why[320]; /* why this backend and accelerator */
   char id[48];
-  lua_State *L;     /* the main thread, for audit records from loop callbacks */
+  lua_State *L; /* the main thread, for audit records from loop callbacks */
   cl_loop *loop;
   /* configuration */
   char *kernel, *initrd, *rootfs, *boot_args, *seccomp_file, *restore_dir;
@@ -120,7 +120,7 @@ struct vm {
   vm_call calls[VM_MAX_CALLS];
   int ncalls;
   char fc_version[32];
-  int vsock_fd;   /* the vsock UDS connection during its CONNECT hand-shake */
+  int vsock_fd; /* the vsock UDS connection during its CONNECT hand-shake */
   cl_watch vwatch;
   char vsock_buf[32];
   size_t vsock_len;
@@ -176,7 +176,8 @@ int cl_chan_attach(vm *v, int fd); /* takes the fd; returns 0 or errno */
 void cl_chan_close(vm *v, const char *why);
 void cl_chan_release(vm *v);
 int cl_chan_send(vm *v, uint16_t type, uint32_t id, const void *payload, size_t len);
-int cl_chan_open_methods(lua_State *L); /* adds exec, write_file, read_file, ping to the table on top */
+int cl_chan_open_methods(
+    lua_State *L); /* adds exec, write_file, read_file, ping to the table on top */
 int cl_chan_busy(vm *v);
 /* Asks a connected agent that will not say READY by itself (a restored guest) to answer. */
 void cl_chan_probe(vm *v);
