@@ -285,6 +285,9 @@ typedef struct cl_spawn_hooks {
 /* Lua-facing spawn: options table at opts; returns proc.spawn's results (handle or nil, err,
  * code). The handle's "seccomp" field is the notify supervisor when there is one. */
 int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks);
+/* The pidfd of the process handle at idx (borrowed: valid while the handle holds an unreaped
+ * child), or -1. Lets another owner watch the child's exit without reaping it (vm). */
+int cl_proc_pidfd(lua_State *L, int idx);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Seccomp (seccomp.c)                                                                        */

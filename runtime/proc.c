@@ -963,6 +963,11 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   return 1;
 }
 
+int cl_proc_pidfd(lua_State *L, int idx) {
+  proc *p = luaL_testudata(L, idx, PROC_MT);
+  return p && !p->reaped && !p->closed ? p->pidfd : -1;
+}
+
 /* Lua: proc.find_executable(name) -> path | nil, err */
 static int l_find_executable(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);

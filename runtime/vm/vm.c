@@ -673,9 +673,11 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
   lua_getfield(L, -1, "pid");
   v->pid = (pid_t)lua_tointeger(L, -1);
   lua_pop(L, 1);
+  /* A pidfd of our own: a dup of the handle's (pidfd_open is not in valgrind, say). */
+  int hfd = cl_proc_pidfd(L, -1);
+  v->pidfd = hfd >= 0 ? fcntl(hfd, F_DUPFD_CLOEXEC, 3) : -1;
   v->proc_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_settop(L, top);
-  v->pidfd = (int)syscall(SYS_pidfd_open, v->pid, 0);
   if (v->pidfd < 0 || cl_watch_start(v->loop, &v->pwatch, v->pidfd, EPOLLIN, on_vmm_exit) != 0) {
     e = errno ? errno : EIO;
     if (v->pidfd >= 0) close(v->pidfd);
