@@ -332,7 +332,9 @@ const char *cl_json_encode_lenient(lua_State *L, int idx, size_t max_string, int
  * recorded as a placeholder and long fields are cut, so every event fits the per-event cap. */
 void cl_audit_emit(lua_State *L, const char *kind, const char *sandbox, pid_t pid, int detail);
 /* Attributes a process to a sandbox, so events about that pid (kernel seccomp records) name
- * it; forget it when the process is reaped. */
+ * it; forget it when the process is reaped (it stays attributable for a few seconds, for
+ * records that arrive late). The first call starts the kernel audit source (a netlink socket
+ * that lives as long as the runtime). */
 void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox);
 void cl_audit_forget_pid(lua_State *L, pid_t pid);
 const char *cl_audit_sandbox_of(lua_State *L, pid_t pid);

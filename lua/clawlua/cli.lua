@@ -324,6 +324,8 @@ M.register {
   end,
 }
 
+M.lazy.audit = { module = "clawlua.audit_cli", summary = "read and verify audit logs (tail, verify)" }
+
 M.register {
   name = "version",
   summary = "print the versions of clawlua and what it is built on",

@@ -158,4 +158,140 @@ function audit.subscribe(fn, filter)
   return setmetatable(handle, { __close = handle.close })
 end
 
+-- Work done in one go between two turns of the loop when reading or verifying files: the C
+-- side stops after this much and the loop runs before it goes on.
+local READ_BUDGET = 1 << 20
+local VERIFY_LINES = 20000
+
+--- The files of a rotated log, oldest first: path.N, ..., path.1, path (those that exist).
+---@param path string
+---@return string[]
+function audit.log_files(path)
+  local files = {}
+  local function exists(p)
+    local f = io.open(p, "r")
+    if f then f:close() return true end
+    return false
+  end
+  local n = 0
+  while n < 1000 and exists(path .. "." .. (n + 1)) do n = n + 1 end
+  for i = n, 1, -1 do files[#files + 1] = path .. "." .. i end
+  if exists(path) then files[#files + 1] = path end
+  return files
+end
+
+--- Iterates the events of a JSONL audit file that match filter (the filter of audit.events),
+--- streaming: memory stays bounded whatever the file's size. With filter.limit, yields the
+--- newest `limit` matches (kept in a buffer of that many lines). Malformed lines and a torn
+--- last line are skipped; the iterator's second value is the line number.
+---@param path string
+---@param filter table|nil
+---@return function|nil iterator
+---@return string|nil err
+function audit.read_file(path, filter)
+  local f, limit = {}, nil
+  for k, v in pairs(filter or {}) do
+    if k == "limit" then limit = v else f[k] = v end
+  end
+  if limit ~= nil and (math.type(limit) ~= "integer" or limit < 0) then
+    error("bad field 'limit' (non-negative integer expected)", 2)
+  end
+  if limit == 0 then limit = nil end
+  local r, err, code = audit.reader(path, { filter = f, raw = limit ~= nil })
+  if not r then return nil, err, code end
+  local function pull()
+    while true do
+      local ev, line = r:next(READ_BUDGET)
+      if ev then return ev, line end
+      if ev == nil then
+        if line then error(line, 0) end
+        return nil
+      end
+      claw.yield() -- a long stretch without a match: let the loop run
+    end
+  end
+  if not limit then
+    return function()
+      local ev, line = pull()
+      if ev == nil then r:close() end
+      return ev, line
+    end
+  end
+  -- The newest `limit` matches: a ring of raw lines, decoded at the end.
+  local ring, lines, n = {}, {}, 0
+  while true do
+    local raw, line = pull()
+    if not raw then break end
+    n = n + 1
+    ring[(n - 1) % limit + 1] = raw
+    lines[(n - 1) % limit + 1] = line
+  end
+  r:close()
+  local first = n > limit and n - limit + 1 or 1
+  local i = first - 1
+  return function()
+    while i < n do
+      i = i + 1
+      local k = (i - 1) % limit + 1
+      local ev = claw.json.decode(ring[k])
+      ring[k] = nil
+      if ev then return ev, lines[k] end
+    end
+    return nil
+  end
+end
+
+--- Verifies the hash chain of audit log files. The files of a rotated set may be given in any
+--- order: they are checked oldest first, each file's anchor against the end of the one before.
+--- Returns {ok=, files={{path=, ok=, lines=, records=, issues={{line=, seq=, kind=, message=}},
+--- torn=, first_seq=, last_seq=, last_hash=, anchor=}}}. A file that cannot be read is not ok
+--- and has .error.
+---@param paths string|string[]
+---@return table report
+function audit.verify(paths)
+  if type(paths) == "string" then paths = { paths } end
+  if type(paths) ~= "table" then
+    error("bad argument #1 to 'verify' (file path or list of paths expected)", 2)
+  end
+  local files = {}
+  for i, p in ipairs(paths) do
+    local head, err = audit._file_head(p)
+    files[#files + 1] = { path = p, head = head, err = err, index = i }
+  end
+  -- Oldest first: by the seq of the first record; unreadable and empty files keep their place
+  -- at the end.
+  table.sort(files, function(a, b)
+    local sa = a.head and a.head.seq or math.maxinteger
+    local sb = b.head and b.head.seq or math.maxinteger
+    if sa ~= sb then return sa < sb end
+    return a.index < b.index
+  end)
+  local report = { ok = true, files = {} }
+  local prev_hash
+  for _, f in ipairs(files) do
+    local res
+    local v, err = audit._verifier(f.path, { prev = prev_hash })
+    if not v then
+      res = { path = f.path, ok = false, error = err, issues = {} }
+    else
+      while true do
+        local done, serr = v:step(VERIFY_LINES)
+        if done then break end
+        if done == nil then
+          res = { path = f.path, ok = false, error = serr, issues = {} }
+          break
+        end
+        claw.yield()
+      end
+      res = res or v:result()
+      v:close()
+      res.path = f.path
+    end
+    if res.last_hash then prev_hash = res.last_hash end
+    if not res.ok then report.ok = false end
+    report.files[#report.files + 1] = res
+  end
+  return report
+end
+
 return claw

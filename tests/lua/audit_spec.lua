@@ -117,3 +117,114 @@ describe("audit subscribers", function()
     assert.are.equal(0, r.code)
   end)
 end)
+
+describe("the event schema", function()
+  before_each(function() audit.configure { capacity = 10000, event_cap = 4096 } end)
+
+  it("gives every event seq, time, mono, kind and detail; sandbox and pid when known", function()
+    local t0, m0 = claw.loop.time(), claw.now()
+    local a = audit.emit("fw.drop", { vm = "vm-3", proto = "tcp", src = "10.0.0.2", sport = 5555,
+                                      dst = "10.0.0.9", dport = 22, dir = "out" })
+    local b = audit.emit("policy.deny", {})
+    assert.are.equal(a + 1, b)
+    local evs = audit.events { after_seq = a - 1 }
+    local e = evs[1]
+    assert.are.same({ "detail", "kind", "mono", "sandbox", "seq", "time" }, (function()
+      local k = {}
+      for name in pairs(e) do k[#k + 1] = name end
+      table.sort(k)
+      return k
+    end)())
+    assert.are.equal("integer", math.type(e.seq))
+    assert.is_true(e.time >= t0 - 1 and e.time <= claw.loop.time() + 1)
+    assert.is_true(e.mono >= m0 - 0.001 and e.mono <= claw.now() + 0.001)
+    assert.are.same({ proto = "tcp", src = "10.0.0.2", sport = 5555, dst = "10.0.0.9", dport = 22,
+                      dir = "out" }, e.detail)
+    assert.is_nil(evs[2].sandbox)
+    assert.is_nil(evs[2].pid)
+    assert.are.same({}, evs[2].detail)
+  end)
+
+  it("formats records for people", function()
+    local seq = audit.emit("seccomp.kill", { sandbox = "jail-1", pid = 7, syscall = "ptrace",
+                                             argv = { "a", "b" }, note = "two words" })
+    local ev = audit.events { after_seq = seq - 1 }[1]
+    local line = audit.format(ev)
+    assert.matches('^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ #' .. seq
+      .. ' seccomp%.kill %[jail%-1%] pid=7 argv=%["a","b"%] note="two words" syscall=ptrace$', line)
+    assert.matches("\27%[1;31mseccomp%.kill\27%[0m", audit.format(ev, { color = true }))
+    local long = audit.format(ev, { max = 40 })
+    assert.is_true(#long <= 44)
+    assert.matches("…$", long)
+    assert.is_nil(audit.format("not json"))
+  end)
+end)
+
+describe("file queries", function()
+  local H = require "helper"
+  local dir
+  setup(function() dir = H.tmpdir() end)
+  teardown(function() H.rm_rf(dir) end)
+
+  it("apply the same filters as the ring", function()
+    audit.configure { capacity = 10000 }
+    local path = dir .. "/q.jsonl"
+    local s = assert(audit.sink { path = path })
+    local first = audit.stats().last_seq
+    local mid_time
+    for i = 1, 300 do
+      audit.emit(({ "vm.start", "vm.stop", "fw.drop", "seccomp.kill", "vmx.other" })[i % 5 + 1],
+        { sandbox = "sb-" .. (i % 4), pid = 100 + (i % 7), i = i })
+      if i == 150 then mid_time = claw.loop.time() claw.sleep(0.01) end
+    end
+    s:close()
+    local filters = {
+      { kind = "vm" }, { kind = "vm.stop" }, { kind = "seccomp", sandbox = "sb-1" }, { vm = "sb-2" },
+      { pid = 103 }, { since = mid_time }, { ["until"] = mid_time }, { kind = "fw", limit = 5 },
+      { after_seq = first + 250 }, { limit = 1 }, { kind = "nothing" },
+    }
+    for _, f in ipairs(filters) do
+      local rf = { after_seq = first }
+      for k, v in pairs(f) do rf[k] = v end
+      local want = audit.events(rf)
+      local got = {}
+      for ev in audit.read_file(path, rf) do got[#got + 1] = ev end
+      assert.are.same(want, (function()
+        for _, ev in ipairs(got) do ev.prev, ev.hash = nil, nil end
+        return got
+      end)(), claw.json.encode(f))
+      assert.is_true(#want > 0 or f.kind == "nothing")
+    end
+    assert.has_error(function() audit.read_file(path, { bogus = true }) end)
+    local it, err = audit.read_file(dir .. "/none.jsonl")
+    assert.is_nil(it)
+    assert.matches("No such file", err)
+  end)
+
+  it("skip malformed and over-long lines, and count them", function()
+    local path = dir .. "/mixed.jsonl"
+    local s = assert(audit.sink { path = path })
+    audit.emit("test.ok", { n = 1 })
+    s:close()
+    local f = assert(io.open(path, "a"))
+    f:write("garbage\n", "{\"kind\":\"test.ok\",\"detail\":{\"n\":2}}\n", ("x"):rep(3 << 20), "\n",
+      "\255\254\n", '{"kind":"test.ok","detail":{"n":"\\ud800"}}\n')
+    s = assert(audit.sink { path = dir .. "/after.jsonl" })
+    s:close()
+    f:write(H.read_file(dir .. "/after.jsonl"))
+    f:close()
+    local r = assert(audit.reader(path, { filter = { kind = "test.ok" } }))
+    local ns = {}
+    while true do
+      local ev = r:next()
+      if not ev then break end
+      ns[#ns + 1] = ev.detail.n
+    end
+    assert.are.same({ 1, 2 }, ns)
+    local st = r:stats()
+    assert.are.equal(3, st.malformed) -- garbage, bytes that are not UTF-8, a lone surrogate
+    assert.are.equal(1, st.too_long)
+    r:close()
+    assert.has_error(function() r:next() end, "attempt to use a closed audit_reader")
+  end)
+end)

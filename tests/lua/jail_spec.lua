@@ -60,6 +60,9 @@ describe("jail.spawn", function()
   local fds, kids, nmounts
   setup(function()
     H.pid = tonumber(H.sh("echo $PPID"):match("%d+"))
+    -- The first jail starts the audit's kernel source (a netlink socket that lives as long as
+    -- the runtime, to read seccomp denials): start it now, so fd counts compare like with like.
+    claw.audit.kernel_source()
   end)
   before_each(function() fds, kids, nmounts = H.fds(), H.children(), mounts() end)
   after_each(function()

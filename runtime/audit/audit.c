@@ -1,17 +1,22 @@
 /*
- * clawlua.audit: a bounded, structured log that every primitive writes to.
+ * clawlua.audit: a bounded, structured log that every primitive writes to. This file is the
+ * core: the ring, emission from C and Lua, queries, the pid table; sink.c writes JSONL files
+ * and stderr, chain.c hashes and verifies files, record.c scans, formats and reads records,
+ * kernel.c reads seccomp records from the kernel audit stream.
  *
  * Events live in a ring of `capacity` slots. Each event is serialised once, at emission, into
  * a compact JSON record of at most `event_cap` bytes (long fields are cut with a marker and, if
  * the record is still too large, its detail is replaced by a note of its size), so the memory
  * the ring can hold is bounded by capacity x event_cap whatever is emitted. Appending is O(1);
- * when the ring is full the oldest event is evicted and counted.
+ * when the ring is full the oldest event is evicted and counted. Sinks get each record as it is
+ * stored, in the emitting call; what sinks do in response (rotate, report an error) runs after
+ * the event is complete, as events of their own.
  *
  * Record (keys sorted, one line): {"detail":{...},"kind":"vm.start","mono":12.5,"pid":42,
  * "sandbox":"vm-1","seq":17,"time":1764390000.25} -- "pid"/"sandbox" only when known,
  * "truncated":true when the record had to be cut.
  */
-#include "clawlua.h"
+#include "audit_int.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -22,51 +27,29 @@
 #define AUDIT_MT "clawlua.audit"
 #define DEFAULT_CAPACITY 10000
 #define DEFAULT_EVENT_CAP 4096
-#define MIN_EVENT_CAP 256
-#define MAX_EVENT_CAP (1 << 20)
+#define MIN_EVENT_CAP AUDIT_MIN_EVENT_CAP
+#define MAX_EVENT_CAP AUDIT_MAX_EVENT_CAP
 #define MAX_CAPACITY (1 << 24)
-#define KIND_MAX 63
-#define SANDBOX_MAX 127
-#define PID_BUCKETS 256
+#define KIND_MAX AUDIT_KIND_MAX
+#define SANDBOX_MAX AUDIT_SANDBOX_MAX
+#define PID_BUCKETS AUDIT_PID_BUCKETS
+/* Forgotten pids stay attributable this long: the kernel's audit records reach us through
+ * kauditd, often after the loop has reaped the process that caused them. */
+#define PID_GONE_TTL_NS (10ull * 1000000000ull)
+#define PID_GONE_MAX 1024
+#define ANCESTOR_DEPTH 32
 
 int cl_entry_redirect(lua_State *L, const char *name);
 
 static const char AUDIT_KEY = 'A';
 
-typedef struct slot {
-  uint64_t seq;
-  double wall;
-  pid_t pid;
-  char kind[KIND_MAX + 1];
-  char sandbox[SANDBOX_MAX + 1];
-  char *rec;
-  uint32_t len, cap;
-} slot;
-
-typedef struct pident {
-  struct pident *next;
-  pid_t pid;
-  char sandbox[SANDBOX_MAX + 1];
-} pident;
-
-typedef struct audit {
-  slot *ring;
-  size_t capacity, head, count; /* head: index of the oldest event */
-  size_t event_cap;
-  uint64_t seq;                 /* last sequence number handed out */
-  uint64_t evicted, truncated;
-  size_t bytes;                 /* record buffers held by the ring */
-  cl_waitq waiters;             /* audit.wait(): woken on every event */
-  pident *pids[PID_BUCKETS];
-  int emitting;                 /* re-entrancy guard (an emit from inside an emit) */
-} audit;
-
-static audit *get_audit(lua_State *L) {
+audit *audit_get(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
   audit *a = lua_touserdata(L, -1);
   lua_pop(L, 1);
   return a;
 }
+
 
 /* ------------------------------------------------------------------------------------------ */
 /* pid -> sandbox                                                                             */
@@ -77,80 +60,218 @@ static pident **pid_find(audit *a, pid_t pid) {
   return p;
 }
 
-static const char *pid_sandbox(audit *a, pid_t pid) {
-  pident *e = *pid_find(a, pid);
-  return e ? e->sandbox : NULL;
+/* Drops forgotten entries past their time (all of them when `all`). */
+static void pid_sweep(audit *a, int all) {
+  uint64_t now = cl_now_ns();
+  for (int i = 0; i < PID_BUCKETS; i++) {
+    pident **p = &a->pids[i];
+    while (*p) {
+      pident *e = *p;
+      if (e->gone && (all || now - e->gone > PID_GONE_TTL_NS)) {
+        *p = e->next;
+        free(e);
+        a->npids--;
+        a->ngone--;
+      } else {
+        p = &e->next;
+      }
+    }
+  }
 }
 
 void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox) {
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   if (!a || pid <= 0 || !sandbox) return;
   pident **p = pid_find(a, pid);
   if (!*p) {
     *p = calloc(1, sizeof **p);
     if (!*p) return;
     (*p)->pid = pid;
+    a->npids++;
+  } else if ((*p)->gone) { /* the pid was reused */
+    (*p)->gone = 0;
+    a->ngone--;
   }
   snprintf((*p)->sandbox, sizeof (*p)->sandbox, "%s", sandbox);
+  /* Sandboxed processes exist from now on: their seccomp denials come from the kernel. */
+  if (!a->kernel && !a->kernel_disabled) audit_kernel_start(L, a, 0, 0);
 }
 
 void cl_audit_forget_pid(lua_State *L, pid_t pid) {
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   if (!a) return;
-  pident **p = pid_find(a, pid);
-  if (*p) {
-    pident *e = *p;
-    *p = e->next;
-    free(e);
+  pident *e = *pid_find(a, pid);
+  if (e && !e->gone) {
+    e->gone = cl_now_ns();
+    a->ngone++;
+    if (a->ngone > PID_GONE_MAX) pid_sweep(a, 0);
+    if (a->ngone > PID_GONE_MAX) pid_sweep(a, 1);
   }
 }
 
 const char *cl_audit_sandbox_of(lua_State *L, pid_t pid) {
-  audit *a = get_audit(L);
-  return a ? pid_sandbox(a, pid) : NULL;
+  audit *a = audit_get(L);
+  if (!a) return NULL;
+  pident *e = *pid_find(a, pid);
+  return e && !e->gone ? e->sandbox : NULL;
+}
+
+/* The parent of pid from /proc (works for zombies too), or 0. */
+static pid_t parent_of(pid_t pid) {
+  char path[64], buf[512];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  FILE *f = fopen(path, "re");
+  if (!f) return 0;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  const char *rp = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
+  if (!rp || rp[1] != ' ' || !rp[2] || rp[3] != ' ') return 0; /* ") S 123 ..." */
+  char *end;
+  long ppid = strtol(rp + 4, &end, 10);
+  if (end == rp + 4 || ppid < 0 || ppid > INT32_MAX) return 0;
+  return (pid_t)ppid;
+}
+
+const char *audit_attribute(audit *a, pid_t pid, int walk_ancestors) {
+  if (pid <= 0) return NULL;
+  pident *e = *pid_find(a, pid);
+  if (e && (!e->gone || cl_now_ns() - e->gone <= PID_GONE_TTL_NS)) return e->sandbox;
+  if (!walk_ancestors || a->npids == 0) return NULL;
+  pid_t p = pid;
+  for (int depth = 0; depth < ANCESTOR_DEPTH; depth++) {
+    p = parent_of(p);
+    if (p <= 1) return NULL;
+    e = *pid_find(a, p);
+    if (e && !e->gone) return e->sandbox;
+  }
+  return NULL;
+}
+
+void audit_bump_seq(audit *a, uint64_t seq) {
+  if (seq > a->seq) a->seq = seq;
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Records                                                                                    */
 
-/* Appends s as a JSON string (s is short and from C: ids and kinds). */
+/* Length of the valid UTF-8 sequence at p (0: invalid). */
+static size_t utf8_seq(const unsigned char *p) {
+  unsigned c = p[0];
+  size_t n = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 ? 2 : 0;
+  if (!n || c > 0xf4) return 0;
+  for (size_t i = 1; i < n; i++)
+    if ((p[i] & 0xc0) != 0x80) return 0; /* also stops at the terminating NUL */
+  if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) || (c == 0xf0 && p[1] < 0x90) ||
+      (c == 0xf4 && p[1] > 0x8f))
+    return 0; /* overlong, surrogate, beyond U+10FFFF */
+  return n;
+}
+
+/* Appends s as a JSON string (s is short and from C: ids and kinds). Valid UTF-8 passes
+ * through; control characters are escaped and invalid bytes become U+FFFD. */
 static size_t put_json_string(char *o, size_t room, const char *s) {
+  static const char hex[] = "0123456789abcdef";
   size_t n = 0;
   if (room < 3) return 0;
   o[n++] = '"';
-  for (; *s && n + 8 < room; s++) {
-    unsigned char c = (unsigned char)*s;
+  for (const unsigned char *p = (const unsigned char *)s; *p && n + 8 < room;) {
+    unsigned c = *p;
     if (c == '"' || c == '\\') {
       o[n++] = '\\';
       o[n++] = (char)c;
-    } else if (c < 0x20 || c >= 0x7f) {
-      n += (size_t)snprintf(o + n, room - n, "\\u%04x", c < 0x80 ? c : 0xfffd);
-    } else {
+      p++;
+    } else if (c < 0x20 || c == 0x7f) {
+      o[n] = '\\';
+      o[n + 1] = 'u';
+      o[n + 2] = '0';
+      o[n + 3] = '0';
+      o[n + 4] = hex[c >> 4];
+      o[n + 5] = hex[c & 15];
+      n += 6;
+      p++;
+    } else if (c < 0x80) {
       o[n++] = (char)c;
+      p++;
+    } else {
+      size_t k = utf8_seq(p);
+      if (k) {
+        memcpy(o + n, p, k);
+        n += k;
+        p += k;
+      } else {
+        static const char repl[6] = {'\\', 'u', 'f', 'f', 'f', 'd'};
+        memcpy(o + n, repl, sizeof repl);
+        n += 6;
+        p++;
+      }
     }
   }
   o[n++] = '"';
   return n;
 }
 
-/* Builds the record for slot s from the detail JSON d (len dl) into s->rec. */
-static int store_record(audit *a, slot *s, const char *d, size_t dl, uint64_t mono, int cut) {
-  char head[64], tail[512];
-  size_t hn = (size_t)snprintf(head, sizeof head, "{\"detail\":");
-  size_t tn = 0;
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"kind\":");
-  tn += put_json_string(tail + tn, sizeof tail - tn, s->kind);
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"mono\":%.6f", (double)mono / 1e9);
-  if (s->pid > 0) tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"pid\":%d", (int)s->pid);
-  if (s->sandbox[0]) {
-    tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"sandbox\":");
-    tn += put_json_string(tail + tn, sizeof tail - tn, s->sandbox);
+static size_t put_u64(char *o, uint64_t v) {
+  char tmp[24];
+  size_t n = 0;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  for (size_t i = 0; i < n; i++) o[i] = tmp[n - 1 - i];
+  return n;
+}
+
+/* ns as seconds with 6 decimals ("12.000345"): what %.6f printed, without formatting a double
+ * (which cost a quarter of an emit). */
+static size_t put_seconds(char *o, uint64_t ns) {
+  size_t n = put_u64(o, ns / 1000000000u);
+  uint32_t us = (uint32_t)(ns % 1000000000u / 1000u);
+  o[n++] = '.';
+  for (int i = 5; i >= 0; i--, us /= 10) o[n + (size_t)i] = (char)('0' + us % 10);
+  return n + 6;
+}
+
+static size_t put_lit(char *o, const char *s) {
+  size_t n = 0;
+  while (s[n]) {
+    o[n] = s[n];
+    n++;
   }
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"seq\":%llu,\"time\":%.6f",
-                         (unsigned long long)s->seq, s->wall);
-  if (cut) tn += (size_t)snprintf(tail + tn, sizeof tail - tn, ",\"truncated\":true");
-  tn += (size_t)snprintf(tail + tn, sizeof tail - tn, "}");
-  size_t need = hn + dl + tn;
+  return n;
+}
+
+/* The fields after "detail", up to but without the closing brace (and "truncated"). */
+static size_t build_tail(const slot *s, char *tail, size_t room) {
+  size_t tn = 0;
+  tn += put_lit(tail + tn, ",\"kind\":");
+  tn += put_json_string(tail + tn, room - tn - 200, s->kind);
+  tn += put_lit(tail + tn, ",\"mono\":");
+  tn += put_seconds(tail + tn, s->mono_ns);
+  if (s->pid > 0) {
+    tn += put_lit(tail + tn, ",\"pid\":");
+    tn += put_u64(tail + tn, (uint64_t)s->pid);
+  }
+  if (s->sandbox[0]) {
+    tn += put_lit(tail + tn, ",\"sandbox\":");
+    tn += put_json_string(tail + tn, room - tn - 100, s->sandbox);
+  }
+  tn += put_lit(tail + tn, ",\"seq\":");
+  tn += put_u64(tail + tn, s->seq);
+  tn += put_lit(tail + tn, ",\"time\":");
+  tn += put_seconds(tail + tn, s->wall_ns > 0 ? (uint64_t)s->wall_ns : 0);
+  return tn;
+}
+
+#define TAIL_MAX 1536 /* kind and sandbox at 8 bytes per character escaped, and numbers */
+
+/* Builds the record for slot s from the detail JSON d (len dl) and the tail into s->rec. */
+static int store_record(audit *a, slot *s, const char *d, size_t dl, const char *tail,
+                        size_t tn, int cut) {
+  static const char head[] = "{\"detail\":";
+  static const char trunc[] = ",\"truncated\":true}";
+  size_t hn = sizeof head - 1, en = cut ? sizeof trunc - 1 : 1;
+  size_t need = hn + dl + tn + en;
   if (need > a->event_cap) return 0;
   if (need > s->cap) {
     char *r = realloc(s->rec, need);
@@ -162,13 +283,32 @@ static int store_record(audit *a, slot *s, const char *d, size_t dl, uint64_t mo
   memcpy(s->rec, head, hn);
   memcpy(s->rec + hn, d, dl);
   memcpy(s->rec + hn + dl, tail, tn);
+  memcpy(s->rec + hn + dl + tn, cut ? trunc : "}", en);
   s->len = (uint32_t)need;
   return 1;
 }
 
-static void emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
-                 int detail) {
-  if (a->emitting) return; /* a __tojson that emits: dropped rather than recursing */
+/* Sinks' post-emit work (rotation, reports of errors and drops) emits events of its own, so it
+ * runs after the event that caused it is complete, never nested inside it. */
+static void run_pending(lua_State *L, audit *a) {
+  if (a->in_pending) return; /* the outer call's loop picks up what this emit queued */
+  a->in_pending = 1;
+  for (int round = 0; round < 64; round++) {
+    int any = 0;
+    for (asink *s = a->sinks; s; s = s->next) {
+      if (!s->has_pending || !s->active) continue;
+      s->has_pending = 0;
+      any = 1;
+      s->pending(L, a, s);
+    }
+    if (!any) break;
+  }
+  a->in_pending = 0;
+}
+
+uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
+                    int detail) {
+  if (a->emitting) return 0; /* a __tojson that emits: dropped rather than recursing */
   a->emitting = 1;
   slot *s;
   if (a->count == a->capacity) { /* evict the oldest */
@@ -182,12 +322,15 @@ static void emit(lua_State *L, audit *a, const char *kind, const char *sandbox, 
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   s->seq = ++a->seq;
+  s->wall_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
   s->wall = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
   s->pid = pid > 0 ? pid : 0;
   snprintf(s->kind, sizeof s->kind, "%s", kind);
-  if (!sandbox && pid > 0) sandbox = pid_sandbox(a, pid);
+  if (!sandbox && pid > 0) sandbox = audit_attribute(a, pid, 0);
   snprintf(s->sandbox, sizeof s->sandbox, "%s", sandbox ? sandbox : "");
-  uint64_t mono = cl_now_ns();
+  s->mono_ns = cl_now_ns();
+  char tail[TAIL_MAX];
+  size_t tn = build_tail(s, tail, sizeof tail);
 
   /* The detail, cut harder until the record fits. */
   int top = lua_gettop(L);
@@ -207,26 +350,49 @@ static void emit(lua_State *L, audit *a, const char *kind, const char *sandbox, 
       }
       if (replaced) cut = 1;
     }
-    stored = store_record(a, s, d, dl, mono, cut);
+    stored = store_record(a, s, d, dl, tail, tn, cut);
     lua_settop(L, top);
     if (!stored) cut = 1;
   }
   if (!stored) {
     char note[80];
     int n = snprintf(note, sizeof note, "{\"_dropped_detail\":true}");
-    stored = store_record(a, s, note, (size_t)n, mono, 1);
+    if (!store_record(a, s, note, (size_t)n, tail, tn, 1)) s->len = 0; /* out of memory */
   }
   if (cut) a->truncated++;
   a->count++;
+  for (asink *k = a->sinks; k && s->len; k = k->next)
+    if (k->active && (k->force_seq == s->seq || audit_slot_matches(&k->filter, s)))
+      k->write(a, k, s);
   a->emitting = 0;
+  uint64_t seq = s->seq;
   cl_waitq_wake_all(&a->waiters, 0);
+  run_pending(L, a);
+  return seq;
 }
 
 void cl_audit_emit(lua_State *L, const char *kind, const char *sandbox, pid_t pid, int detail) {
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   if (!a) return;
   if (detail) detail = lua_absindex(L, detail);
-  emit(L, a, kind, sandbox, pid, detail);
+  audit_emit(L, a, kind, sandbox, pid, detail);
+}
+
+void audit_add_sink(audit *a, asink *s) {
+  asink **p = &a->sinks;
+  while (*p) p = &(*p)->next;
+  s->next = NULL;
+  *p = s;
+}
+
+void audit_remove_sink(audit *a, asink *s) {
+  for (asink **p = &a->sinks; *p; p = &(*p)->next) {
+    if (*p == s) {
+      *p = s->next;
+      s->next = NULL;
+      return;
+    }
+  }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -247,7 +413,7 @@ static int valid_kind(const char *k) {
 /* Lua: audit.emit(kind, [fields]) -> seq. fields.sandbox (or .vm) and fields.pid are the
  * event's attribution; everything else is its detail. */
 static int l_emit(lua_State *L) {
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   const char *kind = luaL_checkstring(L, 1);
   if (!valid_kind(kind))
     return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
@@ -293,30 +459,22 @@ static int l_emit(lua_State *L) {
       detail = 2;
     }
   }
-  emit(L, a, kind, sandbox, (pid_t)pid, detail);
-  lua_pushinteger(L, (lua_Integer)a->seq);
+  uint64_t seq = audit_emit(L, a, kind, sandbox, (pid_t)pid, detail);
+  lua_pushinteger(L, (lua_Integer)seq); /* 0: dropped (emitted from inside an emit) */
   return 1;
 }
 
-typedef struct filter {
-  const char *kind;
-  size_t kind_len;
-  const char *sandbox;
-  lua_Integer pid;
-  double since, until;
-  uint64_t after_seq;
-  lua_Integer limit;
-} filter;
+static const char *const filter_fields[] = {"kind", "sandbox", "vm", "pid", "since", "until",
+                                            "after_seq", "limit", NULL};
 
-static void read_filter(lua_State *L, int idx, filter *f) {
-  static const char *const fields[] = {"kind", "sandbox", "vm", "pid", "since", "until",
-                                       "after_seq", "limit", NULL};
+void audit_read_filter(lua_State *L, int idx, afilter *f, const char *const *fields) {
   memset(f, 0, sizeof *f);
   f->since = -1;
   f->until = -1;
   if (lua_isnoneornil(L, idx)) return;
+  idx = lua_absindex(L, idx);
   luaL_checktype(L, idx, LUA_TTABLE);
-  cl_check_fields(L, idx, fields);
+  cl_check_fields(L, idx, fields ? fields : filter_fields);
   f->kind = cl_opt_string(L, idx, "kind", NULL);
   if (f->kind) f->kind_len = strlen(f->kind);
   f->sandbox = cl_opt_string(L, idx, "sandbox", cl_opt_string(L, idx, "vm", NULL));
@@ -331,15 +489,15 @@ static void read_filter(lua_State *L, int idx, filter *f) {
 }
 
 /* kind "vm" matches "vm" and "vm.start", not "vmx". */
-static int kind_matches(const filter *f, const char *kind) {
+int audit_kind_matches(const afilter *f, const char *kind, size_t kind_len) {
   if (!f->kind) return 1;
-  return strncmp(kind, f->kind, f->kind_len) == 0 &&
-         (kind[f->kind_len] == 0 || kind[f->kind_len] == '.');
+  return kind_len >= f->kind_len && memcmp(kind, f->kind, f->kind_len) == 0 &&
+         (kind_len == f->kind_len || kind[f->kind_len] == '.');
 }
 
-static int matches(const filter *f, const slot *s) {
+int audit_slot_matches(const afilter *f, const slot *s) {
   if (s->seq <= f->after_seq) return 0;
-  if (!kind_matches(f, s->kind)) return 0;
+  if (!audit_kind_matches(f, s->kind, strlen(s->kind))) return 0;
   if (f->sandbox && strcmp(f->sandbox, s->sandbox) != 0) return 0;
   if (f->pid && f->pid != s->pid) return 0;
   if (f->since >= 0 && s->wall < f->since) return 0;
@@ -347,15 +505,17 @@ static int matches(const filter *f, const slot *s) {
   return 1;
 }
 
+static void read_filter(lua_State *L, int idx, afilter *f) { audit_read_filter(L, idx, f, NULL); }
+
 /* Pushes an array of matching events (decoded), oldest first; with a limit, the newest n. */
-static int push_matches(lua_State *L, audit *a, const filter *f) {
+static int push_matches(lua_State *L, audit *a, const afilter *f) {
   lua_newtable(L);
   size_t start = 0;
   if (f->limit > 0) { /* find where the newest `limit` matches begin */
     lua_Integer found = 0;
     start = a->count;
     for (size_t i = a->count; i > 0 && found < f->limit; i--) {
-      if (matches(f, &a->ring[(a->head + i - 1) % a->capacity])) {
+      if (audit_slot_matches(f, &a->ring[(a->head + i - 1) % a->capacity])) {
         found++;
         start = i - 1;
       }
@@ -364,7 +524,7 @@ static int push_matches(lua_State *L, audit *a, const filter *f) {
   lua_Integer n = 0;
   for (size_t i = start; i < a->count; i++) {
     const slot *s = &a->ring[(a->head + i) % a->capacity];
-    if (!matches(f, s)) continue;
+    if (!s->len || !audit_slot_matches(f, s)) continue;
     if (!cl_json_decode(L, s->rec, s->len)) { /* cannot happen: we wrote it */
       lua_pop(L, 2);
       continue;
@@ -376,9 +536,9 @@ static int push_matches(lua_State *L, audit *a, const filter *f) {
 
 /* Lua: audit.events{kind=, sandbox=|vm=, pid=, since=, until=, after_seq=, limit=} -> array */
 static int l_events(lua_State *L) {
-  filter f;
+  afilter f;
   read_filter(L, 1, &f);
-  return push_matches(L, get_audit(L), &f);
+  return push_matches(L, audit_get(L), &f);
 }
 
 static int query_iter(lua_State *L) {
@@ -399,7 +559,7 @@ static int l_query(lua_State *L) {
 
 static int wait_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = cl_wait_resumed(L, ctx);
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   lua_Integer after = lua_tointeger(L, 1);
   if ((lua_Integer)a->seq > after) {
     lua_pushinteger(L, (lua_Integer)a->seq);
@@ -416,7 +576,7 @@ static int wait_k(lua_State *L, int status, lua_KContext ctx) {
 
 /* Lua: audit.wait(after_seq, [timeout]) -> newest seq once an event after after_seq exists */
 static int l_wait(lua_State *L) {
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   lua_Integer after = luaL_checkinteger(L, 1);
   double timeout = luaL_optnumber(L, 2, -1);
   lua_settop(L, 2);
@@ -466,7 +626,7 @@ static int resize(audit *a, size_t capacity) {
 /* Lua: audit.configure{capacity=, event_cap=} -> true */
 static int l_configure(lua_State *L) {
   static const char *const fields[] = {"capacity", "event_cap", NULL};
-  audit *a = get_audit(L);
+  audit *a = audit_get(L);
   luaL_checktype(L, 1, LUA_TTABLE);
   cl_check_fields(L, 1, fields);
   lua_Integer cap = cl_opt_integer(L, 1, "capacity", (lua_Integer)a->capacity);
@@ -484,7 +644,9 @@ static int l_configure(lua_State *L) {
     a->bytes -= s->cap;
     s->rec = NULL;
     s->cap = 0;
-    store_record(a, s, note, strlen(note), cl_now_ns(), 1);
+    char tail[TAIL_MAX];
+    size_t tn = build_tail(s, tail, sizeof tail);
+    if (!store_record(a, s, note, strlen(note), tail, tn, 1)) s->len = 0;
   }
   if ((size_t)cap != a->capacity && resize(a, (size_t)cap) != 0)
     return cl_fail(L, "audit.configure", ENOMEM);
@@ -494,8 +656,8 @@ static int l_configure(lua_State *L) {
 
 /* Lua: audit.stats() */
 static int l_stats(lua_State *L) {
-  audit *a = get_audit(L);
-  lua_createtable(L, 0, 8);
+  audit *a = audit_get(L);
+  lua_createtable(L, 0, 14);
   lua_pushinteger(L, (lua_Integer)a->capacity);
   lua_setfield(L, -2, "capacity");
   lua_pushinteger(L, (lua_Integer)a->count);
@@ -510,10 +672,21 @@ static int l_stats(lua_State *L) {
   lua_setfield(L, -2, "truncated");
   lua_pushinteger(L, (lua_Integer)a->event_cap);
   lua_setfield(L, -2, "event_cap");
-  lua_pushinteger(L, (lua_Integer)(a->bytes + a->capacity * sizeof(slot)));
+  lua_Integer nslots = (lua_Integer)a->capacity, slotsz = (lua_Integer)sizeof(slot);
+  lua_pushinteger(L, (lua_Integer)a->bytes + nslots * slotsz);
   lua_setfield(L, -2, "bytes");
-  lua_pushinteger(L, (lua_Integer)(a->capacity * (sizeof(slot) + a->event_cap)));
+  lua_pushinteger(L, nslots * (slotsz + (lua_Integer)a->event_cap));
   lua_setfield(L, -2, "max_bytes");
+  lua_Integer nsinks = 0;
+  for (asink *k = a->sinks; k; k = k->next) nsinks++;
+  lua_pushinteger(L, nsinks);
+  lua_setfield(L, -2, "sinks");
+  lua_pushinteger(L, (lua_Integer)a->sink_dropped);
+  lua_setfield(L, -2, "sink_dropped");
+  lua_pushinteger(L, (lua_Integer)(a->npids - a->ngone));
+  lua_setfield(L, -2, "tracked_pids");
+  audit_kernel_push_state(L, a);
+  lua_setfield(L, -2, "kernel");
   return 1;
 }
 
@@ -538,8 +711,22 @@ static int l_sandbox_of(lua_State *L) {
   return 1;
 }
 
+/* Hidden benchmark hook: audit._bench_emit(n, kind, detail) emits n events from C the way a
+ * primitive does (cl_audit_emit) and returns the seconds it took. */
+static int l_bench_emit(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  const char *kind = luaL_checkstring(L, 2);
+  int detail = lua_istable(L, 3) ? 3 : 0;
+  uint64_t t0 = cl_now_ns();
+  for (lua_Integer i = 0; i < n; i++) cl_audit_emit(L, kind, NULL, 0, detail);
+  lua_pushnumber(L, (double)(cl_now_ns() - t0) / 1e9);
+  return 1;
+}
+
 static int audit_gc(lua_State *L) {
   audit *a = lua_touserdata(L, 1);
+  audit_sinks_close_all(a);
+  audit_kernel_stop(a);
   free_ring(a);
   for (int i = 0; i < PID_BUCKETS; i++) {
     while (a->pids[i]) {
@@ -552,26 +739,48 @@ static int audit_gc(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  {"emit", l_emit},           {"events", l_events},         {"query", l_query},
-  {"wait", l_wait},           {"configure", l_configure},   {"stats", l_stats},
-  {"track_pid", l_track_pid}, {"forget_pid", l_forget_pid}, {"sandbox_of", l_sandbox_of},
+  {"emit", l_emit},
+  {"events", l_events},
+  {"query", l_query},
+  {"wait", l_wait},
+  {"configure", l_configure},
+  {"stats", l_stats},
+  {"track_pid", l_track_pid},
+  {"forget_pid", l_forget_pid},
+  {"sandbox_of", l_sandbox_of},
+  {"sink", audit_sink_open},
+  {"reader", audit_reader_open},
+  {"format", audit_l_format},
+  {"kernel_source", audit_l_kernel_source},
+  {"_verifier", audit_verifier_open},
+  {"_file_head", audit_l_head},
+  {"_bench_emit", l_bench_emit},
+  {"_bench_sink", audit_bench_sink},
+  {"_bench_write", audit_bench_write},
+  {"_parse_kernel", audit_l_parse_kernel},
   {NULL, NULL},
 };
 
 int luaopen_clawlua_audit(lua_State *L) {
   if (cl_entry_redirect(L, "audit")) return 1;
-  if (!get_audit(L)) {
+  if (!audit_get(L)) {
     audit *a = lua_newuserdatauv(L, sizeof *a, 0);
     memset(a, 0, sizeof *a);
     a->event_cap = DEFAULT_EVENT_CAP;
     a->capacity = DEFAULT_CAPACITY;
     a->ring = calloc(a->capacity, sizeof *a->ring);
     if (!a->ring) return luaL_error(L, "audit: out of memory");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    a->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
     luaL_newmetatable(L, AUDIT_MT);
     lua_pushcfunction(L, audit_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
+    audit_sink_register(L);
+    audit_record_register(L);
+    audit_chain_register(L);
   }
   luaL_newlib(L, funcs);
   return 1;
