@@ -22,6 +22,7 @@ static const struct {
   {"stream", luaopen_clawlua_stream}, {"proc", luaopen_clawlua_proc},
   {"http", luaopen_clawlua_http},     {"audit", luaopen_clawlua_audit},
   {"seccomp", luaopen_clawlua_seccomp}, {"jail", luaopen_clawlua_jail},
+  {"firewall", luaopen_clawlua_firewall},
   {"vm", luaopen_clawlua_vm},
 };
 

@@ -340,6 +340,11 @@ void cl_audit_forget_pid(lua_State *L, pid_t pid);
 const char *cl_audit_sandbox_of(lua_State *L, pid_t pid);
 
 /* ------------------------------------------------------------------------------------------ */
+/* Firewall (runtime/firewall/, private declarations in runtime/firewall/fw.h)               */
+
+int luaopen_clawlua_firewall(lua_State *L);
+
+/* ------------------------------------------------------------------------------------------ */
 /* HTTP transfers of C code (http.c) and the vm primitive (vm/)                               */
 
 int luaopen_clawlua_vm(lua_State *L);

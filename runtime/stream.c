@@ -422,16 +422,23 @@ static int l_tostring(lua_State *L) {
   return 1;
 }
 
+static int lines_k(lua_State *L, int status, lua_KContext ctx) {
+  if (lua_isnil(L, 1) && !lua_isnil(L, 2)) return lua_error(L); /* an error mid-iteration */
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* Calls s:read_line(max) with a continuation, so that inside a task the read yields to the
+ * loop like any other wait (a plain lua_call would not be yieldable and would fall back to
+ * running a nested loop). */
 static int lines_iter(lua_State *L) {
   lua_settop(L, 0);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_pushvalue(L, lua_upvalueindex(2));
   lua_getfield(L, 1, "read_line");
   lua_insert(L, 1);
-  lua_call(L, 2, 2);
-  if (lua_isnil(L, 1) && !lua_isnil(L, 2)) return lua_error(L); /* an error mid-iteration */
-  lua_settop(L, 1);
-  return 1;
+  lua_callk(L, 2, 2, 0, lines_k);
+  return lines_k(L, LUA_OK, 0);
 }
 
 /* Lua: for line in s:lines([max]) do ... end (raises on read errors) */

@@ -17,6 +17,30 @@ describe("streams", function()
     r:close()
   end)
 
+  it("lines() yields inside a task instead of running a nested loop", function()
+    local r, w = stream.pipe()
+    local depth_seen = 0
+    local reader = claw.spawn(function()
+      local n = 0
+      for _ in r:lines() do n = n + 1 end
+      return n
+    end)
+    local writer = claw.spawn(function()
+      for i = 1, 5 do
+        depth_seen = math.max(depth_seen, claw.loop.stats().depth)
+        w:write("line " .. i .. "\n")
+        claw.sleep(0.005)
+      end
+      w:close()
+    end)
+    writer:join()
+    assert.are.equal(5, reader:join())
+    -- the main chunk's join runs the loop at depth 1; a reader running a nested loop of its
+    -- own would show up as depth 2 inside the writer
+    assert.are.equal(1, depth_seen)
+    r:close()
+  end)
+
   it("skip a line longer than the cap, report it, and carry on", function()
     local r, w = stream.pipe()
     local writer = claw.spawn(function()
