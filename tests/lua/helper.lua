@@ -78,8 +78,11 @@ function H.is_root()
 end
 
 --- Creates a temporary directory; returns its path.
-function H.tmpdir()
-  return (H.sh("mktemp -d /tmp/clawlua-test.XXXXXX"):gsub("%s+$", ""))
+--- Creates a temporary directory; returns its path. A tag ("jail") names the spec that owns it,
+--- so a spec can tell its own mounts from those of specs running beside it.
+function H.tmpdir(tag)
+  local prefix = tag and ("/tmp/clawlua-test." .. tag .. ".") or "/tmp/clawlua-test."
+  return (H.sh("mktemp -d " .. prefix .. "XXXXXX"):gsub("%s+$", ""))
 end
 
 function H.rm_rf(path)

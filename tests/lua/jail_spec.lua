@@ -27,7 +27,8 @@ end
 -- the set-up directories (newroot, oldroot) or the paths jails mount on. Other work on the
 -- machine may mount and unmount elsewhere while the specs run, so the whole table is no measure.
 local function mounts()
-  return H.sh("grep -E ' (/tmp/clawlua-test[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*|/tmp|/dev/shm/clawlua[^ ]*) ' "
+  -- only this spec's directories: other specs (audit's full-disk tmpfs) may run alongside
+  return H.sh("grep -E ' (/tmp/clawlua-test\\.jail\\.[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*|/tmp|/dev/shm/clawlua[^ ]*) ' "
               .. "/proc/self/mountinfo || true")
 end
 
@@ -102,7 +103,7 @@ describe("jail.spawn", function()
   end)
 
   it("enforces read-only binds and allows read-write ones", function()
-    local ro, rw = H.tmpdir(), H.tmpdir()
+    local ro, rw = H.tmpdir("jail"), H.tmpdir("jail")
     H.write_file(ro .. "/file", "host data")
     H.sh("chmod 777 " .. rw)
     local r = assert(run { BUSYBOX, "sh", "-c",
@@ -117,7 +118,7 @@ describe("jail.spawn", function()
   end)
 
   it("uses a directory as the root", function()
-    local root = H.tmpdir()
+    local root = H.tmpdir("jail")
     H.sh(("mkdir -p %s/bin %s/data %s/dev %s/proc && cp %s %s/bin/busybox && echo in-root > %s/data/f")
       :format(root, root, root, root, BUSYBOX, root, root))
     local r = assert(jail.spawn { "/bin/busybox", "cat", "/data/f", root = root, stdout = "pipe" })
