@@ -23,6 +23,7 @@ static const struct {
   {"http", luaopen_clawlua_http},     {"audit", luaopen_clawlua_audit},
   {"seccomp", luaopen_clawlua_seccomp}, {"jail", luaopen_clawlua_jail},
   {"firewall", luaopen_clawlua_firewall},
+  {"vm", luaopen_clawlua_vm},
 };
 
 /* Loop functions that are also part of the top-level namespace. */

@@ -243,7 +243,11 @@ typedef struct cl_spawn_req {
   int netns_fd;           /* > 0: the child starts in this network namespace (joined around clone) */
   /* A seccomp filter installed after everything else, just before exec (seccomp.c). */
   cl_seccomp_prog *seccomp;
+  /* fds the child gets as 3, 4, ... (a VMM's sockets and tap); the rest stays closed. */
+  const int *pass_fds;
+  int npass;
 } cl_spawn_req;
+#define CL_MAX_PASS_FDS 16
 
 /* Starts a child. On success returns 0 and sets *pid and *pidfd (close-on-exec). On failure
  * returns an errno, writes a message to err and leaves nothing behind (the child, if one was
@@ -281,6 +285,9 @@ typedef struct cl_spawn_hooks {
 /* Lua-facing spawn: options table at opts; returns proc.spawn's results (handle or nil, err,
  * code). The handle's "seccomp" field is the notify supervisor when there is one. */
 int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks);
+/* The pidfd of the process handle at idx (borrowed: valid while the handle holds an unreaped
+ * child), or -1. Lets another owner watch the child's exit without reaping it (vm). */
+int cl_proc_pidfd(lua_State *L, int idx);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Seccomp (seccomp.c)                                                                        */
@@ -336,5 +343,16 @@ const char *cl_audit_sandbox_of(lua_State *L, pid_t pid);
 /* Firewall (runtime/firewall/, private declarations in runtime/firewall/fw.h)               */
 
 int luaopen_clawlua_firewall(lua_State *L);
+
+/* ------------------------------------------------------------------------------------------ */
+/* HTTP transfers of C code (http.c) and the vm primitive (vm/)                               */
+
+int luaopen_clawlua_vm(lua_State *L);
+/* Runs a configured CURL easy handle on the loop's shared multi handle; done(arg, CURLcode) is
+ * called from the loop when it finishes. The caller keeps owning the easy handle and must
+ * cl_http_remove it before cleaning it up if done has not been called. */
+typedef void (*cl_http_done_fn)(void *arg, int curlcode);
+int cl_http_add(lua_State *L, void *easy, cl_http_done_fn done, void *arg);
+void cl_http_remove(lua_State *L, void *easy);
 
 #endif

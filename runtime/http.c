@@ -37,7 +37,16 @@ typedef struct sockwatch {
   curl_socket_t fd;
 } sockwatch;
 
+/* CURLINFO_PRIVATE of every transfer in the shared multi handle points at one of these two:
+ * a Lua request (ext == 0) or a C caller's transfer (cl_http_add). */
+typedef struct ext_xfer {
+  int ext;
+  cl_http_done_fn done;
+  void *arg;
+} ext_xfer;
+
 typedef struct req {
+  int ext; /* 0 */
   CURL *easy;
   http_ctx *ctx;
   struct curl_slist *headers;
@@ -62,11 +71,22 @@ static void check_done(http_ctx *ctx) {
   int left;
   while ((m = curl_multi_info_read(ctx->multi, &left))) {
     if (m->msg != CURLMSG_DONE) continue;
-    req *r = NULL;
-    curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+    int *tag = NULL;
+    curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&tag);
     CURLcode res = m->data.result;
-    curl_multi_remove_handle(ctx->multi, m->easy_handle);
-    if (!r) continue;
+    CURL *easy = m->easy_handle;
+    curl_multi_remove_handle(ctx->multi, easy);
+    if (!tag) continue;
+    if (*tag) { /* a C caller's transfer: hand it back */
+      ext_xfer *x = (ext_xfer *)tag;
+      curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+      cl_http_done_fn done = x->done;
+      void *arg = x->arg;
+      free(x);
+      done(arg, (int)res);
+      continue;
+    }
+    req *r = (req *)tag;
     r->in_multi = 0;
     r->done = 1;
     r->result = res;
@@ -489,6 +509,34 @@ static int l_request(lua_State *L) {
   w->external = 1;
   r->w = w;
   return cl_wait_suspend(L, w, request_k, lua_gettop(L));
+}
+
+int cl_http_add(lua_State *L, void *easy, cl_http_done_fn done, void *arg) {
+  http_ctx *ctx = get_ctx(L);
+  ext_xfer *x = malloc(sizeof *x);
+  if (!x) return ENOMEM;
+  x->ext = 1;
+  x->done = done;
+  x->arg = arg;
+  curl_easy_setopt(easy, CURLOPT_PRIVATE, (char *)x);
+  curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+  CURLMcode mc = curl_multi_add_handle(ctx->multi, easy);
+  if (mc != CURLM_OK) {
+    curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+    free(x);
+    return EIO;
+  }
+  return 0;
+}
+
+void cl_http_remove(lua_State *L, void *easy) {
+  int *tag = NULL;
+  curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&tag);
+  if (!tag || !*tag) return; /* finished (handed back) or never added */
+  http_ctx *ctx = get_ctx(L);
+  curl_multi_remove_handle(ctx->multi, easy);
+  curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+  free(tag);
 }
 
 /* Lua: http.escape(s) percent-encodes a URL component. */

@@ -121,6 +121,21 @@ static int child_main(void *arg) {
       if (fl >= 0) fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
     }
   }
+  /* Passed fds become 3, 4, ... (inheritable); the error pipe moves above them first. */
+  if (r->npass > 0) {
+    int top = 3 + r->npass, tmp[CL_MAX_PASS_FDS];
+    if (a->errfd < top) {
+      int moved = fcntl(a->errfd, F_DUPFD_CLOEXEC, top);
+      if (moved < 0) _exit(127);
+      a->errfd = moved;
+    }
+    for (int i = 0; i < r->npass; i++)
+      if ((tmp[i] = fcntl(r->pass_fds[i], F_DUPFD_CLOEXEC, top)) < 0) child_fail(a, errno, "fds");
+    for (int i = 0; i < r->npass; i++) {
+      if (dup2(tmp[i], 3 + i) < 0) child_fail(a, errno, "fds");
+      close(tmp[i]);
+    }
+  }
   /* Every handler is back to default (above), so signals may be delivered from here on. */
   sigset_t none;
   sigemptyset(&none);
@@ -249,7 +264,7 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
     return errno;
   }
   int forked = req->child_setup || req->parent_setup || req->clone_flags || req->seccomp ||
-               !req->path;
+               !req->path || req->npass;
   if (req->parent_setup && pipe2(sp, O_CLOEXEC) < 0) {
     int e = errno;
     close(ep[0]);
@@ -753,7 +768,7 @@ static const char *env_path(char **envp) {
 }
 
 /* Lua: proc.spawn{argv... | argv=, cwd=, env=, env_add=, stdin=, stdout=, stderr=, group=true,
- * session=false, pdeathsig="KILL", seccomp=filter} -> process | nil, err, code */
+ * session=false, pdeathsig="KILL", seccomp=filter, fds={fd, ...}} -> process | nil, err, code */
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
@@ -763,7 +778,7 @@ static int l_spawn(lua_State *L) {
 int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   static const char *const fields[] = {"argv", "cwd", "env", "env_add", "stdin", "stdout",
                                        "stderr", "group", "session", "pdeathsig", "name",
-                                       "seccomp", NULL};
+                                       "seccomp", "fds", NULL};
   opts = lua_absindex(L, opts);
   luaL_checktype(L, opts, LUA_TTABLE);
   /* Unknown fields: ours plus the caller's. */
@@ -815,6 +830,25 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
     lua_pop(L, 1);
   }
   CL_UNUSED(base);
+  /* fds = {fd, ...}: open fds the child gets as 3, 4, ... (borrowed: the caller keeps them). */
+  int pass[CL_MAX_PASS_FDS], npass = 0;
+  if (lua_getfield(L, opts, "fds") != LUA_TNIL) {
+    if (!lua_istable(L, -1)) cl_field_error(L, "fds", "list of open file descriptors expected");
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    if (n > CL_MAX_PASS_FDS) cl_field_error(L, "fds", "more than 16 file descriptors");
+    for (lua_Integer i = 1; i <= n; i++) {
+      lua_rawgeti(L, -1, i);
+      int isnum;
+      lua_Integer fd = lua_tointegerx(L, -1, &isnum);
+      if (!isnum || fd < 0 || fd > 0x7fffffff || fcntl((int)fd, F_GETFD) < 0)
+        cl_field_error(L, "fds", lua_pushfstring(L, "entry %I is not an open file descriptor", i));
+      pass[npass++] = (int)fd;
+      lua_pop(L, 1);
+    }
+    if (npass && sc && cl_seccomp_prog_notifies(sc))
+      cl_field_error(L, "fds", "cannot be passed together with a notify seccomp filter");
+  }
+  lua_pop(L, 1);
 
   int in_jail = hooks && hooks->in_jail;
   char path[4096];
@@ -891,6 +925,8 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
     req.new_session = session;
     req.pdeathsig = pdeath;
     req.seccomp = sc;
+    req.pass_fds = pass;
+    req.npass = npass;
     err = cl_spawn(&req, &p->pid, &p->pidfd, msg, sizeof msg);
     what = NULL;
   }
@@ -925,6 +961,11 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   }
   lua_settop(L, pi);
   return 1;
+}
+
+int cl_proc_pidfd(lua_State *L, int idx) {
+  proc *p = luaL_testudata(L, idx, PROC_MT);
+  return p && !p->reaped && !p->closed ? p->pidfd : -1;
 }
 
 /* Lua: proc.find_executable(name) -> path | nil, err */

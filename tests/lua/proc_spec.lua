@@ -28,6 +28,25 @@ describe("proc.spawn", function()
     assert.are.equal(0, r.code)
   end)
 
+  it("passes fds = {...} to the child as 3, 4, ... and nothing else", function()
+    local r1, w1 = claw.stream.pipe()
+    local r2, w2 = claw.stream.pipe()
+    assert(w2:write("for fd 4\n"))
+    w2:close()
+    local p = assert(proc.spawn { "sh", "-c", "echo via-3 >&3; cat <&4; ls /proc/self/fd | wc -l",
+                                  fds = { w1:fileno(), r2:fileno() }, stdout = "pipe" })
+    w1:close()
+    assert.are.equal("via-3", r1:read_line())
+    -- 0, 1, 2, 3, 4 and the directory ls reads: nothing else leaked in
+    assert.are.equal("for fd 4\n6\n", p.stdout:read_all())
+    assert.are.equal(0, assert(p:wait()).code)
+    p:close()
+    r1:close()
+    r2:close()
+    assert.has_error(function() proc.spawn { "true", fds = { 987654 } } end,
+      "bad field 'fds' (entry 1 is not an open file descriptor)")
+  end)
+
   it("connects stdio to files and to /dev/null", function()
     local dir = H.tmpdir()
     local r = assert(proc.run { "sh", "-c", "cat; echo err >&2",
