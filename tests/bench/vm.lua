@@ -175,13 +175,16 @@ print(("runtime RSS per running VM: %.0f KiB (median growth while starting one: 
   :format(per_vm_rss, median(rss_deltas), vmm_rss, per_vm_rss / vmm_rss))
 
 -- 4. Firecracker stand-in ------------------------------------------------------------------------
-local standin = { src .. "/tests/integration/firecracker-standin.py", "--agent", agent }
+local fc_spec = (io.open(src .. "/../shared/specs/firecracker/firecracker.yaml")
+  and src:gsub("/[^/]+/?$", "") .. "/shared" or "/work/shared") .. "/specs/firecracker"
+local standin = { src .. "/tests/integration/firecracker-standin.py", "--agent", agent,
+                  "--spec", fc_spec .. "/firecracker.yaml" }
 local N = 10
 local c0 = os.clock()
 local t0 = claw.now()
 for _ = 1, N do
   local v = assert(vm.create { backend = "firecracker", vmm = standin, kernel = kernel, initrd = initrd,
-                               jail = { binds = { src, build } } })
+                               jail = { binds = { src, build, fc_spec } } })
   assert(v:start())
   v:close()
 end
@@ -190,7 +193,8 @@ local fc_wall = (claw.now() - t0) / N
 
 -- The same API calls from curl processes, against one stand-in.
 local sock = dir .. "/api.sock"
-local s = assert(proc.spawn { standin[1], "--agent", agent, "--api-sock", sock, "--id", "curlpeer",
+local s = assert(proc.spawn { standin[1], "--agent", agent, "--spec", standin[5], "--api-sock", sock,
+                              "--id", "curlpeer",
                               stdout = "null", stderr = "null" })
 for _ = 1, 200 do
   if io.open(sock) then break end

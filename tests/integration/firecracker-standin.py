@@ -569,8 +569,15 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return req, ("standin", 0)
 
 
+def default_spec():
+    """Firecracker's published OpenAPI file from the team's shared specs beside the checkout."""
+    beside = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "specs", "firecracker",
+                                           "firecracker.yaml"))
+    return beside if os.path.exists(beside) else "/work/shared/specs/firecracker/firecracker.yaml"
+
+
 def main(argv):
-    args = {"agent": None, "spec": os.path.join(HERE, "specs", "firecracker.yaml"), "boot_delay": 0.05,
+    args = {"agent": None, "spec": default_spec(), "boot_delay": 0.05,
             "api_sock": None, "id": "anonymous-instance", "seccomp": None, "no_seccomp": False,
             "vmm_version": None, "seccomp_threads": None}
     i = 1

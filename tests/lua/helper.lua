@@ -14,8 +14,12 @@ H.scale = tonumber(os.getenv("CLAWLUA_TIME_SCALE")) or 1
 function H.shared(rel)
   local p = H.src .. "/../shared/" .. rel
   local f = io.open(p)
-  if f then f:close() return p end
-  return "/work/shared/" .. rel
+  if not f then return "/work/shared/" .. rel end
+  f:close()
+  local rp = io.popen("realpath -e '" .. p:gsub("'", "'\\''") .. "'") -- jails bind canonical paths
+  local canonical = rp:read("l")
+  rp:close()
+  return canonical or p
 end
 
 --- Runs the clawlua binary with args; returns proc.run's result.

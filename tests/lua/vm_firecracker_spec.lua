@@ -3,7 +3,7 @@
 -- The Firecracker driver. With a real `firecracker` on PATH and a usable KVM these tests run
 -- against it; otherwise against tests/integration/firecracker-standin.py, a STAND-IN that is
 -- not Firecracker: it checks every API request and the call order against Firecracker's
--- OpenAPI file (tests/integration/specs/firecracker.yaml) and serves the guest agent on the
+-- OpenAPI file (../shared/specs/firecracker/firecracker.yaml) and serves the guest agent on the
 -- host. The stand-in is named as such in every test title.
 local claw = require "clawlua"
 local H = require "helper"
@@ -15,7 +15,7 @@ local what = real and "Firecracker" or "the Firecracker STAND-IN"
 
 describe("vm with " .. what, function()
   local dir, files, before
-  local vmm = not real and { T.standin, "--agent", T.agent } or nil
+  local vmm = not real and { T.standin, "--agent", T.agent, "--spec", T.fc_spec } or nil
 
   setup(function()
     dir = H.tmpdir()
@@ -32,7 +32,7 @@ describe("vm with " .. what, function()
 
   -- Jailed, as by default; the stand-in's script and the agent it serves are bound in, and so
   -- is the test's directory (its "guest" commands write there).
-  local function jail() return { binds = { T.src, T.build, { src = dir, rw = true } } } end
+  local function jail() return { binds = { T.src, T.build, T.fc_spec_dir, { src = dir, rw = true } } } end
 
   local function create(extra)
     local opts = { backend = "firecracker", vmm = vmm, kernel = files.kernel, initrd = files.initrd,
