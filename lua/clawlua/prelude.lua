@@ -1,6 +1,8 @@
 -- The parts of the clawlua namespace written in Lua. Run once by luaopen_clawlua with the
 -- namespace table; everything here builds on the C primitives.
 local claw = ...
+-- `require "clawlua.prelude"` (by name) finds the work done already: the namespace is the answer.
+if type(claw) ~= "table" then return require "clawlua" end
 
 local proc = claw.proc
 

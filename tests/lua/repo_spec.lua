@@ -42,4 +42,37 @@ describe("the repository", function()
     assert.are.equal(claw.version .. "\n", r.stdout)
     H.rm_rf(dir)
   end)
+
+  -- The system clawlua replaces shipped modules that were never compiled and a client that
+  -- started a subcommand that did not exist. Here every C file is built, every Lua library
+  -- loads in both hosts, and every command the CLI lists answers.
+  it("compiles every C source, loads every Lua library and runs every listed command", function()
+    local build = H.so_dir:gsub("/lib$", "")
+    local cc = H.read_file(build .. "/compile_commands.json")
+    local sources = H.sh("cd '" .. H.src .. "' && find runtime tests/c tests/helpers tests/bench -name '*.c' | sort")
+    local n = 0
+    for f in sources:gmatch("[^\n]+") do
+      n = n + 1
+      assert.is_truthy(cc:find("/" .. f .. '"', 1, true), f .. " is not compiled by the build")
+    end
+    assert.is_true(n > 10)
+    local mods = {}
+    for f in H.sh("ls '" .. H.src .. "/lua/clawlua'"):gmatch("([%w_]+)%.lua") do mods[#mods + 1] = f end
+    local chunk = "for _, m in ipairs{" .. ("%q,"):rep(#mods):format(table.unpack(mods)) ..
+      "} do require('clawlua.' .. m) end print('ok')"
+    assert.are.equal("ok\n", H.clawlua({ "-e", chunk }, { env = { PATH = os.getenv("PATH") } }).stdout)
+    local r = assert(claw.proc.run { "lua5.4", "-e", chunk, env = H.lua_env(), timeout = 60 })
+    assert.are.equal("ok\n", r.stdout, r.stderr)
+    local help = H.clawlua({ "help" }).stdout
+    local cmds = {}
+    for line in (help:match("commands:\n(.-)\n\n") or ""):gmatch("[^\n]+") do
+      cmds[#cmds + 1] = line:match("^  (%S+)")
+    end
+    assert.is_true(#cmds >= 3, help)
+    for _, c in ipairs(cmds) do
+      local h = H.clawlua({ "help", c })
+      assert.are.equal(0, h.code, c .. ": " .. h.stderr)
+      assert.matches("usage: clawlua " .. c, h.stdout)
+    end
+  end)
 end)
