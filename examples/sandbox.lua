@@ -34,8 +34,10 @@ claw.run(function()
 
   -- 2. The guest image (cached: a no-op when its inputs did not change).
   step("guest image in %s/guest", build)
-  check(proc.run { "scripts/build-guest-image", "--out", build .. "/guest", "--agent", build .. "/bin/clawlua-agent",
-                   stdout = "inherit", stderr = "inherit", timeout = 1800 })
+  local r = check(proc.run { "scripts/build-guest-image", "--out", build .. "/guest",
+                             "--agent", build .. "/bin/clawlua-agent",
+                             stdout = "inherit", stderr = "inherit", timeout = 1800 })
+  if r.code ~= 0 then error("scripts/build-guest-image failed: " .. (r.code or r.signal_name)) end
 
   -- 3. A VM with a tap of its own. `backend = "auto"` says which VMM and accelerator it took.
   local v <close> = check(vm.create { kernel = build .. "/guest/vmlinux", initrd = build .. "/guest/initrd.img",
@@ -61,7 +63,7 @@ claw.run(function()
   -- 5. Boot to the guest agent, then run commands and move a file through it.
   check(v:start())
   step("guest agent ready after %.2f s (VMM pid %d, jailed, under seccomp)", v:info().boot_seconds, v:pid())
-  local r = check(v:exec { "uname", "-sr", timeout = 30 })
+  r = check(v:exec { "uname", "-sr", timeout = 30 })
   step("guest: %s", r.stdout:gsub("%s+$", ""))
   r = check(v:exec { "sh", "-c", "tr a-z A-Z; exit 3", stdin = "untrusted work\n", timeout = 30 })
   step("guest: stdin -> %s, exit code %d", r.stdout:gsub("\n", "\\n"), r.code)

@@ -267,7 +267,11 @@ static int config(int fd, uint16_t group, int cmd, int with_mode, char *err, siz
     if (h->nlmsg_type == NLMSG_ERROR) {
       const struct nlmsgerr *e = mnl_nlmsg_get_payload(h);
       if (e->error) {
-        snprintf(err, errlen, "nflog group %d: %s", group, strerror(-e->error));
+        if (-e->error == EPERM || -e->error == EBUSY)
+          snprintf(err, errlen, "nflog group %d is taken by another listener (%s)", group,
+                   strerror(-e->error));
+        else
+          snprintf(err, errlen, "nflog group %d: %s", group, strerror(-e->error));
         return -e->error;
       }
     }

@@ -35,6 +35,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <pwd.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -852,10 +853,14 @@ static int kvm_device_ok(char *why, size_t n) {
 static void verdict_path(char *p, size_t n) {
   const char *c = getenv("XDG_CACHE_HOME");
   const char *h = getenv("HOME");
+  if (!h || !*h) {
+    const struct passwd *pw = getpwuid(getuid()); /* no HOME: the user's own, never /tmp */
+    h = pw && pw->pw_dir ? pw->pw_dir : "/";
+  }
   if (c && *c)
     snprintf(p, n, "%s/clawlua/kvm-verdicts", c);
   else
-    snprintf(p, n, "%s/.cache/clawlua/kvm-verdicts", h && *h ? h : "/tmp");
+    snprintf(p, n, "%s/.cache/clawlua/kvm-verdicts", h);
 }
 
 static void verdict_key(vm *v, char *k, size_t n) {

@@ -8,6 +8,8 @@ H.src = os.getenv("CLAWLUA_SRC") or "."
 H.so_dir = os.getenv("CLAWLUA_SO_DIR") or "build/lib"
 -- Timing bounds in specs are multiplied by this under sanitizers and valgrind.
 H.scale = tonumber(os.getenv("CLAWLUA_TIME_SCALE")) or 1
+-- True when the specs run under stock lua5.4 (with clawlua.so), false inside the clawlua host.
+H.stock = ((arg and arg[-1]) or ""):match("lua5%.4$") ~= nil
 
 --- A file of the team's read-only shared material (specs, profiles), which sits beside the
 --- checkout (../shared); /work/shared is where it lives on the development machines.
