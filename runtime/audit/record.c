@@ -519,7 +519,11 @@ static int reader_reopen(lua_State *L, reader *r) {
     lseek(r->fd, r->pos, SEEK_SET);
     return 1;
   }
-  /* Rotated (or replaced). Several rotations may have happened since the last look: the file
+  /* Rotated (or replaced). The old file may have grown between our end-of-file and the
+   * rotation: read it to its end first, or its last records (and the chain through the files
+   * rotated since) would be skipped. */
+  if (cur.st_size > r->pos) return 1;
+  /* Several rotations may have happened since the last look: the file
    * that continues ours is the one whose anchor links to our last record, be it path or one of
    * path.1, path.2, ... */
   int fd = -1;

@@ -312,11 +312,12 @@ describe("jail.spawn", function()
     end
     local seen
     local f = claw.seccomp.filter { default = "allow", rules = { { syscall = "mkdir", action = "notify" } },
-      handler = function(ev) seen = ev return ev.path == "/tmp/ok" and "allow" or "deny" end }
-    local r = assert(run { BUSYBOX, "sh", "-c", PROBE .. " mkdir /tmp/ok; " .. PROBE .. " mkdir /tmp/no",
-                           tmpfs = { "/tmp" }, seccomp = f, id = "notify-jail" })
+      handler = function(ev) seen = ev return ev.path == "/scratch/ok" and "allow" or "deny" end }
+    -- (not /tmp: the checkout, whose probe is bound into the jail, may live under it)
+    local r = assert(run { BUSYBOX, "sh", "-c", PROBE .. " mkdir /scratch/ok; " .. PROBE .. " mkdir /scratch/no",
+                           tmpfs = { "/scratch" }, seccomp = f, id = "notify-jail" })
     assert.are.equal("ok\nerrno 1\n", r.stdout)
-    assert.are.equal("/tmp/no", seen.path) -- read from the jailed process, as it sees it
+    assert.are.equal("/scratch/no", seen.path) -- read from the jailed process, as it sees it
     local denies = claw.audit.events { kind = "seccomp.deny", sandbox = "notify-jail" }
     assert.are.equal(1, #denies)
     assert.are.equal(1, r.handle.seccomp:stats().allowed)
