@@ -139,8 +139,10 @@ struct cl_wait {
   cl_timer timer;
   intptr_t aux[3]; /* free for the waiting function: progress kept across retries */
   void *data;      /* likewise, for a pointer */
-  /* Called when the wait ends without being woken: its task was cancelled, or the wait was
-   * collected while pending. Lets the waiter tear down work in flight (an HTTP transfer). */
+  /* Called when the wait ends without being woken: its task was cancelled (while the wait was
+   * pending, or when it suspends on it next, the cancel having come while the task was ready to
+   * run), or the wait was collected while pending. Lets the waiter tear down work in flight (an
+   * HTTP transfer, a VMM half started). */
   void (*on_abort)(cl_wait *w);
 };
 

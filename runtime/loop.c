@@ -314,10 +314,13 @@ int cl_wait_suspend(lua_State *L, cl_wait *w, lua_KFunction k, lua_KContext ctx)
   cl_task *t = cl_task_current(lp, L);
   if (t && t->cancel) {
     /* A cancellation is delivered once, at the first wait after it was requested; waits in
-     * the task's clean-up code then proceed normally. */
+     * the task's clean-up code then proceed normally. The wait is abandoned as surely as one
+     * cancelled while pending (the task may have been woken, then cancelled before it ran):
+     * its owner is told, so that nothing it started goes on unwatched. */
     t->cancel = 0;
     waitq_remove(w);
     w->state = CL_WAIT_IDLE;
+    if (w->on_abort) w->on_abort(w);
     push_cancelled(L);
     return lua_error(L);
   }

@@ -140,6 +140,56 @@ static void test_json(lua_State *L) {
   lua_pop(L, 2);
 }
 
+/* ---- a wait woken, then its task cancelled before it ran: the owner's on_abort still runs ---- */
+static cl_waitq test_q;
+static int aborts, rewaits;
+
+static void count_abort(cl_wait *w) {
+  (void)w;
+  aborts++;
+}
+
+/* Waits on test_q, and once woken waits again (like an operation with several steps). */
+static int stepper_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  cl_wait *w = cl_wait_resumed(L, ctx);
+  rewaits++;
+  cl_waitq_add(&test_q, w);
+  return cl_wait_suspend(L, w, stepper_k, ctx);
+}
+
+static int stepper(lua_State *L) {
+  cl_wait *w = cl_wait_push(L);
+  w->on_abort = count_abort;
+  cl_waitq_add(&test_q, w);
+  return cl_wait_suspend(L, w, stepper_k, lua_gettop(L));
+}
+
+static void test_cancel_after_wake(lua_State *L) {
+  lua_pushcfunction(L, stepper);
+  lua_setglobal(L, "stepper");
+  int rc = luaL_dostring(L,
+    "local claw = require 'clawlua'\n"
+    "local t = claw.spawn(stepper)\n"
+    "claw.sleep(0)\n"                 /* t waits */
+    "return t");
+  CHECK(rc == LUA_OK);
+  CHECK(aborts == 0 && rewaits == 0);
+  cl_waitq_wake_all(&test_q, 0); /* woken: ready to run, not yet running */
+  lua_getfield(L, -1, "cancel");
+  lua_pushvalue(L, -2);
+  lua_call(L, 1, 0); /* cancelled before it runs */
+  lua_getfield(L, -1, "join");
+  lua_pushvalue(L, -2);
+  lua_call(L, 1, 2);
+  CHECK(lua_isnil(L, -2));
+  CHECK(lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "cancelled") == 0);
+  CHECK(rewaits == 1); /* it ran its next step, whose wait got the cancellation */
+  CHECK(aborts == 1);  /* and the owner of that wait heard of it */
+  CHECK(cl_waitq_empty(&test_q));
+  lua_pop(L, 3);
+}
+
 int main(void) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
@@ -150,6 +200,7 @@ int main(void) {
   test_spawn();
   test_spawn_fork_path();
   test_json(L);
+  test_cancel_after_wake(L);
   CHECK(lua_gettop(L) == top);
   lua_close(L);
   printf("%d checks, %d failed\n", checks, failures);
