@@ -11,11 +11,11 @@
 --   4. Firecracker STAND-IN (tests/integration/firecracker-standin.py, not Firecracker): the
 --      runtime's CPU per boot sequence (10 API calls + vsock + READY) vs curl processes making
 --      the same API calls.
---   build/bin/clawlua tests/bench/vm.lua [rounds=5]
+--   build/bin/clawlua tests/bench/vm.lua [rounds=9]   (TCG boot times swing run to run: 9 or more)
 local claw = require "clawlua"
 local proc, vm = claw.proc, claw.vm
 
-local ROUNDS = tonumber(arg and arg[1]) or 5
+local ROUNDS = tonumber(arg and arg[1]) or 9
 local src = (os.getenv("PWD") or ".")
 local build = src .. "/build"
 local agent = build .. "/bin/clawlua-agent"
