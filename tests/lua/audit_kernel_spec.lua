@@ -188,7 +188,10 @@ describe("the kernel audit source", function()
       end, 10 * H.scale))
       assert.is_true(audit.stats().kernel.overruns > before)
       local got = #audit.events { after_seq = seq, kind = "seccomp.deny", sandbox = "sb-flood" }
-      assert.is_true(got > 0 and got < 200, ("%d of 200 denials seen"):format(got))
+      -- Not all of them: the buffer overflowed. (Possibly none: every listener gets every
+      -- record, so a flood from another process on the machine, such as this spec's run in the
+      -- other host, can fill a 4 KiB buffer before ours arrive.)
+      assert.is_true(got < 200, ("%d of 200 denials seen"):format(got))
     end)
     audit.kernel_source { rcvbuf = 1 << 20 }
     assert(ok2, err)
