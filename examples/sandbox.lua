@@ -35,7 +35,7 @@ claw.run(function()
   -- 2. The guest image (cached: a no-op when its inputs did not change).
   step("guest image in %s/guest", build)
   local r = check(proc.run { "scripts/build-guest-image", "--out", build .. "/guest",
-                             "--agent", build .. "/bin/clawlua-agent",
+                             "--agent", build .. "/bin/clawlua-agent", "--rootfs", -- as the tests build it
                              stdout = "inherit", stderr = "inherit", timeout = 1800 })
   if r.code ~= 0 then error("scripts/build-guest-image failed: " .. (r.code or r.signal_name)) end
 
