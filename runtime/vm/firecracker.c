@@ -727,24 +727,8 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
     v->state = VS_RUNNING;
     w->aux[0] = 5;
     /* fall through */
-  case 5: {
-    lua_createtable(L, 0, 3);
-    lua_pushstring(L, v->op_path);
-    lua_setfield(L, -2, "dir");
-    lua_pushstring(L, "firecracker");
-    lua_setfield(L, -2, "backend");
-    char p[600];
-    struct stat st;
-    snprintf(p, sizeof p, "%s/memory.fc", v->op_path);
-    if (stat(p, &st) == 0) {
-      lua_pushinteger(L, (lua_Integer)st.st_size);
-      lua_setfield(L, -2, "bytes");
-    }
-    lua_pushvalue(L, -1);
-    cl_vm_audit(v, L, "vm.snapshot", lua_gettop(L));
-    lua_pop(L, 1);
-    return 1;
-  }
+  case 5:
+    return cl_vm_snapshot_done(L, v, "firecracker", "memory.fc");
   default:
     return cl_vm_fail(L, v, 0, 0, EINVAL, "snapshot: bad step");
   }

@@ -693,24 +693,8 @@ static int snapshot_step(lua_State *L, vm *v, cl_wait *w) {
     w->aux[0] = 8;
   }
   /* fall through */
-  case 8: {
-    lua_createtable(L, 0, 3);
-    lua_pushstring(L, v->op_path);
-    lua_setfield(L, -2, "dir");
-    lua_pushstring(L, "qemu");
-    lua_setfield(L, -2, "backend");
-    char p[600];
-    struct stat st;
-    snprintf(p, sizeof p, "%s/memory.qemu", v->op_path);
-    if (stat(p, &st) == 0) {
-      lua_pushinteger(L, (lua_Integer)st.st_size);
-      lua_setfield(L, -2, "bytes");
-    }
-    lua_pushvalue(L, -1);
-    cl_vm_audit(v, L, "vm.snapshot", lua_gettop(L));
-    lua_pop(L, 1);
-    return 1;
-  }
+  case 8:
+    return cl_vm_snapshot_done(L, v, "qemu", "memory.qemu");
   default:
     return cl_vm_fail(L, v, 0, 0, EINVAL, "snapshot: bad step");
   }

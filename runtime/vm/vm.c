@@ -174,6 +174,25 @@ void cl_vm_audit(vm *v, lua_State *L, const char *kind, int detail) {
   if (stopped) lua_gc(L, LUA_GCRESTART);
 }
 
+int cl_vm_snapshot_done(lua_State *L, vm *v, const char *backend, const char *memfile) {
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, v->op_path);
+  lua_setfield(L, -2, "dir");
+  lua_pushstring(L, backend);
+  lua_setfield(L, -2, "backend");
+  char p[600];
+  struct stat st;
+  snprintf(p, sizeof p, "%s/%s", v->op_path, memfile);
+  if (stat(p, &st) == 0) {
+    lua_pushinteger(L, (lua_Integer)st.st_size);
+    lua_setfield(L, -2, "bytes");
+  }
+  lua_pushvalue(L, -1);
+  cl_vm_audit(v, L, "vm.snapshot", lua_gettop(L));
+  lua_pop(L, 1);
+  return 1;
+}
+
 /* Pushes a detail table {state=...} for audit records. */
 static void push_detail(lua_State *L, vm *v) {
   lua_createtable(L, 0, 4);

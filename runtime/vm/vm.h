@@ -152,6 +152,9 @@ void cl_vm_poll_in(vm *v, unsigned ms);
 int cl_shutdown_step(lua_State *L, vm *v, cl_wait *w, int (*ask_vmm)(vm *v));
 int cl_vm_fail(lua_State *L, vm *v, int fatal, int with_log, int code, const char *fmt, ...);
 void cl_vm_audit(vm *v, lua_State *L, const char *kind, int detail);
+/* A snapshot in v->op_path is complete: records vm.snapshot and returns its result
+ * {dir, backend, bytes} (bytes: the size of memfile, the guest memory). */
+int cl_vm_snapshot_done(lua_State *L, vm *v, const char *backend, const char *memfile);
 void cl_vm_kill(vm *v);
 const char *cl_vm_state_name(int s);
 /* Caches whether a guest booted under KVM with this host kernel, QEMU and guest kernel. */
