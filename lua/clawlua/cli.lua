@@ -2,7 +2,8 @@
 -- dispatches subcommands. Subcommands live in a registry that other modules extend:
 --   cli.register{ name = "audit", summary = "...", usage = "...", run = function(args) end }
 -- or lazily, by module name, so that starting clawlua never loads what a command needs:
---   cli.lazy.audit = { module = "clawlua.audit_cli", summary = "..." }
+--   cli.lazy.audit = { module = "clawlua.cmd.audit", summary = "..." }
+-- Every command answers `clawlua <command> --help` (and -h) with its usage, exit status 0.
 local claw = require "clawlua"
 
 local M = {}
@@ -19,6 +20,7 @@ M.commands = {}
 M.lazy = {}
 
 local PROG = "clawlua"
+local command_help -- forward: defined beside M.main
 
 --- Adds a subcommand.
 ---@param spec clawlua.command
@@ -184,6 +186,13 @@ local function run_command(cmd, args)
   return drain(code)
 end
 
+--- Prints a command's usage and summary (`clawlua help CMD`, `clawlua CMD --help`).
+function command_help(cmd)
+  io.stdout:write("usage: ", cmd.usage or ("clawlua " .. cmd.name), "\n")
+  if cmd.summary then io.stdout:write("\n", cmd.summary, "\n") end
+  return 0
+end
+
 --- Entry point of the host. argv[0] is the program; returns the exit status.
 ---@param argv table<integer, string>
 ---@return integer
@@ -197,6 +206,7 @@ function M.main(argv)
     if cmd then
       local args = {}
       for i = 2, n do args[#args + 1] = argv[i] end
+      if args[1] == "--help" or args[1] == "-h" then return command_help(cmd) end
       return run_command(cmd, args)
     end
     if looks_like_path(first) then
@@ -318,13 +328,11 @@ M.register {
     end
     local cmd = M.find(name)
     if not cmd then return usage_error(("unknown command '%s'"):format(name)) end
-    io.stdout:write("usage: ", cmd.usage or ("clawlua " .. name), "\n")
-    if cmd.summary then io.stdout:write("\n", cmd.summary, "\n") end
-    return 0
+    return command_help(cmd)
   end,
 }
 
-M.lazy.audit = { module = "clawlua.audit_cli", summary = "read and verify audit logs (tail, verify)" }
+M.lazy.audit = { module = "clawlua.cmd.audit", summary = "read and verify audit logs (tail, verify)" }
 
 M.register {
   name = "version",

@@ -475,7 +475,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     v->state = VS_STARTING;
     int e = spawn_qemu(L, v, err, sizeof err);
     if (e) return cl_vm_fail(L, v, 1, 1, e, "start: %s", err);
-    w->deadline = cl_deadline(v->kvm == 2 ? 20.0 : v->ready_timeout);
+    w->deadline = cl_deadline(v->kvm == 2 && v->ready_timeout > 20 ? 20.0 : v->ready_timeout);
     lua_createtable(L, 0, 3);
     lua_pushstring(L, v->why);
     lua_setfield(L, -2, "why");
@@ -540,6 +540,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     if (v->channel == CH_VSOCK && v->chan.closed && !v->chan.error[0]) vsock_connect(v);
     if (v->channel != CH_NONE && !v->chan.ready) {
       if (w->state == CL_WAIT_TIMEOUT) {
+        if (v->kvm && v->kvm_auto) goto kvm_failed;
         if (v->chan.closed && v->chan.error[0])
           return cl_vm_fail(L, v, 1, 1, EPIPE, "start: the agent channel closed: %s",
                             v->chan.error);
@@ -571,25 +572,26 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     return cl_vm_fail(L, v, 1, 0, EINVAL, "start: bad step");
   }
 vmm_gone:
-  if (v->kvm == 2) goto probe_failed;
+  if (v->kvm && v->kvm_auto) goto kvm_failed;
   return cl_vm_fail(L, v, 1, 1, ECHILD, "start: the VMM %s during start",
                     v->exit_signal ? "was killed" : "exited");
 timeout:
-  if (v->kvm == 2) goto probe_failed;
+  if (v->kvm && v->kvm_auto) goto kvm_failed;
   return cl_vm_fail(L, v, 1, 1, ETIMEDOUT, "start: the guest agent was not ready after %.0f s",
                     v->ready_timeout);
-probe_failed:
-  /* KVM is there but does not run this kernel (a nested PVM hypervisor, say): remember, and
-   * boot again under TCG. */
+kvm_failed:
+  /* KVM was chosen, not asked for, and this kernel does not boot under it (a nested PVM
+   * hypervisor, say): remember, and boot again under TCG in the same start. */
   if (!v->probe_recorded) {
     v->probe_recorded = 1;
     cl_vm_record_kvm_verdict(v, 0);
     cl_vm_kill(v);
   }
-  if (!v->exited) return VM_WAIT; /* back here once the probe VMM is gone */
+  if (!v->exited) return VM_WAIT; /* back here once the KVM VMM is gone */
   v->kvm = 0;
   snprintf(v->why, sizeof v->why,
-           "qemu with TCG (/dev/kvm exists but a probe boot under it failed)");
+           "qemu with TCG (/dev/kvm exists but a boot under it failed: this KVM does not run "
+           "this kernel)");
   w->aux[0] = 0;
   w->state = CL_WAIT_DONE;
   return start_step(L, v, w);

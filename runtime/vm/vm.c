@@ -360,8 +360,8 @@ static void release_runtime(vm *v, const char *why) {
     cl_qemu_release(v);
   else
     cl_fc_release(v);
-  /* The tap goes with the VMM, except between a failed KVM probe boot and the real boot. */
-  if (v->tapfd >= 0 && !(v->state == VS_STARTING && v->kvm == 2 && !v->released)) {
+  /* The tap goes with the VMM, except between a failed KVM boot and the TCG boot after it. */
+  if (v->tapfd >= 0 && !(v->state == VS_STARTING && v->kvm && v->kvm_auto && !v->released)) {
     close(v->tapfd);
     v->tapfd = -1;
   }
@@ -963,6 +963,7 @@ static int choose_backend(vm *v, int want, int accel) {
                                  : "no firecracker in PATH";
   if (accel == 3) {
     v->kvm = 2;
+    v->kvm_auto = 1;
     snprintf(v->why, sizeof v->why, "qemu: KVM to be proved by a probe boot (%s; probe asked for)",
              fcnote);
   } else if (accel == 2) {
@@ -976,6 +977,7 @@ static int choose_backend(vm *v, int want, int accel) {
     snprintf(v->why, sizeof v->why, "qemu with TCG (%s; %s)", fcnote, kvmwhy);
   } else {
     int verdict = kvm_verdict(v);
+    v->kvm_auto = 1;
     if (verdict == 1) {
       v->kvm = 1;
       snprintf(v->why, sizeof v->why,

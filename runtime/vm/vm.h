@@ -70,7 +70,8 @@ struct vm {
   int released;
   int state;
   int backend;
-  int kvm;       /* QEMU: -accel kvm (proved to boot) instead of tcg */
+  int kvm;       /* QEMU: 0 tcg, 1 kvm, 2 kvm still to be proved by this boot (a probe) */
+  int kvm_auto;  /* KVM was chosen, not asked for: a KVM boot that fails falls back to TCG */
   char why[320]; /* why this backend and accelerator */
   char id[48];
   lua_State *L; /* the main thread, for audit records from loop callbacks */
@@ -134,7 +135,7 @@ struct vm {
   char op_error[600];
   cl_waitq changed; /* woken on every change a step function may wait for */
   cl_timer poll_timer;
-  int probe_recorded;
+  int probe_recorded; /* the failed KVM boot was recorded and its VMM killed */
   int restoring; /* vm.restore's start: a failure releases the handle */
 };
 

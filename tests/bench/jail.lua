@@ -45,8 +45,7 @@ local function time_cmd(argv)
   return dt
 end
 
-local shared = io.open("../shared/specs/seccomp/docker-default.json") and "../shared" or "/work/shared"
-local docker = assert(claw.seccomp.load_oci(shared .. "/specs/seccomp/docker-default.json"))
+local docker = assert(claw.seccomp.load_oci("tests/fixtures/specs/seccomp/docker-default.json"))
 local cases = {
   { "proc.spawn /bin/true (no isolation)", function() return time_cmd { "/bin/true" } end },
   { "jail.spawn (user pid mount net ipc uts cgroup)", function() return time_jail() end },

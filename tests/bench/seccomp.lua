@@ -7,8 +7,7 @@ local seccomp = claw.seccomp
 
 local bin = (os.getenv("CLAWLUA_BUILD") or "build") .. "/bin/"
 local PROBE, NOTIFY_C = bin .. "clawlua-probe", bin .. "clawlua-notify-bench"
-local DOCKER = (io.open("../shared/specs/seccomp/docker-default.json") and "../shared" or "/work/shared")
-  .. "/specs/seccomp/docker-default.json"
+local DOCKER = "tests/fixtures/specs/seccomp/docker-default.json"
 local N = tonumber(arg and arg[1]) or 300000
 local ROUNDS = tonumber(arg and arg[2]) or 15
 

@@ -175,8 +175,7 @@ print(("runtime RSS per running VM: %.0f KiB (median growth while starting one: 
   :format(per_vm_rss, median(rss_deltas), vmm_rss, per_vm_rss / vmm_rss))
 
 -- 4. Firecracker stand-in ------------------------------------------------------------------------
-local fc_spec = (io.open(src .. "/../shared/specs/firecracker/firecracker.yaml")
-  and src:gsub("/[^/]+/?$", "") .. "/shared" or "/work/shared") .. "/specs/firecracker"
+local fc_spec = src .. "/tests/fixtures/specs/firecracker"
 local standin = { src .. "/tests/integration/firecracker-standin.py", "--agent", agent,
                   "--spec", fc_spec .. "/firecracker.yaml" }
 local N = 10

@@ -4,7 +4,9 @@ answers QMP on the inherited `-chardev socket,id=qmp,fd=N`, and plays the guest 
 `-chardev socket,id=agent,fd=M` the way a broken or hostile guest would, so the host side of
 the channel can be tested without booting anything.
 
-usage: fake-qemu.py --mode MODE [--agent PATH] <QEMU arguments as clawlua passes them>
+usage: fake-qemu.py (--mode MODE | --mode-file FILE) [--agent PATH] <QEMU arguments>
+  --mode-file reads MODE from FILE at each start, so one fake (one verdict-cache key) can
+  change its behaviour between boots.
 
 modes:
   exit        print an error and exit 1 at once (a VMM that dies during start)
@@ -12,6 +14,8 @@ modes:
   agent       the real agent (--agent PATH --fd M) serves the channel: a VM without a VM
   nokvm       like agent, but under -accel kvm it fails the way a stock kernel fails on a nested
               PVM hypervisor (for the KVM probe boot)
+  nokvm-eof   like agent, but under -accel kvm the guest side of the channel closes and the
+              VMM lives on: how a stock kernel on this host's nested PVM /dev/kvm looks
   oversized   a frame header announcing a 100 MiB payload (then READY)
   badmagic    bytes that are not a frame (then READY)
   unknown-id  EXIT for a request the host never made (then READY)
@@ -83,6 +87,9 @@ def main(argv):
     for i, a in enumerate(argv):
         if a == "--mode":
             mode = argv[i + 1]
+        elif a == "--mode-file":
+            with open(argv[i + 1]) as f:
+                mode = f.read().strip()
         elif a == "--agent":
             agent = argv[i + 1]
     fds = {}
@@ -92,11 +99,14 @@ def main(argv):
             fds[opts["id"]] = int(opts["fd"])
     sys.stderr.write("fake-qemu (no VM runs): mode %s, fds %s\n" % (mode, fds))
     sys.stderr.flush()
+    under_kvm = any(a == "kvm" and argv[i - 1] == "-accel" for i, a in enumerate(argv))
     if mode == "nokvm":
-        if any(a == "kvm" and argv[i - 1] == "-accel" for i, a in enumerate(argv)):
+        if under_kvm:
             sys.stderr.write("KVM internal error. Suberror: 1 (fake-qemu, mode nokvm)\n")
             return 1
         mode = "agent"
+    if mode == "nokvm-eof":
+        mode = "eof" if under_kvm else "agent"
     if mode == "exit":
         sys.stderr.write("fake-qemu: cannot initialise the machine (mode exit)\n")
         return 1
@@ -104,6 +114,10 @@ def main(argv):
     qsock = socket.socket(fileno=fds["qmp"])
     threading.Thread(target=qmp, args=(qsock, done), daemon=True).start()
     ch = socket.socket(fileno=fds["agent"]) if "agent" in fds else None
+    if mode == "eof":
+        ch.close()
+        done.wait()
+        return 0
     if mode == "agent":
         p = subprocess.Popen([agent, "--fd", str(ch.fileno())], pass_fds=[ch.fileno()])
         ch.close()

@@ -570,10 +570,9 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def default_spec():
-    """Firecracker's published OpenAPI file from the team's shared specs beside the checkout."""
-    beside = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "specs", "firecracker",
-                                           "firecracker.yaml"))
-    return beside if os.path.exists(beside) else "/work/shared/specs/firecracker/firecracker.yaml"
+    """Firecracker's published OpenAPI file, the unmodified copy in tests/fixtures/specs/."""
+    return os.path.normpath(os.path.join(HERE, "..", "fixtures", "specs", "firecracker",
+                                         "firecracker.yaml"))
 
 
 def main(argv):

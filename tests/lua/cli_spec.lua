@@ -52,6 +52,22 @@ describe("clawlua script.lua", function()
     assert.matches("\n  version%s+print the versions", r.stdout)
     r = H.clawlua { "help", "version" }
     assert.matches("usage: clawlua version", r.stdout)
+    -- every command in the list answers `help CMD`, `CMD --help` and `CMD -h` alike
+    local listed = H.clawlua({ "--help" }).stdout:match("\ncommands:\n(.-)\n\n")
+    local n = 0
+    for name, summary in listed:gmatch("  (%S+)%s+([^\n]+)") do
+      n = n + 1
+      local h = H.clawlua { "help", name }
+      assert.are.equal(0, h.code, name)
+      assert.matches("^usage: clawlua " .. name:gsub("%p", "%%%0"), h.stdout)
+      assert.is_truthy(h.stdout:find(summary, 1, true), name)
+      for _, flag in ipairs { "--help", "-h" } do
+        local r2 = H.clawlua { name, flag }
+        assert.are.equal(0, r2.code, name .. " " .. flag)
+        assert.are.equal(h.stdout, r2.stdout, name .. " " .. flag)
+      end
+    end
+    assert.is_true(n >= 3)
   end)
 
   it("unknown commands and flags print usage and exit 2; a missing script exits 1", function()
@@ -69,6 +85,7 @@ describe("clawlua script.lua", function()
     assert.matches("cannot open .*missing%.lua", r.stderr)
     r = H.clawlua { "help", "nope" }
     assert.are.equal(2, r.code)
+    assert.matches("unknown command 'nope'.*\ncommands:\n  audit ", r.stderr)
   end)
 
   it("a script file wins over a subcommand of the same name only when it exists", function()

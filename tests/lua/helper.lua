@@ -11,17 +11,14 @@ H.scale = tonumber(os.getenv("CLAWLUA_TIME_SCALE")) or 1
 -- True when the specs run under stock lua5.4 (with clawlua.so), false inside the clawlua host.
 H.stock = ((arg and arg[-1]) or ""):match("lua5%.4$") ~= nil
 
---- A file of the team's read-only shared material (specs, profiles), which sits beside the
---- checkout (../shared); /work/shared is where it lives on the development machines.
-function H.shared(rel)
-  local p = H.src .. "/../shared/" .. rel
-  local f = io.open(p)
-  if not f then return "/work/shared/" .. rel end
-  f:close()
-  local rp = io.popen("realpath -e '" .. p:gsub("'", "'\\''") .. "'") -- jails bind canonical paths
+--- A published spec file the tests read (tests/fixtures/specs/, unmodified copies), by its
+--- canonical path (jails bind canonical paths).
+function H.spec(rel)
+  local p = H.src .. "/tests/fixtures/specs/" .. rel
+  local rp = io.popen("realpath -e '" .. p:gsub("'", "'\\''") .. "'")
   local canonical = rp:read("l")
   rp:close()
-  return canonical or p
+  return assert(canonical, p .. ": no such fixture")
 end
 
 --- Runs the clawlua binary with args; returns proc.run's result.

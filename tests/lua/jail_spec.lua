@@ -196,7 +196,7 @@ describe("jail.spawn", function()
                            seccomp = f })
     assert.are.equal("errno 1\nok\n", r.stdout)
     -- under Docker's profile inside a jail
-    local docker = assert(claw.seccomp.load_oci(H.shared("specs/seccomp/docker-default.json")))
+    local docker = assert(claw.seccomp.load_oci(H.spec("seccomp/docker-default.json")))
     r = assert(run { BUSYBOX, "sh", "-c", "echo a b c | " .. BUSYBOX .. " wc -w; " .. PROBE .. " unshare",
                      seccomp = docker })
     assert.are.equal("3\nerrno 1\n", r.stdout)

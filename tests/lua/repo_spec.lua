@@ -30,6 +30,30 @@ describe("the repository", function()
     assert.is_truthy(io.open(H.src .. "/LICENSE"))
   end)
 
+  it("runs its tests from a plain clone: nothing reads the team's shared material beside it", function()
+    -- A user's clone has nothing beside it: the spec files the tests read are copies in
+    -- tests/fixtures/specs/, with their origin, commit and license in its README.
+    local files = H.sh(("cd '%s' && find tests scripts .ci CMakeLists.txt -type f"
+      .. " ! -path 'tests/fixtures/*' ! -name '*.pyc'"):format(H.src))
+    local bad = {}
+    for f in files:gmatch("[^\n]+") do
+      local fh = io.open(H.src .. "/" .. f, "rb")
+      local body = fh and fh:read("a") or ""
+      if fh then fh:close() end
+      for _, pat in ipairs { "%.%./shared", "/work/s[h]ared", "[\"']shared[\"'][^\n]-specs" } do
+        if body:find(pat) then bad[#bad + 1] = f .. " (" .. pat .. ")" end
+      end
+    end
+    assert.are.same({}, bad)
+    local readme_specs = H.read_file(H.src .. "/tests/fixtures/specs/README.md")
+    local fixtures = H.sh(("cd '%s/tests/fixtures/specs' && find . -type f ! -name README.md"):format(H.src))
+    for f in fixtures:gmatch("%./([^\n]+)") do
+      assert.is_truthy(readme_specs:find("`" .. f .. "`", 1, true), f .. " is not in tests/fixtures/specs/README.md")
+    end
+    assert.matches("Apache%-2%.0", readme_specs)
+    assert.matches("MIT", readme_specs)
+  end)
+
   it("installs binary, module and Lua files with cmake --install", function()
     local dir = H.tmpdir()
     local build = H.so_dir:gsub("/lib$", "")

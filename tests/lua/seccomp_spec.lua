@@ -7,8 +7,8 @@ local H = require "helper"
 local seccomp = claw.seccomp
 
 local PROBE = os.getenv("CLAWLUA_PROBE") or "build/bin/clawlua-probe"
-local DOCKER = H.shared("specs/seccomp/docker-default.json")
-local FIRECRACKER = H.shared("specs/firecracker/seccomp-x86_64.json")
+local DOCKER = H.spec("seccomp/docker-default.json")
+local FIRECRACKER = H.spec("firecracker/seccomp-x86_64.json")
 
 -- Skips (with the reason printed) where seccomp(2) itself is missing: valgrind does not emulate
 -- it, so under the valgrind stage only what needs no kernel filter runs.

@@ -3,7 +3,7 @@
 -- The Firecracker driver. With a real `firecracker` on PATH and a usable KVM these tests run
 -- against it; otherwise against tests/integration/firecracker-standin.py, a STAND-IN that is
 -- not Firecracker: it checks every API request and the call order against Firecracker's
--- OpenAPI file (../shared/specs/firecracker/firecracker.yaml) and serves the guest agent on the
+-- OpenAPI file (tests/fixtures/specs/firecracker/firecracker.yaml) and serves the guest agent on the
 -- host. The stand-in is named as such in every test title.
 local claw = require "clawlua"
 local H = require "helper"

@@ -17,7 +17,7 @@ T.image = T.build .. "/guest"
 T.fake_qemu = T.src .. "/tests/integration/fake-qemu.py"
 T.standin = T.src .. "/tests/integration/firecracker-standin.py"
 -- Firecracker's published OpenAPI file, which the stand-in loads and checks every request against.
-T.fc_spec = abs(H.shared("specs/firecracker/firecracker.yaml"))
+T.fc_spec = abs(H.spec("firecracker/firecracker.yaml"))
 T.fc_spec_dir = T.fc_spec:match("^(.*)/[^/]+$")
 
 --- Builds the guest image (cached: a no-op when its inputs did not change). Returns a table
