@@ -18,18 +18,17 @@ static const struct {
   const char *name;
   lua_CFunction open;
 } primitives[] = {
-  {"loop", luaopen_clawlua_loop},     {"json", luaopen_clawlua_json},
-  {"stream", luaopen_clawlua_stream}, {"proc", luaopen_clawlua_proc},
-  {"http", luaopen_clawlua_http},     {"audit", luaopen_clawlua_audit},
-  {"seccomp", luaopen_clawlua_seccomp}, {"jail", luaopen_clawlua_jail},
-  {"firewall", luaopen_clawlua_firewall},
-  {"vm", luaopen_clawlua_vm},
+    {"loop", luaopen_clawlua_loop},         {"json", luaopen_clawlua_json},
+    {"stream", luaopen_clawlua_stream},     {"proc", luaopen_clawlua_proc},
+    {"http", luaopen_clawlua_http},         {"audit", luaopen_clawlua_audit},
+    {"seccomp", luaopen_clawlua_seccomp},   {"jail", luaopen_clawlua_jail},
+    {"firewall", luaopen_clawlua_firewall}, {"vm", luaopen_clawlua_vm},
 };
 
 /* Loop functions that are also part of the top-level namespace. */
 static const char *const loop_aliases[] = {
-  "spawn", "sleep", "yield", "now", "time", "current", "event", "channel",
-  "on_shutdown", "is_cancelled", "cancelled", NULL,
+    "spawn", "sleep",   "yield",       "now",          "time",      "current",
+    "event", "channel", "on_shutdown", "is_cancelled", "cancelled", NULL,
 };
 
 static int embedded_index(const char *module) {
@@ -77,7 +76,9 @@ static int preload_loader(lua_State *L) {
   return cl_open_embedded(L, (int)lua_tointeger(L, lua_upvalueindex(1)));
 }
 
-void cl_push_namespace(lua_State *L) { luaL_requiref(L, "clawlua", luaopen_clawlua, 0); }
+void cl_push_namespace(lua_State *L) {
+  luaL_requiref(L, "clawlua", luaopen_clawlua, 0);
+}
 
 int cl_entry_redirect(lua_State *L, const char *name) {
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);

@@ -10,15 +10,15 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#include <lua.h>
 #include <lauxlib.h>
+#include <lua.h>
 #include <lualib.h>
 
 #ifndef CLAWLUA_VERSION
 #define CLAWLUA_VERSION "0.0.0"
 #endif
 
-#define CL_UNUSED(x) ((void)(x))
+#define CL_UNUSED(x)    ((void)(x))
 #define CL_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
 /* ------------------------------------------------------------------------------------------ */
@@ -129,10 +129,10 @@ struct cl_waitq {
 
 struct cl_wait {
   cl_loop *loop;
-  cl_task *task;  /* suspended task, NULL when the caller runs the loop itself */
-  int state;      /* CL_WAIT_* */
-  int result;     /* set by whoever wakes the wait */
-  int external;   /* waiting on something outside Lua (fd, child): keeps the loop alive */
+  cl_task *task; /* suspended task, NULL when the caller runs the loop itself */
+  int state;     /* CL_WAIT_* */
+  int result;    /* set by whoever wakes the wait */
+  int external;  /* waiting on something outside Lua (fd, child): keeps the loop alive */
   uint64_t deadline;
   cl_waitq *queue; /* the queue it is linked into, if any */
   cl_wait *next, *prev;
@@ -222,15 +222,15 @@ int cl_stream_fd(cl_stream *s);
 typedef struct cl_seccomp_prog cl_seccomp_prog;
 
 typedef struct cl_spawn_req {
-  const char *path;       /* resolved executable; NULL: the child searches search_path */
+  const char *path;        /* resolved executable; NULL: the child searches search_path */
   const char *search_path; /* PATH searched by the child when path is NULL (jail: its new root) */
   char *const *argv;
   char *const *envp;
-  const char *cwd;        /* NULL: inherit */
-  int fds[3];             /* fd to install as 0/1/2 in the child; -1: /dev/null; -2: inherit */
-  int new_pgroup;         /* setpgid(0, 0) */
-  int new_session;        /* setsid() */
-  int pdeathsig;          /* signal sent to the child when the runtime dies; 0: none */
+  const char *cwd; /* NULL: inherit */
+  int fds[3];      /* fd to install as 0/1/2 in the child; -1: /dev/null; -2: inherit */
+  int new_pgroup;  /* setpgid(0, 0) */
+  int new_session; /* setsid() */
+  int pdeathsig;   /* signal sent to the child when the runtime dies; 0: none */
   /* Extension points for the jail: extra clone flags (namespaces) and code run in the child
    * after stdio set-up, before exec; it returns 0 or an errno and sets *stage. When child_setup
    * is set, the child runs on a copied address space (fork semantics), never vfork. */
@@ -241,8 +241,8 @@ typedef struct cl_spawn_req {
    * cgroup attach). Returns 0 or an errno, with a message in err. */
   int (*parent_setup)(void *arg, pid_t pid, char *err, size_t errlen);
   void *parent_arg;
-  int cwd_after_setup;    /* enter cwd after child_setup (a jail's cwd is inside its new root) */
-  int netns_fd;           /* > 0: the child starts in this network namespace (joined around clone) */
+  int cwd_after_setup; /* enter cwd after child_setup (a jail's cwd is inside its new root) */
+  int netns_fd;        /* > 0: the child starts in this network namespace (joined around clone) */
   /* A seccomp filter installed after everything else, just before exec (seccomp.c). */
   cl_seccomp_prog *seccomp;
   /* fds the child gets as 3, 4, ... (a VMM's sockets and tap); the rest stays closed. */
@@ -277,8 +277,8 @@ typedef struct cl_spawn_hooks {
   /* Runs after the common options are read and before any fd or child exists: completes req
    * (clone_flags, child_setup, parent_setup) and may set *ext. Raises on bad input; returns 0
    * or an errno with a message in err. */
-  int (*prepare)(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc_ext **ext,
-                 char *err, size_t errlen);
+  int (*prepare)(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc_ext **ext, char *err,
+                 size_t errlen);
   void *arg;
   /* Runs after the handle exists (at stack top) and the child runs. */
   void (*started)(lua_State *L, int handle, pid_t pid, void *arg);

@@ -8,16 +8,16 @@
  */
 #include "clawlua.h"
 
-#include <curl/curl.h>
 #include <ctype.h>
+#include <curl/curl.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 
-#define REQ_MT "clawlua.http.request"
-#define DEFAULT_MAX_BODY ((size_t)64 << 20)
-#define MAX_HEADER_BYTES ((size_t)256 << 10)
+#define REQ_MT            "clawlua.http.request"
+#define DEFAULT_MAX_BODY  ((size_t)64 << 20)
+#define MAX_HEADER_BYTES  ((size_t)256 << 10)
 #define STREAM_HIGH_WATER ((size_t)1 << 20)
 
 int cl_entry_redirect(lua_State *L, const char *name);
@@ -284,7 +284,10 @@ static void push_headers(lua_State *L, req *r) {
     size_t len = nl ? (size_t)(nl - line) : r->hdr_len - i;
     i += len + 1;
     if (len && line[len - 1] == '\r') len--;
-    if (first) { first = 0; continue; } /* the status line */
+    if (first) {
+      first = 0;
+      continue;
+    } /* the status line */
     char *colon = memchr(line, ':', len);
     if (!colon || colon == line) continue;
     size_t kl = (size_t)(colon - line);
@@ -385,8 +388,9 @@ static int request_k(lua_State *L, int status, lua_KContext ctx) {
 }
 
 static CURLcode set_method(CURL *e, const char *method, int has_body) {
-  if (strcmp(method, "GET") == 0) return has_body ? curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method)
-                                                  : curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+  if (strcmp(method, "GET") == 0)
+    return has_body ? curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method)
+                    : curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
   if (strcmp(method, "HEAD") == 0) return curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
   if (strcmp(method, "POST") == 0 && has_body) return CURLE_OK;
   return curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
@@ -394,11 +398,13 @@ static CURLcode set_method(CURL *e, const char *method, int has_body) {
 
 /* Lua: http.request{url=, method="GET", headers={name=value}|{"Name: value"}, body=,
  * timeout=, connect_timeout=, unix_socket=, max_body=, follow=false, insecure=false,
- * keepalive=true, on_chunk=function(chunk) end} -> {status=, headers=, body=, url=, elapsed=} | nil, err, code */
+ * keepalive=true, on_chunk=function(chunk) end} -> {status=, headers=, body=, url=, elapsed=} |
+ * nil, err, code */
 static int l_request(lua_State *L) {
-  static const char *const fields[] = {"url", "method", "headers", "body", "timeout",
-                                       "connect_timeout", "unix_socket", "max_body", "follow",
-                                       "insecure", "on_chunk", "keepalive", NULL};
+  static const char *const fields[] = {"url",     "method",          "headers",     "body",
+                                       "timeout", "connect_timeout", "unix_socket", "max_body",
+                                       "follow",  "insecure",        "on_chunk",    "keepalive",
+                                       NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   cl_check_fields(L, 1, fields);
@@ -414,7 +420,8 @@ static int l_request(lua_State *L) {
   lua_pop(L, 1);
   if (!method) method = body ? "POST" : "GET";
   for (const char *m = method; *m; m++)
-    if (!isupper((unsigned char)*m)) return cl_field_error(L, "method", "upper-case token expected");
+    if (!isupper((unsigned char)*m))
+      return cl_field_error(L, "method", "upper-case token expected");
   double timeout = cl_opt_number(L, 1, "timeout", 0);
   double ctimeout = cl_opt_number(L, 1, "connect_timeout", 0);
   if (timeout < 0) cl_field_error(L, "timeout", "must not be negative");
@@ -551,7 +558,9 @@ static int l_escape(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  {"request", l_request}, {"escape", l_escape}, {NULL, NULL},
+    {"request", l_request},
+    {"escape", l_escape},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_http(lua_State *L) {

@@ -39,13 +39,13 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#define CFG_MT "clawlua.jail.config"
-#define MAX_MOUNTS 128
+#define CFG_MT       "clawlua.jail.config"
+#define MAX_MOUNTS   128
 #define MAX_PATH_LEN 1024
-#define MAX_DEVICES 32
-#define MAX_MAPS 8
-#define MAX_GROUPS 32
-#define BASE "/tmp" /* where the child assembles the new root (its own tmpfs, in its own ns) */
+#define MAX_DEVICES  32
+#define MAX_MAPS     8
+#define MAX_GROUPS   32
+#define BASE         "/tmp" /* where the child assembles the new root (its own tmpfs, in its own ns) */
 
 #ifndef MOUNT_ATTR_RDONLY
 #define MOUNT_ATTR_RDONLY 0x00000001
@@ -66,12 +66,47 @@ struct mount_attr {
 /* Names                                                                                      */
 
 static const char *const cap_names[] = {
-  "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
-  "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
-  "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
-  "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
-  "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
-  "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
 };
 
 static int cap_number(const char *name) {
@@ -90,11 +125,21 @@ static const struct {
   const char *name;
   int res;
 } rlimit_names[] = {
-  {"as", RLIMIT_AS},         {"core", RLIMIT_CORE},       {"cpu", RLIMIT_CPU},
-  {"data", RLIMIT_DATA},     {"fsize", RLIMIT_FSIZE},     {"memlock", RLIMIT_MEMLOCK},
-  {"nofile", RLIMIT_NOFILE}, {"nproc", RLIMIT_NPROC},     {"stack", RLIMIT_STACK},
-  {"locks", RLIMIT_LOCKS},   {"sigpending", RLIMIT_SIGPENDING}, {"msgqueue", RLIMIT_MSGQUEUE},
-  {"nice", RLIMIT_NICE},     {"rtprio", RLIMIT_RTPRIO},   {"rttime", RLIMIT_RTTIME},
+    {"as", RLIMIT_AS},
+    {"core", RLIMIT_CORE},
+    {"cpu", RLIMIT_CPU},
+    {"data", RLIMIT_DATA},
+    {"fsize", RLIMIT_FSIZE},
+    {"memlock", RLIMIT_MEMLOCK},
+    {"nofile", RLIMIT_NOFILE},
+    {"nproc", RLIMIT_NPROC},
+    {"stack", RLIMIT_STACK},
+    {"locks", RLIMIT_LOCKS},
+    {"sigpending", RLIMIT_SIGPENDING},
+    {"msgqueue", RLIMIT_MSGQUEUE},
+    {"nice", RLIMIT_NICE},
+    {"rtprio", RLIMIT_RTPRIO},
+    {"rttime", RLIMIT_RTTIME},
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -112,7 +157,7 @@ typedef struct mnt {
 
 typedef struct jail_cfg {
   int userns, pidns, mountns, netns_new, ipcns, utsns, cgroupns;
-  int have_root;          /* bind a host directory as the root (else a tmpfs) */
+  int have_root; /* bind a host directory as the root (else a tmpfs) */
   int root_rw;
   char root_src[MAX_PATH_LEN];
   char hostname[65];
@@ -123,7 +168,7 @@ typedef struct jail_cfg {
   gid_t gid;
   int ngroups;
   gid_t groups[MAX_GROUPS];
-  uint64_t caps;          /* kept capabilities */
+  uint64_t caps; /* kept capabilities */
   int cap_last;
   int no_new_privs;
   int nrlimits;
@@ -292,8 +337,10 @@ static int cg_remove(jail_ext *x) {
   for (int i = 0; i < x->ndirs; i++) {
     cgdir *d = &x->dirs[i];
     if (!d->created) continue;
-    if (rmdir(d->path) == 0 || errno == ENOENT) d->created = 0;
-    else left++;
+    if (rmdir(d->path) == 0 || errno == ENOENT)
+      d->created = 0;
+    else
+      left++;
   }
   return left;
 }
@@ -322,7 +369,9 @@ static void cg_collect(jail_ext *x) {
   }
 }
 
-static void ext_kill(cl_proc_ext *e) { cg_kill_all((jail_ext *)e); }
+static void ext_kill(cl_proc_ext *e) {
+  cg_kill_all((jail_ext *)e);
+}
 
 static void on_retry(cl_timer *t) {
   jail_ext *x = (jail_ext *)((char *)t - offsetof(jail_ext, retry));
@@ -334,7 +383,7 @@ static void on_retry(cl_timer *t) {
 static void ext_reaped(cl_proc_ext *e, lua_State *L, pid_t pid) {
   jail_ext *x = (jail_ext *)e;
   cg_collect(x);
-  cg_kill_all(x); /* what the child left behind outside a pid namespace */
+  cg_kill_all(x);              /* what the child left behind outside a pid namespace */
   if (cg_remove(x) && x->loop) /* stragglers still exiting: retry from the loop */
     cl_timer_start(x->loop, &x->retry, cl_deadline(0.02), on_retry);
   if (L && pid) {
@@ -578,8 +627,8 @@ static int make_readonly(const char *dst, int recursive) {
   struct mount_attr attr;
   memset(&attr, 0, sizeof attr);
   attr.attr_set = MOUNT_ATTR_RDONLY;
-  if (syscall(SYS_mount_setattr, AT_FDCWD, dst, recursive ? AT_RECURSIVE : 0, &attr,
-              sizeof attr) == 0)
+  if (syscall(SYS_mount_setattr, AT_FDCWD, dst, recursive ? AT_RECURSIVE : 0, &attr, sizeof attr) ==
+      0)
     return 0;
   /* Kernels before 5.12: remount the top mount read-only. */
   if (mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) == 0)
@@ -772,13 +821,13 @@ static int child_setup(void *arg, const char **stage) {
 /* Options                                                                                    */
 
 static const char *const jail_fields[] = {
-  "root", "root_readonly", "binds", "tmpfs", "symlinks", "devices", "proc", "namespaces",
-  "uid", "gid", "groups", "uid_map", "gid_map", "caps", "no_new_privs", "rlimits", "cgroup",
-  "net", "hostname", "id", NULL,
+    "root",         "root_readonly", "binds",  "tmpfs",  "symlinks", "devices", "proc",
+    "namespaces",   "uid",           "gid",    "groups", "uid_map",  "gid_map", "caps",
+    "no_new_privs", "rlimits",       "cgroup", "net",    "hostname", "id",      NULL,
 };
 
-static const char *const default_devices[] = {"null", "zero", "full", "random", "urandom", "tty",
-                                              NULL};
+static const char *const default_devices[] = {"null",    "zero", "full", "random",
+                                              "urandom", "tty",  NULL};
 
 /* Normalises an absolute path in place: collapses "//" and "/./", rejects "..". */
 static int clean_path(const char *in, char *out, size_t outlen) {
@@ -789,7 +838,10 @@ static int clean_path(const char *in, char *out, size_t outlen) {
     if (!*p) break;
     const char *e = strchr(p, '/');
     size_t n = e ? (size_t)(e - p) : strlen(p);
-    if (n == 1 && p[0] == '.') { p += n; continue; }
+    if (n == 1 && p[0] == '.') {
+      p += n;
+      continue;
+    }
     if (n == 2 && p[0] == '.' && p[1] == '.') return 0;
     if (o + n + 2 > outlen) return 0;
     out[o++] = '/';
@@ -814,8 +866,9 @@ static mnt *add_mount(lua_State *L, jail_cfg *c, const char *field) {
 static void set_dst(lua_State *L, jail_cfg *c, mnt *m, const char *path, const char *field) {
   char clean[MAX_PATH_LEN - 16];
   if (!path || !clean_path(path, clean, sizeof clean))
-    cl_field_error(L, field, lua_pushfstring(L, "absolute path without '..' expected, got '%s'",
-                                             path ? path : "nil"));
+    cl_field_error(
+        L, field,
+        lua_pushfstring(L, "absolute path without '..' expected, got '%s'", path ? path : "nil"));
   if (strcmp(clean, "/") == 0) cl_field_error(L, field, "cannot mount over / (use root=)");
   snprintf(m->dst, sizeof m->dst, "/newroot%s", clean);
   size_t dl = strlen(m->dst);
@@ -824,8 +877,9 @@ static void set_dst(lua_State *L, jail_cfg *c, mnt *m, const char *path, const c
     /* Same place twice, or a mount over a parent of an earlier one (which it would hide). */
     if (strcmp(o->dst, m->dst) == 0 ||
         (ol > dl && strncmp(o->dst, m->dst, dl) == 0 && o->dst[dl] == '/'))
-      cl_field_error(L, field, lua_pushfstring(L, "'%s' overlaps an earlier mount at '%s'",
-                                               clean, o->dst + 8));
+      cl_field_error(
+          L, field,
+          lua_pushfstring(L, "'%s' overlaps an earlier mount at '%s'", clean, o->dst + 8));
   }
 }
 
@@ -861,8 +915,9 @@ static void parse_binds(lua_State *L, int opts, jail_cfg *c) {
     }
     char clean[MAX_PATH_LEN - 16];
     if (!src || !clean_path(src, clean, sizeof clean))
-      cl_field_error(L, field, lua_pushfstring(L, "absolute source path expected, got '%s'",
-                                               src ? src : "nil"));
+      cl_field_error(
+          L, field,
+          lua_pushfstring(L, "absolute source path expected, got '%s'", src ? src : "nil"));
     snprintf(m->src, sizeof m->src, "/oldroot%s", strcmp(clean, "/") ? clean : "");
     set_dst(L, c, m, dst, field);
     lua_settop(L, t);
@@ -898,8 +953,10 @@ static void parse_tmpfs(lua_State *L, int opts, jail_cfg *c) {
     } else {
       cl_field_error(L, field, "path or {path=, size=} expected");
     }
-    if (size > 0) snprintf(m->opts, sizeof m->opts, "mode=1777,size=%lld", (long long)size);
-    else snprintf(m->opts, sizeof m->opts, "mode=1777");
+    if (size > 0)
+      snprintf(m->opts, sizeof m->opts, "mode=1777,size=%lld", (long long)size);
+    else
+      snprintf(m->opts, sizeof m->opts, "mode=1777");
     set_dst(L, c, m, path, field);
     lua_settop(L, t);
   }
@@ -944,8 +1001,8 @@ static void add_devices(lua_State *L, int opts, jail_cfg *c) {
   m->kind = M_TMPFS;
   snprintf(m->opts, sizeof m->opts, "mode=0755,size=64k");
   set_dst(L, c, m, "/dev", "devices");
-  lua_Integer n = t ? (lua_Integer)lua_rawlen(L, t)
-                    : (lua_Integer)CL_ARRAY_LEN(default_devices) - 1;
+  lua_Integer n =
+      t ? (lua_Integer)lua_rawlen(L, t) : (lua_Integer)CL_ARRAY_LEN(default_devices) - 1;
   if (n > MAX_DEVICES) cl_field_error(L, "devices", "too many devices");
   for (lua_Integer i = 1; i <= n; i++) {
     const char *name;
@@ -980,8 +1037,10 @@ static void add_devices(lua_State *L, int opts, jail_cfg *c) {
   }
   static const struct {
     const char *path, *target;
-  } links[] = {{"/dev/fd", "/proc/self/fd"}, {"/dev/stdin", "/proc/self/fd/0"},
-               {"/dev/stdout", "/proc/self/fd/1"}, {"/dev/stderr", "/proc/self/fd/2"}};
+  } links[] = {{"/dev/fd", "/proc/self/fd"},
+               {"/dev/stdin", "/proc/self/fd/0"},
+               {"/dev/stdout", "/proc/self/fd/1"},
+               {"/dev/stderr", "/proc/self/fd/2"}};
   for (size_t i = 0; i < CL_ARRAY_LEN(links); i++) {
     mnt *l = add_mount(L, c, "devices");
     l->kind = M_SYMLINK;
@@ -1005,10 +1064,23 @@ static long long parse_size(lua_State *L, int idx) {
   if (end == s || v < 0) return -1;
   double mul = 1;
   switch (*end) {
-  case 'k': case 'K': mul = 1024.0; end++; break;
-  case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
-  case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
-  default: break;
+  case 'k':
+  case 'K':
+    mul = 1024.0;
+    end++;
+    break;
+  case 'm':
+  case 'M':
+    mul = 1024.0 * 1024;
+    end++;
+    break;
+  case 'g':
+  case 'G':
+    mul = 1024.0 * 1024 * 1024;
+    end++;
+    break;
+  default:
+    break;
   }
   if (*end == 'i') end++;
   if (*end == 'B' || *end == 'b') end++;
@@ -1066,7 +1138,8 @@ static int ns_flag(lua_State *L, int t, const char *name, int def) {
   if (!t) return def;
   int ty = lua_getfield(L, t, name);
   int v = def;
-  if (ty == LUA_TBOOLEAN) v = lua_toboolean(L, -1);
+  if (ty == LUA_TBOOLEAN)
+    v = lua_toboolean(L, -1);
   else if (ty != LUA_TNIL)
     cl_field_error(L, lua_pushfstring(L, "namespaces.%s", name), "boolean expected");
   lua_pop(L, 1);
@@ -1107,7 +1180,8 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   if (nt) lua_pop(L, 1);
   /* Network: "new" (default), "host", or a namespace to join (path like /run/netns/x). */
   const char *net = cl_opt_string(L, opts, "net", netns_flag ? "new" : "host");
-  if (strcmp(net, "new") == 0) c->netns_new = 1;
+  if (strcmp(net, "new") == 0)
+    c->netns_new = 1;
   else if (strcmp(net, "host") != 0 && net[0] != '/')
     cl_field_error(L, "net", "\"new\", \"host\" or the path of a network namespace expected");
   if (!c->mountns) {
@@ -1115,7 +1189,8 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     for (const char *const *f = need; *f; f++)
       if (lua_getfield(L, opts, *f) != LUA_TNIL)
         cl_field_error(L, *f, "needs the mount namespace (namespaces.mount = false)");
-      else lua_pop(L, 1);
+      else
+        lua_pop(L, 1);
   }
   /* Root. */
   const char *root = cl_opt_string(L, opts, "root", NULL);
@@ -1146,8 +1221,9 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
       m->kind = M_PROC;
       set_dst(L, c, m, "/proc", "proc");
       if (c->userns && !c->pidns)
-        cl_field_error(L, "proc", "mounting /proc in a new user namespace needs a new pid "
-                                  "namespace too (or proc = false)");
+        cl_field_error(L, "proc",
+                       "mounting /proc in a new user namespace needs a new pid "
+                       "namespace too (or proc = false)");
     }
     int before = c->nmounts;
     parse_symlinks(L, opts, c);
@@ -1206,7 +1282,8 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     for (const char *const *f = maps; *f; f++)
       if (lua_getfield(L, opts, *f) != LUA_TNIL)
         cl_field_error(L, *f, "needs the user namespace");
-      else lua_pop(L, 1);
+      else
+        lua_pop(L, 1);
   }
   if (lua_getfield(L, opts, "groups") != LUA_TNIL) {
     if (!lua_istable(L, -1)) cl_field_error(L, "groups", "list of gids expected");
@@ -1226,7 +1303,8 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   /* Capabilities. */
   char buf[32];
   c->cap_last = read_file("/proc/sys/kernel/cap_last_cap", buf, sizeof buf) > 0
-                  ? (int)strtol(buf, NULL, 10) : 40;
+                    ? (int)strtol(buf, NULL, 10)
+                    : 40;
   if (c->cap_last > 63) c->cap_last = 63;
   if (lua_getfield(L, opts, "caps") != LUA_TNIL) {
     if (!lua_istable(L, -1)) cl_field_error(L, "caps", "list of capability names expected");
@@ -1255,8 +1333,10 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
       for (size_t i = 0; i < CL_ARRAY_LEN(rlimit_names); i++)
         if (strcmp(rlimit_names[i].name, name) == 0) res = rlimit_names[i].res;
       const char *field = lua_pushfstring(L, "rlimits.%s", name);
-      if (res < 0) cl_field_error(L, field, "unknown resource (as, core, cpu, data, fsize, "
-                                            "memlock, nofile, nproc, stack, ...)");
+      if (res < 0)
+        cl_field_error(L, field,
+                       "unknown resource (as, core, cpu, data, fsize, "
+                       "memlock, nofile, nproc, stack, ...)");
       long long soft, hard;
       if (lua_istable(L, -2)) {
         lua_rawgeti(L, -2, 1);
@@ -1280,8 +1360,10 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   /* Identity for audit. */
   static unsigned jail_counter;
   const char *id = cl_opt_string(L, opts, "id", NULL);
-  if (id) snprintf(sc->id, sizeof sc->id, "%s", id);
-  else snprintf(sc->id, sizeof sc->id, "jail-%d-%u", (int)getpid(), ++jail_counter);
+  if (id)
+    snprintf(sc->id, sizeof sc->id, "%s", id);
+  else
+    snprintf(sc->id, sizeof sc->id, "jail-%d-%u", (int)getpid(), ++jail_counter);
   /* cgroups last: only now is the input known to be good. */
   long long memory = 0, pids = 0;
   double cpu = 0;
@@ -1376,8 +1458,8 @@ static void started(lua_State *L, int handle, pid_t pid, void *arg) {
   const struct {
     const char *n;
     int on;
-  } ns[] = {{"user", c->userns}, {"pid", c->pidns},  {"mount", c->mountns}, {"net", c->netns_new},
-            {"ipc", c->ipcns},   {"uts", c->utsns},  {"cgroup", c->cgroupns}};
+  } ns[] = {{"user", c->userns}, {"pid", c->pidns}, {"mount", c->mountns},  {"net", c->netns_new},
+            {"ipc", c->ipcns},   {"uts", c->utsns}, {"cgroup", c->cgroupns}};
   for (size_t i = 0; i < CL_ARRAY_LEN(ns); i++) {
     lua_pushboolean(L, ns[i].on);
     lua_setfield(L, -2, ns[i].n);
@@ -1447,7 +1529,9 @@ static int l_cgroup_info(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  {"spawn", l_spawn}, {"cgroup_info", l_cgroup_info}, {NULL, NULL},
+    {"spawn", l_spawn},
+    {"cgroup_info", l_cgroup_info},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_jail(lua_State *L) {

@@ -22,14 +22,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ARRAY_MT "clawlua.json.array"
+#define ARRAY_MT  "clawlua.json.array"
 #define OBJECT_MT "clawlua.json.object"
-#define BUF_MT "clawlua.json.buffer"
+#define BUF_MT    "clawlua.json.buffer"
 
 #define DEFAULT_MAX_DEPTH 128
-#define DEFAULT_MAX_SIZE ((size_t)64 << 20)
-#define HARD_MAX_DEPTH 10000
-
+#define DEFAULT_MAX_SIZE  ((size_t)64 << 20)
+#define HARD_MAX_DEPTH    10000
 
 static locale_t c_locale(void) {
   static locale_t loc;
@@ -107,17 +106,24 @@ static int hex4(const char *p, unsigned *out) {
   for (int i = 0; i < 4; i++) {
     char c = p[i];
     v <<= 4;
-    if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
-    else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
-    else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
-    else return 0;
+    if (c >= '0' && c <= '9')
+      v |= (unsigned)(c - '0');
+    else if (c >= 'a' && c <= 'f')
+      v |= (unsigned)(c - 'a' + 10);
+    else if (c >= 'A' && c <= 'F')
+      v |= (unsigned)(c - 'A' + 10);
+    else
+      return 0;
   }
   *out = v;
   return 1;
 }
 
 static size_t put_utf8(char *o, unsigned cp) {
-  if (cp < 0x80) { o[0] = (char)cp; return 1; }
+  if (cp < 0x80) {
+    o[0] = (char)cp;
+    return 1;
+  }
   if (cp < 0x800) {
     o[0] = (char)(0xC0 | (cp >> 6));
     o[1] = (char)(0x80 | (cp & 0x3F));
@@ -150,7 +156,10 @@ static int dec_string(decoder *d) {
     }
     if (c == '\\') break;
     if (c < 0x20) return dec_fail(d, q, "control character in string");
-    if (c < 0x80) { q++; continue; }
+    if (c < 0x80) {
+      q++;
+      continue;
+    }
     size_t n = utf8_len((const unsigned char *)q, (const unsigned char *)e);
     if (!n) return dec_fail(d, q, "invalid UTF-8 in string");
     q += n;
@@ -177,14 +186,38 @@ static int dec_string(decoder *d) {
       char esc = q[1];
       char out[4];
       switch (esc) {
-      case '"': luaL_addchar(&b, '"'); q += 2; continue;
-      case '\\': luaL_addchar(&b, '\\'); q += 2; continue;
-      case '/': luaL_addchar(&b, '/'); q += 2; continue;
-      case 'b': luaL_addchar(&b, '\b'); q += 2; continue;
-      case 'f': luaL_addchar(&b, '\f'); q += 2; continue;
-      case 'n': luaL_addchar(&b, '\n'); q += 2; continue;
-      case 'r': luaL_addchar(&b, '\r'); q += 2; continue;
-      case 't': luaL_addchar(&b, '\t'); q += 2; continue;
+      case '"':
+        luaL_addchar(&b, '"');
+        q += 2;
+        continue;
+      case '\\':
+        luaL_addchar(&b, '\\');
+        q += 2;
+        continue;
+      case '/':
+        luaL_addchar(&b, '/');
+        q += 2;
+        continue;
+      case 'b':
+        luaL_addchar(&b, '\b');
+        q += 2;
+        continue;
+      case 'f':
+        luaL_addchar(&b, '\f');
+        q += 2;
+        continue;
+      case 'n':
+        luaL_addchar(&b, '\n');
+        q += 2;
+        continue;
+      case 'r':
+        luaL_addchar(&b, '\r');
+        q += 2;
+        continue;
+      case 't':
+        luaL_addchar(&b, '\t');
+        q += 2;
+        continue;
       case 'u': {
         unsigned cp, lo;
         if (e - q < 6 || !hex4(q + 2, &cp)) {
@@ -239,7 +272,10 @@ static int dec_string(decoder *d) {
 static int dec_number(decoder *d) {
   const char *p = d->p, *e = d->end, *s = p;
   int neg = 0, isfloat = 0;
-  if (p < e && *p == '-') { neg = 1; p++; }
+  if (p < e && *p == '-') {
+    neg = 1;
+    p++;
+  }
   if (p >= e) return dec_unexpected(d, p);
   if (*p == '0') {
     p++;
@@ -393,9 +429,12 @@ static int dec_value(decoder *d) {
   skip_ws(d);
   if (d->p >= d->end) return dec_fail(d, d->p, "unexpected end of input");
   switch (*d->p) {
-  case '{': return dec_object(d);
-  case '[': return dec_array(d);
-  case '"': return dec_string(d);
+  case '{':
+    return dec_object(d);
+  case '[':
+    return dec_array(d);
+  case '"':
+    return dec_string(d);
   case 't':
     if (!dec_literal(d, "true", 4)) return 0;
     lua_pushboolean(d->L, 1);
@@ -423,7 +462,11 @@ static int decode_with(lua_State *L, const char *s, size_t len, int max_depth, s
     return 0;
   }
   luaL_getmetatable(L, ARRAY_MT);
-  decoder d = {.L = L, .start = s, .p = s, .end = s + len, .max_depth = max_depth,
+  decoder d = {.L = L,
+               .start = s,
+               .p = s,
+               .end = s + len,
+               .max_depth = max_depth,
                .array_mt = lua_gettop(L)};
   int ok = dec_value(&d);
   if (ok) {
@@ -479,7 +522,7 @@ typedef struct strbuf {
   int busy; /* the per-state scratch buffer is in use (an encode inside __tojson) */
 } strbuf;
 
-static const char SCRATCH_KEY = 's'; /* registry: a strbuf reused across encodes */
+static const char SCRATCH_KEY = 's';   /* registry: a strbuf reused across encodes */
 #define SCRATCH_KEEP ((size_t)1 << 20) /* larger scratch buffers are freed after use */
 
 static int strbuf_gc(lua_State *L) {
@@ -505,14 +548,17 @@ typedef struct encoder {
   size_t lim; /* min(buffer capacity, max_size): the fast paths check only this */
   char errbuf[160];
   /* The path to the value being encoded, for error messages. */
-  struct { const char *key; size_t keylen; lua_Integer index; } path[64];
+  struct {
+    const char *key;
+    size_t keylen;
+    lua_Integer index;
+  } path[64];
 } encoder;
 
 static int enc_grow(encoder *e, size_t need) {
   strbuf *b = e->b;
   if (b->n + need > e->max_size) {
-    snprintf(e->errbuf, sizeof e->errbuf, "output larger than the limit of %zu bytes",
-             e->max_size);
+    snprintf(e->errbuf, sizeof e->errbuf, "output larger than the limit of %zu bytes", e->max_size);
     e->err = e->errbuf;
     return 0;
   }
@@ -550,8 +596,8 @@ static void describe_path(encoder *e, char *out, size_t outlen) {
   int n = e->depth < 64 ? e->depth : 64;
   for (int i = 0; i < n && o < outlen; i++) {
     if (e->path[i].key)
-      o += (size_t)snprintf(out + o, outlen - o, ".%.*s", (int)(e->path[i].keylen > 40 ? 40 :
-                            e->path[i].keylen), e->path[i].key);
+      o += (size_t)snprintf(out + o, outlen - o, ".%.*s",
+                            (int)(e->path[i].keylen > 40 ? 40 : e->path[i].keylen), e->path[i].key);
     else
       o += (size_t)snprintf(out + o, outlen - o, "[%lld]", (long long)e->path[i].index);
   }
@@ -579,14 +625,14 @@ static int enc_bad(encoder *e, const char *what, const char *placeholder) {
 
 /* 1 for bytes that end a run of plain ASCII: controls, '"', '\\' and non-ASCII. */
 static const unsigned char special[256] = {
-  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-  0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
-  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
 
 static int enc_string(encoder *e, const char *s, size_t len) {
@@ -630,13 +676,27 @@ static int enc_string(encoder *e, const char *s, size_t len) {
     char esc[6] = {'\\', 0};
     size_t n = 2;
     switch (c) {
-    case '"': esc[1] = '"'; break;
-    case '\\': esc[1] = '\\'; break;
-    case '\n': esc[1] = 'n'; break;
-    case '\r': esc[1] = 'r'; break;
-    case '\t': esc[1] = 't'; break;
-    case '\b': esc[1] = 'b'; break;
-    case '\f': esc[1] = 'f'; break;
+    case '"':
+      esc[1] = '"';
+      break;
+    case '\\':
+      esc[1] = '\\';
+      break;
+    case '\n':
+      esc[1] = 'n';
+      break;
+    case '\r':
+      esc[1] = 'r';
+      break;
+    case '\t':
+      esc[1] = 't';
+      break;
+    case '\b':
+      esc[1] = 'b';
+      break;
+    case '\f':
+      esc[1] = 'f';
+      break;
     default:
       esc[1] = 'u';
       esc[2] = '0';
@@ -672,7 +732,8 @@ static int enc_integer(encoder *e, lua_Integer v) {
 
 static int enc_float(encoder *e, lua_Number v) {
   if (isnan(v) || isinf(v))
-    return enc_bad(e, "cannot encode NaN or infinity", isnan(v) ? "<nan>" : (v > 0 ? "<inf>" : "<-inf>"));
+    return enc_bad(e, "cannot encode NaN or infinity",
+                   isnan(v) ? "<nan>" : (v > 0 ? "<inf>" : "<-inf>"));
   char tmp[40];
   int n = 0;
   /* Shortest of %.15g..%.17g that reads back as the same double. */
@@ -758,7 +819,11 @@ static int enc_key(encoder *e, int kidx) {
 }
 
 static int key_cmp(const void *a, const void *b) {
-  const struct { const char *s; size_t n; int ref; } *x = a, *y = b;
+  const struct {
+    const char *s;
+    size_t n;
+    int ref;
+  } *x = a, *y = b;
   size_t m = x->n < y->n ? x->n : y->n;
   int c = memcmp(x->s, y->s, m);
   return c ? c : (x->n > y->n) - (x->n < y->n);
@@ -776,7 +841,11 @@ static int enc_object(encoder *e, int idx, int strict) {
   int first = 1;
   if (e->sort_keys) {
     /* Collect string keys, sort them bytewise, then emit. */
-    typedef struct { const char *s; size_t n; int ref; } key;
+    typedef struct {
+      const char *s;
+      size_t n;
+      int ref;
+    } key;
     size_t cnt = 0, cap = 16;
     key *keys = malloc(cap * sizeof *keys);
     if (!keys) return enc_fail(e, "out of memory");
@@ -793,7 +862,11 @@ static int enc_object(encoder *e, int idx, int strict) {
       }
       if (cnt == cap) {
         key *nk = realloc(keys, (cap *= 2) * sizeof *keys);
-        if (!nk) { free(keys); lua_pop(L, 1); return enc_fail(e, "out of memory"); }
+        if (!nk) {
+          free(keys);
+          lua_pop(L, 1);
+          return enc_fail(e, "out of memory");
+        }
         keys = nk;
       }
       keys[cnt].s = lua_tolstring(L, -1, &keys[cnt].n); /* anchored by the table */
@@ -801,15 +874,27 @@ static int enc_object(encoder *e, int idx, int strict) {
     }
     qsort(keys, cnt, sizeof *keys, key_cmp);
     for (size_t i = 0; i < cnt; i++) {
-      if (!first && !putc_(e, ',')) { free(keys); return 0; }
+      if (!first && !putc_(e, ',')) {
+        free(keys);
+        return 0;
+      }
       first = 0;
-      if (!enc_newline(e)) { free(keys); return 0; }
+      if (!enc_newline(e)) {
+        free(keys);
+        return 0;
+      }
       enc_push_path(e, keys[i].s, keys[i].n, 0);
-      if (!enc_string(e, keys[i].s, keys[i].n) || !put(e, e->pretty ? ": " : ":",
-          e->pretty ? 2 : 1)) { free(keys); return 0; }
+      if (!enc_string(e, keys[i].s, keys[i].n) ||
+          !put(e, e->pretty ? ": " : ":", e->pretty ? 2 : 1)) {
+        free(keys);
+        return 0;
+      }
       lua_pushlstring(L, keys[i].s, keys[i].n);
       lua_rawget(L, idx);
-      if (!enc_value(e, lua_gettop(L))) { free(keys); return 0; }
+      if (!enc_value(e, lua_gettop(L))) {
+        free(keys);
+        return 0;
+      }
       lua_pop(L, 1);
     }
     free(keys);
@@ -900,8 +985,10 @@ static int shape_error(encoder *e, int bad) {
 static int enc_value(encoder *e, int idx) {
   lua_State *L = e->L;
   switch (lua_type(L, idx)) {
-  case LUA_TNIL: return put(e, "null", 4);
-  case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? put(e, "true", 4) : put(e, "false", 5);
+  case LUA_TNIL:
+    return put(e, "null", 4);
+  case LUA_TBOOLEAN:
+    return lua_toboolean(L, idx) ? put(e, "true", 4) : put(e, "false", 5);
   case LUA_TNUMBER:
     if (lua_isinteger(L, idx)) return enc_integer(e, lua_tointeger(L, idx));
     return enc_float(e, lua_tonumber(L, idx));
@@ -938,7 +1025,8 @@ static int enc_value(encoder *e, int idx) {
     }
     if (lua_type(L, idx) == LUA_TTABLE) return enc_table(e, idx);
     break;
-  default: break;
+  default:
+    break;
   }
   char what[64], ph[40];
   snprintf(what, sizeof what, "cannot encode a %s value", luaL_typename(L, idx));
@@ -1051,8 +1139,12 @@ const char *cl_json_encode_lenient(lua_State *L, int idx, size_t max_string, int
 }
 
 /* Lua: json.array([t]) / json.object([t]) mark t (or a new table) as a JSON array / object. */
-static int l_array(lua_State *L) { return mark(L, ARRAY_MT); }
-static int l_object(lua_State *L) { return mark(L, OBJECT_MT); }
+static int l_array(lua_State *L) {
+  return mark(L, ARRAY_MT);
+}
+static int l_object(lua_State *L) {
+  return mark(L, OBJECT_MT);
+}
 
 /* Lua: json.is_array(t) */
 static int l_is_array(lua_State *L) {
@@ -1066,8 +1158,8 @@ static int l_is_array(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  {"decode", l_decode}, {"encode", l_encode},     {"array", l_array},
-  {"object", l_object}, {"is_array", l_is_array}, {NULL, NULL},
+    {"decode", l_decode}, {"encode", l_encode},     {"array", l_array},
+    {"object", l_object}, {"is_array", l_is_array}, {NULL, NULL},
 };
 
 int luaopen_clawlua_json(lua_State *L) {

@@ -22,33 +22,33 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LOOP_MT "clawlua.loop"
-#define TASK_MT "clawlua.task"
-#define WAIT_MT "clawlua.wait"
-#define EVENT_MT "clawlua.event"
+#define LOOP_MT    "clawlua.loop"
+#define TASK_MT    "clawlua.task"
+#define WAIT_MT    "clawlua.wait"
+#define EVENT_MT   "clawlua.event"
 #define CHANNEL_MT "clawlua.channel"
 
-#define MAX_EVENTS 128
-#define MAX_NESTING 64
+#define MAX_EVENTS           128
+#define MAX_NESTING          64
 #define CHANNEL_MAX_CAPACITY (1 << 24)
 
 static const char LOOP_KEY = 'L';      /* registry: the loop userdata */
 static const char CANCELLED_KEY = 'C'; /* registry: the cancellation error object */
 
 enum { T_READY, T_RUNNING, T_WAITING, T_DONE, T_FAILED, T_CANCELLED };
-static const char *const task_state_names[] = {"ready",  "running", "waiting",
-                                               "done",   "failed",  "cancelled"};
+static const char *const task_state_names[] = {"ready", "running", "waiting",
+                                               "done",  "failed",  "cancelled"};
 
 struct cl_task {
   cl_loop *loop;
   lua_State *co;
   int state;
-  int nargs;   /* arguments on co's stack for the first resume */
+  int nargs; /* arguments on co's stack for the first resume */
   int started;
-  int cancel;  /* cancellation requested, delivered at the task's next wait */
+  int cancel; /* cancellation requested, delivered at the task's next wait */
   int queued;
-  int joined;  /* a joiner waits: the error is the joiner's to handle */
-  int daemon;  /* does not keep loop.run() going (subscribers, watchers) */
+  int joined; /* a joiner waits: the error is the joiner's to handle */
+  int daemon; /* does not keep loop.run() going (subscribers, watchers) */
   cl_wait *wait;
   cl_task *next;
   cl_waitq joiners;
@@ -108,7 +108,9 @@ uint64_t cl_now_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-double cl_now(void) { return (double)cl_now_ns() / 1e9; }
+double cl_now(void) {
+  return (double)cl_now_ns() / 1e9;
+}
 
 uint64_t cl_deadline(double timeout) {
   if (!(timeout >= 0)) return 0; /* negative or NaN: no deadline */
@@ -203,7 +205,8 @@ static void expire_timers(cl_loop *lp) {
 static void on_timerfd(cl_watch *w, uint32_t events) {
   cl_loop *lp = w->data;
   uint64_t n;
-  while (read(lp->tfd, &n, sizeof n) > 0) {}
+  while (read(lp->tfd, &n, sizeof n) > 0) {
+  }
   lp->armed = 0;
   expire_timers(lp);
   timerfd_arm(lp);
@@ -217,7 +220,10 @@ static void make_ready(cl_task *t) {
   if (t->queued) return;
   t->queued = 1;
   t->next = NULL;
-  if (lp->rtail) lp->rtail->next = t; else lp->rhead = t;
+  if (lp->rtail)
+    lp->rtail->next = t;
+  else
+    lp->rhead = t;
   lp->rtail = t;
 }
 
@@ -225,20 +231,31 @@ void cl_waitq_add(cl_waitq *q, cl_wait *w) {
   w->queue = q;
   w->next = NULL;
   w->prev = q->tail;
-  if (q->tail) q->tail->next = w; else q->head = w;
+  if (q->tail)
+    q->tail->next = w;
+  else
+    q->head = w;
   q->tail = w;
 }
 
 static void waitq_remove(cl_wait *w) {
   cl_waitq *q = w->queue;
   if (!q) return;
-  if (w->prev) w->prev->next = w->next; else q->head = w->next;
-  if (w->next) w->next->prev = w->prev; else q->tail = w->prev;
+  if (w->prev)
+    w->prev->next = w->next;
+  else
+    q->head = w->next;
+  if (w->next)
+    w->next->prev = w->prev;
+  else
+    q->tail = w->prev;
   w->queue = NULL;
   w->next = w->prev = NULL;
 }
 
-int cl_waitq_empty(const cl_waitq *q) { return q->head == NULL; }
+int cl_waitq_empty(const cl_waitq *q) {
+  return q->head == NULL;
+}
 
 /* Takes a wait out of everything it is linked into and records why it ended. */
 static void wait_finish(cl_wait *w, int state, int result) {
@@ -259,7 +276,9 @@ static void wait_finish(cl_wait *w, int state, int result) {
   }
 }
 
-void cl_wait_wake(cl_wait *w, int result) { wait_finish(w, CL_WAIT_DONE, result); }
+void cl_wait_wake(cl_wait *w, int result) {
+  wait_finish(w, CL_WAIT_DONE, result);
+}
 
 int cl_waitq_wake_one(cl_waitq *q, int result) {
   if (!q->head) return 0;
@@ -293,7 +312,9 @@ cl_wait *cl_wait_push(lua_State *L) {
   return w;
 }
 
-static void push_cancelled(lua_State *L) { lua_rawgetp(L, LUA_REGISTRYINDEX, &CANCELLED_KEY); }
+static void push_cancelled(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &CANCELLED_KEY);
+}
 
 cl_task *cl_task_current(cl_loop *lp, lua_State *L) {
   cl_task *t = lp->current;
@@ -404,7 +425,10 @@ void cl_watch_ref(cl_watch *w, int on) {
   on = !!on;
   if (w->ref == on) return;
   w->ref = on;
-  if (on) w->loop->nref++; else w->loop->nref--;
+  if (on)
+    w->loop->nref++;
+  else
+    w->loop->nref--;
 }
 
 void cl_watch_stop(cl_watch *w) {
@@ -450,7 +474,9 @@ static void dispatch(cl_loop *lp, int n) {
 /* ------------------------------------------------------------------------------------------ */
 /* Tasks                                                                                      */
 
-static cl_task *check_task(lua_State *L, int i) { return luaL_checkudata(L, i, TASK_MT); }
+static cl_task *check_task(lua_State *L, int i) {
+  return luaL_checkudata(L, i, TASK_MT);
+}
 
 static int traceback_handler(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
@@ -480,7 +506,10 @@ static void anchor_task(lua_State *L, cl_loop *lp, int idx, int on) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
   lua_getiuservalue(L, -1, 1);
   lua_pushvalue(L, idx);
-  if (on) lua_pushboolean(L, 1); else lua_pushnil(L);
+  if (on)
+    lua_pushboolean(L, 1);
+  else
+    lua_pushnil(L);
   lua_rawset(L, -3);
   lua_pop(L, 2);
 }
@@ -690,8 +719,7 @@ static int l_task_join(lua_State *L) {
   double timeout = luaL_optnumber(L, 2, -1);
   lua_settop(L, 1);
   if (t->state >= T_DONE) return join_outcome(L, t, 1);
-  if (t->co == L)
-    return luaL_error(L, "a task cannot join itself");
+  if (t->co == L) return luaL_error(L, "a task cannot join itself");
   t->joined = 1;
   cl_wait *w = cl_wait_push(L);
   w->deadline = cl_deadline(timeout);
@@ -727,14 +755,19 @@ static int l_task_done(lua_State *L) {
 static int l_task_result(lua_State *L) {
   cl_task *t = check_task(L, 1);
   lua_settop(L, 1);
-  if (t->state < T_DONE) { lua_pushnil(L); return 1; }
+  if (t->state < T_DONE) {
+    lua_pushnil(L);
+    return 1;
+  }
   if (t->state == T_DONE) {
     lua_pushboolean(L, 1);
     return 1 + push_results(L, t, 1);
   }
   lua_pushboolean(L, 0);
-  if (t->state == T_CANCELLED) lua_pushliteral(L, "cancelled");
-  else lua_getiuservalue(L, 1, 2);
+  if (t->state == T_CANCELLED)
+    lua_pushliteral(L, "cancelled");
+  else
+    lua_getiuservalue(L, 1, 2);
   return 2;
 }
 
@@ -742,7 +775,10 @@ void cl_task_set_daemon(cl_task *t, int on) {
   on = !!on;
   if (t->state >= T_DONE || t->daemon == on) return;
   t->daemon = on;
-  if (on) t->loop->ndaemon++; else t->loop->ndaemon--;
+  if (on)
+    t->loop->ndaemon++;
+  else
+    t->loop->ndaemon--;
 }
 
 /* Lua: task:set_daemon([on=true]) -> task. A daemon task does not keep loop.run() (and the
@@ -801,7 +837,10 @@ static int l_run(lua_State *L) {
 static int l_current(lua_State *L) {
   cl_loop *lp = cl_loop_get(L);
   cl_task *t = lp->current;
-  if (t && t->co == L) push_task(L, t); else lua_pushnil(L);
+  if (t && t->co == L)
+    push_task(L, t);
+  else
+    lua_pushnil(L);
   return 1;
 }
 
@@ -979,7 +1018,9 @@ typedef struct channel {
   cl_waitq senders, receivers;
 } channel;
 
-static channel *check_channel(lua_State *L) { return luaL_checkudata(L, 1, CHANNEL_MT); }
+static channel *check_channel(lua_State *L) {
+  return luaL_checkudata(L, 1, CHANNEL_MT);
+}
 
 /* Lua: clawlua.channel([capacity=1]) */
 static int l_channel_new(lua_State *L) {
@@ -1158,8 +1199,7 @@ static void start_shutdown(cl_loop *lp, int sig) {
   /* In the host, callers running the loop themselves (the main chunk) unwind too. A script
    * under stock lua5.4 keeps its main chunk waiting while the loop finishes the shutdown. */
   if (cl_host_mode)
-    for (int i = 0; i < lp->depth; i++)
-      wait_finish(lp->blocking[i], CL_WAIT_CANCELLED, ECANCELED);
+    for (int i = 0; i < lp->depth; i++) wait_finish(lp->blocking[i], CL_WAIT_CANCELLED, ECANCELED);
   /* Shutdown handlers, most recently registered first, each as a task. */
   lua_getiuservalue(L, -1, 2);
   lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
@@ -1218,7 +1258,10 @@ static void on_reap(cl_watch *w, uint32_t events) {
   cl_watch_stop(w);
   close(r->pidfd);
   for (reap **p = &lp->reaps; *p; p = &(*p)->next)
-    if (*p == r) { *p = r->next; break; }
+    if (*p == r) {
+      *p = r->next;
+      break;
+    }
   if (r->done) r->done(r->arg);
   free(r);
 }
@@ -1471,37 +1514,54 @@ static void create_loop(lua_State *L) {
 }
 
 static const luaL_Reg task_methods[] = {
-  {"join", l_task_join},         {"cancel", l_task_cancel}, {"status", l_task_status},
-  {"done", l_task_done},         {"result", l_task_result}, {"traceback", l_task_traceback},
-  {"set_daemon", l_task_set_daemon}, {NULL, NULL},
+    {"join", l_task_join},
+    {"cancel", l_task_cancel},
+    {"status", l_task_status},
+    {"done", l_task_done},
+    {"result", l_task_result},
+    {"traceback", l_task_traceback},
+    {"set_daemon", l_task_set_daemon},
+    {NULL, NULL},
 };
 
 static const luaL_Reg event_methods[] = {
-  {"set", l_event_set},   {"clear", l_event_clear}, {"is_set", l_event_is_set},
-  {"wait", l_event_wait}, {NULL, NULL},
+    {"set", l_event_set},
+    {"clear", l_event_clear},
+    {"is_set", l_event_is_set},
+    {"wait", l_event_wait},
+    {NULL, NULL},
 };
 
 static const luaL_Reg channel_methods[] = {
-  {"send", l_channel_send},         {"recv", l_channel_recv},
-  {"try_send", l_channel_try_send}, {"try_recv", l_channel_try_recv},
-  {"close", l_channel_close},       {"is_closed", l_channel_is_closed},
-  {"capacity", l_channel_capacity}, {NULL, NULL},
+    {"send", l_channel_send},         {"recv", l_channel_recv},
+    {"try_send", l_channel_try_send}, {"try_recv", l_channel_try_recv},
+    {"close", l_channel_close},       {"is_closed", l_channel_is_closed},
+    {"capacity", l_channel_capacity}, {NULL, NULL},
 };
 
 static const luaL_Reg loop_funcs[] = {
-  {"spawn", l_spawn},         {"run", l_loop_run},
-  {"step", l_loop_step},      {"sleep", l_sleep},
-  {"yield", l_yield},         {"now", l_now},
-  {"time", l_time},           {"current", l_current},
-  {"event", l_event_new},     {"channel", l_channel_new},
-  {"poll", l_poll},           {"stats", l_loop_stats},
-  {"stopping", l_loop_stopping}, {"shutdown_grace", l_loop_grace},
-  {"on_shutdown", l_on_shutdown}, {"is_cancelled", l_is_cancelled},
-  {"run_task", l_run},        {NULL, NULL},
+    {"spawn", l_spawn},
+    {"run", l_loop_run},
+    {"step", l_loop_step},
+    {"sleep", l_sleep},
+    {"yield", l_yield},
+    {"now", l_now},
+    {"time", l_time},
+    {"current", l_current},
+    {"event", l_event_new},
+    {"channel", l_channel_new},
+    {"poll", l_poll},
+    {"stats", l_loop_stats},
+    {"stopping", l_loop_stopping},
+    {"shutdown_grace", l_loop_grace},
+    {"on_shutdown", l_on_shutdown},
+    {"is_cancelled", l_is_cancelled},
+    {"run_task", l_run},
+    {NULL, NULL},
 };
 
-static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
-                      lua_CFunction gc, lua_CFunction tostr) {
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
+                      lua_CFunction tostr) {
   luaL_newmetatable(L, name);
   lua_newtable(L);
   luaL_setfuncs(L, methods, 0);

@@ -29,8 +29,8 @@
 #include <sanitizer/asan_interface.h>
 #endif
 
-#define PROC_MT "clawlua.proc"
-#define STREAM_MT "clawlua.stream"
+#define PROC_MT     "clawlua.proc"
+#define STREAM_MT   "clawlua.stream"
 #define VFORK_STACK (64 * 1024)
 
 extern char **environ;
@@ -47,8 +47,8 @@ typedef struct child_args {
   const cl_spawn_req *req;
   pid_t parent;
   uint64_t reset; /* signals with a handler or ignored in the parent (bit n-1: signal n) */
-  int errfd;  /* the child reports a failure before exec here (close-on-exec: EOF = exec'd) */
-  int syncfd; /* fork path: the child waits here for the parent's set-up */
+  int errfd;      /* the child reports a failure before exec here (close-on-exec: EOF = exec'd) */
+  int syncfd;     /* fork path: the child waits here for the parent's set-up */
 } child_args;
 
 typedef struct child_report {
@@ -82,12 +82,15 @@ static int child_main(void *arg) {
   if (a->syncfd >= 0) { /* wait for the parent's set-up (uid maps, cgroups) */
     char c;
     ssize_t n;
-    do n = read(a->syncfd, &c, 1); while (n < 0 && errno == EINTR);
+    do n = read(a->syncfd, &c, 1);
+    while (n < 0 && errno == EINTR);
     if (n != 1) _exit(127); /* the parent gave up */
     close(a->syncfd);
   }
-  if (r->new_session && setsid() < 0) child_fail(a, errno, "setsid");
-  else if (!r->new_session && r->new_pgroup && setpgid(0, 0) < 0) child_fail(a, errno, "setpgid");
+  if (r->new_session && setsid() < 0)
+    child_fail(a, errno, "setsid");
+  else if (!r->new_session && r->new_pgroup && setpgid(0, 0) < 0)
+    child_fail(a, errno, "setpgid");
   if (r->pdeathsig) {
     if (prctl(PR_SET_PDEATHSIG, r->pdeathsig) < 0) child_fail(a, errno, "prctl");
     if (getppid() != a->parent && !(r->clone_flags & CLONE_NEWPID)) _exit(127);
@@ -210,7 +213,8 @@ static uint64_t signals_to_reset(void) {
 
 static void reap_now(int pidfd) {
   siginfo_t si;
-  while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
+  while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {
+  }
 }
 
 static long spawn_vfork(child_args *a, int *pidfd) {
@@ -239,8 +243,8 @@ static long spawn_fork(const cl_spawn_req *req, child_args *a, int *pidfd, int s
   ca.exit_signal = SIGCHLD;
   long p = syscall(SYS_clone3, &ca, sizeof ca);
   if (p < 0 && errno == ENOSYS) /* old kernels, valgrind */
-    p = syscall(SYS_clone, (unsigned long)(CLONE_PIDFD | SIGCHLD) | req->clone_flags, NULL,
-                pidfd, NULL, NULL);
+    p = syscall(SYS_clone, (unsigned long)(CLONE_PIDFD | SIGCHLD) | req->clone_flags, NULL, pidfd,
+                NULL, NULL);
   if (p == 0) {
     close(ep_r);
     if (sp_w >= 0) close(sp_w);
@@ -338,11 +342,13 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
       close(fd);
       snprintf(err, errlen, "seccomp: handing over the notify fd: %s%s", strerror((int)-n),
                n == -EPROTO || n == -ETIMEDOUT ? " (does the filter let sendmsg and execve "
-                                                 "through?)" : "");
+                                                 "through?)"
+                                               : "");
       return (int)-n;
     }
   } else {
-    do n = read(ep[0], &msg, sizeof msg); while (n < 0 && errno == EINTR);
+    do n = read(ep[0], &msg, sizeof msg);
+    while (n < 0 && errno == EINTR);
   }
   close(ep[0]);
   if (n == (ssize_t)sizeof msg) { /* the child failed before exec and has exited */
@@ -392,7 +398,7 @@ int cl_find_executable(const char *name, const char *path_env, char *out, size_t
 typedef struct proc {
   pid_t pid;
   int pidfd;
-  int group;   /* the child leads a process group: kill the group on close */
+  int group; /* the child leads a process group: kill the group on close */
   int reaped;
   int closed;
   int code, signo, core;
@@ -417,7 +423,9 @@ static void ext_done(void *arg) {
   x->destroy(x);
 }
 
-static proc *check_proc(lua_State *L, int i) { return luaL_checkudata(L, i, PROC_MT); }
+static proc *check_proc(lua_State *L, int i) {
+  return luaL_checkudata(L, i, PROC_MT);
+}
 
 /* Reaps if the child has exited. Returns 1 when reaped (now or before). */
 static int try_reap_L(proc *p, lua_State *L) {
@@ -445,7 +453,6 @@ static int try_reap_L(proc *p, lua_State *L) {
   ext_reaped(p, L);
   return 1;
 }
-
 
 static void push_status(lua_State *L, proc *p) {
   lua_createtable(L, 0, 8);
@@ -502,8 +509,7 @@ static void proc_release(lua_State *L, proc *p) {
     }
   }
   /* The notify supervisor stops with the handle. */
-  if (lua_getiuservalue(L, 1, 4) == LUA_TUSERDATA && luaL_callmeta(L, -1, "__close"))
-    lua_pop(L, 1);
+  if (lua_getiuservalue(L, 1, 4) == LUA_TUSERDATA && luaL_callmeta(L, -1, "__close")) lua_pop(L, 1);
   lua_pop(L, 1);
   /* Pipes: close the streams the handle owns. */
   for (int i = 1; i <= 3; i++) {
@@ -603,8 +609,8 @@ static int l_tostring(lua_State *L) {
 }
 
 static const luaL_Reg methods[] = {
-  {"wait", l_wait},     {"kill", l_kill}, {"running", l_running},
-  {"status", l_status}, {"close", l_close}, {NULL, NULL},
+    {"wait", l_wait},     {"kill", l_kill},   {"running", l_running},
+    {"status", l_status}, {"close", l_close}, {NULL, NULL},
 };
 
 static int l_index(lua_State *L) {
@@ -653,12 +659,17 @@ static void parse_stdio(lua_State *L, int opts, const char *name, int slot, stdi
     sp->kind = 0;
   } else if (t == LUA_TSTRING) {
     const char *s = lua_tostring(L, -1);
-    if (strcmp(s, "inherit") == 0) sp->kind = 0;
-    else if (strcmp(s, "null") == 0) sp->kind = 1;
-    else if (strcmp(s, "pipe") == 0) sp->kind = 2;
-    else if (slot == 2 && strcmp(s, "stdout") == 0) sp->kind = 5;
+    if (strcmp(s, "inherit") == 0)
+      sp->kind = 0;
+    else if (strcmp(s, "null") == 0)
+      sp->kind = 1;
+    else if (strcmp(s, "pipe") == 0)
+      sp->kind = 2;
+    else if (slot == 2 && strcmp(s, "stdout") == 0)
+      sp->kind = 5;
     else {
-      const char *msg = lua_pushfstring(L, "\"inherit\", \"null\", \"pipe\"%s, a file, a stream, "
+      const char *msg = lua_pushfstring(L,
+                                        "\"inherit\", \"null\", \"pipe\"%s, a file, a stream, "
                                         "an fd or {path=, mode=} expected, got \"%s\"",
                                         slot == 2 ? ", \"stdout\"" : "", s);
       cl_field_error(L, name, msg);
@@ -671,8 +682,10 @@ static void parse_stdio(lua_State *L, int opts, const char *name, int slot, stdi
     luaL_Stream *f = luaL_testudata(L, -1, LUA_FILEHANDLE);
     cl_stream *s = luaL_testudata(L, -1, STREAM_MT);
     sp->kind = 3;
-    if (f && f->closef && f->f) sp->fd = fileno(f->f);
-    else if (s) sp->fd = cl_stream_fd(s);
+    if (f && f->closef && f->f)
+      sp->fd = fileno(f->f);
+    else if (s)
+      sp->fd = cl_stream_fd(s);
     if (sp->fd < 0) cl_field_error(L, name, "closed file or stream");
     if (f && f->f) fflush(f->f);
   } else if (t == LUA_TTABLE) {
@@ -684,13 +697,17 @@ static void parse_stdio(lua_State *L, int opts, const char *name, int slot, stdi
     lua_pop(L, 1);
     if (!sp->path) cl_field_error(L, name, "path missing");
     const char *mode = cl_opt_string(L, lua_gettop(L), "mode", slot == 0 ? "r" : "w");
-    if (strcmp(mode, "r") == 0) sp->flags = O_RDONLY;
-    else if (strcmp(mode, "w") == 0) sp->flags = O_WRONLY | O_CREAT | O_TRUNC;
-    else if (strcmp(mode, "a") == 0) sp->flags = O_WRONLY | O_CREAT | O_APPEND;
-    else cl_field_error(L, name, "mode must be \"r\", \"w\" or \"a\"");
+    if (strcmp(mode, "r") == 0)
+      sp->flags = O_RDONLY;
+    else if (strcmp(mode, "w") == 0)
+      sp->flags = O_WRONLY | O_CREAT | O_TRUNC;
+    else if (strcmp(mode, "a") == 0)
+      sp->flags = O_WRONLY | O_CREAT | O_APPEND;
+    else
+      cl_field_error(L, name, "mode must be \"r\", \"w\" or \"a\"");
   } else {
-    const char *msg = lua_pushfstring(L, "string, integer, file or table expected, got %s",
-                                      luaL_typename(L, -1));
+    const char *msg =
+        lua_pushfstring(L, "string, integer, file or table expected, got %s", luaL_typename(L, -1));
     cl_field_error(L, name, msg);
   }
   lua_pop(L, 1); /* strings stay anchored in the option table */
@@ -725,23 +742,29 @@ static char **build_env(lua_State *L, int opts) {
     const char *fname = src == 0 ? "env" : "env_add";
     lua_pushnil(L);
     while (lua_next(L, idx)) {
-      if (lua_type(L, -2) != LUA_TSTRING || (lua_type(L, -1) != LUA_TSTRING &&
-          lua_type(L, -1) != LUA_TNUMBER && lua_type(L, -1) != LUA_TBOOLEAN))
+      if (lua_type(L, -2) != LUA_TSTRING ||
+          (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER &&
+           lua_type(L, -1) != LUA_TBOOLEAN))
         cl_field_error(L, fname, "string keys with string values expected");
       size_t kl;
       const char *k = lua_tolstring(L, -2, &kl);
       if (kl == 0 || strchr(k, '=') || strlen(k) != kl)
         cl_field_error(L, fname, lua_pushfstring(L, "invalid variable name '%s'", k));
       lua_pushvalue(L, -2);
-      if (lua_type(L, -2) == LUA_TBOOLEAN && !lua_toboolean(L, -2)) lua_pushnil(L); /* unset */
-      else lua_pushstring(L, luaL_tolstring(L, -2, NULL)), lua_remove(L, -2);
+      if (lua_type(L, -2) == LUA_TBOOLEAN && !lua_toboolean(L, -2))
+        lua_pushnil(L); /* unset */
+      else
+        lua_pushstring(L, luaL_tolstring(L, -2, NULL)), lua_remove(L, -2);
       lua_rawset(L, merged);
       lua_pop(L, 1);
     }
   }
   size_t n = 0;
   lua_pushnil(L);
-  while (lua_next(L, merged)) { n++; lua_pop(L, 1); }
+  while (lua_next(L, merged)) {
+    n++;
+    lua_pop(L, 1);
+  }
   char **v = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 1);
   lua_newtable(L);
   size_t i = 0;
@@ -776,9 +799,9 @@ static int l_spawn(lua_State *L) {
 }
 
 int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
-  static const char *const fields[] = {"argv", "cwd", "env", "env_add", "stdin", "stdout",
-                                       "stderr", "group", "session", "pdeathsig", "name",
-                                       "seccomp", "fds", NULL};
+  static const char *const fields[] = {"argv",   "cwd",     "env",   "env_add", "stdin",
+                                       "stdout", "stderr",  "group", "session", "pdeathsig",
+                                       "name",   "seccomp", "fds",   NULL};
   opts = lua_absindex(L, opts);
   luaL_checktype(L, opts, LUA_TTABLE);
   /* Unknown fields: ours plus the caller's. */
@@ -810,8 +833,10 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   int session = cl_opt_boolean(L, opts, "session", 0);
   int pdeath = SIGKILL;
   if (lua_getfield(L, opts, "pdeathsig") != LUA_TNIL) {
-    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) pdeath = 0;
-    else if ((pdeath = cl_signal_number(L, -1)) < 0) cl_field_error(L, "pdeathsig", "unknown signal");
+    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1))
+      pdeath = 0;
+    else if ((pdeath = cl_signal_number(L, -1)) < 0)
+      cl_field_error(L, "pdeathsig", "unknown signal");
   }
   lua_pop(L, 1);
   stdio_spec sp[3];
@@ -862,10 +887,10 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   }
   if (cwd && !in_jail) {
     struct stat st;
-    if (stat(cwd, &st) < 0) return cl_failf(L, errno, "spawn %s: cwd %s: %s", argv[0], cwd,
-                                            strerror(errno));
-    if (!S_ISDIR(st.st_mode)) return cl_failf(L, ENOTDIR, "spawn %s: cwd %s: not a directory",
-                                              argv[0], cwd);
+    if (stat(cwd, &st) < 0)
+      return cl_failf(L, errno, "spawn %s: cwd %s: %s", argv[0], cwd, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+      return cl_failf(L, ENOTDIR, "spawn %s: cwd %s: not a directory", argv[0], cwd);
   }
 
   /* The handle exists before any fd, so every later failure has an owner to release. */
@@ -895,22 +920,36 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   const char *what = "pipe";
   for (int i = 0; i < 3 && !err; i++) {
     switch (sp[i].kind) {
-    case 0: child_fd[i] = -2; break;
-    case 1: child_fd[i] = -1; break;
+    case 0:
+      child_fd[i] = -2;
+      break;
+    case 1:
+      child_fd[i] = -1;
+      break;
     case 2: {
       int pp[2];
-      if (pipe2(pp, O_CLOEXEC) < 0) { err = errno; break; }
+      if (pipe2(pp, O_CLOEXEC) < 0) {
+        err = errno;
+        break;
+      }
       parent_fd[i] = i == 0 ? pp[1] : pp[0];
       child_fd[i] = i == 0 ? pp[0] : pp[1];
       opened[i] = child_fd[i];
       break;
     }
-    case 3: child_fd[i] = sp[i].fd; break;
+    case 3:
+      child_fd[i] = sp[i].fd;
+      break;
     case 4:
       opened[i] = child_fd[i] = open(sp[i].path, sp[i].flags | O_CLOEXEC, 0644);
-      if (opened[i] < 0) { err = errno; what = sp[i].path; }
+      if (opened[i] < 0) {
+        err = errno;
+        what = sp[i].path;
+      }
       break;
-    case 5: child_fd[i] = child_fd[1] == -2 ? 1 : child_fd[1]; break;
+    case 5:
+      child_fd[i] = child_fd[1] == -2 ? 1 : child_fd[1];
+      break;
     }
   }
   if (!err) {
@@ -1014,8 +1053,10 @@ static int l_diagnostics(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  {"spawn", l_spawn}, {"find_executable", l_find_executable},
-  {"diagnostics", l_diagnostics}, {NULL, NULL},
+    {"spawn", l_spawn},
+    {"find_executable", l_find_executable},
+    {"diagnostics", l_diagnostics},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_proc(lua_State *L) {

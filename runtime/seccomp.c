@@ -12,41 +12,41 @@
  */
 #include "clawlua.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <netinet/in.h>
 #include <poll.h>
-#include <signal.h>
-#include <sys/epoll.h>
 #include <seccomp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #define FILTER_MT "clawlua.seccomp.filter"
-#define PREP_MT "clawlua.seccomp.prepared"
-#define SUPER_MT "clawlua.seccomp.supervisor"
+#define PREP_MT   "clawlua.seccomp.prepared"
+#define SUPER_MT  "clawlua.seccomp.supervisor"
 
-#define MAX_RULES 16384
-#define MAX_ARCH 4
-#define MAX_PENDING_LIMIT 4096
-#define DEFAULT_MAX_PENDING 64
+#define MAX_RULES              16384
+#define MAX_ARCH               4
+#define MAX_PENDING_LIMIT      4096
+#define DEFAULT_MAX_PENDING    64
 #define DEFAULT_NOTIFY_TIMEOUT 5.0
-#define HANDOFF_TIMEOUT_MS 10000
-#define MAX_READ_STRING 4096
-#define MAX_SOCKADDR 128
+#define HANDOFF_TIMEOUT_MS     10000
+#define MAX_READ_STRING        4096
+#define MAX_SOCKADDR           128
 
 static const char SV_KEY = 'S'; /* registry: supervisor pointer -> userdata (weak) */
 
@@ -66,13 +66,13 @@ static const struct {
   const char *name;
   int nr;
 } extra_syscalls[] = {
-  {"cachestat", 451},        {"fchmodat2", 452},         {"map_shadow_stack", 453},
-  {"futex_wake", 454},       {"futex_wait", 455},        {"futex_requeue", 456},
-  {"statmount", 457},        {"listmount", 458},         {"lsm_get_self_attr", 459},
-  {"lsm_set_self_attr", 460}, {"lsm_list_modules", 461}, {"mseal", 462},
-  {"setxattrat", 463},       {"getxattrat", 464},        {"listxattrat", 465},
-  {"removexattrat", 466},    {"open_tree_attr", 467},    {"file_getattr", 468},
-  {"file_setattr", 469},     {"uretprobe", 335},
+    {"cachestat", 451},         {"fchmodat2", 452},        {"map_shadow_stack", 453},
+    {"futex_wake", 454},        {"futex_wait", 455},       {"futex_requeue", 456},
+    {"statmount", 457},         {"listmount", 458},        {"lsm_get_self_attr", 459},
+    {"lsm_set_self_attr", 460}, {"lsm_list_modules", 461}, {"mseal", 462},
+    {"setxattrat", 463},        {"getxattrat", 464},       {"listxattrat", 465},
+    {"removexattrat", 466},     {"open_tree_attr", 467},   {"file_getattr", 468},
+    {"file_setattr", 469},      {"uretprobe", 335},
 };
 
 static int extra_nr(const char *name) {
@@ -107,12 +107,18 @@ static uint32_t arch_token(const char *name) {
 
 static const char *arch_name(uint32_t tok) {
   switch (tok) {
-  case SCMP_ARCH_X86_64: return "x86_64";
-  case SCMP_ARCH_X86: return "x86";
-  case SCMP_ARCH_X32: return "x32";
-  case SCMP_ARCH_AARCH64: return "aarch64";
-  case SCMP_ARCH_ARM: return "arm";
-  default: return "other";
+  case SCMP_ARCH_X86_64:
+    return "x86_64";
+  case SCMP_ARCH_X86:
+    return "x86";
+  case SCMP_ARCH_X32:
+    return "x32";
+  case SCMP_ARCH_AARCH64:
+    return "aarch64";
+  case SCMP_ARCH_ARM:
+    return "arm";
+  default:
+    return "other";
   }
 }
 
@@ -157,8 +163,10 @@ static uint32_t parse_action(lua_State *L, int idx, const char *field) {
       if (end != s + 6 && strcmp(end, ")") == 0 && n >= 0 && n < 4096)
         return SCMP_ACT_ERRNO((uint32_t)n);
     }
-    const char *msg = lua_pushfstring(L, "unknown action '%s' (allow, errno, errno(N), "
-                                      "kill_process, kill_thread, trap, log, notify)", s);
+    const char *msg = lua_pushfstring(L,
+                                      "unknown action '%s' (allow, errno, errno(N), "
+                                      "kill_process, kill_thread, trap, log, notify)",
+                                      s);
     cl_field_error(L, field, msg);
   }
   if (lua_istable(L, idx)) {
@@ -184,15 +192,33 @@ static uint32_t parse_action(lua_State *L, int idx, const char *field) {
 
 static void push_action(lua_State *L, uint32_t a) {
   switch (a & SECCOMP_RET_ACTION_FULL) {
-  case SCMP_ACT_ALLOW: lua_pushliteral(L, "allow"); return;
-  case SCMP_ACT_KILL_PROCESS: lua_pushliteral(L, "kill_process"); return;
-  case SCMP_ACT_KILL_THREAD: lua_pushliteral(L, "kill_thread"); return;
-  case SCMP_ACT_TRAP: lua_pushliteral(L, "trap"); return;
-  case SCMP_ACT_LOG: lua_pushliteral(L, "log"); return;
-  case SCMP_ACT_NOTIFY: lua_pushliteral(L, "notify"); return;
-  case SECCOMP_RET_ERRNO: lua_pushfstring(L, "errno(%d)", (int)(a & SECCOMP_RET_DATA)); return;
-  case SECCOMP_RET_TRACE: lua_pushfstring(L, "trace(%d)", (int)(a & SECCOMP_RET_DATA)); return;
-  default: lua_pushliteral(L, "?"); return;
+  case SCMP_ACT_ALLOW:
+    lua_pushliteral(L, "allow");
+    return;
+  case SCMP_ACT_KILL_PROCESS:
+    lua_pushliteral(L, "kill_process");
+    return;
+  case SCMP_ACT_KILL_THREAD:
+    lua_pushliteral(L, "kill_thread");
+    return;
+  case SCMP_ACT_TRAP:
+    lua_pushliteral(L, "trap");
+    return;
+  case SCMP_ACT_LOG:
+    lua_pushliteral(L, "log");
+    return;
+  case SCMP_ACT_NOTIFY:
+    lua_pushliteral(L, "notify");
+    return;
+  case SECCOMP_RET_ERRNO:
+    lua_pushfstring(L, "errno(%d)", (int)(a & SECCOMP_RET_DATA));
+    return;
+  case SECCOMP_RET_TRACE:
+    lua_pushfstring(L, "trace(%d)", (int)(a & SECCOMP_RET_DATA));
+    return;
+  default:
+    lua_pushliteral(L, "?");
+    return;
   }
 }
 
@@ -213,8 +239,8 @@ typedef struct filter {
   int narch;
   int optimize;
   int log;
-  int notify;       /* some rule notifies */
-  int strict;       /* unknown syscall names raise (else reported) */
+  int notify; /* some rule notifies */
+  int strict; /* unknown syscall names raise (else reported) */
   rule *rules;
   size_t nrules, cap;
   size_t redundant; /* rules whose action is the default: nothing to add */
@@ -298,8 +324,10 @@ static scmp_filter_ctx build_ctx(const filter *f, char *err, size_t errlen) {
   uint32_t others[MAX_ARCH];
   int nothers = 0, with_native = 0;
   for (int i = 0; i < f->narch; i++) {
-    if (f->arches[i] == native) with_native = 1;
-    else others[nothers++] = f->arches[i];
+    if (f->arches[i] == native)
+      with_native = 1;
+    else
+      others[nothers++] = f->arches[i];
   }
   size_t bad = 0;
   int rc;
@@ -325,8 +353,10 @@ static scmp_filter_ctx build_ctx(const filter *f, char *err, size_t errlen) {
   }
   rc = add_rules(f, a, 1, &bad);
   if (rc == 0) rc = add_rules(f, b, 0, &bad);
-  if (rc == 0) rc = seccomp_merge(a, b);
-  else seccomp_release(b);
+  if (rc == 0)
+    rc = seccomp_merge(a, b);
+  else
+    seccomp_release(b);
   if (rc < 0) {
     seccomp_release(a);
     if (rc != -EEXIST) goto rule_fail; /* merge failures report below as well */
@@ -434,21 +464,29 @@ static void parse_args(lua_State *L, int idx, rule *r, const char *where) {
     /* stack: index, op, a, b */
     index = lua_tointegerx(L, c + 1, &ok);
     if (!ok || index < 0 || index > 5)
-      cl_field_error(L, fname, lua_pushfstring(L, "argument index 0..5 expected, got %s",
-                                               luaL_tolstring(L, c + 1, NULL)));
+      cl_field_error(L, fname,
+                     lua_pushfstring(L, "argument index 0..5 expected, got %s",
+                                     luaL_tolstring(L, c + 1, NULL)));
     op = lua_tostring(L, c + 2);
     if (!op) op = "==";
     enum scmp_compare cmp;
-    if (!strcmp(op, "==") || !strcmp(op, "eq")) cmp = SCMP_CMP_EQ;
-    else if (!strcmp(op, "!=") || !strcmp(op, "~=") || !strcmp(op, "ne")) cmp = SCMP_CMP_NE;
-    else if (!strcmp(op, "<") || !strcmp(op, "lt")) cmp = SCMP_CMP_LT;
-    else if (!strcmp(op, "<=") || !strcmp(op, "le")) cmp = SCMP_CMP_LE;
-    else if (!strcmp(op, ">") || !strcmp(op, "gt")) cmp = SCMP_CMP_GT;
-    else if (!strcmp(op, ">=") || !strcmp(op, "ge")) cmp = SCMP_CMP_GE;
-    else if (!strcmp(op, "&==") || !strcmp(op, "masked_eq")) cmp = SCMP_CMP_MASKED_EQ;
+    if (!strcmp(op, "==") || !strcmp(op, "eq"))
+      cmp = SCMP_CMP_EQ;
+    else if (!strcmp(op, "!=") || !strcmp(op, "~=") || !strcmp(op, "ne"))
+      cmp = SCMP_CMP_NE;
+    else if (!strcmp(op, "<") || !strcmp(op, "lt"))
+      cmp = SCMP_CMP_LT;
+    else if (!strcmp(op, "<=") || !strcmp(op, "le"))
+      cmp = SCMP_CMP_LE;
+    else if (!strcmp(op, ">") || !strcmp(op, "gt"))
+      cmp = SCMP_CMP_GT;
+    else if (!strcmp(op, ">=") || !strcmp(op, "ge"))
+      cmp = SCMP_CMP_GE;
+    else if (!strcmp(op, "&==") || !strcmp(op, "masked_eq"))
+      cmp = SCMP_CMP_MASKED_EQ;
     else
-      cl_field_error(L, fname, lua_pushfstring(L, "unknown op '%s' (==, !=, <, <=, >, >=, &==)",
-                                               op));
+      cl_field_error(L, fname,
+                     lua_pushfstring(L, "unknown op '%s' (==, !=, <, <=, >, >=, &==)", op));
     /* Values are 64-bit: negative Lua integers are their two's complement. */
     lua_Integer a, b = 0;
     if (positional) {
@@ -470,8 +508,11 @@ static void parse_args(lua_State *L, int idx, rule *r, const char *where) {
     }
     for (unsigned k = 0; k < r->nargs; k++)
       if (r->args[k].arg == (unsigned)index)
-        cl_field_error(L, fname, lua_pushfstring(L, "argument %I compared twice in one rule "
-                                                 "(use two rules)", index));
+        cl_field_error(L, fname,
+                       lua_pushfstring(L,
+                                       "argument %I compared twice in one rule "
+                                       "(use two rules)",
+                                       index));
     struct scmp_arg_cmp *ac = &r->args[r->nargs++];
     ac->arg = (unsigned)index;
     ac->op = cmp;
@@ -552,10 +593,13 @@ static void add_rule(lua_State *L, filter *f, int idx, lua_Integer pos, int repo
     if (strlen(name) >= sizeof proto.name || !known_syscall(f, name, &extra)) {
       if (f->strict || report == 0) {
         const char *fld = count > 1 || lua_getfield(L, idx, "syscalls") != LUA_TNIL
-                            ? lua_pushfstring(L, "%s.syscalls[%d]", where, i)
-                            : lua_pushfstring(L, "%s.syscall", where);
-        cl_field_error(L, fld, lua_pushfstring(L, "unknown syscall '%s' on this filter's "
-                                               "architectures", name));
+                              ? lua_pushfstring(L, "%s.syscalls[%d]", where, i)
+                              : lua_pushfstring(L, "%s.syscall", where);
+        cl_field_error(L, fld,
+                       lua_pushfstring(L,
+                                       "unknown syscall '%s' on this filter's "
+                                       "architectures",
+                                       name));
       }
       lua_pushfstring(L, "%s (%s)", name, where);
       lua_rawseti(L, report, (lua_Integer)lua_rawlen(L, report) + 1);
@@ -580,8 +624,8 @@ static void add_rule(lua_State *L, filter *f, int idx, lua_Integer pos, int repo
 /* Lua: seccomp.filter{default=, rules={...}, arches={"native"}, optimize=1|2, log=false,
  * strict=true, handler=fn, notify_timeout=5, max_pending=64} -> filter */
 static int l_filter(lua_State *L) {
-  static const char *const fields[] = {"default", "rules", "arches", "optimize", "log", "strict",
-                                       "handler", "notify_timeout", "max_pending", NULL};
+  static const char *const fields[] = {"default", "rules",   "arches",         "optimize",    "log",
+                                       "strict",  "handler", "notify_timeout", "max_pending", NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   cl_check_fields(L, 1, fields);
@@ -734,9 +778,11 @@ static int l_filter_close(lua_State *L) {
 
 static int l_filter_tostring(lua_State *L) {
   filter *f = luaL_checkudata(L, 1, FILTER_MT);
-  if (f->closed) lua_pushliteral(L, "clawlua.seccomp.filter (closed)");
-  else lua_pushfstring(L, "clawlua.seccomp.filter (%d rules, %d instructions)", (int)f->nrules,
-                       (int)f->ninsn);
+  if (f->closed)
+    lua_pushliteral(L, "clawlua.seccomp.filter (closed)");
+  else
+    lua_pushfstring(L, "clawlua.seccomp.filter (%d rules, %d instructions)", (int)f->nrules,
+                    (int)f->ninsn);
   return 1;
 }
 
@@ -766,11 +812,11 @@ static int l_firecracker_file(lua_State *L) {
   luaL_buffinit(L, &b);
   uint64_t cnt = (uint64_t)n;
   unsigned char le[8];
-#define PUT_U64(v)                                                                               \
-  do {                                                                                          \
-    uint64_t v_ = (v);                                                                          \
-    for (int k_ = 0; k_ < 8; k_++) le[k_] = (unsigned char)(v_ >> (8 * k_));                    \
-    luaL_addlstring(&b, (const char *)le, 8);                                                   \
+#define PUT_U64(v)                                                                                 \
+  do {                                                                                             \
+    uint64_t v_ = (v);                                                                             \
+    for (int k_ = 0; k_ < 8; k_++) le[k_] = (unsigned char)(v_ >> (8 * k_));                       \
+    luaL_addlstring(&b, (const char *)le, 8);                                                      \
   } while (0)
   PUT_U64(cnt);
   for (int i = 1; i <= n; i++) {
@@ -787,10 +833,14 @@ static int l_firecracker_file(lua_State *L) {
     PUT_U64(f->ninsn);
     for (size_t k = 0; k < f->ninsn; k++) {
       const struct sock_filter *s = &f->bpf[k];
-      unsigned char ins[8] = {(unsigned char)(s->code & 0xff), (unsigned char)(s->code >> 8),
-                              s->jt, s->jf, (unsigned char)(s->k & 0xff),
+      unsigned char ins[8] = {(unsigned char)(s->code & 0xff),
+                              (unsigned char)(s->code >> 8),
+                              s->jt,
+                              s->jf,
+                              (unsigned char)(s->k & 0xff),
                               (unsigned char)((s->k >> 8) & 0xff),
-                              (unsigned char)((s->k >> 16) & 0xff), (unsigned char)(s->k >> 24)};
+                              (unsigned char)((s->k >> 16) & 0xff),
+                              (unsigned char)(s->k >> 24)};
       luaL_addlstring(&b, (const char *)ins, 8);
     }
   }
@@ -833,9 +883,9 @@ struct cl_seccomp_prog {
   struct sock_fprog prog;
   unsigned int flags;
   int notify;
-  int sock[2];       /* notify: the child hands the listener over sock[1] */
-  int listener;      /* parent: the listener, once received */
-  int carry_valid;   /* a notification received during the hand-off that belongs to the program */
+  int sock[2];     /* notify: the child hands the listener over sock[1] */
+  int listener;    /* parent: the listener, once received */
+  int carry_valid; /* a notification received during the hand-off that belongs to the program */
   struct seccomp_notif carry;
   double timeout;
   int max_pending;
@@ -876,7 +926,9 @@ cl_seccomp_prog *cl_seccomp_prepare(lua_State *L, int idx) {
   return p;
 }
 
-int cl_seccomp_prog_notifies(const cl_seccomp_prog *p) { return p->notify; }
+int cl_seccomp_prog_notifies(const cl_seccomp_prog *p) {
+  return p->notify;
+}
 
 /* In the child, last before exec: async-signal-safe. */
 int cl_seccomp_child_install(cl_seccomp_prog *p, const char **stage) {
@@ -973,8 +1025,9 @@ ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t 
         if (p->listener >= 0) cl_set_nonblock(p->listener, 1);
       }
       ssize_t r;
-      do r = read(errfd, buf, len); while (r < 0 && errno == EINTR);
-      if (r > 0) kill(pid, SIGKILL); /* failed before exec: it may be stuck in a notified exit */
+      do r = read(errfd, buf, len);
+      while (r < 0 && errno == EINTR);
+      if (r > 0) kill(pid, SIGKILL);   /* failed before exec: it may be stuck in a notified exit */
       if (r == 0 && p->listener < 0) { /* exec'd without handing over: cannot supervise */
         kill(pid, SIGKILL);
         return -EPROTO;
@@ -1018,9 +1071,9 @@ typedef struct supervisor supervisor;
 typedef struct pending {
   supervisor *sv;
   uint64_t id;
-  uint64_t gen;   /* bumped whenever the slot is answered, so a late handler cannot reuse it */
+  uint64_t gen; /* bumped whenever the slot is answered, so a late handler cannot reuse it */
   int busy;
-  int task_ref;   /* registry ref to the handler task */
+  int task_ref; /* registry ref to the handler task */
   pid_t pid;
   char syscall[48];
   double started;
@@ -1046,8 +1099,10 @@ static void respond(supervisor *sv, uint64_t id, int allow, int err) {
   struct seccomp_notif_resp resp;
   memset(&resp, 0, sizeof resp);
   resp.id = id;
-  if (allow) resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
-  else resp.error = -err;
+  if (allow)
+    resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+  else
+    resp.error = -err;
   if (sv->fd >= 0) ioctl(sv->fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
 }
 
@@ -1092,8 +1147,10 @@ static void slot_finish(pending *pd) {
 static void decide(pending *pd, int allow, int err, const char *reason) {
   supervisor *sv = pd->sv;
   respond(sv, pd->id, allow, err);
-  if (allow) sv->allowed++;
-  else sv->denied++;
+  if (allow)
+    sv->allowed++;
+  else
+    sv->denied++;
   if (!sv->finalizing) audit_decision(sv, pd, allow ? "allow" : "deny", allow ? 0 : err, reason);
   slot_finish(pd);
 }
@@ -1152,8 +1209,10 @@ static void push_remote_string(lua_State *L, pid_t pid, uint64_t addr) {
     }
     got += (size_t)n;
   }
-  if (got == 0) lua_pushnil(L);
-  else lua_pushlstring(L, buf, got); /* cut at the bound */
+  if (got == 0)
+    lua_pushnil(L);
+  else
+    lua_pushlstring(L, buf, got); /* cut at the bound */
 }
 
 static void push_sockaddr(lua_State *L, pid_t pid, uint64_t addr, uint64_t len) {
@@ -1222,21 +1281,21 @@ static const struct {
   const char *name;
   signed char path1, path2, sa, salen;
 } arg_kinds[] = {
-  {"open", 0, -1, -1, -1},       {"openat", 1, -1, -1, -1},     {"openat2", 1, -1, -1, -1},
-  {"creat", 0, -1, -1, -1},      {"stat", 0, -1, -1, -1},       {"lstat", 0, -1, -1, -1},
-  {"newfstatat", 1, -1, -1, -1}, {"statx", 1, -1, -1, -1},      {"access", 0, -1, -1, -1},
-  {"faccessat", 1, -1, -1, -1},  {"faccessat2", 1, -1, -1, -1}, {"execve", 0, -1, -1, -1},
-  {"execveat", 1, -1, -1, -1},   {"mkdir", 0, -1, -1, -1},      {"mkdirat", 1, -1, -1, -1},
-  {"rmdir", 0, -1, -1, -1},      {"unlink", 0, -1, -1, -1},     {"unlinkat", 1, -1, -1, -1},
-  {"rename", 0, 1, -1, -1},      {"renameat", 1, 3, -1, -1},    {"renameat2", 1, 3, -1, -1},
-  {"link", 0, 1, -1, -1},        {"linkat", 1, 3, -1, -1},      {"symlink", 0, 1, -1, -1},
-  {"symlinkat", 0, 2, -1, -1},   {"readlink", 0, -1, -1, -1},   {"readlinkat", 1, -1, -1, -1},
-  {"chmod", 0, -1, -1, -1},      {"fchmodat", 1, -1, -1, -1},   {"chown", 0, -1, -1, -1},
-  {"lchown", 0, -1, -1, -1},     {"fchownat", 1, -1, -1, -1},   {"truncate", 0, -1, -1, -1},
-  {"chdir", 0, -1, -1, -1},      {"chroot", 0, -1, -1, -1},     {"mount", 0, 1, -1, -1},
-  {"umount2", 0, -1, -1, -1},    {"utimensat", 1, -1, -1, -1},  {"mknod", 0, -1, -1, -1},
-  {"mknodat", 1, -1, -1, -1},    {"statfs", 0, -1, -1, -1},     {"pivot_root", 0, 1, -1, -1},
-  {"connect", -1, -1, 1, 2},     {"bind", -1, -1, 1, 2},        {"sendto", -1, -1, 4, 5},
+    {"open", 0, -1, -1, -1},       {"openat", 1, -1, -1, -1},     {"openat2", 1, -1, -1, -1},
+    {"creat", 0, -1, -1, -1},      {"stat", 0, -1, -1, -1},       {"lstat", 0, -1, -1, -1},
+    {"newfstatat", 1, -1, -1, -1}, {"statx", 1, -1, -1, -1},      {"access", 0, -1, -1, -1},
+    {"faccessat", 1, -1, -1, -1},  {"faccessat2", 1, -1, -1, -1}, {"execve", 0, -1, -1, -1},
+    {"execveat", 1, -1, -1, -1},   {"mkdir", 0, -1, -1, -1},      {"mkdirat", 1, -1, -1, -1},
+    {"rmdir", 0, -1, -1, -1},      {"unlink", 0, -1, -1, -1},     {"unlinkat", 1, -1, -1, -1},
+    {"rename", 0, 1, -1, -1},      {"renameat", 1, 3, -1, -1},    {"renameat2", 1, 3, -1, -1},
+    {"link", 0, 1, -1, -1},        {"linkat", 1, 3, -1, -1},      {"symlink", 0, 1, -1, -1},
+    {"symlinkat", 0, 2, -1, -1},   {"readlink", 0, -1, -1, -1},   {"readlinkat", 1, -1, -1, -1},
+    {"chmod", 0, -1, -1, -1},      {"fchmodat", 1, -1, -1, -1},   {"chown", 0, -1, -1, -1},
+    {"lchown", 0, -1, -1, -1},     {"fchownat", 1, -1, -1, -1},   {"truncate", 0, -1, -1, -1},
+    {"chdir", 0, -1, -1, -1},      {"chroot", 0, -1, -1, -1},     {"mount", 0, 1, -1, -1},
+    {"umount2", 0, -1, -1, -1},    {"utimensat", 1, -1, -1, -1},  {"mknod", 0, -1, -1, -1},
+    {"mknodat", 1, -1, -1, -1},    {"statfs", 0, -1, -1, -1},     {"pivot_root", 0, 1, -1, -1},
+    {"connect", -1, -1, 1, 2},     {"bind", -1, -1, 1, 2},        {"sendto", -1, -1, 4, 5},
 };
 
 static int traceback(lua_State *L) {
@@ -1275,8 +1334,10 @@ static int handler_task_k(lua_State *L, int status, lua_KContext ctx) {
     decide(pd, 0, (int)lua_tointeger(L, -1), "handler");
   } else {
     sv->errors++;
-    fprintf(stderr, "clawlua: seccomp notify handler returned %s; \"allow\", \"deny\" or an "
-                    "errno expected: denied\n", luaL_typename(L, -1));
+    fprintf(stderr,
+            "clawlua: seccomp notify handler returned %s; \"allow\", \"deny\" or an "
+            "errno expected: denied\n",
+            luaL_typename(L, -1));
     decide(pd, 0, EPERM, "bad handler result");
   }
   return 0;
@@ -1299,7 +1360,10 @@ static void handle_notification(supervisor *sv, struct seccomp_notif *req, int h
   sv->received++;
   int slot = -1;
   for (int i = 0; i < sv->max_pending; i++)
-    if (!sv->slots[i].busy) { slot = i; break; }
+    if (!sv->slots[i].busy) {
+      slot = i;
+      break;
+    }
   char *name = seccomp_syscall_resolve_num_arch(req->data.arch, req->data.nr);
   char sname[48];
   snprintf(sname, sizeof sname, "%s", name ? name : "?");
@@ -1328,7 +1392,8 @@ static void handle_notification(supervisor *sv, struct seccomp_notif *req, int h
   lua_pushinteger(L, req->data.nr);
   lua_setfield(L, ev, "nr");
   lua_pushstring(L, req->data.arch == AUDIT_ARCH_X86_64 ? "x86_64"
-                    : req->data.arch == AUDIT_ARCH_I386 ? "x86" : "other");
+                    : req->data.arch == AUDIT_ARCH_I386 ? "x86"
+                                                        : "other");
   lua_setfield(L, ev, "arch");
   lua_pushinteger(L, (lua_Integer)req->id);
   lua_setfield(L, ev, "id");
@@ -1493,10 +1558,10 @@ void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *san
 static int l_sv_stats(lua_State *L) {
   supervisor *sv = check_supervisor(L, 1);
   lua_createtable(L, 0, 9);
-  lua_Integer v[] = {sv->received, sv->allowed, sv->denied, sv->timeouts, sv->errors,
-                     sv->overloaded, sv->stale, sv->npending};
-  const char *n[] = {"received", "allowed", "denied", "timeouts", "errors", "overloaded", "stale",
-                     "pending"};
+  lua_Integer v[] = {sv->received, sv->allowed,    sv->denied, sv->timeouts,
+                     sv->errors,   sv->overloaded, sv->stale,  sv->npending};
+  const char *n[] = {"received", "allowed",    "denied", "timeouts",
+                     "errors",   "overloaded", "stale",  "pending"};
   for (size_t i = 0; i < CL_ARRAY_LEN(v); i++) {
     lua_pushinteger(L, v[i]);
     lua_setfield(L, -2, n[i]);
@@ -1521,16 +1586,21 @@ static int l_sv_fd(lua_State *L) {
 /* ------------------------------------------------------------------------------------------ */
 
 static const luaL_Reg filter_methods[] = {
-  {"bpf", l_bpf}, {"pfc", l_pfc}, {"info", l_info}, {"close", l_filter_close}, {NULL, NULL},
+    {"bpf", l_bpf}, {"pfc", l_pfc}, {"info", l_info}, {"close", l_filter_close}, {NULL, NULL},
 };
 
 static const luaL_Reg sv_methods[] = {
-  {"stats", l_sv_stats}, {"close", l_sv_close}, {"fd", l_sv_fd}, {NULL, NULL},
+    {"stats", l_sv_stats},
+    {"close", l_sv_close},
+    {"fd", l_sv_fd},
+    {NULL, NULL},
 };
 
 static const luaL_Reg funcs[] = {
-  {"filter", l_filter}, {"firecracker_file", l_firecracker_file}, {"resolve", l_resolve},
-  {NULL, NULL},
+    {"filter", l_filter},
+    {"firecracker_file", l_firecracker_file},
+    {"resolve", l_resolve},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_seccomp(lua_State *L) {
@@ -1575,7 +1645,7 @@ int luaopen_clawlua_seccomp(lua_State *L) {
   /* Whether this kernel (or emulator: valgrind has no seccomp) takes filters with notify. */
   uint32_t act = SECCOMP_RET_USER_NOTIF;
   lua_pushboolean(L, syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, &act) == 0 &&
-                       seccomp_api_get() >= 6);
+                         seccomp_api_get() >= 6);
   lua_setfield(L, -2, "available");
   return 1;
 }

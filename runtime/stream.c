@@ -8,18 +8,18 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <stdio.h>
 #include <unistd.h>
 
-#define STREAM_MT "clawlua.stream"
-#define CHUNK 65536
+#define STREAM_MT        "clawlua.stream"
+#define CHUNK            65536
 #define DEFAULT_MAX_LINE ((size_t)1 << 20)
-#define DEFAULT_MAX_ALL ((size_t)64 << 20)
+#define DEFAULT_MAX_ALL  ((size_t)64 << 20)
 
 int cl_entry_redirect(lua_State *L, const char *name);
 
@@ -29,7 +29,7 @@ struct cl_stream {
   int own;           /* close fd with the stream (a borrowed fd is watched through a dup) */
   int restore_flags; /* file status flags to put back on close (borrowed fds), or -1 */
   int closed, eof;
-  int skipping;      /* dropping the rest of an over-long line */
+  int skipping; /* dropping the rest of an over-long line */
   cl_watch watch;
   char *buf;
   size_t off, len, cap;
@@ -44,7 +44,9 @@ static cl_stream *check_stream(lua_State *L) {
   return s;
 }
 
-int cl_stream_fd(cl_stream *s) { return s->closed ? -1 : s->fd; }
+int cl_stream_fd(cl_stream *s) {
+  return s->closed ? -1 : s->fd;
+}
 
 static void stream_release(cl_stream *s) {
   if (s->closed) return;
@@ -233,15 +235,16 @@ static int do_read_line(lua_State *L, cl_stream *s) {
       if (nl) {
         s->off += (size_t)(nl - start) + 1;
         s->skipping = 0;
-        return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes (skipped)",
-                        s->name, (lua_Integer)max);
+        return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes (skipped)", s->name,
+                        (lua_Integer)max);
       }
       s->off = s->len = 0; /* drop what we have of the long line */
     } else if (nl) {
       size_t n = (size_t)(nl - start);
       s->off += n + 1;
-      if (n > max) return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes",
-                                   s->name, (lua_Integer)max);
+      if (n > max)
+        return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes", s->name,
+                        (lua_Integer)max);
       if (n > 0 && start[n - 1] == '\r') n--;
       lua_pushlstring(L, start, n);
       return 1;
@@ -259,8 +262,8 @@ static int do_read_line(lua_State *L, cl_stream *s) {
     if (r == -2) return cl_fail(L, "read_line", errno);
     if (r == 0 && s->skipping) {
       s->skipping = 0;
-      return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes (skipped)",
-                      s->name, (lua_Integer)max);
+      return cl_failf(L, E2BIG, "read_line %s: line longer than %I bytes (skipped)", s->name,
+                      (lua_Integer)max);
     }
   }
 }
@@ -293,7 +296,8 @@ static int do_read_all(lua_State *L, cl_stream *s) {
     if (r == -2) return cl_fail(L, "read_all", errno);
   }
   size_t avail = s->len - s->off;
-  if (avail > max) return cl_failf(L, E2BIG, "read_all %s: more than %I bytes", s->name, (lua_Integer)max);
+  if (avail > max)
+    return cl_failf(L, E2BIG, "read_all %s: more than %I bytes", s->name, (lua_Integer)max);
   lua_pushlstring(L, s->buf ? s->buf + s->off : "", avail);
   s->off = s->len = 0;
   return 1;
@@ -320,7 +324,6 @@ static int write_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = lua_touserdata(L, (int)ctx);
   return write_wait_progress(L, s, (size_t)w->aux[0]);
 }
-
 
 /* Lua: s:write(data, ...) writes everything -> true | nil, err, code */
 static int l_write(lua_State *L) {
@@ -417,8 +420,10 @@ static int l_buffered(lua_State *L) {
 
 static int l_tostring(lua_State *L) {
   cl_stream *s = luaL_checkudata(L, 1, STREAM_MT);
-  if (s->closed) lua_pushfstring(L, "clawlua.stream (%s, closed)", s->name);
-  else lua_pushfstring(L, "clawlua.stream (%s, fd %d)", s->name, s->fd);
+  if (s->closed)
+    lua_pushfstring(L, "clawlua.stream (%s, closed)", s->name);
+  else
+    lua_pushfstring(L, "clawlua.stream (%s, fd %d)", s->name, s->fd);
   return 1;
 }
 
@@ -528,7 +533,8 @@ static int l_connect_unix(lua_State *L) {
   if (!s) return cl_fail(L, "connect", errno);
   snprintf(s->name, sizeof s->name, "%s", path);
   int r;
-  do r = connect(fd, (struct sockaddr *)&sa, sizeof sa); while (r < 0 && errno == EINTR);
+  do r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+  while (r < 0 && errno == EINTR);
   if (r == 0) return 1;
   if (errno != EINPROGRESS && errno != EAGAIN) {
     int err = errno;
@@ -570,9 +576,15 @@ static int std_stream(lua_State *L, int fd, int mode, const char *name) {
   return 1;
 }
 
-static int l_stdin(lua_State *L) { return std_stream(L, 0, CL_STREAM_READ, "stdin"); }
-static int l_stdout(lua_State *L) { return std_stream(L, 1, CL_STREAM_WRITE, "stdout"); }
-static int l_stderr(lua_State *L) { return std_stream(L, 2, CL_STREAM_WRITE, "stderr"); }
+static int l_stdin(lua_State *L) {
+  return std_stream(L, 0, CL_STREAM_READ, "stdin");
+}
+static int l_stdout(lua_State *L) {
+  return std_stream(L, 1, CL_STREAM_WRITE, "stdout");
+}
+static int l_stderr(lua_State *L) {
+  return std_stream(L, 2, CL_STREAM_WRITE, "stderr");
+}
 
 /* Lua: stream.isatty(fd) -> boolean */
 static int l_isatty(lua_State *L) {
@@ -581,15 +593,23 @@ static int l_isatty(lua_State *L) {
 }
 
 static const luaL_Reg methods[] = {
-  {"read", l_read},           {"read_line", l_read_line},     {"read_all", l_read_all},
-  {"lines", l_lines},         {"write", l_write},             {"close", l_close},
-  {"fileno", l_fileno},       {"is_closed", l_is_closed},     {"set_timeout", l_set_timeout},
-  {"set_max_line", l_set_max_line}, {"buffered", l_buffered}, {NULL, NULL},
+    {"read", l_read},
+    {"read_line", l_read_line},
+    {"read_all", l_read_all},
+    {"lines", l_lines},
+    {"write", l_write},
+    {"close", l_close},
+    {"fileno", l_fileno},
+    {"is_closed", l_is_closed},
+    {"set_timeout", l_set_timeout},
+    {"set_max_line", l_set_max_line},
+    {"buffered", l_buffered},
+    {NULL, NULL},
 };
 
 static const luaL_Reg funcs[] = {
-  {"fdopen", l_fdopen},         {"pipe", l_pipe}, {"connect_unix", l_connect_unix},
-  {"socketpair", l_socketpair}, {"isatty", l_isatty}, {NULL, NULL},
+    {"fdopen", l_fdopen},         {"pipe", l_pipe},     {"connect_unix", l_connect_unix},
+    {"socketpair", l_socketpair}, {"isatty", l_isatty}, {NULL, NULL},
 };
 
 int luaopen_clawlua_stream(lua_State *L) {

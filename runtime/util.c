@@ -44,13 +44,19 @@ void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
     const char *k = lua_tostring(L, -1);
     int ok = 0;
     for (const char *const *p = known; *p; p++)
-      if (strcmp(*p, k) == 0) { ok = 1; break; }
+      if (strcmp(*p, k) == 0) {
+        ok = 1;
+        break;
+      }
     if (!ok) luaL_error(L, "bad field '%s' (unknown field)", k);
   }
 }
 
 static int get_field(lua_State *L, int idx, const char *name) {
-  if (idx == 0 || lua_type(L, idx) != LUA_TTABLE) { lua_pushnil(L); return LUA_TNIL; }
+  if (idx == 0 || lua_type(L, idx) != LUA_TTABLE) {
+    lua_pushnil(L);
+    return LUA_TNIL;
+  }
   return lua_getfield(L, idx, name);
 }
 
@@ -62,7 +68,10 @@ static void type_error(lua_State *L, const char *name, const char *want) {
 
 const char *cl_opt_string(lua_State *L, int idx, const char *name, const char *def) {
   int t = get_field(L, idx, name);
-  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return def;
+  }
   if (t != LUA_TSTRING) type_error(L, name, "string");
   /* The string stays valid while the option table holds it. */
   const char *s = lua_tostring(L, -1);
@@ -72,7 +81,10 @@ const char *cl_opt_string(lua_State *L, int idx, const char *name, const char *d
 
 lua_Integer cl_opt_integer(lua_State *L, int idx, const char *name, lua_Integer def) {
   int t = get_field(L, idx, name);
-  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return def;
+  }
   int ok = 0;
   lua_Integer v = 0;
   if (t == LUA_TNUMBER) v = lua_tointegerx(L, -1, &ok);
@@ -83,7 +95,10 @@ lua_Integer cl_opt_integer(lua_State *L, int idx, const char *name, lua_Integer 
 
 lua_Number cl_opt_number(lua_State *L, int idx, const char *name, lua_Number def) {
   int t = get_field(L, idx, name);
-  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return def;
+  }
   if (t != LUA_TNUMBER) type_error(L, name, "number");
   lua_Number v = lua_tonumber(L, -1);
   lua_pop(L, 1);
@@ -92,7 +107,10 @@ lua_Number cl_opt_number(lua_State *L, int idx, const char *name, lua_Number def
 
 int cl_opt_boolean(lua_State *L, int idx, const char *name, int def) {
   int t = get_field(L, idx, name);
-  if (t == LUA_TNIL) { lua_pop(L, 1); return def; }
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return def;
+  }
   if (t != LUA_TBOOLEAN) type_error(L, name, "boolean");
   int v = lua_toboolean(L, -1);
   lua_pop(L, 1);
@@ -112,8 +130,8 @@ char **cl_check_argv(lua_State *L, int idx, const char *what, int allow_empty) {
   lua_createtable(L, (int)n, 0); /* keeps the strings alive with the vector */
   for (lua_Integer i = 1; i <= n; i++) {
     if (lua_rawgeti(L, idx, i) != LUA_TSTRING) {
-      const char *msg = lua_pushfstring(L, "entry %d is %s, string expected", (int)i,
-                                        luaL_typename(L, -1));
+      const char *msg =
+          lua_pushfstring(L, "entry %d is %s, string expected", (int)i, luaL_typename(L, -1));
       cl_field_error(L, what, msg);
     }
     size_t len;
@@ -130,15 +148,18 @@ char **cl_check_argv(lua_State *L, int idx, const char *what, int allow_empty) {
   return v;
 }
 
-static const struct { const char *name; int sig; } signals[] = {
-  {"HUP", SIGHUP},   {"INT", SIGINT},     {"QUIT", SIGQUIT}, {"ILL", SIGILL},
-  {"TRAP", SIGTRAP}, {"ABRT", SIGABRT},   {"BUS", SIGBUS},   {"FPE", SIGFPE},
-  {"KILL", SIGKILL}, {"USR1", SIGUSR1},   {"SEGV", SIGSEGV}, {"USR2", SIGUSR2},
-  {"PIPE", SIGPIPE}, {"ALRM", SIGALRM},   {"TERM", SIGTERM}, {"CHLD", SIGCHLD},
-  {"CONT", SIGCONT}, {"STOP", SIGSTOP},   {"TSTP", SIGTSTP}, {"TTIN", SIGTTIN},
-  {"TTOU", SIGTTOU}, {"URG", SIGURG},     {"XCPU", SIGXCPU}, {"XFSZ", SIGXFSZ},
-  {"VTALRM", SIGVTALRM}, {"PROF", SIGPROF}, {"WINCH", SIGWINCH}, {"IO", SIGIO},
-  {"PWR", SIGPWR},   {"SYS", SIGSYS},
+static const struct {
+  const char *name;
+  int sig;
+} signals[] = {
+    {"HUP", SIGHUP},       {"INT", SIGINT},   {"QUIT", SIGQUIT},   {"ILL", SIGILL},
+    {"TRAP", SIGTRAP},     {"ABRT", SIGABRT}, {"BUS", SIGBUS},     {"FPE", SIGFPE},
+    {"KILL", SIGKILL},     {"USR1", SIGUSR1}, {"SEGV", SIGSEGV},   {"USR2", SIGUSR2},
+    {"PIPE", SIGPIPE},     {"ALRM", SIGALRM}, {"TERM", SIGTERM},   {"CHLD", SIGCHLD},
+    {"CONT", SIGCONT},     {"STOP", SIGSTOP}, {"TSTP", SIGTSTP},   {"TTIN", SIGTTIN},
+    {"TTOU", SIGTTOU},     {"URG", SIGURG},   {"XCPU", SIGXCPU},   {"XFSZ", SIGXFSZ},
+    {"VTALRM", SIGVTALRM}, {"PROF", SIGPROF}, {"WINCH", SIGWINCH}, {"IO", SIGIO},
+    {"PWR", SIGPWR},       {"SYS", SIGSYS},
 };
 
 int cl_signal_number(lua_State *L, int idx) {
@@ -156,14 +177,16 @@ int cl_signal_number(lua_State *L, int idx) {
 
 const char *cl_signal_name(int sig) {
   static const char *const full[] = {
-    [SIGHUP] = "SIGHUP", [SIGINT] = "SIGINT", [SIGQUIT] = "SIGQUIT", [SIGILL] = "SIGILL",
-    [SIGTRAP] = "SIGTRAP", [SIGABRT] = "SIGABRT", [SIGBUS] = "SIGBUS", [SIGFPE] = "SIGFPE",
-    [SIGKILL] = "SIGKILL", [SIGUSR1] = "SIGUSR1", [SIGSEGV] = "SIGSEGV", [SIGUSR2] = "SIGUSR2",
-    [SIGPIPE] = "SIGPIPE", [SIGALRM] = "SIGALRM", [SIGTERM] = "SIGTERM", [SIGCHLD] = "SIGCHLD",
-    [SIGCONT] = "SIGCONT", [SIGSTOP] = "SIGSTOP", [SIGTSTP] = "SIGTSTP", [SIGTTIN] = "SIGTTIN",
-    [SIGTTOU] = "SIGTTOU", [SIGURG] = "SIGURG", [SIGXCPU] = "SIGXCPU", [SIGXFSZ] = "SIGXFSZ",
-    [SIGVTALRM] = "SIGVTALRM", [SIGPROF] = "SIGPROF", [SIGWINCH] = "SIGWINCH",
-    [SIGIO] = "SIGIO", [SIGPWR] = "SIGPWR", [SIGSYS] = "SIGSYS",
+      [SIGHUP] = "SIGHUP",       [SIGINT] = "SIGINT",   [SIGQUIT] = "SIGQUIT",
+      [SIGILL] = "SIGILL",       [SIGTRAP] = "SIGTRAP", [SIGABRT] = "SIGABRT",
+      [SIGBUS] = "SIGBUS",       [SIGFPE] = "SIGFPE",   [SIGKILL] = "SIGKILL",
+      [SIGUSR1] = "SIGUSR1",     [SIGSEGV] = "SIGSEGV", [SIGUSR2] = "SIGUSR2",
+      [SIGPIPE] = "SIGPIPE",     [SIGALRM] = "SIGALRM", [SIGTERM] = "SIGTERM",
+      [SIGCHLD] = "SIGCHLD",     [SIGCONT] = "SIGCONT", [SIGSTOP] = "SIGSTOP",
+      [SIGTSTP] = "SIGTSTP",     [SIGTTIN] = "SIGTTIN", [SIGTTOU] = "SIGTTOU",
+      [SIGURG] = "SIGURG",       [SIGXCPU] = "SIGXCPU", [SIGXFSZ] = "SIGXFSZ",
+      [SIGVTALRM] = "SIGVTALRM", [SIGPROF] = "SIGPROF", [SIGWINCH] = "SIGWINCH",
+      [SIGIO] = "SIGIO",         [SIGPWR] = "SIGPWR",   [SIGSYS] = "SIGSYS",
   };
   if (sig > 0 && (size_t)sig < CL_ARRAY_LEN(full) && full[sig]) return full[sig];
   return "SIG?";

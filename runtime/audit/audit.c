@@ -24,20 +24,20 @@
 #include <string.h>
 #include <time.h>
 
-#define AUDIT_MT "clawlua.audit"
-#define DEFAULT_CAPACITY 10000
+#define AUDIT_MT          "clawlua.audit"
+#define DEFAULT_CAPACITY  10000
 #define DEFAULT_EVENT_CAP 4096
-#define MIN_EVENT_CAP AUDIT_MIN_EVENT_CAP
-#define MAX_EVENT_CAP AUDIT_MAX_EVENT_CAP
-#define MAX_CAPACITY (1 << 24)
-#define KIND_MAX AUDIT_KIND_MAX
-#define SANDBOX_MAX AUDIT_SANDBOX_MAX
-#define PID_BUCKETS AUDIT_PID_BUCKETS
+#define MIN_EVENT_CAP     AUDIT_MIN_EVENT_CAP
+#define MAX_EVENT_CAP     AUDIT_MAX_EVENT_CAP
+#define MAX_CAPACITY      (1 << 24)
+#define KIND_MAX          AUDIT_KIND_MAX
+#define SANDBOX_MAX       AUDIT_SANDBOX_MAX
+#define PID_BUCKETS       AUDIT_PID_BUCKETS
 /* Forgotten pids stay attributable this long: the kernel's audit records reach us through
  * kauditd, often after the loop has reaped the process that caused them. */
 #define PID_GONE_TTL_NS (10ull * 1000000000ull)
-#define PID_GONE_MAX 1024
-#define ANCESTOR_DEPTH 32
+#define PID_GONE_MAX    1024
+#define ANCESTOR_DEPTH  32
 
 int cl_entry_redirect(lua_State *L, const char *name);
 
@@ -49,7 +49,6 @@ audit *audit_get(lua_State *L) {
   lua_pop(L, 1);
   return a;
 }
-
 
 /* ------------------------------------------------------------------------------------------ */
 /* pid -> sandbox                                                                             */
@@ -92,7 +91,7 @@ void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox) {
     (*p)->gone = 0;
     a->ngone--;
   }
-  snprintf((*p)->sandbox, sizeof (*p)->sandbox, "%s", sandbox);
+  snprintf((*p)->sandbox, sizeof(*p)->sandbox, "%s", sandbox);
   /* Sandboxed processes exist from now on: their seccomp denials come from the kernel. */
   if (!a->kernel && !a->kernel_disabled) audit_kernel_start(L, a, 0, 0);
 }
@@ -266,8 +265,8 @@ static size_t build_tail(const slot *s, char *tail, size_t room) {
 #define TAIL_MAX 1536 /* kind and sandbox at 8 bytes per character escaped, and numbers */
 
 /* Builds the record for slot s from the detail JSON d (len dl) and the tail into s->rec. */
-static int store_record(audit *a, slot *s, const char *d, size_t dl, const char *tail,
-                        size_t tn, int cut) {
+static int store_record(audit *a, slot *s, const char *d, size_t dl, const char *tail, size_t tn,
+                        int cut) {
   static const char head[] = "{\"detail\":";
   static const char trunc[] = ",\"truncated\":true}";
   size_t hn = sizeof head - 1, en = cut ? sizeof trunc - 1 : 1;
@@ -464,8 +463,8 @@ static int l_emit(lua_State *L) {
   return 1;
 }
 
-static const char *const filter_fields[] = {"kind", "sandbox", "vm", "pid", "since", "until",
-                                            "after_seq", "limit", NULL};
+static const char *const filter_fields[] = {"kind",  "sandbox",   "vm",    "pid", "since",
+                                            "until", "after_seq", "limit", NULL};
 
 void audit_read_filter(lua_State *L, int idx, afilter *f, const char *const *fields) {
   memset(f, 0, sizeof *f);
@@ -505,7 +504,9 @@ int audit_slot_matches(const afilter *f, const slot *s) {
   return 1;
 }
 
-static void read_filter(lua_State *L, int idx, afilter *f) { audit_read_filter(L, idx, f, NULL); }
+static void read_filter(lua_State *L, int idx, afilter *f) {
+  audit_read_filter(L, idx, f, NULL);
+}
 
 /* Pushes an array of matching events (decoded), oldest first; with a limit, the newest n. */
 static int push_matches(lua_State *L, audit *a, const afilter *f) {
@@ -739,26 +740,26 @@ static int audit_gc(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  {"emit", l_emit},
-  {"events", l_events},
-  {"query", l_query},
-  {"wait", l_wait},
-  {"configure", l_configure},
-  {"stats", l_stats},
-  {"track_pid", l_track_pid},
-  {"forget_pid", l_forget_pid},
-  {"sandbox_of", l_sandbox_of},
-  {"sink", audit_sink_open},
-  {"reader", audit_reader_open},
-  {"format", audit_l_format},
-  {"kernel_source", audit_l_kernel_source},
-  {"_verifier", audit_verifier_open},
-  {"_file_head", audit_l_head},
-  {"_bench_emit", l_bench_emit},
-  {"_bench_sink", audit_bench_sink},
-  {"_bench_write", audit_bench_write},
-  {"_parse_kernel", audit_l_parse_kernel},
-  {NULL, NULL},
+    {"emit", l_emit},
+    {"events", l_events},
+    {"query", l_query},
+    {"wait", l_wait},
+    {"configure", l_configure},
+    {"stats", l_stats},
+    {"track_pid", l_track_pid},
+    {"forget_pid", l_forget_pid},
+    {"sandbox_of", l_sandbox_of},
+    {"sink", audit_sink_open},
+    {"reader", audit_reader_open},
+    {"format", audit_l_format},
+    {"kernel_source", audit_l_kernel_source},
+    {"_verifier", audit_verifier_open},
+    {"_file_head", audit_l_head},
+    {"_bench_emit", l_bench_emit},
+    {"_bench_sink", audit_bench_sink},
+    {"_bench_write", audit_bench_write},
+    {"_parse_kernel", audit_l_parse_kernel},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_audit(lua_State *L) {

@@ -11,14 +11,14 @@
 
 #include <stdint.h>
 
-#define AUDIT_KIND_MAX 63
-#define AUDIT_SANDBOX_MAX 127
+#define AUDIT_KIND_MAX      63
+#define AUDIT_SANDBOX_MAX   127
 #define AUDIT_MIN_EVENT_CAP 256
 #define AUDIT_MAX_EVENT_CAP (1 << 20)
-#define AUDIT_PID_BUCKETS 256
+#define AUDIT_PID_BUCKETS   256
 /* A ring record written to a file gains its chain fields: ,"prev":"<64 hex>","hash":"<64 hex>"
  * replaces the closing brace, then a newline. */
-#define AUDIT_HEX 64
+#define AUDIT_HEX          64
 #define AUDIT_CHAIN_SUFFIX (9 + AUDIT_HEX + 10 + AUDIT_HEX + 2)
 /* The longest line a reader accepts: the largest record plus its chain fields. */
 #define AUDIT_MAX_LINE (AUDIT_MAX_EVENT_CAP + AUDIT_CHAIN_SUFFIX + 64)
@@ -29,8 +29,8 @@ typedef struct ksource ksource;
 
 typedef struct slot {
   uint64_t seq;
-  double wall;      /* seconds, for filters */
-  int64_t wall_ns;  /* the same, exactly, for the record */
+  double wall;     /* seconds, for filters */
+  int64_t wall_ns; /* the same, exactly, for the record */
   uint64_t mono_ns;
   pid_t pid;
   char kind[AUDIT_KIND_MAX + 1];
@@ -68,20 +68,20 @@ struct audit {
   cl_waitq waiters; /* audit.wait(): woken on every event */
   pident *pids[AUDIT_PID_BUCKETS];
   size_t npids, ngone;
-  int emitting;   /* re-entrancy guard (an emit from inside an emit) */
-  int in_pending; /* running the sinks' post-emit work */
-  asink *sinks;   /* active sinks, in the order they were added */
+  int emitting;          /* re-entrancy guard (an emit from inside an emit) */
+  int in_pending;        /* running the sinks' post-emit work */
+  asink *sinks;          /* active sinks, in the order they were added */
   uint64_t sink_dropped; /* records sinks could not write, all sinks, closed ones included */
   ksource *kernel;
-  int kernel_disabled;   /* audit.kernel_source{enable=false}: no automatic start */
-  lua_State *L;          /* main thread, for work started outside any Lua call */
+  int kernel_disabled; /* audit.kernel_source{enable=false}: no automatic start */
+  lua_State *L;        /* main thread, for work started outside any Lua call */
 };
 
 /* Sinks: what every sink has; the type-specific part follows in sink.c. */
 struct asink {
   asink *next;
   int active;
-  int has_pending; /* post-emit work queued (rotation, error and drop reports) */
+  int has_pending;    /* post-emit work queued (rotation, error and drop reports) */
   uint64_t force_seq; /* an event this sink writes whatever its filter (its own anchor) */
   afilter filter;
   int (*write)(audit *a, asink *s, const slot *e);
@@ -107,10 +107,10 @@ void audit_bump_seq(audit *a, uint64_t seq);
 const char *audit_attribute(audit *a, pid_t pid, int walk_ancestors);
 
 /* sink.c */
-int audit_sink_open(lua_State *L);     /* audit.sink{...} */
+int audit_sink_open(lua_State *L);      /* audit.sink{...} */
 void audit_sink_register(lua_State *L); /* metatables */
 void audit_sinks_close_all(audit *a);
-int audit_bench_sink(lua_State *L);  /* hidden benchmark hooks */
+int audit_bench_sink(lua_State *L); /* hidden benchmark hooks */
 int audit_bench_write(lua_State *L);
 
 /* record.c: a view of one record (a ring record or a file line) found by a single scan.
@@ -124,7 +124,7 @@ typedef struct recview {
   uint64_t seq;
   double time, mono;
   const char *prev, *hash; /* 64 hex digits each, or NULL */
-  size_t body_end; /* length of the line before its chain fields (0: no chain fields) */
+  size_t body_end;         /* length of the line before its chain fields (0: no chain fields) */
   int has_seq, has_time, truncated;
 } recview;
 int audit_scan(const char *s, size_t n, recview *v);

@@ -36,13 +36,13 @@
 #include <openssl/evp.h>
 
 #define VERIFIER_MT "clawlua.audit_verifier"
-#define WINDOW 1024
-#define WCAP (2 * WINDOW + 2)
-#define MAX_ISSUES 1000
-#define CHUNK 65536
+#define WINDOW      1024
+#define WCAP        (2 * WINDOW + 2)
+#define MAX_ISSUES  1000
+#define CHUNK       65536
 
 const char audit_genesis[AUDIT_HEX + 1] =
-  "0000000000000000000000000000000000000000000000000000000000000000";
+    "0000000000000000000000000000000000000000000000000000000000000000";
 
 /* ------------------------------------------------------------------------------------------ */
 /* Hashing                                                                                    */
@@ -63,8 +63,8 @@ int audit_chain_hash(const char *prev_hex, const char *body, size_t body_len, co
   unsigned int olen = 0;
   if (!EVP_DigestInit_ex2(ctx, md, NULL) || !EVP_DigestUpdate(ctx, prev_hex, AUDIT_HEX) ||
       !EVP_DigestUpdate(ctx, body, body_len) ||
-      (tail_len && !EVP_DigestUpdate(ctx, tail, tail_len)) || !EVP_DigestFinal_ex(ctx, out, &olen) ||
-      olen != 32)
+      (tail_len && !EVP_DigestUpdate(ctx, tail, tail_len)) ||
+      !EVP_DigestFinal_ex(ctx, out, &olen) || olen != 32)
     return 0;
   for (int i = 0; i < 32; i++) {
     hex[2 * i] = digits[out[i] >> 4];
@@ -83,10 +83,16 @@ static int line_hash_ok(const char *line, const recview *v) {
 /* ------------------------------------------------------------------------------------------ */
 /* Verifier                                                                                   */
 
-enum { F_MALFORMED = 1, F_BADHASH = 2, F_ANCHOR = 4, F_PREPLACED = 8, F_WAITING = 16,
-       F_MEMBER = 32 };
+enum {
+  F_MALFORMED = 1,
+  F_BADHASH = 2,
+  F_ANCHOR = 4,
+  F_PREPLACED = 8,
+  F_WAITING = 16,
+  F_MEMBER = 32
+};
 enum { I_MODIFIED, I_DELETED, I_INSERTED, I_REORDERED, I_MALFORMED, I_ANCHOR };
-static const char *const issue_names[] = {"modified", "deleted", "inserted",
+static const char *const issue_names[] = {"modified",  "deleted",   "inserted",
                                           "reordered", "malformed", "anchor"};
 
 typedef struct ventry {
@@ -109,8 +115,8 @@ typedef struct verifier {
   char *buf;
   size_t off, len, cap;
   int skipping;
-  lua_Integer lineno;       /* lines read */
-  lua_Integer next_decide;  /* next line to classify */
+  lua_Integer lineno;      /* lines read */
+  lua_Integer next_decide; /* next line to classify */
   ventry win[WCAP];
   /* the chain so far */
   int have_last, last_badhash;
@@ -140,7 +146,7 @@ static ventry *get(verifier *v, lua_Integer line) {
 }
 
 static void add_issue(verifier *v, const ventry *e, int kind, const char *fmt, ...)
-  __attribute__((format(printf, 4, 5)));
+    __attribute__((format(printf, 4, 5)));
 
 static void add_issue(verifier *v, const ventry *e, int kind, const char *fmt, ...) {
   v->total_issues++;
@@ -179,8 +185,10 @@ static ventry *find_hash(verifier *v, const char *hex, lua_Integer x, int before
 }
 
 static void seq_desc(const ventry *e, char *out, size_t n) {
-  if (e->has_seq) snprintf(out, n, "seq %llu", (unsigned long long)e->seq);
-  else snprintf(out, n, "no seq");
+  if (e->has_seq)
+    snprintf(out, n, "seq %llu", (unsigned long long)e->seq);
+  else
+    snprintf(out, n, "no seq");
 }
 
 static void accept(verifier *v, ventry *e) {
@@ -630,8 +638,10 @@ int audit_l_head(lua_State *L) {
 
 void audit_chain_register(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"step", verifier_step}, {"result", verifier_result}, {"close", verifier_close},
-    {NULL, NULL},
+      {"step", verifier_step},
+      {"result", verifier_result},
+      {"close", verifier_close},
+      {NULL, NULL},
   };
   luaL_newmetatable(L, VERIFIER_MT);
   luaL_newlib(L, methods);

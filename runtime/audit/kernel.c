@@ -32,10 +32,10 @@
 #ifndef AUDIT_NLGRP_READLOG
 #define AUDIT_NLGRP_READLOG 1
 #endif
-#define RECV_BUF 65536
-#define MAX_PER_WAKE 256
+#define RECV_BUF       65536
+#define MAX_PER_WAKE   256
 #define DEFAULT_RCVBUF (1 << 20)
-#define FIELD_MAX 512
+#define FIELD_MAX      512
 
 enum { K_STOPPED, K_RUNNING, K_UNAVAILABLE };
 static const char *const state_names[] = {"stopped", "running", "unavailable"};
@@ -158,28 +158,54 @@ static void push_untrusted(lua_State *L, const kfield *f) {
 
 static const char *arch_name(unsigned long long arch) {
   switch (arch) {
-  case 0xc000003eull: return "x86_64";
-  case 0x40000003ull: return "x86";
-  case 0xc00000b7ull: return "aarch64";
-  case 0x40000028ull: return "arm";
-  case 0xc00000f3ull: return "riscv64";
-  case 0x80000016ull: return "s390x";
-  case 0xc0000015ull: return "ppc64le";
-  default: return NULL;
+  case 0xc000003eull:
+    return "x86_64";
+  case 0x40000003ull:
+    return "x86";
+  case 0xc00000b7ull:
+    return "aarch64";
+  case 0x40000028ull:
+    return "arm";
+  case 0xc00000f3ull:
+    return "riscv64";
+  case 0x80000016ull:
+    return "s390x";
+  case 0xc0000015ull:
+    return "ppc64le";
+  default:
+    return NULL;
   }
 }
 
 static const char *action_kind(unsigned long long code, const char **action) {
   switch (code & 0xffff0000ull) {
-  case 0x80000000ull: *action = "kill_process"; return "seccomp.kill";
-  case 0x00000000ull: *action = "kill_thread"; return "seccomp.kill";
-  case 0x00030000ull: *action = "trap"; return "seccomp.trap";
-  case 0x00050000ull: *action = "errno"; return "seccomp.deny";
-  case 0x7fc00000ull: *action = "user_notif"; return "seccomp.notify";
-  case 0x7ff00000ull: *action = "trace"; return "seccomp.trace";
-  case 0x7ffc0000ull: *action = "log"; return "seccomp.log";
-  case 0x7fff0000ull: *action = "allow"; return "seccomp.allow";
-  default: *action = "unknown"; return "seccomp.unknown";
+  case 0x80000000ull:
+    *action = "kill_process";
+    return "seccomp.kill";
+  case 0x00000000ull:
+    *action = "kill_thread";
+    return "seccomp.kill";
+  case 0x00030000ull:
+    *action = "trap";
+    return "seccomp.trap";
+  case 0x00050000ull:
+    *action = "errno";
+    return "seccomp.deny";
+  case 0x7fc00000ull:
+    *action = "user_notif";
+    return "seccomp.notify";
+  case 0x7ff00000ull:
+    *action = "trace";
+    return "seccomp.trace";
+  case 0x7ffc0000ull:
+    *action = "log";
+    return "seccomp.log";
+  case 0x7fff0000ull:
+    *action = "allow";
+    return "seccomp.allow";
+  default:
+    *action = "unknown";
+    return "seccomp.unknown";
   }
 }
 
@@ -336,8 +362,7 @@ static void on_netlink(cl_watch *w, uint32_t events) {
     }
     if (n == 0) return;
     int len = (int)n;
-    for (struct nlmsghdr *h = (struct nlmsghdr *)k->buf; NLMSG_OK(h, len);
-         h = NLMSG_NEXT(h, len)) {
+    for (struct nlmsghdr *h = (struct nlmsghdr *)k->buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
       k->records++;
       if (h->nlmsg_type != AUDIT_SECCOMP) continue;
       size_t plen = h->nlmsg_len - NLMSG_HDRLEN;
@@ -351,8 +376,10 @@ static void on_netlink(cl_watch *w, uint32_t events) {
 static void set_unavailable(lua_State *L, audit *a, ksource *k, const char *why, int err,
                             int quiet) {
   k->state = K_UNAVAILABLE;
-  if (err) snprintf(k->error, sizeof k->error, "%s: %s", why, strerror(err));
-  else snprintf(k->error, sizeof k->error, "%s", why);
+  if (err)
+    snprintf(k->error, sizeof k->error, "%s: %s", why, strerror(err));
+  else
+    snprintf(k->error, sizeof k->error, "%s", why);
   if (k->announced || quiet) return;
   k->announced = 1;
   int top = lua_gettop(L);
@@ -498,9 +525,12 @@ int audit_l_kernel_source(lua_State *L) {
     if (rcvbuf && (rcvbuf < 4096 || rcvbuf > (64 << 20)))
       cl_field_error(L, "rcvbuf", "bytes in 4096..67108864 expected");
     const char *scope = cl_opt_string(L, 1, "scope", scope_all ? "all" : "tracked");
-    if (strcmp(scope, "all") == 0) scope_all = 1;
-    else if (strcmp(scope, "tracked") == 0) scope_all = 0;
-    else cl_field_error(L, "scope", "\"tracked\" or \"all\" expected");
+    if (strcmp(scope, "all") == 0)
+      scope_all = 1;
+    else if (strcmp(scope, "tracked") == 0)
+      scope_all = 0;
+    else
+      cl_field_error(L, "scope", "\"tracked\" or \"all\" expected");
   }
   if (enable) {
     a->kernel_disabled = 0;

@@ -25,8 +25,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define READER_MT "clawlua.audit_reader"
-#define CHUNK 65536
+#define READER_MT      "clawlua.audit_reader"
+#define CHUNK          65536
 #define DEFAULT_BUDGET (1 << 20)
 
 /* ------------------------------------------------------------------------------------------ */
@@ -209,11 +209,21 @@ static size_t unescape(const char *s, size_t n, char *out) {
     }
     c = s[++i];
     switch (c) {
-    case 'b': out[o++] = '\b'; break;
-    case 'f': out[o++] = '\f'; break;
-    case 'n': out[o++] = '\n'; break;
-    case 'r': out[o++] = '\r'; break;
-    case 't': out[o++] = '\t'; break;
+    case 'b':
+      out[o++] = '\b';
+      break;
+    case 'f':
+      out[o++] = '\f';
+      break;
+    case 'n':
+      out[o++] = '\n';
+      break;
+    case 'r':
+      out[o++] = '\r';
+      break;
+    case 't':
+      out[o++] = '\t';
+      break;
     case 'u': {
       unsigned cp = 0;
       if (i + 4 >= n) return o;
@@ -245,7 +255,9 @@ static size_t unescape(const char *s, size_t n, char *out) {
       }
       break;
     }
-    default: out[o++] = c; break; /* \" \\ \/ */
+    default:
+      out[o++] = c;
+      break; /* \" \\ \/ */
     }
   }
   return o;
@@ -263,8 +275,7 @@ static int json_str_eq(const char *s, size_t n, const char *want) {
 int audit_view_matches(const afilter *f, const recview *v) {
   if (f->after_seq && (!v->has_seq || v->seq <= f->after_seq)) return 0;
   if (f->kind && (!v->kind || !audit_kind_matches(f, v->kind, v->kind_len))) return 0;
-  if (f->sandbox && (!v->sandbox || !json_str_eq(v->sandbox, v->sandbox_len, f->sandbox)))
-    return 0;
+  if (f->sandbox && (!v->sandbox || !json_str_eq(v->sandbox, v->sandbox_len, f->sandbox))) return 0;
   if (f->pid && f->pid != v->pid) return 0;
   if (f->since >= 0 && (!v->has_time || v->time < f->since)) return 0;
   if (f->until >= 0 && (!v->has_time || v->time > f->until)) return 0;
@@ -293,7 +304,9 @@ static void put(out *o, const char *s, size_t n) {
   o->n += n;
 }
 
-static void puts_(out *o, const char *s) { put(o, s, strlen(s)); }
+static void puts_(out *o, const char *s) {
+  put(o, s, strlen(s));
+}
 
 /* Copies text for a terminal: control characters (an escape sequence planted in a tampered
  * file) become '?'. */
@@ -318,8 +331,8 @@ static const char *kind_color(const char *k, size_t n) {
     const char *ns;
     const char *color;
   } colors[] = {
-    {"seccomp", "\033[1;31m"}, {"fw", "\033[1;33m"},     {"vm", "\033[1;36m"},
-    {"jail", "\033[1;35m"},    {"policy", "\033[1;34m"}, {"audit", "\033[2m"},
+      {"seccomp", "\033[1;31m"}, {"fw", "\033[1;33m"},     {"vm", "\033[1;36m"},
+      {"jail", "\033[1;35m"},    {"policy", "\033[1;34m"}, {"audit", "\033[2m"},
   };
   for (size_t i = 0; i < CL_ARRAY_LEN(colors); i++) {
     size_t l = strlen(colors[i].ns);
@@ -403,7 +416,7 @@ size_t audit_format(const recview *v, int color, char *buf, size_t max) {
   if (v->detail) format_detail(&o, v->detail, v->detail_len);
   if (v->truncated) puts_(&o, " (truncated)");
   size_t n = o.n;
-  if (o.full) { /* mark the cut (put() cut on a character boundary) */
+  if (o.full) {            /* mark the cut (put() cut on a character boundary) */
     buf[n++] = (char)0xe2; /* U+2026 ... */
     buf[n++] = (char)0x80;
     buf[n++] = (char)0xa6;
@@ -449,8 +462,8 @@ typedef struct reader {
   int follow, raw;
   char *buf;
   size_t off, len, cap;
-  int skipping;  /* inside a line longer than AUDIT_MAX_LINE */
-  off_t pos;     /* file offset of buf[len] */
+  int skipping; /* inside a line longer than AUDIT_MAX_LINE */
+  off_t pos;    /* file offset of buf[len] */
   dev_t dev;
   ino_t ino;
   lua_Integer lineno;
@@ -530,8 +543,10 @@ static int reader_reopen(lua_State *L, reader *r) {
   if (r->have_hash) {
     char name[PATH_MAX];
     for (int i = 0; i <= 1000 && fd < 0; i++) {
-      if (i == 0) snprintf(name, sizeof name, "%s", path);
-      else snprintf(name, sizeof name, "%s.%d", path, i);
+      if (i == 0)
+        snprintf(name, sizeof name, "%s", path);
+      else
+        snprintf(name, sizeof name, "%s.%d", path, i);
       int c = open(name, O_RDONLY | O_CLOEXEC);
       if (c < 0) {
         if (i == 0) continue;
@@ -710,8 +725,10 @@ int audit_reader_open(lua_State *L) {
     follow = cl_opt_boolean(L, 2, "follow", 0);
     raw = cl_opt_boolean(L, 2, "raw", 0);
     const char *from = cl_opt_string(L, 2, "from", "start");
-    if (strcmp(from, "end") == 0) at_end = 1;
-    else if (strcmp(from, "start") != 0) cl_field_error(L, "from", "\"start\" or \"end\" expected");
+    if (strcmp(from, "end") == 0)
+      at_end = 1;
+    else if (strcmp(from, "start") != 0)
+      cl_field_error(L, "from", "\"start\" or \"end\" expected");
     lua_getfield(L, 2, "filter");
   } else {
     lua_pushnil(L);
@@ -765,7 +782,10 @@ int audit_reader_open(lua_State *L) {
 
 void audit_record_register(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"next", reader_next}, {"stats", reader_stats}, {"close", reader_close}, {NULL, NULL},
+      {"next", reader_next},
+      {"stats", reader_stats},
+      {"close", reader_close},
+      {NULL, NULL},
   };
   luaL_newmetatable(L, READER_MT);
   luaL_newlib(L, methods);

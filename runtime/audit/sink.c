@@ -46,16 +46,16 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SINK_MT "clawlua.audit_sink"
+#define SINK_MT           "clawlua.audit_sink"
 #define DEFAULT_MAX_BYTES ((lua_Integer)64 << 20)
-#define MIN_MAX_BYTES 4096
-#define DEFAULT_KEEP 5
-#define MAX_KEEP 1000
-#define STDERR_BUF (64 * 1024)
-#define STDERR_LINE 1024
-#define MAX_CLOSE 16
-#define RETRY_NS 1000000000ull /* reopen / rotation retries: at most once a second */
-#define ERROR_REPORT_NS (10ull * 1000000000ull)
+#define MIN_MAX_BYTES     4096
+#define DEFAULT_KEEP      5
+#define MAX_KEEP          1000
+#define STDERR_BUF        (64 * 1024)
+#define STDERR_LINE       1024
+#define MAX_CLOSE         16
+#define RETRY_NS          1000000000ull /* reopen / rotation retries: at most once a second */
+#define ERROR_REPORT_NS   (10ull * 1000000000ull)
 #ifndef ALWAYS_GAP_NS
 #define ALWAYS_GAP_NS 2000000ull /* 2 ms: see sync_main */
 #endif
@@ -73,7 +73,7 @@ typedef struct syncer {
   int started;
   int policy;
   uint64_t interval_ns;
-  uint64_t gap_ns; /* always: the least time between the starts of two syncs */
+  uint64_t gap_ns;          /* always: the least time between the starts of two syncs */
   _Atomic uint64_t written; /* records the loop has written (a count: seqs may repeat) */
   _Atomic int idle;         /* the worker waits on cv */
   uint64_t synced;          /* of which known durable */
@@ -117,8 +117,8 @@ typedef struct sink {
   /* failures */
   int failing, fail_err, report_error, report_recovered;
   const char *fail_op;
-  int last_err;                /* the last error seen, for stats */
-  uint64_t last_error_report;  /* when an audit.sink.error was last emitted (mono ns) */
+  int last_err;               /* the last error seen, for stats */
+  uint64_t last_error_report; /* when an audit.sink.error was last emitted (mono ns) */
   uint64_t dropped, dropped_since, drop_first, drop_last;
   uint64_t written, bytes, rotations, write_errors;
   syncer *sy;
@@ -139,7 +139,9 @@ static void sink_release(sink *s);
 /* ------------------------------------------------------------------------------------------ */
 /* fsync worker                                                                               */
 
-static uint64_t mono_ns(void) { return cl_now_ns(); }
+static uint64_t mono_ns(void) {
+  return cl_now_ns();
+}
 
 static void wait_until(syncer *y, uint64_t until) {
   struct timespec ts;
@@ -257,8 +259,10 @@ static int syncer_set_fd(sink *s) {
   if (s->fd >= 0 && fd < 0) return errno;
   pthread_mutex_lock(&y->mu);
   if (y->fd >= 0) {
-    if (y->nclosing < MAX_CLOSE) y->closing[y->nclosing++] = y->fd;
-    else close(y->fd); /* cannot happen: the worker drains the list on every wake-up */
+    if (y->nclosing < MAX_CLOSE)
+      y->closing[y->nclosing++] = y->fd;
+    else
+      close(y->fd); /* cannot happen: the worker drains the list on every wake-up */
   }
   y->fd = fd;
   pthread_cond_signal(&y->cv);
@@ -508,8 +512,8 @@ static int last_record(int fd, off_t size, char *hash, uint64_t *seq, int *found
   int err = last_record_in(fd, size, 65536, hash, seq, found, cut, msg, &more);
   if (err || !more) return err;
   /* Enough for a torn last line and the whole line before it, each at most a record long. */
-  err = last_record_in(fd, size, 2 * (off_t)(AUDIT_MAX_LINE + 1), hash, seq, found, cut, msg,
-                       &more);
+  err =
+      last_record_in(fd, size, 2 * (off_t)(AUDIT_MAX_LINE + 1), hash, seq, found, cut, msg, &more);
   if (!err && more) {
     *msg = "its last line is longer than any audit record";
     return EINVAL;
@@ -611,8 +615,8 @@ static void emit_anchor(lua_State *L, audit *a, sink *s) {
 
 /* Emits a report about this sink (audit.sink.error, audit.sink.dropped). The sink writes it
  * whatever its filter, so its file explains its own gaps. Returns 1 when the sink wrote it. */
-static int emit_report(lua_State *L, audit *a, sink *s, const char *kind, int err,
-                       const char *op, uint64_t dropped, uint64_t first, uint64_t last) {
+static int emit_report(lua_State *L, audit *a, sink *s, const char *kind, int err, const char *op,
+                       uint64_t dropped, uint64_t first, uint64_t last) {
   int top = lua_gettop(L);
   lua_createtable(L, 0, 7);
   lua_pushstring(L, s->path ? s->path : "stderr");
@@ -759,7 +763,9 @@ static void file_pending(lua_State *L, audit *a, asink *base) {
 
 static void stderr_flush(sink *s);
 
-static void on_stderr_writable(cl_watch *w, uint32_t events) { stderr_flush(w->data); }
+static void on_stderr_writable(cl_watch *w, uint32_t events) {
+  stderr_flush(w->data);
+}
 
 static void stderr_watch(sink *s, int on) {
   if (on == s->watching) return;
@@ -1041,8 +1047,7 @@ static int sink_rotate(lua_State *L) {
   if (s->fd < 0) return cl_failf(L, s->fail_err, "audit sink %s: not open", s->path);
   uint64_t rot = s->rotations;
   rotate(L, a, s, "rotate");
-  if (s->rotations == rot)
-    return cl_failf(L, s->fail_err, "audit sink rotate %s: failed", s->path);
+  if (s->rotations == rot) return cl_failf(L, s->fail_err, "audit sink rotate %s: failed", s->path);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -1050,9 +1055,8 @@ static int sink_rotate(lua_State *L) {
 /* Lua: audit.sink{path=, max_bytes=, keep=, fsync=, fsync_interval=, mode=, filter=} or
  * audit.sink{type="stderr", color=, filter=} -> sink | nil, err, errno */
 int audit_sink_open(lua_State *L) {
-  static const char *const fields[] = {"type",  "path",           "max_bytes", "keep",
-                                       "fsync", "fsync_interval", "mode",      "filter",
-                                       "color", NULL};
+  static const char *const fields[] = {"type",           "path", "max_bytes", "keep",  "fsync",
+                                       "fsync_interval", "mode", "filter",    "color", NULL};
   static const char *const sink_filter[] = {"kind", "sandbox", "vm", "pid", NULL};
   static const char *const types[] = {"jsonl", "stderr", NULL};
   audit *a = audit_get(L);
@@ -1240,8 +1244,10 @@ int audit_bench_write(lua_State *L) {
     total = cl_now_ns() - total0;
   }
   if (fd >= 0) close(fd);
-  if (t) push_timing(L, t, (size_t)got, total, bytes);
-  else lua_pushnil(L);
+  if (t)
+    push_timing(L, t, (size_t)got, total, bytes);
+  else
+    lua_pushnil(L);
   for (lua_Integer i = 0; lines && i < got; i++) free(lines[i]);
   free(lines);
   free(lens);
@@ -1251,8 +1257,8 @@ int audit_bench_write(lua_State *L) {
 
 void audit_sink_register(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"close", sink_close}, {"stats", sink_stats}, {"sync", sink_sync},
-    {"rotate", sink_rotate}, {NULL, NULL},
+      {"close", sink_close},   {"stats", sink_stats}, {"sync", sink_sync},
+      {"rotate", sink_rotate}, {NULL, NULL},
   };
   luaL_newmetatable(L, SINK_MT);
   luaL_newlib(L, methods);

@@ -26,11 +26,11 @@
 
 #define MAX_SERVERS 8
 #define MAX_QUERIES 256
-#define ATTEMPTS 2
-#define T_A 1
-#define T_CNAME 5
-#define T_AAAA 28
-#define T_OPT 41
+#define ATTEMPTS    2
+#define T_A         1
+#define T_CNAME     5
+#define T_AAAA      28
+#define T_OPT       41
 
 typedef struct query {
   struct query *next;
@@ -38,7 +38,7 @@ typedef struct query {
   fw_dns_cb cb;
   void *arg;
   char name[256];
-  uint16_t id[2];  /* A, AAAA */
+  uint16_t id[2]; /* A, AAAA */
   int answered[2];
   int attempt;
   fw_addr addrs[FW_MAX_RESOLVED];
@@ -124,7 +124,9 @@ static long read_name(const unsigned char *m, size_t len, size_t off, char *out,
   return after;
 }
 
-static uint16_t get16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static uint16_t get16(const unsigned char *p) {
+  return (uint16_t)((p[0] << 8) | p[1]);
+}
 static uint32_t get32(const unsigned char *p) {
   return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
@@ -151,7 +153,8 @@ static int parse_answer(query *q, int k, const unsigned char *m, size_t len) {
     return 1;
   }
   if (rcode != 0) {
-    if (!q->err[0]) snprintf(q->err, sizeof q->err, "%.60s: server failure (rcode %d)", q->name, rcode);
+    if (!q->err[0])
+      snprintf(q->err, sizeof q->err, "%.60s: server failure (rcode %d)", q->name, rcode);
     return 1;
   }
   /* The CNAME chain from the question name: records of any name in it count. */
@@ -205,8 +208,10 @@ static void unlink_query(fw_dns *d, query *q) {
 static void finish(fw_dns *d, query *q) {
   unlink_query(d, q);
   fw *f = d->f;
-  if (q->n > 0) q->cb(f, q->arg, q->name, q->addrs, q->n, q->ttl, NULL);
-  else q->cb(f, q->arg, q->name, NULL, 0, 0, q->err[0] ? q->err : "no addresses");
+  if (q->n > 0)
+    q->cb(f, q->arg, q->name, q->addrs, q->n, q->ttl, NULL);
+  else
+    q->cb(f, q->arg, q->name, NULL, 0, 0, q->err[0] ? q->err : "no addresses");
   free(q);
 }
 
@@ -332,8 +337,10 @@ static int add_server(fw_dns *d, const char *spec) {
     if (!e || (size_t)(e - p - 1) >= sizeof host) return 0;
     memcpy(host, p + 1, (size_t)(e - p - 1));
     host[e - p - 1] = 0;
-    if (e[1] == ':') port = (int)strtol(e + 2, NULL, 10);
-    else if (e[1]) return 0;
+    if (e[1] == ':')
+      port = (int)strtol(e + 2, NULL, 10);
+    else if (e[1])
+      return 0;
   } else {
     snprintf(host, sizeof host, "%s", p);
     char *c = strchr(host, ':');
@@ -391,8 +398,8 @@ int cl_fw_dns_start(fw *f, const int *fds, lua_State *L, int ridx, char *err, si
       lua_rawgeti(L, ridx, i);
       const char *s = lua_tostring(L, -1);
       if (lua_type(L, -1) != LUA_TSTRING || !add_server(d, s)) {
-        snprintf(err, errlen, "bad field 'resolvers[%d]' (invalid resolver address '%s')",
-                 (int)i, s ? s : luaL_typename(L, -1));
+        snprintf(err, errlen, "bad field 'resolvers[%d]' (invalid resolver address '%s')", (int)i,
+                 s ? s : luaL_typename(L, -1));
         lua_pop(L, 1);
         for (int k = 0; k < 2; k++)
           if (d->fd[k] >= 0) close(d->fd[k]);
@@ -459,8 +466,8 @@ typedef struct rq {
   fw *f;
 } rq;
 
-static void rq_cb(fw *f, void *arg, const char *name, const fw_addr *addrs, size_t n,
-                  uint32_t ttl, const char *err) {
+static void rq_cb(fw *f, void *arg, const char *name, const fw_addr *addrs, size_t n, uint32_t ttl,
+                  const char *err) {
   rq *r = arg;
   r->done = 1;
   if (err) snprintf(r->err, sizeof r->err, "%s", err);

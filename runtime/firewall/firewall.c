@@ -198,7 +198,7 @@ static int pbox_gc(lua_State *L) {
 static const char PBOX_MT[] = "clawlua.firewall.plan";
 
 static __attribute__((noreturn, format(printf, 3, 4))) void bad(lua_State *L, const char *path,
-                                                                 const char *fmt, ...) {
+                                                                const char *fmt, ...) {
   char msg[300];
   va_list ap;
   va_start(ap, fmt);
@@ -270,8 +270,8 @@ static const char *const ENTRY_FIELDS[] = {"cidr", "host", "proto", "port", NULL
 static const char *const DIR_FIELDS[] = {"policy", "allow", "deny", "rate", NULL};
 static const char *const RATE_FIELDS[] = {"packets", "bytes", "burst", NULL};
 static const char *const LOG_FIELDS[] = {"rate", "burst", NULL};
-static const char *const SPEC_FIELDS[] = {"iface", "mac", "ip", "ip6", "egress", "ingress",
-                                          "dns", "log", NULL};
+static const char *const SPEC_FIELDS[] = {"iface",   "mac", "ip",  "ip6", "egress",
+                                          "ingress", "dns", "log", NULL};
 
 /* Like cl_check_fields, naming the nested path of the table. */
 static void check_fields(lua_State *L, int idx, const char *path, const char *const known[]) {
@@ -285,8 +285,10 @@ static void check_fields(lua_State *L, int idx, const char *path, const char *co
       if (strcmp(*p, k) == 0) ok = 1;
     if (!ok) {
       char name[160];
-      if (k) snprintf(name, sizeof name, "%s%s%s", path, *path ? "." : "", k);
-      else snprintf(name, sizeof name, "%s", *path ? path : "spec");
+      if (k)
+        snprintf(name, sizeof name, "%s%s%s", path, *path ? "." : "", k);
+      else
+        snprintf(name, sizeof name, "%s", *path ? path : "spec");
       cl_field_error(L, name, k ? "unknown field" : "string keys expected");
     }
   }
@@ -400,8 +402,10 @@ static void read_entry(lua_State *L, int idx, const char *path, fw_plan *p, int 
   char fpath[200];
   if (lua_type(L, idx) == LUA_TSTRING) {
     const char *s = lua_tostring(L, idx);
-    if (looks_like_address(s)) read_addrs(L, idx, path, e, 0, acc, hosts);
-    else read_addrs(L, idx, path, e, 1, acc, hosts);
+    if (looks_like_address(s))
+      read_addrs(L, idx, path, e, 0, acc, hosts);
+    else
+      read_addrs(L, idx, path, e, 1, acc, hosts);
     return;
   }
   if (lua_type(L, idx) != LUA_TTABLE)
@@ -423,11 +427,16 @@ static void read_entry(lua_State *L, int idx, const char *path, fw_plan *p, int 
     if (lua_type(L, -1) != LUA_TSTRING)
       bad(L, fpath, "string expected, got %s", luaL_typename(L, -1));
     const char *s = lua_tostring(L, -1);
-    if (strcmp(s, "tcp") == 0) e->proto = FW_P_TCP;
-    else if (strcmp(s, "udp") == 0) e->proto = FW_P_UDP;
-    else if (strcmp(s, "icmp") == 0) e->proto = FW_P_ICMP;
-    else if (strcmp(s, "any") == 0) e->proto = 0;
-    else bad(L, fpath, "unknown protocol '%s' (tcp, udp, icmp or any)", s);
+    if (strcmp(s, "tcp") == 0)
+      e->proto = FW_P_TCP;
+    else if (strcmp(s, "udp") == 0)
+      e->proto = FW_P_UDP;
+    else if (strcmp(s, "icmp") == 0)
+      e->proto = FW_P_ICMP;
+    else if (strcmp(s, "any") == 0)
+      e->proto = 0;
+    else
+      bad(L, fpath, "unknown protocol '%s' (tcp, udp, icmp or any)", s);
   }
   lua_pop(L, 1);
   if (lua_getfield(L, idx, "port") != LUA_TNIL) {
@@ -475,8 +484,8 @@ static uint64_t read_count(lua_State *L, int idx, const char *field, const char 
   return v;
 }
 
-static void read_dir(lua_State *L, int idx, const char *name, fw_plan *p, int dir,
-                     addr_acc *acc, size_t *hosts) {
+static void read_dir(lua_State *L, int idx, const char *name, fw_plan *p, int dir, addr_acc *acc,
+                     size_t *hosts) {
   p->accept[dir] = 0;
   if (lua_getfield(L, idx, name) == LUA_TNIL) {
     lua_pop(L, 1);
@@ -525,15 +534,18 @@ static void valid_iface(lua_State *L, const char *s) {
     snprintf(msg, sizeof msg, "interface name '%s' longer than %d bytes", s, IFNAMSIZ - 1);
     cl_field_error(L, "iface", msg);
   }
-  if (strcmp(s, ".") == 0 || strcmp(s, "..") == 0) bad(L, "iface", "invalid interface name '%s'", s);
+  if (strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
+    bad(L, "iface", "invalid interface name '%s'", s);
   for (const char *c = s; *c; c++)
     if (*c == '/' || *c == ':' || isspace((unsigned char)*c) || !isprint((unsigned char)*c))
       bad(L, "iface", "invalid interface name '%s'", s);
 }
 
 static int hexval(char c) {
-  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-       : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+  return c >= '0' && c <= '9'   ? c - '0'
+         : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                : -1;
 }
 
 /* aa:bb:cc:dd:ee:ff, exactly. */
@@ -616,8 +628,7 @@ static fw_plan *parse_spec(lua_State *L, int idx, fw *f) {
   } else if (lt != LUA_TNIL) {
     bad(L, "log", "boolean or table expected, got %s", luaL_typename(L, -1));
   }
-  if (p->log && f->log_group < 0)
-    bad(L, "log", "the firewall was opened without log_group");
+  if (p->log && f->log_group < 0) bad(L, "log", "the firewall was opened without log_group");
   lua_settop(L, idx + 1);
   return p;
 }
@@ -632,11 +643,13 @@ static const char *check_id(lua_State *L, int arg) {
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)id[i];
     if (c <= 0x20 || c >= 0x7f)
-      luaL_argerror(L, arg, lua_pushfstring(L, "invalid byte 0x%s at %d of vm id (printable "
-                                               "ASCII without spaces expected)",
-                                            (char[3]){"0123456789abcdef"[c >> 4],
-                                                      "0123456789abcdef"[c & 15], 0},
-                                            (int)i + 1));
+      luaL_argerror(
+          L, arg,
+          lua_pushfstring(L,
+                          "invalid byte 0x%s at %d of vm id (printable "
+                          "ASCII without spaces expected)",
+                          (char[3]){"0123456789abcdef"[c >> 4], "0123456789abcdef"[c & 15], 0},
+                          (int)i + 1));
   }
   return id;
 }
@@ -870,7 +883,8 @@ static void op_done(fw *f, fw_txn *t) {
           vm_free(f, old);
         }
         break;
-      default: break;
+      default:
+        break;
       }
     }
     if (c->kind == OP_DESTROY) {
@@ -1004,7 +1018,7 @@ typedef struct resolving {
     struct resolving *r;
     fw_host *h;
     const char *vm;
-  } *slots;
+  } * slots;
   size_t n;
 } resolving;
 static const char RBOX_MT[] = "clawlua.firewall.resolving";
@@ -1012,8 +1026,10 @@ static const char RBOX_MT[] = "clawlua.firewall.resolving";
 static void resolved_one(fw *f, void *arg, const char *name, const fw_addr *addrs, size_t n,
                          uint32_t ttl, const char *err) {
   struct slot *s = arg;
-  if (err) snprintf(s->h->err, sizeof s->h->err, "%s", err);
-  else set_host_addrs(s->h, addrs, n, ttl);
+  if (err)
+    snprintf(s->h->err, sizeof s->h->err, "%s", err);
+  else
+    set_host_addrs(s->h, addrs, n, ttl);
   emit_resolve(f, s->vm, name, s->h->addrs, s->h->naddrs, err ? 0 : ttl, err, 1);
   resolving *r = s->r;
   s->r = NULL;
@@ -1110,8 +1126,8 @@ static int attach_build_k(lua_State *L, int status, lua_KContext ctx) {
   if (update && !old) luaL_argerror(L, 2, lua_pushfstring(L, "vm '%s' is not attached", id));
   fw_vm *other = find_iface(f, box->p->iface);
   if (other && other != old) {
-    const char *msg = lua_pushfstring(L, "interface '%s' is used by vm '%s'", box->p->iface,
-                                      other->id);
+    const char *msg =
+        lua_pushfstring(L, "interface '%s' is used by vm '%s'", box->p->iface, other->id);
     cl_field_error(L, "iface", msg);
   }
   fw_txn *t = new_batch(L, f, update ? OP_UPDATE : OP_ATTACH);
@@ -1136,15 +1152,14 @@ static int attach_common(lua_State *L) {
   cl_fw_vm_names(id, key, base);
   fw_vm *old = cl_fw_find_key(f, key);
   if (old && strcmp(old->id, id) != 0)
-    luaL_argerror(L, 2, lua_pushfstring(L, "vm id '%s' collides with '%s' (hash %s)", id,
-                                        old->id, key));
+    luaL_argerror(L, 2,
+                  lua_pushfstring(L, "vm id '%s' collides with '%s' (hash %s)", id, old->id, key));
   if (!update && old) luaL_argerror(L, 2, lua_pushfstring(L, "vm '%s' is already attached", id));
   if (update && !old) luaL_argerror(L, 2, lua_pushfstring(L, "vm '%s' is not attached", id));
   fw_plan *p = parse_spec(L, 3, f); /* pushes the plan box at 4 */
   fw_vm *other = find_iface(f, p->iface);
   if (other && other != old) {
-    const char *msg = lua_pushfstring(L, "interface '%s' is used by vm '%s'", p->iface,
-                                      other->id);
+    const char *msg = lua_pushfstring(L, "interface '%s' is used by vm '%s'", p->iface, other->id);
     cl_field_error(L, "iface", msg);
   }
   const char *ids[1] = {id};
@@ -1244,7 +1259,7 @@ static int l_attach_many(lua_State *L) {
   lua_settop(L, 3);
   lua_newtable(L); /* 4: id -> plan box */
   lua_newtable(L); /* 5: iface -> id, within this batch */
-  fw_plan **plans = lua_newuserdatauv(L, sizeof(void *) * (size_t)(n ? n : 1), 0); /* 6 */
+  fw_plan **plans = lua_newuserdatauv(L, sizeof(void *) * (size_t)(n ? n : 1), 0);  /* 6 */
   const char **ids = lua_newuserdatauv(L, sizeof(void *) * (size_t)(n ? n : 1), 0); /* 7 */
   for (lua_Integer i = 1; i <= n; i++) {
     lua_settop(L, 7);
@@ -1258,8 +1273,7 @@ static int l_attach_many(lua_State *L) {
     lua_pushlightuserdata(L, f);
     lua_pushvalue(L, 8);
     lua_gettable(L, 2);
-    if (lua_pcall(L, 2, 1, 0) != LUA_OK)
-      luaL_error(L, "vm '%s': %s", id, lua_tostring(L, -1));
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK) luaL_error(L, "vm '%s': %s", id, lua_tostring(L, -1));
     pbox *box = lua_touserdata(L, -1);
     const char *iface = box->p->iface;
     fw_vm *other = find_iface(f, iface);
@@ -1388,7 +1402,7 @@ static int l_reconcile(lua_State *L) {
     lua_pop(L, 1);
   }
   lua_replace(L, 2);
-  lua_newtable(L); /* 3: removed ids */
+  lua_newtable(L);                        /* 3: removed ids */
   fw_txn *t = new_batch(L, f, OP_DETACH); /* 4 */
   int n = 0, err = 0;
   for (size_t b = 0; b < f->nbuckets && !err; b++) {
@@ -1529,9 +1543,9 @@ static int l_counters(lua_State *L) {
   fw_vm *v = cl_fw_find_key(f, key);
   if (!v || strcmp(v->id, id) != 0)
     return cl_failf(L, ENOENT, "firewall: counters '%s': not attached", id);
-  lua_newtable(L);                                   /* 3 */
-  lua_newuserdatauv(L, sizeof(counters_acc), 0);     /* 4 */
-  lua_pushinteger(L, 0);                             /* 5 */
+  lua_newtable(L);                               /* 3 */
+  lua_newuserdatauv(L, sizeof(counters_acc), 0); /* 4 */
+  lua_pushinteger(L, 0);                         /* 5 */
   return counters_k(L, LUA_OK, 0);
 }
 
@@ -1759,8 +1773,9 @@ static int open_k(lua_State *L, int status, lua_KContext ctx) {
   return run_txn(L, f, 5, open_k);
 }
 
-static const char *const OPEN_FIELDS[] = {"table", "netns", "log_group", "on_drop", "resolvers",
-                                          "min_ttl", "max_ttl", "dns_timeout", NULL};
+static const char *const OPEN_FIELDS[] = {"table",   "netns",       "log_group",
+                                          "on_drop", "resolvers",   "min_ttl",
+                                          "max_ttl", "dns_timeout", NULL};
 
 static int l_open(lua_State *L) {
   if (lua_isnoneornil(L, 1)) {
@@ -1796,8 +1811,10 @@ static int l_open(lua_State *L) {
   char path[256];
   if (netns) {
     if (!*netns || strlen(netns) > 200) cl_field_error(L, "netns", "1 to 200 bytes expected");
-    if (strchr(netns, '/')) snprintf(path, sizeof path, "%s", netns);
-    else snprintf(path, sizeof path, "/run/netns/%s", netns);
+    if (strchr(netns, '/'))
+      snprintf(path, sizeof path, "%s", netns);
+    else
+      snprintf(path, sizeof path, "/run/netns/%s", netns);
   }
 
   fw *f = lua_newuserdatauv(L, sizeof *f, 1); /* 2 */
@@ -1945,8 +1962,10 @@ static int l_stats(lua_State *L) {
 
 static int l_tostring(lua_State *L) {
   fw *f = luaL_checkudata(L, 1, FW_MT);
-  if (f->closed) lua_pushliteral(L, "clawlua.firewall (closed)");
-  else lua_pushfstring(L, "clawlua.firewall (table %s, %I vms)", f->table, (lua_Integer)f->nvms);
+  if (f->closed)
+    lua_pushliteral(L, "clawlua.firewall (closed)");
+  else
+    lua_pushfstring(L, "clawlua.firewall (table %s, %I vms)", f->table, (lua_Integer)f->nvms);
   return 1;
 }
 
@@ -1963,10 +1982,17 @@ static int l_names(lua_State *L) {
 int cl_fw_resolve(lua_State *L);
 
 static const luaL_Reg fw_methods[] = {
-  {"detach", l_detach},       {"reconcile", l_reconcile}, {"counters", l_counters},
-  {"list", l_list},           {"close", l_close},         {"destroy", l_destroy},
-  {"stats", l_stats},         {"resolve", cl_fw_resolve}, {"attach_many", l_attach_many},
-  {"detach_many", l_detach_many}, {NULL, NULL},
+    {"detach", l_detach},
+    {"reconcile", l_reconcile},
+    {"counters", l_counters},
+    {"list", l_list},
+    {"close", l_close},
+    {"destroy", l_destroy},
+    {"stats", l_stats},
+    {"resolve", cl_fw_resolve},
+    {"attach_many", l_attach_many},
+    {"detach_many", l_detach_many},
+    {NULL, NULL},
 };
 
 int luaopen_clawlua_firewall(lua_State *L) {

@@ -12,17 +12,17 @@
 #include <net/if.h>
 #include <stdint.h>
 
-#define FW_MT "clawlua.firewall"
-#define FW_ID_MAX 128          /* bytes of a VM id (kept in the chain comment, <= 255) */
-#define FW_NAME_MAX 96         /* chain/set names we build (nftables allows 256) */
-#define FW_BASE_MAX 48         /* vm_<prefix>_<hash>: at most 40 bytes */
-#define FW_HASH_HEX 20         /* 80 bits of SHA-256 in every per-VM name */
-#define FW_PREFIX_MAX 16       /* sanitised id prefix in names, for humans reading nft output */
-#define FW_MAX_ADDRS 4096      /* addresses (CIDRs) per VM spec, all entries together */
-#define FW_MAX_ENTRIES 512     /* allow/deny entries per direction */
-#define FW_MAX_HOSTS 64        /* domain names per VM */
-#define FW_MAX_RESOLVED 64     /* addresses kept per resolved domain name */
-#define FW_INLINE_MAX 8        /* CIDRs per entry and family matched inline, not in a set */
+#define FW_MT            "clawlua.firewall"
+#define FW_ID_MAX        128  /* bytes of a VM id (kept in the chain comment, <= 255) */
+#define FW_NAME_MAX      96   /* chain/set names we build (nftables allows 256) */
+#define FW_BASE_MAX      48   /* vm_<prefix>_<hash>: at most 40 bytes */
+#define FW_HASH_HEX      20   /* 80 bits of SHA-256 in every per-VM name */
+#define FW_PREFIX_MAX    16   /* sanitised id prefix in names, for humans reading nft output */
+#define FW_MAX_ADDRS     4096 /* addresses (CIDRs) per VM spec, all entries together */
+#define FW_MAX_ENTRIES   512  /* allow/deny entries per direction */
+#define FW_MAX_HOSTS     64   /* domain names per VM */
+#define FW_MAX_RESOLVED  64   /* addresses kept per resolved domain name */
+#define FW_INLINE_MAX    8    /* CIDRs per entry and family matched inline, not in a set */
 #define FW_METADATA_ADDR "169.254.169.254"
 
 enum { FW_EGRESS = 0, FW_INGRESS = 1 };
@@ -41,8 +41,8 @@ typedef struct fw_host {
   fw_addr *addrs; /* current addresses (/32, /128) */
   size_t naddrs;
   uint32_t ttl;
-  int resolved;   /* at least one answer was received */
-  char err[96];   /* last failure */
+  int resolved; /* at least one answer was received */
+  char err[96]; /* last failure */
 } fw_host;
 
 /* One allow/deny entry (or the DNS resolvers) of a direction, in spec order. */
@@ -54,9 +54,9 @@ typedef struct fw_entry {
   int metadata;        /* names 169.254.169.254/32 exactly: placed before the metadata drop */
   fw_addr *addrs;      /* static CIDRs */
   size_t naddrs;
-  fw_host *hosts;      /* domain names, resolved on the loop */
+  fw_host *hosts; /* domain names, resolved on the loop */
   size_t nhosts;
-  char label[40];      /* "egress.allow[3]" */
+  char label[40]; /* "egress.allow[3]" */
 } fw_entry;
 
 typedef struct fw_rate {
@@ -73,7 +73,7 @@ typedef struct fw_plan {
   fw_rate rate[2];
   fw_entry *entries;
   size_t nentries;
-  int log;                 /* log drops to the NFLOG group */
+  int log;                      /* log drops to the NFLOG group */
   uint32_t log_rate, log_burst; /* log at most this many per second per rule (0: all) */
 } fw_plan;
 
@@ -84,21 +84,30 @@ typedef struct fw_vm {
   char key[FW_HASH_HEX + 1];
   char base[FW_BASE_MAX];
   char iface[IFNAMSIZ];
-  unsigned gen;  /* generation of its set names */
-  char **sets;   /* names of its sets in the kernel */
+  unsigned gen; /* generation of its set names */
+  char **sets;  /* names of its sets in the kernel */
   size_t nsets;
-  fw_plan *plan; /* NULL when adopted from the kernel (the spec is not stored there) */
+  fw_plan *plan;              /* NULL when adopted from the kernel (the spec is not stored there) */
   struct fw_refresh *refresh; /* DNS refresh timers of its domain names */
 } fw_vm;
 
 /* Description of one message of a batch, to name the object the kernel refused. */
 typedef struct fw_desc {
-  uint8_t kind;      /* FW_OBJ_* */
-  int vm;            /* index in the transaction's id list, -1: none */
+  uint8_t kind; /* FW_OBJ_* */
+  int vm;       /* index in the transaction's id list, -1: none */
   char name[FW_NAME_MAX];
 } fw_desc;
-enum { FW_OBJ_TABLE, FW_OBJ_CHAIN, FW_OBJ_SET, FW_OBJ_ELEM, FW_OBJ_MAPELEM, FW_OBJ_RULE,
-       FW_OBJ_FLUSH, FW_OBJ_DUMP, FW_OBJ_BATCH };
+enum {
+  FW_OBJ_TABLE,
+  FW_OBJ_CHAIN,
+  FW_OBJ_SET,
+  FW_OBJ_ELEM,
+  FW_OBJ_MAPELEM,
+  FW_OBJ_RULE,
+  FW_OBJ_FLUSH,
+  FW_OBJ_DUMP,
+  FW_OBJ_BATCH
+};
 
 typedef struct fw fw;
 typedef struct fw_txn fw_txn;
@@ -113,19 +122,19 @@ struct fw_txn {
   uint32_t seq_begin, seq0, seq_end; /* BEGIN, first message, END (acked) */
   fw_desc *desc;
   size_t ndesc, desccap;
-  char **ids;             /* VM ids named by descriptions */
+  char **ids; /* VM ids named by descriptions */
   size_t nids, idcap;
   int is_dump, sent, done, end_acked;
-  int err;                /* first errno reported */
+  int err; /* first errno reported */
   char errmsg[512];
-  fw_msg_cb on_msg;       /* dump: each data message */
+  fw_msg_cb on_msg; /* dump: each data message */
   void *arg;
-  fw_done_cb on_done;     /* completion, success or failure (registry updates) */
+  fw_done_cb on_done; /* completion, success or failure (registry updates) */
   void *ctx;
   int ctx_kind;
-  cl_wait *waiter;        /* Lua call waiting for completion, if any */
-  int orphan;             /* nobody will read the result: free on completion */
-  uint32_t set_id;        /* set ids handed out in this batch */
+  cl_wait *waiter; /* Lua call waiting for completion, if any */
+  int orphan;      /* nobody will read the result: free on completion */
+  uint32_t set_id; /* set ids handed out in this batch */
 };
 
 typedef struct fw_nflog fw_nflog;
@@ -134,7 +143,7 @@ typedef struct fw_dns fw_dns;
 struct fw {
   int closed;
   cl_loop *loop;
-  lua_State *L;            /* main thread: C callbacks emit audit events through it */
+  lua_State *L; /* main thread: C callbacks emit audit events through it */
   char table[33];
   char netns[256];
   int nl_fd;
@@ -147,7 +156,7 @@ struct fw {
   size_t nbuckets, nvms;
   /* drop log */
   fw_nflog *nflog;
-  int log_group;           /* -1: none */
+  int log_group; /* -1: none */
   /* DNS */
   fw_dns *dns;
   double min_ttl, max_ttl, dns_timeout;

@@ -27,11 +27,11 @@
 
 #include <libmnl/libmnl.h>
 #include <libnftnl/common.h>
-#include <linux/netfilter/nfnetlink.h>
 #include <linux/netfilter/nf_tables.h>
+#include <linux/netfilter/nfnetlink.h>
 #include <linux/netlink.h>
 
-#define MSG_ROOM 65536     /* room guaranteed before each message is written */
+#define MSG_ROOM  65536 /* room guaranteed before each message is written */
 #define RBUF_SIZE (1 << 17)
 
 /* ------------------------------------------------------------------------------------------ */
@@ -48,8 +48,7 @@ typedef struct sock_job {
 
 /* Specs of the sockets: netlink protocol numbers, or -AF_INET / -AF_INET6 for UDP. */
 static int make_socket(int type) {
-  if (type >= 0)
-    return socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, type);
+  if (type >= 0) return socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, type);
   return socket(-type, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 }
 
@@ -233,15 +232,24 @@ int cl_fw_txn_finish(fw *f, fw_txn *t) {
 
 static const char *kind_name(uint8_t k) {
   switch (k) {
-  case FW_OBJ_TABLE: return "table";
-  case FW_OBJ_CHAIN: return "chain";
-  case FW_OBJ_SET: return "set";
-  case FW_OBJ_ELEM: return "elements of set";
-  case FW_OBJ_MAPELEM: return "map element";
-  case FW_OBJ_RULE: return "rule";
-  case FW_OBJ_FLUSH: return "flush of chain";
-  case FW_OBJ_DUMP: return "listing of";
-  default: return "batch";
+  case FW_OBJ_TABLE:
+    return "table";
+  case FW_OBJ_CHAIN:
+    return "chain";
+  case FW_OBJ_SET:
+    return "set";
+  case FW_OBJ_ELEM:
+    return "elements of set";
+  case FW_OBJ_MAPELEM:
+    return "map element";
+  case FW_OBJ_RULE:
+    return "rule";
+  case FW_OBJ_FLUSH:
+    return "flush of chain";
+  case FW_OBJ_DUMP:
+    return "listing of";
+  default:
+    return "batch";
   }
 }
 
@@ -392,7 +400,10 @@ static void pump(fw *f) {
 
 void cl_fw_submit(fw *f, fw_txn *t) {
   t->next = NULL;
-  if (f->qtail) f->qtail->next = t; else f->qhead = t;
+  if (f->qtail)
+    f->qtail->next = t;
+  else
+    f->qhead = t;
   f->qtail = t;
   pump(f);
 }

@@ -28,7 +28,7 @@
 #include <netinet/in.h>
 
 #define QUEUE_CAP 1024
-#define NFLOG_MT "clawlua.firewall.nflog"
+#define NFLOG_MT  "clawlua.firewall.nflog"
 
 typedef struct drop_ev {
   char key[FW_HASH_HEX + 1];
@@ -105,13 +105,15 @@ static void push_event(lua_State *L, const drop_ev *ev, const char *vm) {
   lua_setfield(L, -2, "rule");
   lua_pushstring(L, ev->family == 4 ? "ip" : ev->family == 6 ? "ip6" : "arp");
   lua_setfield(L, -2, "family");
-  const char *pn = ev->proto == IPPROTO_TCP    ? "tcp"
-                   : ev->proto == IPPROTO_UDP  ? "udp"
-                   : ev->proto == IPPROTO_ICMP ? "icmp"
+  const char *pn = ev->proto == IPPROTO_TCP      ? "tcp"
+                   : ev->proto == IPPROTO_UDP    ? "udp"
+                   : ev->proto == IPPROTO_ICMP   ? "icmp"
                    : ev->proto == IPPROTO_ICMPV6 ? "icmpv6"
-                                               : NULL;
-  if (pn) lua_pushstring(L, pn);
-  else lua_pushinteger(L, ev->proto);
+                                                 : NULL;
+  if (pn)
+    lua_pushstring(L, pn);
+  else
+    lua_pushinteger(L, ev->proto);
   lua_setfield(L, -2, "proto");
   lua_pushstring(L, ev->src);
   lua_setfield(L, -2, "src");
@@ -145,9 +147,8 @@ static int next_event(lua_State *L) {
   return 1;
 }
 
-static const char DELIVER_SRC[] =
-  "local next_event, cb = ...\n"
-  "return function() for ev in next_event do cb(ev) end end\n";
+static const char DELIVER_SRC[] = "local next_event, cb = ...\n"
+                                  "return function() for ev in next_event do cb(ev) end end\n";
 
 static void schedule_delivery(fw_nflog *n) {
   lua_State *L = n->f->L;
@@ -225,8 +226,7 @@ static void on_readable(cl_watch *w, uint32_t events) {
     const struct nlmsghdr *nlh = (const struct nlmsghdr *)n->buf;
     int len = (int)r;
     while (mnl_nlmsg_ok(nlh, len) && n->f) {
-      if (nlh->nlmsg_type == ((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET))
-        handle_packet(n, nlh);
+      if (nlh->nlmsg_type == ((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)) handle_packet(n, nlh);
       nlh = mnl_nlmsg_next(nlh, &len);
     }
   }

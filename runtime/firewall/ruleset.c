@@ -24,11 +24,11 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/if_arp.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter/nf_tables.h>
 #include <linux/netfilter/nfnetlink.h>
 #include <linux/netfilter_arp.h>
-#include <linux/if_arp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,15 +42,15 @@
 #include <libnftnl/udata.h>
 #include <openssl/evp.h>
 
-#define PRIO_SPOOF (-300)  /* NF_IP_PRI_RAW: before conntrack */
+#define PRIO_SPOOF  (-300) /* NF_IP_PRI_RAW: before conntrack */
 #define PRIO_FILTER (-10)  /* just before the usual filter priority 0 */
 /* nftables' own data type numbers, so that `nft list` prints our maps and sets readably. */
-#define TYPE_IPADDR 7
-#define TYPE_IP6ADDR 8
-#define TYPE_IFNAME 41
+#define TYPE_IPADDR   7
+#define TYPE_IP6ADDR  8
+#define TYPE_IFNAME   41
 #define ELEMS_PER_MSG 512
-#define CT_EST_REL ((1u << 1) | (1u << 2)) /* NF_CT_STATE_BIT(ESTABLISHED) | RELATED */
-#define CT_INVALID 1u
+#define CT_EST_REL    ((1u << 1) | (1u << 2)) /* NF_CT_STATE_BIT(ESTABLISHED) | RELATED */
+#define CT_INVALID    1u
 
 static const char *const MAPS[] = {"spoof", "egress", "ingress"};
 
@@ -98,7 +98,9 @@ char *cl_fw_set_name(const fw_vm *vm, unsigned gen, const fw_entry *e, int fam, 
 /* ------------------------------------------------------------------------------------------ */
 /* Expressions                                                                                */
 
-static void add(struct nftnl_rule *r, struct nftnl_expr *e) { nftnl_rule_add_expr(r, e); }
+static void add(struct nftnl_rule *r, struct nftnl_expr *e) {
+  nftnl_rule_add_expr(r, e);
+}
 
 static void x_meta(struct nftnl_rule *r, uint32_t key) {
   struct nftnl_expr *e = nftnl_expr_alloc("meta");
@@ -124,7 +126,7 @@ static void x_payload(struct nftnl_rule *r, uint32_t base, uint32_t off, uint32_
   add(r, e);
 }
 
-static void x_bitwise(struct nftnl_rule *r, const void *mask, const void *xor, uint32_t len) {
+static void x_bitwise(struct nftnl_rule *r, const void *mask, const void * xor, uint32_t len) {
   struct nftnl_expr *e = nftnl_expr_alloc("bitwise");
   nftnl_expr_set_u32(e, NFTNL_EXPR_BITWISE_SREG, NFT_REG_1);
   nftnl_expr_set_u32(e, NFTNL_EXPR_BITWISE_DREG, NFT_REG_1);
@@ -177,7 +179,9 @@ static void x_limit(struct nftnl_rule *r, uint64_t rate, uint64_t burst, int byt
   add(r, e);
 }
 
-static void x_counter(struct nftnl_rule *r) { add(r, nftnl_expr_alloc("counter")); }
+static void x_counter(struct nftnl_rule *r) {
+  add(r, nftnl_expr_alloc("counter"));
+}
 
 static void x_log(struct nftnl_rule *r, int group, const char *key, const char *label) {
   char prefix[128];
@@ -213,8 +217,8 @@ static void x_l4proto(struct nftnl_rule *r, uint8_t proto) {
 typedef struct build {
   fw *f;
   fw_txn *t;
-  int vm;             /* index of the VM id in the transaction */
-  const char *key;    /* the VM's hash, for log prefixes */
+  int vm;          /* index of the VM id in the transaction */
+  const char *key; /* the VM's hash, for log prefixes */
   const fw_plan *p;
   int err;
 } build;
@@ -232,14 +236,13 @@ static void put_rule(build *b, uint16_t family, const char *chain, const char *l
     struct nftnl_udata_buf *u = nftnl_udata_buf_alloc(NFT_USERDATA_MAXLEN);
     if (u) {
       nftnl_udata_put_strz(u, NFTNL_UDATA_RULE_COMMENT, label);
-      nftnl_rule_set_data(r, NFTNL_RULE_USERDATA, nftnl_udata_buf_data(u),
-                          nftnl_udata_buf_len(u));
+      nftnl_rule_set_data(r, NFTNL_RULE_USERDATA, nftnl_udata_buf_data(u), nftnl_udata_buf_len(u));
       nftnl_udata_buf_free(u);
     }
   }
-  struct nlmsghdr *nlh = cl_fw_txn_msg(b->f, b->t, NFT_MSG_NEWRULE, family,
-                                       NLM_F_CREATE | NLM_F_APPEND, FW_OBJ_RULE, b->vm,
-                                       label ? label : chain);
+  struct nlmsghdr *nlh =
+      cl_fw_txn_msg(b->f, b->t, NFT_MSG_NEWRULE, family, NLM_F_CREATE | NLM_F_APPEND, FW_OBJ_RULE,
+                    b->vm, label ? label : chain);
   if (!nlh) {
     b->err = ENOMEM;
   } else {
@@ -253,10 +256,11 @@ static void put_table(build *b, uint16_t family, uint16_t type) {
   struct nftnl_table *tb = nftnl_table_alloc();
   nftnl_table_set_str(tb, NFTNL_TABLE_NAME, b->f->table);
   nftnl_table_set_u32(tb, NFTNL_TABLE_FAMILY, family);
-  struct nlmsghdr *nlh = cl_fw_txn_msg(b->f, b->t, type, family,
-                                       type == NFT_MSG_NEWTABLE ? NLM_F_CREATE : 0,
-                                       FW_OBJ_TABLE, -1, b->f->table);
-  if (!nlh) b->err = ENOMEM;
+  struct nlmsghdr *nlh =
+      cl_fw_txn_msg(b->f, b->t, type, family, type == NFT_MSG_NEWTABLE ? NLM_F_CREATE : 0,
+                    FW_OBJ_TABLE, -1, b->f->table);
+  if (!nlh)
+    b->err = ENOMEM;
   else {
     nftnl_table_nlmsg_build_payload(nlh, tb);
     cl_fw_txn_end_msg(b->t, nlh);
@@ -273,9 +277,10 @@ static void put_chain(build *b, uint16_t type, uint16_t family, const char *name
     nftnl_rule_set_str(r, NFTNL_RULE_TABLE, b->f->table);
     nftnl_rule_set_str(r, NFTNL_RULE_CHAIN, name);
     nftnl_rule_set_u32(r, NFTNL_RULE_FAMILY, family);
-    struct nlmsghdr *nlh = cl_fw_txn_msg(b->f, b->t, NFT_MSG_DELRULE, family, 0, FW_OBJ_FLUSH,
-                                         b->vm, name);
-    if (!nlh) b->err = ENOMEM;
+    struct nlmsghdr *nlh =
+        cl_fw_txn_msg(b->f, b->t, NFT_MSG_DELRULE, family, 0, FW_OBJ_FLUSH, b->vm, name);
+    if (!nlh)
+      b->err = ENOMEM;
     else {
       nftnl_rule_nlmsg_build_payload(nlh, r);
       cl_fw_txn_end_msg(b->t, nlh);
@@ -302,9 +307,9 @@ static void put_chain(build *b, uint16_t type, uint16_t family, const char *name
       nftnl_udata_buf_free(u);
     }
   }
-  struct nlmsghdr *nlh = cl_fw_txn_msg(b->f, b->t, type, family, flags, FW_OBJ_CHAIN, b->vm,
-                                       name);
-  if (!nlh) b->err = ENOMEM;
+  struct nlmsghdr *nlh = cl_fw_txn_msg(b->f, b->t, type, family, flags, FW_OBJ_CHAIN, b->vm, name);
+  if (!nlh)
+    b->err = ENOMEM;
   else {
     nftnl_chain_nlmsg_build_payload(nlh, c);
     cl_fw_txn_end_msg(b->t, nlh);
@@ -422,8 +427,7 @@ static void put_addr_set(build *b, const char *name, uint32_t set_id, int fam,
     nftnl_set_set_u32(s, NFTNL_SET_KEY_LEN, (uint32_t)len);
     nftnl_set_set_u32(s, NFTNL_SET_ID, set_id);
     set_byteorder(s, 2);
-    put_set_msg(b, NFT_MSG_NEWSET, NFPROTO_INET, NLM_F_CREATE | NLM_F_EXCL, FW_OBJ_SET, name,
-                s);
+    put_set_msg(b, NFT_MSG_NEWSET, NFPROTO_INET, NLM_F_CREATE | NLM_F_EXCL, FW_OBJ_SET, name, s);
     nftnl_set_free(s);
     if (b->err) return;
   }
@@ -560,8 +564,8 @@ static void drop_rule(build *b, uint16_t family, const char *chain, const char *
 /* The matches of a spoof/entry rule are built twice when a separate log rule is needed. */
 typedef void (*match_fn)(struct nftnl_rule *r, const void *arg);
 
-static void drop_with(build *b, uint16_t family, const char *chain, const char *label,
-                      match_fn m, const void *arg) {
+static void drop_with(build *b, uint16_t family, const char *chain, const char *label, match_fn m,
+                      const void *arg) {
   struct nftnl_rule *r = nftnl_rule_alloc();
   m(r, arg);
   struct nftnl_rule *logr = NULL;
@@ -572,8 +576,7 @@ static void drop_with(build *b, uint16_t family, const char *chain, const char *
   drop_rule(b, family, chain, label, r, logr);
 }
 
-static void ret_with(build *b, const char *chain, const char *label, match_fn m,
-                     const void *arg) {
+static void ret_with(build *b, const char *chain, const char *label, match_fn m, const void *arg) {
   struct nftnl_rule *r = nftnl_rule_alloc();
   m(r, arg);
   x_counter(r);
@@ -581,7 +584,9 @@ static void ret_with(build *b, const char *chain, const char *label, match_fn m,
   put_rule(b, NFPROTO_INET, chain, label, r);
 }
 
-static void m_none(struct nftnl_rule *r, const void *arg) { (void)r, (void)arg; }
+static void m_none(struct nftnl_rule *r, const void *arg) {
+  (void)r, (void)arg;
+}
 
 static void m_mac(struct nftnl_rule *r, const void *arg) {
   uint16_t ether = ARPHRD_ETHER;
@@ -591,8 +596,12 @@ static void m_mac(struct nftnl_rule *r, const void *arg) {
   x_cmp(r, NFT_CMP_NEQ, arg, 6);
 }
 
-static void m_v4(struct nftnl_rule *r, const void *arg) { x_nfproto(r, 4); }
-static void m_v6(struct nftnl_rule *r, const void *arg) { x_nfproto(r, 6); }
+static void m_v4(struct nftnl_rule *r, const void *arg) {
+  x_nfproto(r, 4);
+}
+static void m_v6(struct nftnl_rule *r, const void *arg) {
+  x_nfproto(r, 6);
+}
 
 static void m_v4_not(struct nftnl_rule *r, const void *arg) {
   x_nfproto(r, 4);
@@ -622,7 +631,9 @@ static void m_v6_dad(struct nftnl_rule *r, const void *arg) {
   x_l4proto(r, IPPROTO_ICMPV6);
 }
 
-static void m_ct(struct nftnl_rule *r, const void *arg) { x_ct_state(r, *(const uint32_t *)arg); }
+static void m_ct(struct nftnl_rule *r, const void *arg) {
+  x_ct_state(r, *(const uint32_t *)arg);
+}
 
 typedef struct rate_arg {
   uint64_t rate, burst;
@@ -749,8 +760,8 @@ static void entry_sets(build *b, const fw_vm *vm, unsigned gen, const fw_entry *
   }
 }
 
-static void entry_rules(build *b, const char *chain, const fw_entry *e,
-                        char names[2][FW_NAME_MAX], const uint32_t ids[2], int verdict) {
+static void entry_rules(build *b, const char *chain, const fw_entry *e, char names[2][FW_NAME_MAX],
+                        const uint32_t ids[2], int verdict) {
   int fams[2], nf = 0;
   if (e->any) {
     if (e->proto & FW_P_ICMP) {
@@ -787,25 +798,28 @@ static void entry_rules(build *b, const char *chain, const fw_entry *e,
           if (e->addrs[c].fam != fams[i]) continue;
           a.cidr = &e->addrs[c];
         }
-        if (verdict == NF_DROP) drop_with(b, NFPROTO_INET, chain, e->label, m_entry, &a);
-        else ret_with(b, chain, e->label, m_entry, &a);
+        if (verdict == NF_DROP)
+          drop_with(b, NFPROTO_INET, chain, e->label, m_entry, &a);
+        else
+          ret_with(b, chain, e->label, m_entry, &a);
       }
     }
   }
 }
 
-static void direction_rules(build *b, const fw_vm *vm, unsigned gen, int dir,
-                            const char *chain) {
+static void direction_rules(build *b, const fw_vm *vm, unsigned gen, int dir, const char *chain) {
   const fw_plan *p = b->p;
   const char *d = dir == FW_EGRESS ? "egress" : "ingress";
   char label[40];
   if (p->rate[dir].packets) {
-    rate_arg a = {p->rate[dir].packets, p->rate[dir].burst ? p->rate[dir].burst : p->rate[dir].packets, 0};
+    rate_arg a = {p->rate[dir].packets,
+                  p->rate[dir].burst ? p->rate[dir].burst : p->rate[dir].packets, 0};
     snprintf(label, sizeof label, "%s.rate", d);
     drop_with(b, NFPROTO_INET, chain, label, m_rate, &a);
   }
   if (p->rate[dir].bytes) {
-    rate_arg a = {p->rate[dir].bytes, p->rate[dir].burst ? p->rate[dir].burst : p->rate[dir].bytes, 1};
+    rate_arg a = {p->rate[dir].bytes, p->rate[dir].burst ? p->rate[dir].burst : p->rate[dir].bytes,
+                  1};
     snprintf(label, sizeof label, "%s.rate_bytes", d);
     drop_with(b, NFPROTO_INET, chain, label, m_rate, &a);
   }
@@ -822,10 +836,10 @@ static void direction_rules(build *b, const fw_vm *vm, unsigned gen, int dir,
     for (size_t i = 0; i < p->nentries; i++) {
       const fw_entry *e = &p->entries[i];
       if (e->dir != dir) continue;
-      int want = pass == 0 ? e->action == FW_DENY
-               : pass == 1 ? e->action == FW_DNS
-               : pass == 2 ? (e->action == FW_ALLOW && e->metadata)
-                           : (e->action == FW_ALLOW && !e->metadata);
+      int want = pass == 0   ? e->action == FW_DENY
+                 : pass == 1 ? e->action == FW_DNS
+                 : pass == 2 ? (e->action == FW_ALLOW && e->metadata)
+                             : (e->action == FW_ALLOW && !e->metadata);
       if (!want) continue;
       char names[2][FW_NAME_MAX];
       uint32_t ids[2];
@@ -842,15 +856,19 @@ static void direction_rules(build *b, const fw_vm *vm, unsigned gen, int dir,
       drop_with(b, NFPROTO_INET, chain, "egress.metadata", m_metadata, NULL);
   }
   snprintf(label, sizeof label, "%s.policy", d);
-  if (p->accept[dir]) ret_with(b, chain, label, m_none, NULL);
-  else drop_with(b, NFPROTO_INET, chain, label, m_none, NULL);
+  if (p->accept[dir])
+    ret_with(b, chain, label, m_none, NULL);
+  else
+    drop_with(b, NFPROTO_INET, chain, label, m_none, NULL);
 }
 
 static void spoof_rules(build *b, const char *chain) {
   const fw_plan *p = b->p;
   if (p->has_mac) drop_with(b, NFPROTO_INET, chain, "spoof.mac", m_mac, p->mac);
-  if (p->has4) drop_with(b, NFPROTO_INET, chain, "spoof.ip", m_v4_not, p->ip4.a);
-  else drop_with(b, NFPROTO_INET, chain, "spoof.ip", m_v4, NULL);
+  if (p->has4)
+    drop_with(b, NFPROTO_INET, chain, "spoof.ip", m_v4_not, p->ip4.a);
+  else
+    drop_with(b, NFPROTO_INET, chain, "spoof.ip", m_v4, NULL);
   if (p->has6) {
     ret_with(b, chain, "spoof.ip6_ok", m_v6_is, p->ip6.a);
     ret_with(b, chain, "spoof.ip6_linklocal", m_v6_linklocal, NULL);
@@ -1002,7 +1020,10 @@ int cl_fw_build_set_refresh(fw *f, fw_txn *t, const fw_vm *vm, size_t entry) {
 
 int cl_fw_dump_request(fw *f, fw_txn *t, uint16_t type, uint16_t family, const char *chain,
                        const char *set) {
-  struct nlmsghdr *nlh = cl_fw_txn_msg(f, t, type, family, NLM_F_DUMP, FW_OBJ_DUMP, -1, chain ? chain : set ? set : f->table);
+  struct nlmsghdr *nlh = cl_fw_txn_msg(f, t, type, family, NLM_F_DUMP, FW_OBJ_DUMP, -1,
+                                       chain ? chain
+                                       : set ? set
+                                             : f->table);
   if (!nlh) return ENOMEM;
   if (type == NFT_MSG_GETRULE) {
     struct nftnl_rule *r = nftnl_rule_alloc();

@@ -27,8 +27,8 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-#define REQ_MT             "clawlua.vm.request"
-#define IN_CAP             (CLA_HEADER + CLA_MAX_PAYLOAD)
+#define REQ_MT "clawlua.vm.request"
+#define IN_CAP (CLA_HEADER + CLA_MAX_PAYLOAD)
 /* Writers wait while this much is queued for the guest; past STREAM_HIGH of streamed output
  * queued for callbacks, the channel stops reading. */
 #define OUT_HIGH           ((size_t)512 << 10)

@@ -24,6 +24,7 @@
 #include <linux/if_tun.h>
 #include <linux/kvm.h>
 #include <net/if.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -35,7 +36,6 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <pwd.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>

@@ -136,7 +136,7 @@ struct vm {
   cl_waitq changed; /* woken on every change a step function may wait for */
   cl_timer poll_timer;
   int probe_recorded; /* the failed KVM boot was recorded and its VMM killed */
-  int restoring; /* vm.restore's start: a failure releases the handle */
+  int restoring;      /* vm.restore's start: a failure releases the handle */
 };
 
 /* vm.c */

@@ -13,13 +13,13 @@
 
 static int failures, checks;
 
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    checks++;                                                                         \
-    if (!(cond)) {                                                                    \
-      failures++;                                                                     \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);        \
-    }                                                                                 \
+#define CHECK(cond)                                                                                \
+  do {                                                                                             \
+    checks++;                                                                                      \
+    if (!(cond)) {                                                                                 \
+      failures++;                                                                                  \
+      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);                     \
+    }                                                                                              \
   } while (0)
 
 static int count_fds(void) {
@@ -36,17 +36,21 @@ static int count_fds(void) {
 #define NT 2000
 static uint64_t fired[NT];
 static int nfired;
-static void on_fire(cl_timer *t) { fired[nfired++] = t->deadline; }
+static void on_fire(cl_timer *t) {
+  fired[nfired++] = t->deadline;
+}
 
 static void test_timers(lua_State *L) {
   cl_loop *lp = cl_loop_get(L);
   static cl_timer timers[NT];
   uint64_t base = cl_now_ns() + 1000000; /* 1 ms ahead */
   srand(7);
-  for (int i = 0; i < NT; i++) cl_timer_start(lp, &timers[i], base + (uint64_t)(rand() % 20000000), on_fire);
+  for (int i = 0; i < NT; i++)
+    cl_timer_start(lp, &timers[i], base + (uint64_t)(rand() % 20000000), on_fire);
   /* cancel every third one, re-arm every fifth one later */
   for (int i = 0; i < NT; i += 3) cl_timer_stop(&timers[i]);
-  for (int i = 0; i < NT; i += 5) cl_timer_start(lp, &timers[i], base + 25000000u + (uint64_t)i, on_fire);
+  for (int i = 0; i < NT; i += 5)
+    cl_timer_start(lp, &timers[i], base + 25000000u + (uint64_t)i, on_fire);
   int expected = 0;
   for (int i = 0; i < NT; i++) expected += timers[i].slot != 0;
   /* drive the loop until all fired */
@@ -168,11 +172,10 @@ static int stepper(lua_State *L) {
 static void test_cancel_after_wake(lua_State *L) {
   lua_pushcfunction(L, stepper);
   lua_setglobal(L, "stepper");
-  int rc = luaL_dostring(L,
-    "local claw = require 'clawlua'\n"
-    "local t = claw.spawn(stepper)\n"
-    "claw.sleep(0)\n"                 /* t waits */
-    "return t");
+  int rc = luaL_dostring(L, "local claw = require 'clawlua'\n"
+                            "local t = claw.spawn(stepper)\n"
+                            "claw.sleep(0)\n" /* t waits */
+                            "return t");
   CHECK(rc == LUA_OK);
   CHECK(aborts == 0 && rewaits == 0);
   cl_waitq_wake_all(&test_q, 0); /* woken: ready to run, not yet running */

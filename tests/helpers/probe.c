@@ -29,8 +29,10 @@
 #include <unistd.h>
 
 static int result(long r) {
-  if (r < 0) printf("errno %d\n", errno);
-  else printf("ok\n");
+  if (r < 0)
+    printf("errno %d\n", errno);
+  else
+    printf("ok\n");
   return 0;
 }
 
