@@ -78,9 +78,17 @@ describe("vm with a real QEMU guest", function()
     for _, ns in ipairs { "mnt", "pid", "net", "ipc", "uts" } do
       assert.are_not.equal(H.sh("readlink /proc/self/ns/" .. ns), H.sh("readlink /proc/" .. pid .. "/ns/" .. ns))
     end
+    -- With an empty verdict cache on a host whose /dev/kvm does not boot this kernel, the same
+    -- start boots once under KVM, sees it fail, and boots again under TCG: two jailed VMMs.
+    local fell_back = info.why:find("a boot under it failed", 1, true) ~= nil
     local jail = claw.audit.events { sandbox = v.id, kind = "jail.spawn" }
-    assert.is_true(#jail == 1 and #jail[1].detail.cgroups >= 1, "the VMM has no cgroup")
-    assert.matches("vm.create jail.spawn vm.spawn vm.start vm.ready", audit_kinds(v.id))
+    assert.are.equal(fell_back and 2 or 1, #jail)
+    for _, ev in ipairs(jail) do
+      assert.is_true(#ev.detail.cgroups >= 1, "the VMM has no cgroup")
+    end
+    local boot = "jail.spawn vm.spawn vm.start"
+    if fell_back then boot = boot .. " jail.exit vm.exit " .. boot end
+    assert.matches("vm.create " .. boot:gsub("%.", "%%.") .. " vm%.ready", audit_kinds(v.id))
   end)
 
   it("runs uname -a in the guest", function()
