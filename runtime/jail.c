@@ -567,8 +567,9 @@ static int cg_create(jail_ext *x, int version, long long memory, long long pids,
 /* Parent set-up: ids maps, cgroup attach (before the child continues)                        */
 
 typedef struct spawn_ctx {
-  jail_cfg *cfg;
+  jail_cfg *cfg; /* a userdata anchored as the context's user value */
   jail_ext *ext;
+  int idx; /* stack index of the context in l_spawn's frame */
   char id[64];
 } spawn_ctx;
 
@@ -1160,6 +1161,9 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   memset(c, 0, sizeof *c);
   c->netfd = -1;
   sc->cfg = c;
+  /* The stack slot goes before the child starts; the hooks after it still read the config. */
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, sc->idx, 1);
   /* Namespaces. */
   int nt = 0;
   if (lua_getfield(L, opts, "namespaces") != LUA_TNIL) {
@@ -1485,8 +1489,9 @@ static void started(lua_State *L, int handle, pid_t pid, void *arg) {
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
-  spawn_ctx *sc = lua_newuserdatauv(L, sizeof *sc, 0);
+  spawn_ctx *sc = lua_newuserdatauv(L, sizeof *sc, 1);
   memset(sc, 0, sizeof *sc);
+  sc->idx = lua_gettop(L);
   cl_spawn_hooks h;
   memset(&h, 0, sizeof h);
   h.fields = jail_fields;
