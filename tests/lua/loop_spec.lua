@@ -155,7 +155,8 @@ describe("timers", function()
     for _, t in ipairs(tasks) do t:join() end
     assert.are.equal(200, #fired)
     -- the deadline noted here and the one sleep() computes differ by the time between the calls
-    local slack = 0.001 * H.scale
+    -- (under the gc stage a whole collection can run in between)
+    local slack = 0.001 * H.scale * (os.getenv("CLAWLUA_GC_STRESS") == "1" and 4 or 1)
     for i = 2, #fired do assert.is_true(fired[i - 1] <= fired[i] + slack) end
   end)
 
