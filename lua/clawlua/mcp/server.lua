@@ -1,0 +1,330 @@
+-- The MCP server: reads frames, answers each request in a task of its own (so a 30 s exec does
+-- not hold up `tools/list` or `ping`), cancels a request's task on `notifications/cancelled`,
+-- reports progress when the request carries a progressToken, and closes its tool set (every
+-- sandbox it created) when the input ends or the process is told to stop.
+local claw = require "clawlua"
+local rpc = require "clawlua.mcp.rpc"
+local protocol = require "clawlua.mcp.protocol"
+
+local json = claw.json
+
+local M = {}
+
+local Server = {}
+Server.__index = Server
+
+local function invalid_params(message)
+  return nil, { code = rpc.INVALID_PARAMS, message = "invalid params: " .. message }
+end
+
+local function invalid_request(message)
+  return nil, { code = rpc.INVALID_REQUEST, message = "invalid request: " .. message }
+end
+
+---@class clawlua.mcp.server_opts
+---@field input table        stream to read frames from
+---@field output table       stream to write frames to
+---@field tools table        a tool set (clawlua.mcp.tools)
+---@field log_level string|nil  stderr threshold (default "info"); "off" silences stderr
+---@field log fun(line: string)|nil  where stderr lines go (default io.stderr)
+---@field max_message integer|nil
+---@field name string|nil
+---@field instructions string|nil
+
+--- A server over two streams. `server:serve()` runs it until the input ends.
+---@param opts clawlua.mcp.server_opts
+function M.new(opts)
+  assert(type(opts) == "table", "server.new{input=, output=, tools=} expected")
+  if type(opts.tools) ~= "table" then error("bad field 'tools' (tool set expected)", 2) end
+  local level = opts.log_level or "info"
+  if level ~= "off" and not protocol.LEVEL_RANK[level] then
+    error(("bad field 'log_level' (one of %s or off expected)"):format(table.concat(protocol.LEVELS, ", ")), 2)
+  end
+  local self = setmetatable({
+    conn = rpc.conn { input = opts.input, output = opts.output, max_message = opts.max_message },
+    tools = opts.tools,
+    info = { name = opts.name or "clawlua", version = claw.version, title = "clawlua sandboxes" },
+    instructions = opts.instructions or
+      "Run untrusted code in isolated sandboxes: sandbox_create, then sandbox_exec / " ..
+      "sandbox_write_file / sandbox_read_file, and sandbox_destroy when done. " ..
+      "The operator's policy decides what each sandbox may reach.",
+    stderr_rank = level == "off" and math.huge or protocol.LEVEL_RANK[level],
+    write_log = opts.log or function(line) io.stderr:write(line, "\n") end,
+    inflight = {}, -- id key -> {task=, id=}
+    ninflight = 0,
+    version = nil,      -- negotiated session revision (after initialize)
+    client = nil,       -- clientInfo of the session
+    session_level = nil, -- logging/setLevel
+  }, Server)
+  return self
+end
+
+--- Logs to stderr (at the server's threshold) and, as `notifications/message`, to the client
+--- when it asked for that level (the session's `logging/setLevel`, or the request's `_meta`).
+---@param level string
+---@param data any
+---@param req table|nil the request this is about
+function Server:log(level, data, req)
+  local rank = protocol.LEVEL_RANK[level]
+  if rank >= self.stderr_rank then
+    self.write_log(("clawlua mcp: %s: %s"):format(level,
+      type(data) == "string" and data or (json.encode(data) or tostring(data))))
+  end
+  local want
+  if req and req.version == protocol.STATELESS then
+    want = req.log_level
+  else
+    want = self.session_level
+  end
+  if want and rank >= protocol.LEVEL_RANK[want] then
+    local params = { level = level, logger = "clawlua", data = data }
+    self.conn:notify("notifications/message", params)
+  end
+end
+
+local handlers = {}
+
+function handlers.initialize(self, p)
+  if self.version then return invalid_request("the session is already initialized") end
+  if type(p.protocolVersion) ~= "string" then
+    return invalid_params("field 'protocolVersion' must be a string")
+  end
+  if type(p.clientInfo) ~= "table" or type(p.clientInfo.name) ~= "string" then
+    return invalid_params("field 'clientInfo.name' must be a string")
+  end
+  if p.capabilities ~= nil and type(p.capabilities) ~= "table" then
+    return invalid_params("field 'capabilities' must be an object")
+  end
+  self.version = protocol.negotiate(p.protocolVersion)
+  self.client = { name = p.clientInfo.name, version = p.clientInfo.version }
+  self:log("info", ("session with %s %s, protocol %s (asked %s)"):format(self.client.name,
+    tostring(self.client.version), self.version, p.protocolVersion))
+  return {
+    protocolVersion = self.version,
+    capabilities = protocol.capabilities(),
+    serverInfo = self.info,
+    instructions = self.instructions,
+  }
+end
+
+function handlers.ping() return json.object {} end
+
+handlers["server/discover"] = function(self)
+  return {
+    supportedVersions = protocol.supported(),
+    capabilities = protocol.capabilities(),
+    instructions = self.instructions,
+  }, { ttl_ms = protocol.DISCOVER_TTL_MS, scope = "public" }
+end
+
+handlers["logging/setLevel"] = function(self, p)
+  if not protocol.LEVEL_RANK[p.level] then
+    return invalid_params(("field 'level' must be one of %s"):format(table.concat(protocol.LEVELS, ", ")))
+  end
+  self.session_level = p.level
+  return json.object {}
+end
+
+local function check_cursor(p)
+  if p.cursor ~= nil then return invalid_params("unknown cursor (the lists have one page)") end
+  return true
+end
+
+handlers["tools/list"] = function(self, p)
+  local ok, err = check_cursor(p)
+  if not ok then return nil, err end
+  return { tools = json.array(self.tools:list()) },
+    { ttl_ms = protocol.TOOLS_TTL_MS, scope = "public" }
+end
+
+handlers["tools/call"] = function(self, p, req)
+  if type(p.name) ~= "string" then return invalid_params("field 'name' must be a string") end
+  local args = p.arguments
+  if args == nil then args = json.object {} end
+  if type(args) ~= "table" or json.is_array(args) then
+    return invalid_params("field 'arguments' must be an object")
+  end
+  local ctx = { client = req.client_name, progress = req.progress,
+                log = function(level, data) self:log(level, data, req) end }
+  return self.tools:call(p.name, args, ctx)
+end
+
+handlers["resources/list"] = function(self, p)
+  local ok, err = check_cursor(p)
+  if not ok then return nil, err end
+  return { resources = json.array(self.tools:resources()) }, { ttl_ms = 0, scope = "private" }
+end
+
+handlers["resources/read"] = function(self, p)
+  if type(p.uri) ~= "string" then return invalid_params("field 'uri' must be a string") end
+  local contents, err = self.tools:read_resource(p.uri)
+  if not contents then
+    return nil, { code = protocol.RESOURCE_NOT_FOUND, message = err, data = { uri = p.uri } }
+  end
+  return { contents = json.array(contents) }, { ttl_ms = 0, scope = "private" }
+end
+
+--- Methods that need no session (2025 revisions allow ping before initialize).
+local SESSIONLESS = { initialize = true, ping = true, ["server/discover"] = true }
+--- Methods of the session revisions only.
+local SESSION_ONLY = { initialize = true, ["logging/setLevel"] = true }
+
+--- Works out the revision and the context of a request, or the error to answer it with.
+function Server:prepare(frame)
+  local p = frame.params
+  local version, meta = protocol.request_version(p)
+  local req = { id = frame.id, method = frame.method }
+  if version ~= nil then
+    if version ~= protocol.STATELESS and not protocol.SESSION_VERSIONS[version] then
+      return nil, protocol.unsupported_error(version)
+    end
+  elseif frame.method == "server/discover" then
+    version = protocol.STATELESS
+  end
+  if version == protocol.STATELESS then
+    if SESSION_ONLY[frame.method] then
+      return nil, { code = rpc.METHOD_NOT_FOUND,
+                    message = ("method not found: %s is not part of %s"):format(frame.method, version) }
+    end
+    local caps = meta and meta[protocol.META_CAPS]
+    if frame.method ~= "server/discover" and type(caps) ~= "table" then
+      local _, e = invalid_params(("field '_meta.%s' is required in %s"):format(protocol.META_CAPS, version))
+      return nil, e
+    end
+    local ci = meta and meta[protocol.META_CLIENT]
+    req.client_name = type(ci) == "table" and type(ci.name) == "string" and ci.name or "unknown"
+    local lvl = meta and meta[protocol.META_LOG_LEVEL]
+    req.log_level = protocol.LEVEL_RANK[lvl] and lvl or nil
+  else
+    if not self.version and not SESSIONLESS[frame.method] then
+      return nil, { code = rpc.INVALID_REQUEST,
+                    message = "invalid request: not initialized (send initialize first, or name a " ..
+                      "protocol version in _meta)" }
+    end
+    version = self.version or protocol.LATEST_SESSION
+    req.client_name = self.client and self.client.name or "unknown"
+  end
+  req.version = version
+  local token = meta and meta.progressToken
+  if token ~= nil and (type(token) == "string" or type(token) == "number") then
+    local last = -math.huge
+    req.progress = function(done, total, message)
+      if type(done) ~= "number" or done <= last then return end -- progress only increases
+      last = done
+      self.conn:notify("notifications/progress",
+        { progressToken = token, progress = done, total = total, message = message })
+    end
+  end
+  return req
+end
+
+function Server:run_request(frame, key)
+  local req, err = self:prepare(frame)
+  local result, cache
+  if req then
+    local h = handlers[frame.method]
+    if not h then
+      err = { code = rpc.METHOD_NOT_FOUND, message = "method not found: " .. frame.method }
+    else
+      result, cache = h(self, frame.params, req)
+      if result == nil then err = cache end
+    end
+  end
+  local entry = self.inflight[key]
+  self.inflight[key] = nil
+  self.ninflight = self.ninflight - 1
+  if entry and entry.cancelled then return end
+  if result ~= nil then
+    protocol.shape_result(req.version, result, type(cache) == "table" and cache.ttl_ms and cache or nil,
+      req.version == protocol.STATELESS and self.info or nil)
+    self.conn:reply(frame.id, result)
+  else
+    self.conn:reply_error(frame.id, err.code, err.message, err.data)
+  end
+end
+
+function Server:start_request(frame)
+  local key = rpc.id_key(frame.id)
+  if self.inflight[key] then
+    self.conn:reply_error(frame.id, rpc.INVALID_REQUEST,
+      "invalid request: a request with this id is still in progress")
+    return
+  end
+  local entry = { id = frame.id }
+  self.inflight[key] = entry
+  self.ninflight = self.ninflight + 1
+  entry.task = claw.spawn(function()
+    local ok, e = xpcall(self.run_request, debug.traceback, self, frame, key)
+    if not ok then
+      if self.inflight[key] == entry then
+        self.inflight[key] = nil
+        self.ninflight = self.ninflight - 1
+      end
+      if claw.is_cancelled(e) or entry.cancelled then return end
+      self:log("error", ("%s failed: %s"):format(frame.method, tostring(e)))
+      self.conn:reply_error(frame.id, rpc.INTERNAL_ERROR, "internal error in " .. frame.method)
+    end
+  end)
+end
+
+function Server:notification(frame)
+  local m, p = frame.method, frame.params
+  if m == "notifications/cancelled" then
+    local id = p.requestId
+    if type(id) ~= "string" and type(id) ~= "number" then return end
+    local entry = self.inflight[rpc.id_key(id)]
+    if entry and not entry.cancelled then
+      entry.cancelled = true
+      self:log("info", ("request %s cancelled by the client%s"):format(json.encode(id),
+        type(p.reason) == "string" and (": " .. p.reason) or ""))
+      entry.task:cancel()
+    end
+  elseif m == "notifications/initialized" then
+    self.ready = true
+  end
+  -- Every other notification (roots/list_changed, progress, unknown ones) is ignored, as
+  -- JSON-RPC requires: a notification never gets a reply.
+end
+
+--- Serves until the input ends (or the task is cancelled: SIGTERM), then cancels what is in
+--- flight, flushes the output and closes the tool set (destroying its sandboxes).
+function Server:serve()
+  local conn = self.conn
+  local closer <close> = setmetatable({}, { __close = function() self:shutdown() end })
+  while true do
+    local frame = conn:read()
+    if frame == nil then break end
+    local kind = frame.kind
+    if kind == "request" then
+      self:start_request(frame)
+    elseif kind == "notification" then
+      self:notification(frame)
+    elseif kind == "error" then
+      self:log("warning", frame.error.message)
+      conn:reply_error(frame.id, frame.error.code, frame.error.message)
+    end
+    -- kind "response": the server sends no requests, so a response answers nothing.
+  end
+  return true
+end
+
+--- Cancels the requests in flight (waiting at most `grace` seconds for them), flushes what is
+--- queued, and closes the tool set. Idempotent.
+function Server:shutdown(grace)
+  if self.closed then return end
+  self.closed = true
+  local tasks = {}
+  for _, e in pairs(self.inflight) do
+    e.cancelled = true
+    tasks[#tasks + 1] = e.task
+    e.task:cancel()
+  end
+  local deadline = claw.now() + (grace or 1)
+  for _, t in ipairs(tasks) do
+    if not t:done() then pcall(t.join, t, math.max(0, deadline - claw.now())) end
+  end
+  pcall(self.tools.close, self.tools)
+  self.conn:close(0.5)
+end
+
+return M
