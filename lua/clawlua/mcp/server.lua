@@ -10,6 +10,9 @@ local json = claw.json
 
 local M = {}
 
+--- Seconds the requests in flight get to finish once the input has ended.
+M.DRAIN_GRACE = 1.0
+
 local Server = {}
 Server.__index = Server
 
@@ -305,24 +308,31 @@ function Server:serve()
     end
     -- kind "response": the server sends no requests, so a response answers nothing.
   end
+  self:shutdown(M.DRAIN_GRACE)
   return true
 end
 
---- Cancels the requests in flight (waiting at most `grace` seconds for them), flushes what is
---- queued, and closes the tool set. Idempotent.
-function Server:shutdown(grace)
-  if self.closed then return end
-  self.closed = true
-  local tasks = {}
-  for _, e in pairs(self.inflight) do
-    e.cancelled = true
-    tasks[#tasks + 1] = e.task
-    e.task:cancel()
-  end
-  local deadline = claw.now() + (grace or 1)
+local function join_all(tasks, seconds)
+  local deadline = claw.now() + seconds
   for _, t in ipairs(tasks) do
     if not t:done() then pcall(t.join, t, math.max(0, deadline - claw.now())) end
   end
+end
+
+--- Lets the requests in flight finish for `drain` seconds (at the end of the input; 0 when
+--- the server is being stopped), cancels the rest, flushes what is queued, and closes the tool
+--- set. Idempotent.
+function Server:shutdown(drain)
+  if self.closed then return end
+  self.closed = true
+  local tasks = {}
+  for _, e in pairs(self.inflight) do tasks[#tasks + 1] = e.task end
+  if drain and drain > 0 then join_all(tasks, drain) end
+  for _, e in pairs(self.inflight) do
+    e.cancelled = true
+    e.task:cancel()
+  end
+  join_all(tasks, 0.5)
   pcall(self.tools.close, self.tools)
   self.conn:close(0.5)
 end
