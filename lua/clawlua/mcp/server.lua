@@ -225,6 +225,8 @@ function Server:run_request(frame, key)
   local req, err = self:prepare(frame)
   local result, cache
   if req then
+    local e = self.inflight[key]
+    if e then e.req = req end
     local h = handlers[frame.method]
     if not h then
       err = { code = rpc.METHOD_NOT_FOUND, message = "method not found: " .. frame.method }
@@ -279,7 +281,7 @@ function Server:notification(frame)
     if entry and not entry.cancelled then
       entry.cancelled = true
       self:log("info", ("request %s cancelled by the client%s"):format(json.encode(id),
-        type(p.reason) == "string" and (": " .. p.reason) or ""))
+        type(p.reason) == "string" and (": " .. p.reason) or ""), entry.req)
       entry.task:cancel()
     end
   elseif m == "notifications/initialized" then
