@@ -7,24 +7,10 @@ local H = require "helper"
 
 local npm_dir = (H.bin:match("^(.*)/bin/[^/]*$") or "build") .. "/npm/mcp"
 
-local function sh_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-
 --- Installs the SDK (once; cached in the build directory). Returns true or nil, why.
 local function install()
-  local have = io.open(npm_dir .. "/node_modules/@modelcontextprotocol/sdk/package.json", "r")
-  if not have then
-    local node = claw.proc.run { "sh", "-c", "command -v node && command -v npm", timeout = 10 }
-    if node.code ~= 0 then return nil, "node and npm are not installed" end
-    H.sh("mkdir -p " .. sh_quote(npm_dir) .. " && cp " .. sh_quote(H.src .. "/tests/integration/mcp/package.json") ..
-      " " .. sh_quote(npm_dir .. "/"))
-    local r = claw.proc.run { "npm", "install", "--no-audit", "--no-fund", cwd = npm_dir, timeout = 600 }
-    if r.code ~= 0 then
-      return nil, "npm could not install @modelcontextprotocol/sdk: " .. (r.stderr or ""):sub(-400)
-    end
-  else
-    have:close()
-  end
-  H.sh("cp " .. sh_quote(H.src .. "/tests/integration/mcp/sdk_client.mjs") .. " " .. sh_quote(npm_dir .. "/"))
+  local r = claw.proc.run { "sh", H.src .. "/tests/integration/mcp/npm_install.sh", npm_dir, timeout = 600 }
+  if r.code ~= 0 then return nil, (r.stderr or ""):sub(-400) end
   return true
 end
 

@@ -12,6 +12,9 @@ local M = {}
 
 --- Seconds the requests in flight get to finish once the input has ended.
 M.DRAIN_GRACE = 1.0
+--- Requests handled at once; past this the server stops reading until one finishes, so a
+--- client that pipelines without bound cannot make it hold unbounded work.
+M.MAX_INFLIGHT = 64
 
 local Server = {}
 Server.__index = Server
@@ -31,6 +34,7 @@ end
 ---@field log_level string|nil  stderr threshold (default "info"); "off" silences stderr
 ---@field log fun(line: string)|nil  where stderr lines go (default io.stderr)
 ---@field max_message integer|nil
+---@field max_inflight integer|nil requests handled at once (default 64)
 ---@field name string|nil
 ---@field instructions string|nil
 
@@ -55,6 +59,8 @@ function M.new(opts)
     write_log = opts.log or function(line) io.stderr:write(line, "\n") end,
     inflight = {}, -- id key -> {task=, id=}
     ninflight = 0,
+    max_inflight = opts.max_inflight or M.MAX_INFLIGHT,
+    slot_free = claw.event(),
     version = nil,      -- negotiated session revision (after initialize)
     client = nil,       -- clientInfo of the session
     session_level = nil, -- logging/setLevel
@@ -236,8 +242,7 @@ function Server:run_request(frame, key)
     end
   end
   local entry = self.inflight[key]
-  self.inflight[key] = nil
-  self.ninflight = self.ninflight - 1
+  self:finished(key)
   if entry and entry.cancelled then return end
   if result ~= nil then
     protocol.shape_result(req.version, result, type(cache) == "table" and cache.ttl_ms and cache or nil,
@@ -246,6 +251,12 @@ function Server:run_request(frame, key)
   else
     self.conn:reply_error(frame.id, err.code, err.message, err.data)
   end
+end
+
+function Server:finished(key)
+  self.inflight[key] = nil
+  self.ninflight = self.ninflight - 1
+  self.slot_free:set()
 end
 
 function Server:start_request(frame)
@@ -261,10 +272,7 @@ function Server:start_request(frame)
   entry.task = claw.spawn(function()
     local ok, e = xpcall(self.run_request, debug.traceback, self, frame, key)
     if not ok then
-      if self.inflight[key] == entry then
-        self.inflight[key] = nil
-        self.ninflight = self.ninflight - 1
-      end
+      if self.inflight[key] == entry then self:finished(key) end
       if claw.is_cancelled(e) or entry.cancelled then return end
       self:log("error", ("%s failed: %s"):format(frame.method, tostring(e)))
       self.conn:reply_error(frame.id, rpc.INTERNAL_ERROR, "internal error in " .. frame.method)
@@ -301,6 +309,10 @@ function Server:serve()
     if frame == nil then break end
     local kind = frame.kind
     if kind == "request" then
+      while self.ninflight >= self.max_inflight do
+        self.slot_free:clear()
+        self.slot_free:wait()
+      end
       self:start_request(frame)
     elseif kind == "notification" then
       self:notification(frame)
