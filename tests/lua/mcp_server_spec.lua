@@ -70,7 +70,7 @@ local function start(opts)
   out_r:set_timeout(10 * H.scale)
   local ts = tools.new { sandbox = fake, policy = fake.policy(), max_sandboxes = 4 }
   local srv = server.new { input = in_r, output = out_w, tools = ts, log_level = "off",
-                           max_message = opts.max_message }
+                           max_message = opts.max_message, max_inflight = opts.max_inflight }
   local c = { rev = opts.rev or "2025-11-25", sent = {}, ts = ts, srv = srv, backlog = {} }
   c.task = claw.spawn(function() return srv:serve() end)
   function c.raw(line) assert(in_w:write(line .. "\n")) end
@@ -347,6 +347,24 @@ describe("mcp server: concurrency, cancellation, progress", function()
       assert.are.same({}, c.request(4, "ping").result)
       assert.are.equal(0, #c.backlog) -- and the cancelled request got no response
       assert.is_true(claw.now() - t0 < 2 * H.scale)
+      c.close()
+    end)
+  end)
+
+  it("stops reading while max_inflight requests run, and goes on when one finishes", function()
+    claw.run(function()
+      local c = start { max_inflight = 2 }
+      c.initialize()
+      local id = c.request(1, "tools/call", { name = "sandbox_create" }).result.structuredContent.id
+      for i = 2, 3 do
+        c.send { jsonrpc = "2.0", id = i, method = "tools/call",
+                 params = { name = "sandbox_exec", arguments = { id = id, command = { "sleep", "0.6" } } } }
+      end
+      local t0 = claw.now()
+      assert.are.same({}, c.request(4, "ping").result) -- read only once a slot is free
+      local waited = claw.now() - t0
+      assert.is_true(waited > 0.4, "ping answered after " .. waited .. " s")
+      assert.are.equal(2, #c.backlog) -- the two execs answered first
       c.close()
     end)
   end)
