@@ -68,7 +68,7 @@ local function start(opts)
   local in_r, in_w = stream.pipe()
   local out_r, out_w = stream.pipe()
   out_r:set_timeout(10 * H.scale)
-  local ts = tools.new { sandbox = fake, policy = fake.policy(), max_sandboxes = 4 }
+  local ts = opts.tools or tools.new { sandbox = fake, policy = fake.policy(), max_sandboxes = 4 }
   local srv = server.new { input = in_r, output = out_w, tools = ts, log_level = "off",
                            max_message = opts.max_message, max_inflight = opts.max_inflight }
   local c = { rev = opts.rev or "2025-11-25", sent = {}, ts = ts, srv = srv, backlog = {} }
@@ -385,6 +385,33 @@ describe("mcp server: concurrency, cancellation, progress", function()
       assert.are.equal("tok", progress[1].progressToken)
       assert.are.equal(10, progress[1].total)
       assert.is_true(progress[2].progress > progress[1].progress)
+      c.close()
+    end)
+  end)
+end)
+
+describe("mcp server: requests to the client (the conformance fixtures' sampling tool)", function()
+  it("sends sampling/createMessage, routes the client's answer back, and drops stray responses", function()
+    claw.run(function()
+      local c = start { tools = require("clawlua.mcp.fixtures").new() }
+      local r = c.request(0, "initialize", { protocolVersion = "2025-11-25", capabilities = { sampling = json.object {} },
+                                              clientInfo = { name = "spec", version = "1" } })
+      assert.is_table(r.result.capabilities.prompts)
+      c.send { jsonrpc = "2.0", id = 1, method = "tools/call", params = { name = "test_sampling", arguments = { prompt = "2+2?" } } }
+      local req = c.next_message()
+      assert.are.equal("sampling/createMessage", req.method)
+      assert.are.equal("2+2?", req.params.messages[1].content.text)
+      c.raw('{"jsonrpc":"2.0","id":"clawlua-999","result":{}}') -- answers nothing we asked
+      c.send { jsonrpc = "2.0", id = req.id, result = { role = "assistant", model = "m",
+               content = { type = "text", text = "4" } } }
+      local done = c.response(1)
+      assert.are.equal("LLM response: 4", done.result.content[1].text)
+      -- a client without the capability gets an isError result, not a hang
+      local c2 = start { tools = require("clawlua.mcp.fixtures").new() }
+      c2.initialize()
+      local e = c2.request(1, "tools/call", { name = "test_sampling", arguments = { prompt = "x" } })
+      assert.is_true(e.result.isError)
+      c2.close()
       c.close()
     end)
   end)

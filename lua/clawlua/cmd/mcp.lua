@@ -21,11 +21,13 @@ options:
   --max-sandboxes N     live sandboxes at most (default 8)
   --max-message BYTES   the longest message accepted or sent (default 16777216); a longer
                         line is answered with an error and skipped without being held
-  --bench-echo          benchmark only: add an `echo` tool (for comparing servers)]]
+  --bench-echo          benchmark only: add an `echo` tool (for comparing servers)
+  --conformance-fixtures  test only: serve the fixed tools, resources and prompts of the
+                        official MCP conformance suite instead of the sandbox tools]]
 
 local VALUE = { ["--policy"] = true, ["--log-level"] = true, ["--max-sandboxes"] = true,
                 ["--max-message"] = true }
-local FLAG = { ["--bench-echo"] = true }
+local FLAG = { ["--bench-echo"] = true, ["--conformance-fixtures"] = true }
 
 local function usage_error(msg)
   io.stderr:write("clawlua mcp: ", msg, "\n", M.usage, "\n")
@@ -87,9 +89,14 @@ function M.run(args)
     end
     pol = p
   end
-  local tools = require("clawlua.mcp.tools").new {
-    policy = pol, max_sandboxes = o["max-sandboxes"], bench_echo = o["bench-echo"],
-  }
+  local tools
+  if o["conformance-fixtures"] then
+    tools = require("clawlua.mcp.fixtures").new()
+  else
+    tools = require("clawlua.mcp.tools").new {
+      policy = pol, max_sandboxes = o["max-sandboxes"], bench_echo = o["bench-echo"],
+    }
+  end
   local server = require("clawlua.mcp.server").new {
     input = claw.stream.stdin(), output = claw.stream.stdout(), tools = tools,
     log_level = level, max_message = o["max-message"],

@@ -80,12 +80,19 @@ end
 
 --- The server's capabilities (the same in every revision; no listChanged: the lists are fixed
 --- for the life of the process apart from the sandbox resource, which clients re-read).
-function M.capabilities()
-  return {
+--- `extra` adds what a tool set offers beyond tools and resources: prompts, subscribe,
+--- completions (the conformance fixtures do).
+---@param extra {prompts: boolean|nil, subscribe: boolean|nil, completions: boolean|nil}|nil
+function M.capabilities(extra)
+  extra = extra or {}
+  local caps = {
     tools = { listChanged = false },
-    resources = { listChanged = false, subscribe = false },
+    resources = { listChanged = false, subscribe = extra.subscribe == true },
     logging = json.object {},
   }
+  if extra.prompts then caps.prompts = { listChanged = false } end
+  if extra.completions then caps.completions = json.object {} end
+  return caps
 end
 
 --- Adds what a revision requires on every result. `list` marks cacheable list results.

@@ -15,6 +15,8 @@ M.DRAIN_GRACE = 1.0
 --- Requests handled at once; past this the server stops reading until one finishes, so a
 --- client that pipelines without bound cannot make it hold unbounded work.
 M.MAX_INFLIGHT = 64
+--- Seconds a request of ours to the client (sampling, elicitation) may take.
+M.CLIENT_REQUEST_TIMEOUT = 300
 
 local Server = {}
 Server.__index = Server
@@ -61,11 +63,35 @@ function M.new(opts)
     ninflight = 0,
     max_inflight = opts.max_inflight or M.MAX_INFLIGHT,
     slot_free = claw.event(),
+    outgoing = {},      -- id -> waiter, for our requests to the client
+    out_seq = 0,
     version = nil,      -- negotiated session revision (after initialize)
     client = nil,       -- clientInfo of the session
     session_level = nil, -- logging/setLevel
   }, Server)
+  local ts = self.tools
+  self.caps = protocol.capabilities { prompts = ts.prompts ~= nil, subscribe = ts.subscribe ~= nil,
+                                      completions = ts.complete ~= nil }
   return self
+end
+
+--- Sends a request to the client and waits for its answer (sampling, elicitation).
+---@return table|nil result, table|nil error {code=, message=}
+function Server:client_request(method, params, timeout)
+  self.out_seq = self.out_seq + 1
+  local id = "clawlua-" .. self.out_seq
+  local waiter = { ev = claw.event() }
+  self.outgoing[id] = waiter
+  self.conn:send { jsonrpc = "2.0", id = id, method = method, params = params }
+  local ok, err = pcall(waiter.ev.wait, waiter.ev, timeout or M.CLIENT_REQUEST_TIMEOUT)
+  self.outgoing[id] = nil
+  if not ok then error(err, 0) end -- cancelled: let it through
+  local m = waiter.msg
+  if not m then return nil, { code = rpc.INTERNAL_ERROR, message = "the client did not answer " .. method } end
+  if m.error ~= nil then
+    return nil, type(m.error) == "table" and m.error or { code = rpc.INTERNAL_ERROR, message = tostring(m.error) }
+  end
+  return m.result
 end
 
 --- Logs to stderr (at the server's threshold) and, as `notifications/message`, to the client
@@ -106,11 +132,12 @@ function handlers.initialize(self, p)
   end
   self.version = protocol.negotiate(p.protocolVersion)
   self.client = { name = p.clientInfo.name, version = p.clientInfo.version }
+  self.client_caps = p.capabilities or {}
   self:log("info", ("session with %s %s, protocol %s (asked %s)"):format(self.client.name,
     tostring(self.client.version), self.version, p.protocolVersion))
   return {
     protocolVersion = self.version,
-    capabilities = protocol.capabilities(),
+    capabilities = self.caps,
     serverInfo = self.info,
     instructions = self.instructions,
   }
@@ -121,7 +148,7 @@ function handlers.ping() return json.object {} end
 handlers["server/discover"] = function(self)
   return {
     supportedVersions = protocol.supported(),
-    capabilities = protocol.capabilities(),
+    capabilities = self.caps,
     instructions = self.instructions,
   }, { ttl_ms = protocol.DISCOVER_TTL_MS, scope = "public" }
 end
@@ -153,8 +180,9 @@ handlers["tools/call"] = function(self, p, req)
   if type(args) ~= "table" or json.is_array(args) then
     return invalid_params("field 'arguments' must be an object")
   end
-  local ctx = { client = req.client_name, progress = req.progress,
-                log = function(level, data) self:log(level, data, req) end }
+  local ctx = { client = req.client_name, progress = req.progress, client_capabilities = req.client_caps,
+                log = function(level, data) self:log(level, data, req) end,
+                request = function(method, params, timeout) return self:client_request(method, params, timeout) end }
   return self.tools:call(p.name, args, ctx)
 end
 
@@ -171,6 +199,53 @@ handlers["resources/read"] = function(self, p)
     return nil, { code = protocol.RESOURCE_NOT_FOUND, message = err, data = { uri = p.uri } }
   end
   return { contents = json.array(contents) }, { ttl_ms = 0, scope = "private" }
+end
+
+local function not_offered(method)
+  return nil, { code = rpc.METHOD_NOT_FOUND, message = "method not found: " .. method .. " (not offered by this server)" }
+end
+
+handlers["resources/templates/list"] = function(self, p)
+  local ok, err = check_cursor(p)
+  if not ok then return nil, err end
+  local t = self.tools.templates and self.tools:templates() or {}
+  return { resourceTemplates = json.array(t) }, { ttl_ms = 0, scope = "private" }
+end
+
+local function subscription(method, fn)
+  handlers[method] = function(self, p)
+    if not self.tools[fn] then return not_offered(method) end
+    if type(p.uri) ~= "string" then return invalid_params("field 'uri' must be a string") end
+    self.tools[fn](self.tools, p.uri)
+    return json.object {}
+  end
+end
+subscription("resources/subscribe", "subscribe")
+subscription("resources/unsubscribe", "unsubscribe")
+
+handlers["prompts/list"] = function(self, p)
+  if not self.tools.prompts then return not_offered("prompts/list") end
+  local ok, err = check_cursor(p)
+  if not ok then return nil, err end
+  return { prompts = json.array(self.tools:prompts()) }, { ttl_ms = 0, scope = "public" }
+end
+
+handlers["prompts/get"] = function(self, p)
+  if not self.tools.get_prompt then return not_offered("prompts/get") end
+  if type(p.name) ~= "string" then return invalid_params("field 'name' must be a string") end
+  local args = p.arguments
+  if args ~= nil and (type(args) ~= "table" or json.is_array(args)) then
+    return invalid_params("field 'arguments' must be an object")
+  end
+  return self.tools:get_prompt(p.name, args or {})
+end
+
+handlers["completion/complete"] = function(self, p)
+  if not self.tools.complete then return not_offered("completion/complete") end
+  if type(p.ref) ~= "table" or type(p.argument) ~= "table" then
+    return invalid_params("fields 'ref' and 'argument' must be objects")
+  end
+  return self.tools:complete(p.ref, p.argument)
 end
 
 --- Methods that need no session (2025 revisions allow ping before initialize).
@@ -202,6 +277,7 @@ function Server:prepare(frame)
     end
     local ci = meta and meta[protocol.META_CLIENT]
     req.client_name = type(ci) == "table" and type(ci.name) == "string" and ci.name or "unknown"
+    req.client_caps = caps
     local lvl = meta and meta[protocol.META_LOG_LEVEL]
     req.log_level = protocol.LEVEL_RANK[lvl] and lvl or nil
   else
@@ -212,6 +288,7 @@ function Server:prepare(frame)
     end
     version = self.version or protocol.LATEST_SESSION
     req.client_name = self.client and self.client.name or "unknown"
+    req.client_caps = self.client_caps
   end
   req.version = version
   local token = meta and meta.progressToken
@@ -319,8 +396,14 @@ function Server:serve()
     elseif kind == "error" then
       self:log("warning", frame.error.message)
       conn:reply_error(frame.id, frame.error.code, frame.error.message)
+    elseif kind == "response" then
+      -- The answer to one of our requests; any other response answers nothing and is dropped.
+      local w = type(frame.id) == "string" and self.outgoing[frame.id]
+      if w then
+        w.msg = frame.msg
+        w.ev:set()
+      end
     end
-    -- kind "response": the server sends no requests, so a response answers nothing.
   end
   self:shutdown(M.DRAIN_GRACE)
   return true
