@@ -121,7 +121,8 @@ claw.run(function()
   rows[#rows + 1] = py
 
   print(("MCP stdio servers, %d sequential echo calls, %d starts (medians)"):format(CALLS, STARTS))
-  print(("%-16s %11s %10s %9s %9s %10s %9s"):format("server", "startup ms", "calls/s", "p50 ms", "p99 ms", "peak RSS", "exit ms"))
+  print(("%-16s %11s %10s %9s %9s %10s %9s"):format("server", "startup ms", "calls/s", "p50 ms", "p99 ms",
+    "peak RSS", "exit ms"))
   for _, r in ipairs(rows) do
     print(("%-16s %11.1f %10.0f %9.3f %9.3f %7.1f MiB %9.1f"):format(r.name, r.startup_ms, r.calls_s,
       r.p50_ms, r.p99_ms, r.rss_mib, r.exit_ms))

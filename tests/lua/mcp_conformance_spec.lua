@@ -28,7 +28,8 @@ describe("the official MCP conformance suite against clawlua mcp --conformance-f
     for line in out:gmatch("[^\n]+") do
       local name, p, f = line:match("^%S+ ([%w%-]+): (%d+) passed, (%d+) failed$")
       if name then
-        if line:sub(1, #"✓") == "✓" and tonumber(f) == 0 then passed[#passed + 1] = name else failed[#failed + 1] = name end
+        local ok = line:sub(1, #"✓") == "✓" and tonumber(f) == 0
+        if ok then passed[#passed + 1] = name else failed[#failed + 1] = name end
         assert(tonumber(p) + tonumber(f) > 0, name)
       end
     end

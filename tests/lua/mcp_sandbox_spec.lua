@@ -33,7 +33,8 @@ describe("mcp tools on a real sandbox (jail backend, default policy)", function(
       local id = r.structuredContent.id
       assert.are.equal("jail", r.structuredContent.backend)
 
-      r = assert(ts:call("sandbox_exec", { id = id, command = json.array { "sh", "-c", "echo out; echo err >&2; exit 4" } }))
+      local script = json.array { "sh", "-c", "echo out; echo err >&2; exit 4" }
+      r = assert(ts:call("sandbox_exec", { id = id, command = script }))
       assert(not r.isError, r.content[1].text)
       assert.are.same({ 4, "out\n", "err\n", false }, { r.structuredContent.exit_code, r.structuredContent.stdout,
         r.structuredContent.stderr, r.structuredContent.timed_out })
@@ -42,7 +43,8 @@ describe("mcp tools on a real sandbox (jail backend, default policy)", function(
       assert.is_true(r.structuredContent.timed_out)
 
       local bin = "\0\1\2binary\255"
-      r = assert(ts:call("sandbox_write_file", { id = id, path = "/tmp/b.bin", content = tools.base64_encode(bin), encoding = "base64" }))
+      r = assert(ts:call("sandbox_write_file", { id = id, path = "/tmp/b.bin", content = tools.base64_encode(bin),
+                                                 encoding = "base64" }))
       assert(not r.isError, r.content[1].text)
       r = assert(ts:call("sandbox_exec", { id = id, command = json.array { "sh", "-c", "wc -c </tmp/b.bin" } }))
       assert.are.equal(tostring(#bin), r.structuredContent.stdout:match("%d+"))
@@ -57,7 +59,8 @@ describe("mcp tools on a real sandbox (jail backend, default policy)", function(
       t:cancel()
       local _, err = t:join(5)
       assert.are.equal("cancelled", err)
-      r = assert(ts:call("sandbox_exec", { id = id, command = json.array { "sh", "-c", "pgrep -x sleep || echo none" } }))
+      local check = json.array { "sh", "-c", "pgrep -x sleep || echo none" }
+      r = assert(ts:call("sandbox_exec", { id = id, command = check }))
       assert.are.equal("none\n", r.structuredContent.stdout)
 
       r = assert(ts:call("sandbox_list", {}))

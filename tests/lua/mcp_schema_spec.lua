@@ -129,7 +129,8 @@ describe("mcp schema: the validator's own behaviour", function()
     for _, c in ipairs(cases) do
       assert.are.equal(c[3], schema.regex(c[1])(c[2]), c[1] .. " on " .. c[2])
     end
-    assert.has_error(function() schema.regex("(a)\\1") end, "regex /(a)\\1/: backreferences are not supported at offset 5")
+    assert.has_error(function() schema.regex("(a)\\1") end,
+      "regex /(a)\\1/: backreferences are not supported at offset 5")
     assert.has_error(function() schema.regex("(?<=a)b") end)
   end)
 

@@ -234,7 +234,8 @@ describe("mcp server: session revisions", function()
         call = c.request(4, "tools/call", { name = "sandbox_exec", arguments = { id = id, command = { "exit", "2" } } })
         assert.are.equal(2, call.result.structuredContent.exit_code)
         assert.are.equal(-32602, c.request(5, "tools/call", { name = "nope" }).error.code)
-        assert.are.equal(-32602, c.request(6, "tools/call", { name = "sandbox_exec", arguments = { id = 1 } }).error.code)
+        local bad = c.request(6, "tools/call", { name = "sandbox_exec", arguments = { id = 1 } })
+        assert.are.equal(-32602, bad.error.code)
         assert.are.equal(-32602, c.request(7, "tools/list", { cursor = "abc" }).error.code)
         local rl = c.request(8, "resources/list")
         assert.are.equal(2, #rl.result.resources)
@@ -297,7 +298,8 @@ describe("mcp server: 2026-07-28 (stateless)", function()
       local c = start { rev = "2026-07-28" }
       local m = c.request(1, "tools/list", { _meta = meta { [META] = "2030-01-01" } })
       assert.are.equal(-32022, m.error.code)
-      assert.are.same({ requested = "2030-01-01", supported = { "2026-07-28", "2025-11-25", "2025-06-18" } }, m.error.data)
+      assert.are.same({ requested = "2030-01-01", supported = { "2026-07-28", "2025-11-25", "2025-06-18" } },
+        m.error.data)
       local v = validator("2026-07-28")
       assert.is_true(v.v:validate(m, v.defs .. "UnsupportedProtocolVersionError"))
       m = c.request(2, "tools/list", { _meta = { [META] = "2026-07-28" } }) -- no clientCapabilities
@@ -311,7 +313,8 @@ describe("mcp server: 2026-07-28 (stateless)", function()
     claw.run(function()
       local c = start { rev = "2026-07-28" }
       c.request(1, "tools/call", { _meta = meta(), name = "sandbox_create", arguments = {} })
-      c.send { jsonrpc = "2.0", id = 2, method = "tools/call", params = { _meta = meta { ["io.modelcontextprotocol/logLevel"] = "debug" },
+      c.send { jsonrpc = "2.0", id = 2, method = "tools/call",
+               params = { _meta = meta { ["io.modelcontextprotocol/logLevel"] = "debug" },
                name = "sandbox_exec", arguments = { id = "fake-1", command = { "sleep", "5" } } } }
       claw.sleep(0.05)
       c.send { jsonrpc = "2.0", method = "notifications/cancelled", params = { requestId = 2 } }
@@ -394,10 +397,12 @@ describe("mcp server: requests to the client (the conformance fixtures' sampling
   it("sends sampling/createMessage, routes the client's answer back, and drops stray responses", function()
     claw.run(function()
       local c = start { tools = require("clawlua.mcp.fixtures").new() }
-      local r = c.request(0, "initialize", { protocolVersion = "2025-11-25", capabilities = { sampling = json.object {} },
+      local r = c.request(0, "initialize", { protocolVersion = "2025-11-25",
+                                              capabilities = { sampling = json.object {} },
                                               clientInfo = { name = "spec", version = "1" } })
       assert.is_table(r.result.capabilities.prompts)
-      c.send { jsonrpc = "2.0", id = 1, method = "tools/call", params = { name = "test_sampling", arguments = { prompt = "2+2?" } } }
+      c.send { jsonrpc = "2.0", id = 1, method = "tools/call",
+               params = { name = "test_sampling", arguments = { prompt = "2+2?" } } }
       local req = c.next_message()
       assert.are.equal("sampling/createMessage", req.method)
       assert.are.equal("2+2?", req.params.messages[1].content.text)
@@ -432,7 +437,8 @@ describe("clawlua mcp (the command)", function()
   it("writes only protocol to stdout and exits within 2 s of stdin's end", function()
     claw.run(function()
       local input = table.concat({
-        '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}',
+        '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25",' ..
+          '"capabilities":{},"clientInfo":{"name":"t","version":"1"}}}',
         "not json", '{"jsonrpc":"2.0","id":2,"method":"tools/list"}',
       }, "\n") .. "\n"
       local t0 = claw.now()
@@ -452,7 +458,8 @@ describe("clawlua mcp (the command)", function()
 
   it("exits within 2 s of SIGTERM, even with a request in flight", function()
     claw.run(function()
-      local p = assert(claw.proc.spawn { H.bin, "mcp", "--bench-echo", stdin = "pipe", stdout = "pipe", stderr = "null" })
+      local p = assert(claw.proc.spawn { H.bin, "mcp", "--bench-echo", stdin = "pipe", stdout = "pipe",
+                                         stderr = "null" })
       p.stdin:write('{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
       p.stdout:set_timeout(10)
       assert.matches('"id":1', p.stdout:read_line())

@@ -69,7 +69,8 @@ describe("mcp tools", function()
       assert.are.equal(3, r.structuredContent.exit_code)
       assert.are.equal(5, fake.execs[2].timeout)
 
-      r = assert(ts:call("sandbox_exec", args(('{"id":"%s","command":["cat"],"stdin":"in put","env":{"A":"1"},"cwd":"/tmp"}'):format(id))))
+      r = assert(ts:call("sandbox_exec",
+        args(('{"id":"%s","command":["cat"],"stdin":"in put","env":{"A":"1"},"cwd":"/tmp"}'):format(id))))
       assert.are.equal("in put", r.structuredContent.stdout)
       assert.are.same({ A = "1" }, fake.execs[3].env)
       assert.are.equal("/tmp", fake.execs[3].cwd)
@@ -102,7 +103,8 @@ describe("mcp tools", function()
       assert.are.equal("fake", r.structuredContent.sandboxes[1].policy) -- the policy's name, not its functions
       check_output(ts, "sandbox_list", r)
 
-      r = assert(ts:call("sandbox_update_policy", args(('{"id":"%s","network":{"egress":"allow","allow":["deb.debian.org"]}}'):format(id))))
+      r = assert(ts:call("sandbox_update_policy",
+        args(('{"id":"%s","network":{"egress":"allow","allow":["deb.debian.org"]}}'):format(id))))
       assert.is_false(r.isError)
       assert.are.same({ "deb.debian.org" }, sb.network.allow)
 
@@ -125,8 +127,10 @@ describe("mcp tools", function()
     assert.are.equal(-32602, err.code)
     assert.matches("%$%.command: must have at least 1 items", err.message)
     r, err = ts:call("sandbox_exec", args '{"id":"x","command":["ls"],"shell":true}')
+    assert.is_nil(r)
     assert.matches("%$%.shell: is not allowed", err.message)
     r, err = ts:call("sandbox_write_file", args '{"id":"x","path":"p","content":"c","encoding":"hex"}')
+    assert.is_nil(r)
     assert.matches("%$%.encoding: must be one of", err.message)
   end)
 
@@ -218,7 +222,8 @@ describe("mcp tools", function()
   end)
 
   it("encodes and decodes base64 (RFC 4648 vectors) and rejects bad input", function()
-    local v = { [""] = "", f = "Zg==", fo = "Zm8=", foo = "Zm9v", foob = "Zm9vYg==", fooba = "Zm9vYmE=", foobar = "Zm9vYmFy" }
+    local v = { [""] = "", f = "Zg==", fo = "Zm8=", foo = "Zm9v", foob = "Zm9vYg==", fooba = "Zm9vYmE=",
+                foobar = "Zm9vYmFy" }
     for plain, enc in pairs(v) do
       assert.are.equal(enc, tools.base64_encode(plain))
       assert.are.equal(plain, tools.base64_decode(enc))

@@ -93,7 +93,8 @@ local TOOLS = {
           name = { type = "string", description = "User name", default = "John Doe" },
           age = { type = "integer", description = "User age", default = 30 },
           score = { type = "number", description = "User score", default = 95.5 },
-          status = { type = "string", description = "User status", enum = json.array { "active", "inactive", "pending" },
+          status = { type = "string", description = "User status",
+                     enum = json.array { "active", "inactive", "pending" },
                      default = "active" },
           verified = { type = "boolean", description = "Verification status", default = true },
         } }, "Elicitation completed: ")
@@ -109,16 +110,20 @@ local TOOLS = {
         type = "object",
         properties = {
           untitledSingle = { type = "string", enum = json.array { "option1", "option2", "option3" } },
-          titledSingle = { type = "string", oneOf = titled("value", { "First Option", "Second Option", "Third Option" }) },
+          titledSingle = { type = "string",
+                           oneOf = titled("value", { "First Option", "Second Option", "Third Option" }) },
           legacyEnum = { type = "string", enum = json.array { "opt1", "opt2", "opt3" },
                          enumNames = json.array { "Option One", "Option Two", "Option Three" } },
-          untitledMulti = { type = "array", items = { type = "string", enum = json.array { "option1", "option2", "option3" } } },
-          titledMulti = { type = "array", items = { anyOf = titled("value", { "First Choice", "Second Choice", "Third Choice" }) } },
+          untitledMulti = { type = "array",
+                            items = { type = "string", enum = json.array { "option1", "option2", "option3" } } },
+          titledMulti = { type = "array",
+                          items = { anyOf = titled("value", { "First Choice", "Second Choice", "Third Choice" }) } },
         } }, "Elicitation completed: ")
     end },
   { name = "json_schema_2020_12_tool", description = "Tool with JSON Schema 2020-12 features",
     input = { ["$schema"] = "https://json-schema.org/draft/2020-12/schema", type = "object",
-              ["$defs"] = { address = { type = "object", properties = { street = { type = "string" }, city = { type = "string" } } } },
+              ["$defs"] = { address = { type = "object",
+                                        properties = { street = { type = "string" }, city = { type = "string" } } } },
               properties = { name = { type = "string" }, address = { ["$ref"] = "#/$defs/address" } },
               additionalProperties = false },
     call = function(args) return result { text("received " .. json.encode(args)) } end },
@@ -151,13 +156,14 @@ local PROMPTS = {
     arguments = { { name = "arg1", description = "First test argument", required = true },
                   { name = "arg2", description = "Second test argument", required = true } },
     get = function(a)
-      return { { role = "user", content = text(("Prompt with arguments: arg1='%s', arg2='%s'"):format(a.arg1, a.arg2)) } }
+      local t = ("Prompt with arguments: arg1='%s', arg2='%s'"):format(a.arg1, a.arg2)
+      return { { role = "user", content = text(t) } }
     end },
   { name = "test_prompt_with_embedded_resource", description = "A prompt that embeds a resource",
     arguments = { { name = "resourceUri", description = "URI of the resource to embed", required = true } },
     get = function(a)
-      return { { role = "user", content = { type = "resource", resource = { uri = a.resourceUri, mimeType = "text/plain",
-                 text = "Embedded resource content for testing." } } },
+      local res = { uri = a.resourceUri, mimeType = "text/plain", text = "Embedded resource content for testing." }
+      return { { role = "user", content = { type = "resource", resource = res } },
                { role = "user", content = text "Please process the embedded resource above." } }
     end },
   { name = "test_prompt_with_image", description = "A prompt with an image",
@@ -178,7 +184,7 @@ function M.new()
   return self
 end
 
-function Set:list()
+function Set.list(_)
   local t = {}
   for i, d in ipairs(TOOLS) do t[i] = { name = d.name, description = d.description, inputSchema = d.input } end
   return t
@@ -195,7 +201,7 @@ function Set:call(name, args, ctx)
   return t.call(args, ctx or {})
 end
 
-function Set:resources()
+function Set.resources(_)
   local t = {}
   for i, uri in ipairs(RESOURCE_ORDER) do
     local r = RESOURCES[uri]
@@ -204,12 +210,12 @@ function Set:resources()
   return t
 end
 
-function Set:templates()
+function Set.templates(_)
   return { { uriTemplate = "test://template/{id}/data", name = "template-data",
              description = "Data for an id", mimeType = "application/json" } }
 end
 
-function Set:read_resource(uri)
+function Set.read_resource(_, uri)
   local r = RESOURCES[uri]
   if r then return { { uri = uri, mimeType = r.mimeType, text = r.text, blob = r.blob } } end
   local id = uri:match("^test://template/([^/]+)/data$")
@@ -230,7 +236,7 @@ function Set:unsubscribe(uri)
   return true
 end
 
-function Set:prompts()
+function Set.prompts(_)
   local t = {}
   for i, p in ipairs(PROMPTS) do
     t[i] = { name = p.name, description = p.description, arguments = p.arguments and json.array(p.arguments) }
@@ -251,7 +257,7 @@ end
 
 local WORDS = { "paris", "park", "party", "test", "testing", "tested" }
 
-function Set:complete(_, argument)
+function Set.complete(_, _, argument)
   local values = {}
   local prefix = type(argument.value) == "string" and argument.value or ""
   for _, w in ipairs(WORDS) do
@@ -260,6 +266,6 @@ function Set:complete(_, argument)
   return { completion = { values = json.array(values), total = #values, hasMore = false } }
 end
 
-function Set:close() end
+function Set.close(_) end
 
 return M

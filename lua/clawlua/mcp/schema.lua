@@ -196,11 +196,10 @@ function Parser:atom()
     if self:peek() == 63 then -- ?
       self:next()
       local k = self:next()
-      if k == 58 then -- (?:
-      elseif k == 61 then look = "pos"
+      if k == 61 then look = "pos"
       elseif k == 33 then look = "neg"
       elseif k == 60 then self:fail("lookbehind and named groups are not supported")
-      else self:fail("unsupported group") end
+      elseif k ~= 58 then self:fail("unsupported group") end -- 58: (?: a plain group
     end
     local alt = self:alternation()
     if self:next() ~= 41 then self:fail("missing )") end
@@ -458,7 +457,7 @@ end
 
 local function describe(k) return k == "integer" and "number" or k end
 
-local function check_number(self, s, v, path, errs)
+local function check_number(_, s, v, path, errs)
   local ok = true
   if s.minimum ~= nil and v < s.minimum then ok = fail(errs, path, ("must be >= %s"):format(s.minimum)) end
   if s.maximum ~= nil and v > s.maximum then ok = fail(errs, path, ("must be <= %s"):format(s.maximum)) end
@@ -483,8 +482,12 @@ local function check_string(self, s, v, path, errs)
   local ok = true
   if s.minLength or s.maxLength then
     local n = ulen(v)
-    if s.minLength and n < s.minLength then ok = fail(errs, path, ("must be at least %d characters"):format(s.minLength)) end
-    if s.maxLength and n > s.maxLength then ok = fail(errs, path, ("must be at most %d characters"):format(s.maxLength)) end
+    if s.minLength and n < s.minLength then
+      ok = fail(errs, path, ("must be at least %d characters"):format(s.minLength))
+    end
+    if s.maxLength and n > s.maxLength then
+      ok = fail(errs, path, ("must be at most %d characters"):format(s.maxLength))
+    end
   end
   if type(s.pattern) == "string" and not self:regex(s.pattern)(v) then
     ok = fail(errs, path, ("must match /%s/"):format(s.pattern))
@@ -551,8 +554,12 @@ local function check_object(self, s, v, path, errs)
   if s.minProperties or s.maxProperties then
     local n = 0
     for _ in pairs(v) do n = n + 1 end
-    if s.minProperties and n < s.minProperties then ok = fail(errs, path, ("must have at least %d properties"):format(s.minProperties)) end
-    if s.maxProperties and n > s.maxProperties then ok = fail(errs, path, ("must have at most %d properties"):format(s.maxProperties)) end
+    if s.minProperties and n < s.minProperties then
+      ok = fail(errs, path, ("must have at least %d properties"):format(s.minProperties))
+    end
+    if s.maxProperties and n > s.maxProperties then
+      ok = fail(errs, path, ("must have at most %d properties"):format(s.maxProperties))
+    end
   end
   local props, pprops, addl = s.properties, s.patternProperties, s.additionalProperties
   if props or pprops or addl ~= nil or s.propertyNames ~= nil then
@@ -591,14 +598,16 @@ local function check_object(self, s, v, path, errs)
   if type(s.dependencies) == "table" then -- pre-2020-12 `dependencies`: arrays or schemas
     dreq, dsch = dreq or {}, dsch or {}
     for k, d in pairs(s.dependencies) do
-      if is_array(d) or (type(d) == "table" and next(d) == nil and is_marked_array(d)) then dreq[k] = d else dsch[k] = d end
+      if is_array(d) then dreq[k] = d else dsch[k] = d end
     end
   end
   if dreq then
     for k, names in pairs(dreq) do
       if v[k] ~= nil then
         for _, name in ipairs(names) do
-          if v[name] == nil then ok = fail(errs, path_key(path, name), ("is required when '%s' is present"):format(k)) end
+          if v[name] == nil then
+            ok = fail(errs, path_key(path, name), ("is required when '%s' is present"):format(k))
+          end
         end
       end
     end

@@ -202,7 +202,8 @@ handlers["resources/read"] = function(self, p)
 end
 
 local function not_offered(method)
-  return nil, { code = rpc.METHOD_NOT_FOUND, message = "method not found: " .. method .. " (not offered by this server)" }
+  return nil, { code = rpc.METHOD_NOT_FOUND,
+                message = "method not found: " .. method .. " (not offered by this server)" }
 end
 
 handlers["resources/templates/list"] = function(self, p)
@@ -380,7 +381,7 @@ end
 --- flight, flushes the output and closes the tool set (destroying its sandboxes).
 function Server:serve()
   local conn = self.conn
-  local closer <close> = setmetatable({}, { __close = function() self:shutdown() end })
+  local _closer <close> = setmetatable({}, { __close = function() self:shutdown() end })
   while true do
     local frame = conn:read()
     if frame == nil then break end

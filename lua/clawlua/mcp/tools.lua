@@ -119,7 +119,8 @@ local DEFS = {
     name = "sandbox_create", title = "Create a sandbox",
     description = "Create an isolated sandbox under the operator's policy and return its id. " ..
       "backend: 'vm' (a microVM) or 'jail' (namespaces and seccomp), when the policy allows the choice.",
-    input = obj({ policy = { type = "string", description = "name of the policy to use (the server's policy by default)" },
+    input = obj({ policy = { type = "string",
+                             description = "name of the policy to use (the server's policy by default)" },
                   backend = { type = "string", enum = json.array { "vm", "jail" } } }),
     output = INFO,
   },
@@ -227,7 +228,9 @@ function M.new(opts)
     error("bad field 'max_sandboxes' (non-negative integer expected)", 2)
   end
   if opts.policy ~= nil and type(opts.policy) ~= "table" then error("bad field 'policy' (table expected)", 2) end
-  if opts.sandbox ~= nil and type(opts.sandbox) ~= "table" then error("bad field 'sandbox' (module table expected)", 2) end
+  if opts.sandbox ~= nil and type(opts.sandbox) ~= "table" then
+    error("bad field 'sandbox' (module table expected)", 2)
+  end
   local self = setmetatable({
     policy_ = opts.policy,
     sandbox_mod = opts.sandbox,
@@ -323,7 +326,8 @@ function impl.sandbox_create(self, args)
   end
   local live = #self.order + self.pending
   if live >= self.max_sandboxes then
-    return tool_error(("sandbox limit reached (%d live, at most %d): destroy one first"):format(live, self.max_sandboxes))
+    return tool_error(("sandbox limit reached (%d live, at most %d): destroy one first"):format(live,
+      self.max_sandboxes))
   end
   local mod = self:sandbox_module()
   self.pending = self.pending + 1
@@ -507,7 +511,7 @@ function Set:call(name, args, ctx)
 end
 
 --- The resources: the audit log and the sandbox list.
-function Set:resources()
+function Set.resources(_)
   return {
     { uri = "clawlua://audit", name = "audit", title = "Audit log",
       description = "The latest audit events (up to 100) as JSON", mimeType = "application/json" },
