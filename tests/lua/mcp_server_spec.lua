@@ -372,6 +372,23 @@ describe("mcp server: concurrency, cancellation, progress", function()
     end)
   end)
 
+  it("at the end of input, gives requests in flight a second, then cancels them and closes the tool set", function()
+    claw.run(function()
+      local c = start()
+      c.initialize()
+      local id = c.request(1, "tools/call", { name = "sandbox_create" }).result.structuredContent.id
+      c.send { jsonrpc = "2.0", id = 2, method = "tools/call",
+               params = { name = "sandbox_exec", arguments = { id = id, command = { "sleep", "30" } } } }
+      claw.sleep(0.05)
+      local t0 = claw.now()
+      c.close()
+      local took = claw.now() - t0
+      assert.is_true(took >= 0.9 and took < 2 * H.scale, "serve returned after " .. took .. " s")
+      assert.are.same({ id }, fake.cancelled)
+      assert.are.same({ id }, fake.destroyed)
+    end)
+  end)
+
   it("reports progress while an exec runs when the request has a progressToken", function()
     claw.run(function()
       local c = start()

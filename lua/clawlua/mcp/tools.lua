@@ -22,6 +22,9 @@ M.INVALID_PARAMS = -32602
 M.DEFAULT_MAX_SANDBOXES = 8
 M.MAX_AUDIT_EVENTS = 1000
 M.PROGRESS_INTERVAL = 1.0
+--- The largest file sandbox_read_file returns: base64 of it (4/3) still fits the default
+--- 16 MiB message cap.
+M.MAX_READ = 8 << 20
 
 ---------------------------------------------------------------------------------------------
 -- helpers
@@ -158,7 +161,7 @@ local DEFS = {
     description = "Read a file from a sandbox. encoding 'utf8' (default) fails on binary data; use 'base64' for it.",
     input = obj({ id = ID, path = { type = "string", minLength = 1 },
                   encoding = { type = "string", enum = json.array { "utf8", "base64" } },
-                  max_bytes = { type = "integer", minimum = 1, maximum = 16 << 20 } },
+                  max_bytes = { type = "integer", minimum = 1, maximum = M.MAX_READ } },
                 { "id", "path" }),
     output = obj({ content = { type = "string" }, encoding = { type = "string" }, bytes = { type = "integer" } },
                  { "content", "encoding", "bytes" }),
@@ -264,13 +267,21 @@ function Set:sandbox_module()
   return self.sandbox_mod
 end
 
---- The policy (the default one is loaded on first use). nil, reason when there is none.
+--- The policy (the default one is loaded on first use, once). nil, reason when there is none.
 function Set:policy()
   if self.policy_ then return self.policy_ end
+  if self.policy_error then return nil, self.policy_error end
   local ok, pol = pcall(require, "clawlua.policy")
-  if not ok then return nil, "no policy module: " .. tostring(pol) end
-  local p, err = pol.default()
-  if not p then return nil, err end
+  local p, err
+  if ok then
+    p, err = pol.default()
+  else
+    err = "no policy module: " .. tostring(pol)
+  end
+  if not p then
+    self.policy_error = err
+    return nil, err
+  end
   self.policy_ = p
   return p
 end
@@ -398,7 +409,7 @@ end
 function impl.sandbox_read_file(self, args)
   local sb, err = self:box(args.id)
   if not sb then return tool_error(err) end
-  local data, rerr = sb:read_file(args.path, args.max_bytes and { max = args.max_bytes } or nil)
+  local data, rerr = sb:read_file(args.path, { max = args.max_bytes or M.MAX_READ })
   if not data then return tool_error(("read %s in %s failed: %s"):format(args.path, args.id, tostring(rerr))) end
   local enc = args.encoding or "utf8"
   local content = data
@@ -462,8 +473,7 @@ end
 
 --- Asks the policy's hook; returns true, or false and the reason.
 function Set:allowed(name, args, client)
-  local p = self.policy_
-  if not p and (name == "sandbox_create" or name == "policy_show") then p = self:policy() end
+  local p = name ~= "echo" and self:policy() or nil
   local hook = p and type(p.hooks) == "table" and p.hooks.on_tool_call
   if type(hook) ~= "function" then return true end
   local ok, verdict, reason = pcall(hook, name, args, client)
