@@ -115,6 +115,8 @@ local function start(opts)
     in_w:close()
     assert(c.task:join(5 * H.scale))
     out_r:close()
+    in_r:close() -- the caller owns the streams it gives the server
+    out_w:close()
   end
   return c
 end
@@ -198,7 +200,26 @@ describe("mcp server: framing", function()
       assert.are.equal(-32600, m.error.code)
       assert.matches("longer than 4096 bytes", m.error.message)
       assert.are.same({}, c.request(2, "ping").result)
+      -- an answer over the cap is not sent; an error says why, and serving goes on
+      c.initialize()
+      local big = c.request(3, "tools/list")
+      assert.are.equal(-32603, big.error.code)
+      assert.matches("cannot send the result", big.error.message)
+      assert.are.same({}, c.request(4, "ping").result)
       c.close()
+    end)
+  end)
+
+  it("leaves no fd behind", function()
+    claw.run(function()
+      local before = H.fds()
+      local c = start()
+      c.initialize()
+      c.request(1, "tools/list")
+      c.close()
+      collectgarbage()
+      H.settle()
+      assert.are.equal(before, H.fds())
     end)
   end)
 
