@@ -11,6 +11,7 @@ local M = {}
 function M.reset(opts)
   M.created, M.destroyed, M.cancelled, M.execs = {}, {}, {}, {}
   M.fail_create = opts and opts.fail_create
+  M.create_delay = opts and opts.create_delay -- seconds a create takes (a boot)
   M.next_id = 0
 end
 M.reset()
@@ -21,6 +22,7 @@ Box.__index = Box
 function M.create(policy, opts)
   assert(type(policy) == "table", "fake sandbox: policy table expected")
   if M.fail_create then return nil, "sandbox: " .. M.fail_create, "EFAKE" end
+  if M.create_delay then claw.sleep(M.create_delay) end
   M.next_id = M.next_id + 1
   local sb = setmetatable({ id = "fake-" .. M.next_id, backend = opts and opts.backend or policy.backend or "jail",
                             files = {}, network = policy.network, state = "running", policy = policy }, Box)

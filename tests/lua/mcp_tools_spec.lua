@@ -179,6 +179,20 @@ describe("mcp tools", function()
     assert.matches("unknown policy 'other'", r.content[1].text)
   end)
 
+  it("reports progress while a sandbox boots", function()
+    claw.run(function()
+      local ts = new { fake = { create_delay = 1.3 } }
+      local seen = {}
+      local r = assert(ts:call("sandbox_create", {}, { progress = function(done, total, msg)
+        seen[#seen + 1] = { done, total, msg }
+      end }))
+      assert.is_false(r.isError)
+      assert.is_true(#seen >= 2, "progress reports: " .. #seen)
+      assert.are.same({ 0, nil, "started sandbox boot" }, seen[1])
+      assert.matches("^sandbox boot: running for 1 s$", seen[2][3])
+    end)
+  end)
+
   it("caps live sandboxes and destroys every one on close", function()
     claw.run(function()
       local ts = new { max_sandboxes = 2 }

@@ -327,9 +327,27 @@ local function info_of(sb)
   return info
 end
 
+--- Calls fn(...) protected, reporting progress every PROGRESS_INTERVAL seconds meanwhile when
+--- the caller asked for progress (a sandbox's boot, a long command). Returns pcall's results.
+local function with_progress(ctx, what, total, fn, ...)
+  if not ctx.progress then return pcall(fn, ...) end
+  local t0 = claw.now()
+  ctx.progress(0, total, "started " .. what)
+  local ticker = claw.spawn(function()
+    while true do
+      claw.sleep(M.PROGRESS_INTERVAL)
+      local el = claw.now() - t0
+      ctx.progress(el, total, ("%s: running for %.0f s"):format(what, el))
+    end
+  end)
+  local res = table.pack(pcall(fn, ...))
+  ticker:cancel()
+  return table.unpack(res, 1, res.n)
+end
+
 local impl = {}
 
-function impl.sandbox_create(self, args)
+function impl.sandbox_create(self, args, ctx)
   local p, perr = self:policy()
   if not p then return tool_error("cannot create a sandbox: " .. perr) end
   if args.policy ~= nil and args.policy ~= p.name then
@@ -342,7 +360,8 @@ function impl.sandbox_create(self, args)
   end
   local mod = self:sandbox_module()
   self.pending = self.pending + 1
-  local ok, sb, err = pcall(mod.create, p, args.backend and { backend = args.backend } or nil)
+  local ok, sb, err = with_progress(ctx, "sandbox boot", nil, mod.create, p,
+    args.backend and { backend = args.backend } or nil)
   self.pending = self.pending - 1
   if not ok then error(sb, 0) end
   if not sb then return tool_error("cannot create a sandbox: " .. tostring(err)) end
@@ -362,20 +381,7 @@ function impl.sandbox_exec(self, args, ctx)
   local spec = {}
   for i, a in ipairs(args.command) do spec[i] = a end
   spec.stdin, spec.env, spec.cwd, spec.timeout = args.stdin, args.env, args.cwd, args.timeout_s
-  local ticker
-  if ctx.progress then
-    local t0 = claw.now()
-    ctx.progress(0, args.timeout_s, "started " .. args.command[1])
-    ticker = claw.spawn(function()
-      while true do
-        claw.sleep(M.PROGRESS_INTERVAL)
-        local el = claw.now() - t0
-        ctx.progress(el, args.timeout_s, ("running for %.0f s"):format(el))
-      end
-    end)
-  end
-  local ok, r, xerr = pcall(sb.exec, sb, spec)
-  if ticker then ticker:cancel() end
+  local ok, r, xerr = with_progress(ctx, args.command[1], args.timeout_s, sb.exec, sb, spec)
   if not ok then error(r, 0) end
   if not r then return tool_error(("exec in %s failed: %s"):format(args.id, tostring(xerr))) end
   local out = {
