@@ -42,6 +42,9 @@ function Box:exec(spec)
   elseif cmd == "exit" then
     r.code = tonumber(spec[2])
     r.stderr = "exiting " .. spec[2] .. "\n"
+  elseif cmd == "binary" then
+    r.stdout = "ok\255\254 done\n"
+    r.code = 0
   elseif cmd == "cat" then
     r.stdout = spec.stdin or ""
     r.code = 0

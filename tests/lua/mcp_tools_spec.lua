@@ -75,6 +75,10 @@ describe("mcp tools", function()
       assert.are.same({ A = "1" }, fake.execs[3].env)
       assert.are.equal("/tmp", fake.execs[3].cwd)
 
+      r = assert(ts:call("sandbox_exec", { id = id, command = json.array { "binary" } }))
+      assert.are.equal("ok\u{FFFD}\u{FFFD} done\n", r.structuredContent.stdout) -- JSON carries text only
+      assert.is_string(json.encode(r))
+
       r = assert(ts:call("sandbox_write_file", args(('{"id":"%s","path":"/w/a.txt","content":"héllo"}'):format(id))))
       assert.are.equal(6, r.structuredContent.bytes)
       check_output(ts, "sandbox_write_file", r)

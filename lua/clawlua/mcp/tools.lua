@@ -92,6 +92,26 @@ local function json_safe(v, seen)
 end
 M.json_safe = json_safe
 
+--- s with every byte that is not part of valid UTF-8 replaced by U+FFFD (JSON carries text
+--- only: a command's binary output must not make its result unsendable).
+function M.utf8_text(s)
+  if utf8.len(s) then return s end
+  local out, n, i, len = {}, 0, 1, #s
+  while i <= len do
+    local bad = select(2, utf8.len(s, i))
+    local stop = bad and bad - 1 or len
+    if stop >= i then
+      n = n + 1
+      out[n] = s:sub(i, stop)
+    end
+    if not bad then break end
+    n = n + 1
+    out[n] = "\u{FFFD}"
+    i = bad + 1
+  end
+  return table.concat(out)
+end
+
 local function obj(props, required, extra)
   local s = { type = "object", properties = props, additionalProperties = false }
   if required then s.required = json.array(required) end
@@ -387,7 +407,7 @@ function impl.sandbox_exec(self, args, ctx)
   local out = {
     exit_code = r.code == nil and json.null or r.code,
     signal = r.signal ~= nil and tostring(r.signal) or nil,
-    stdout = r.stdout or "", stderr = r.stderr or "",
+    stdout = M.utf8_text(r.stdout or ""), stderr = M.utf8_text(r.stderr or ""),
     timed_out = r.timed_out == true, truncated = r.truncated == true,
     duration_ms = (r.duration or 0) * 1000,
   }
