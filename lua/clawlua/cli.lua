@@ -333,6 +333,7 @@ M.register {
 }
 
 M.lazy.audit = { module = "clawlua.cmd.audit", summary = "read and verify audit logs (tail, verify)" }
+M.lazy.mcp = { module = "clawlua.cmd.mcp", summary = "serve the sandbox tools over MCP on stdin/stdout" }
 
 M.register {
   name = "version",
