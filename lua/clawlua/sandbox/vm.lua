@@ -273,13 +273,13 @@ case $what in *n*)
 esac
 ]]
 
-local function setup_guest(v, restored, gnet)
-  local what = (restored and "ce" or "") .. (gnet and "n" or "")
+local function setup_guest(v, fresh_restore, gnet)
+  local what = (fresh_restore and "ce" or "") .. (gnet and "n" or "")
   if what == "" then return true end
   local argv = { "sh", "-c", SETUP_SCRIPT, "setup", what, ("%d"):format(math.floor(claw.loop.time())),
                  gnet and gnet.iface or "", gnet and gnet.address or "", "", "" }
   local stdin
-  if restored then
+  if fresh_restore then
     -- a restored guest shares its CRNG state with every VM of its template: mix fresh bytes in
     local f = assert(io.open("/dev/urandom", "rb"))
     stdin = f:read(256)
@@ -394,15 +394,30 @@ end
 
 local pools = {} -- spec key -> {spec, want, ready = {vm...}, task}
 
-local function fill(p)
+-- A refill after a take waits this long first, so that it does not compete for the CPU with the
+-- start of the sandbox that took the VM.
+local REFILL_DELAY = 0.5
+
+local function fill(p, delay)
   if p.task and not p.task:done() then return end
   p.task = claw.spawn(function()
+    if delay then claw.sleep(delay) end
     while #p.ready < p.want do
       local id = "pool-" .. random_hex(4)
       local v, from = pristine(p.spec, id, nil)
       if not v then
         emit("sandbox.vm.pool_error", id, { error = from })
         return
+      end
+      if restored[v] then
+        -- a pool VM is unique from here on: its clock and entropy are set now, not at take
+        local ok, err = setup_guest(v, true, nil)
+        restored[v] = nil
+        if not ok then
+          v:close()
+          emit("sandbox.vm.pool_error", id, { error = err })
+          return
+        end
       end
       if #p.ready >= p.want then -- shrunk meanwhile
         v:close()
@@ -429,7 +444,7 @@ local function take(spec)
   local p = pool_for(spec)
   while #p.ready > 0 do
     local v = table.remove(p.ready, 1)
-    fill(p)
+    fill(p, REFILL_DELAY)
     if v:state() == "running" then return v end
     v:close()
   end
