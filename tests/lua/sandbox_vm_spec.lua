@@ -58,10 +58,14 @@ describe("sandbox vm backend, one cold sandbox", function()
     dir = H.tmpdir()
     B.configure { template_dir = dir .. "/templates" }
     state = fake_state()
+    -- host paths the guest sees read-only at the same paths: a directory and a single file
+    H.sh(("mkdir -p %s/ro/src/deep && printf data > %s/ro/src/deep/f && printf one > %s/ro/single")
+      :format(dir, dir, dir))
     local err
     sb, err = B.start { id = "spec-sbvm-" .. pid, state = state, policy = {
       resources = { vcpus = 1, memory_mib = 128, max_output = 4096 },
       env = { FROM_POLICY = "policy", OVERRIDDEN = "policy" },
+      files = { readonly = { dir .. "/ro/src", dir .. "/ro/single" } },
       vm = { start = "cold" },
     } }
     assert(sb, err)
@@ -91,6 +95,17 @@ describe("sandbox vm backend, one cold sandbox", function()
     assert.matches(" sandbox%.vm%.start ", kinds(sb.id))
     -- templates are off for start = "cold"
     assert.is_nil(io.open(dir .. "/templates"), "a cold-only policy made a template")
+  end)
+
+  it("shows files.readonly host paths at the same paths, read-only, from a disk of its own", function()
+    if not need() then return end
+    local r = assert(sb:exec { "sh", "-c", "cat $0/src/deep/f $0/single; echo x > $0/src/new 2>/dev/null || echo ro",
+                               dir .. "/ro" })
+    assert.are.equal("dataone" .. "ro\n", r.stdout)
+    local list = assert(sb:list_dir(dir .. "/ro/src"))
+    assert.are.same({ { name = "deep", type = "dir", size = list[1].size } }, list)
+    assert.is_true(state.live["run_dir=" .. sb._files], "the disk's directory is in the state record")
+    assert.is_truthy(io.open(sb._files .. "/files.ext4"))
   end)
 
   it("runs commands with stdin, env merged over the policy's, cwd, exit codes", function()
@@ -193,8 +208,9 @@ describe("sandbox vm backend, one cold sandbox", function()
 
   it("closes idempotently, leaving no VMM, run dir or state", function()
     if not need() then return end
-    local vi = sb:info().vm
+    local vi, files = sb:info().vm, sb._files
     assert.is_true(sb:close())
+    assert.is_nil(io.open(files .. "/files.ext4"), "the files disk is gone")
     assert.is_true(sb:close())
     assert.are.equal("closed", sb:info().state)
     assert.is_nil(io.open(vi.rundir), "the run dir is gone")
@@ -333,9 +349,12 @@ describe("sandbox vm backend, template snapshot, pool and network", function()
 
   it("refuses what it cannot do, naming the field", function()
     if not need() then return end
-    local none, err = B.start { id = "x", policy = { files = { readonly = { "/src" } } } }
+    local none, err = B.start { id = "x", policy = { files = { readonly = { "/no/such/path" } } } }
     assert.is_nil(none)
-    assert.matches("files%.readonly", err)
+    assert.matches("files%.readonly%[1%]: /no/such/path: No such file", err)
+    local ok0, e0 = pcall(B.start, { id = "x", policy = { files = { readonly = { "/a/../etc" } } } })
+    assert.is_false(ok0)
+    assert.matches("bad field 'files%.readonly%[1%]'", e0)
     local ok, e2 = pcall(B.start, { id = "x", policy = { vm = { start = "warm" } } })
     assert.is_false(ok)
     assert.matches("bad field 'vm%.start'", e2)

@@ -200,6 +200,58 @@ local function start_or_close(v)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- files.readonly: host paths copied into a read-only ext4 disk of the sandbox's own
+
+local function runtime_dir()
+  local f = io.open("/proc/self/status")
+  local uid = f and f:read("a"):match("\nUid:%s+(%d+)")
+  if f then f:close() end
+  if uid == "0" then return "/run/clawlua" end
+  local x = os.getenv("XDG_RUNTIME_DIR")
+  return (x and x ~= "" and x .. "/clawlua") or "/tmp"
+end
+
+--- Copies the paths into <dir>/stage/<i> and makes <dir>/files.ext4 of them.
+---@return string|nil dir the directory holding the disk (removed at close)
+---@return string disk path, or the error
+local function readonly_disk(paths)
+  for i, p in ipairs(paths) do
+    if type(p) ~= "string" or p:sub(1, 1) ~= "/" or p:find("[%z\n]") or p:match("/%.%.?/") or p:match("/%.%.?$") then
+      error(("bad field 'files.readonly[%d]' (an absolute path without . or .. expected)"):format(i), 4)
+    end
+    if not exists(p) then return nil, ("files.readonly[%d]: %s: No such file or directory"):format(i, p) end
+  end
+  local base = runtime_dir()
+  local dir, err = run { "sh", "-c", 'mkdir -p "$1" && mktemp -d "$1/files.XXXXXX"', "sh", base }
+  if not dir then return nil, "files.readonly: " .. err end
+  dir = dir:gsub("%s+$", "")
+  local argv = { "sh", "-c", [[
+d=$1; shift; i=0; mkdir "$d/stage"
+for p in "$@"; do i=$((i + 1)); cp -a -- "$p" "$d/stage/$i" || exit 1; done
+kb=$(du -sk "$d/stage" | cut -f1)
+mke2fs -q -t ext4 -F -L clawlua-files -d "$d/stage" "$d/files.ext4" "$((kb + kb / 4 + 8192))k" || exit 1
+rm -rf "$d/stage"]], "sh", dir, timeout = 600 }
+  for _, p in ipairs(paths) do argv[#argv + 1] = p end
+  local ok
+  ok, err = run(argv)
+  if not ok then
+    run { "rm", "-rf", dir }
+    return nil, "files.readonly: " .. err
+  end
+  return dir, dir .. "/files.ext4"
+end
+
+-- Binds each /mnt/root/<i> (the read-only disk) on its host path in the guest.
+local BIND_SCRIPT = [[
+i=0
+for p in "$@"; do
+  i=$((i + 1))
+  if [ -d "/mnt/root/$i" ]; then mkdir -p "$p"; else mkdir -p "${p%/*}" && touch "$p"; fi
+  mount -o bind "/mnt/root/$i" "$p" && mount -o remount,bind,ro "$p" || exit 1
+done
+]]
+
+-- ---------------------------------------------------------------------------------------------
 -- Guest network configuration through the agent
 
 local function valid_ip4(s)
@@ -664,6 +716,10 @@ function H:close()
     if info.pid then self._state:forget("vmm_pid", tostring(info.pid)) end
     if info.rundir then self._state:forget("run_dir", info.rundir) end
   end
+  if self._files then
+    run { "rm", "-rf", self._files }
+    if self._state then self._state:forget("run_dir", self._files) end
+  end
   emit("sandbox.vm.close", self.id, { vm = v.id })
   return true
 end
@@ -684,16 +740,31 @@ function B.start(opts)
   local id, policy, net, state = opts.id, opts.policy, opts.net, opts.state
   if type(id) ~= "string" then error("bad field 'id' (string expected)", 2) end
   if type(policy) ~= "table" then error("bad field 'policy' (table expected)", 2) end
-  local files = policy.files
-  if files and files.readonly and #files.readonly > 0 then
-    return nil, "vm backend: files.readonly is not supported (no host directories in the guest yet): "
-      .. "use the jail backend or write_file"
-  end
   local t0 = claw.now()
   local spec, err = vm_spec(policy, net ~= nil)
   if not spec then
     emit("sandbox.vm.error", id, { error = err })
     return nil, err
+  end
+  local ro = policy.files and policy.files.readonly
+  local files_dir
+  if ro and #ro > 0 then
+    if spec.rootfs then error("bad field 'files.readonly' (the VM's one disk is policy.vm.rootfs already)", 2) end
+    -- a disk of this sandbox's own: no template or pool VM has it
+    local disk
+    files_dir, disk = readonly_disk(ro)
+    if not files_dir then
+      emit("sandbox.vm.error", id, { error = disk })
+      return nil, disk
+    end
+    spec.rootfs, spec.start = disk, "cold"
+  end
+  local function fail(msg, detail)
+    if files_dir then run { "rm", "-rf", files_dir } end
+    detail = detail or {}
+    detail.error = msg
+    emit("sandbox.vm.error", id, detail)
+    return nil, msg
   end
   local gnet, boot_args
   if net then
@@ -733,26 +804,31 @@ function B.start(opts)
       if not v then err = from end
     end
   end
-  if not v then
-    emit("sandbox.vm.error", id, { error = err })
-    return nil, err
-  end
+  if not v then return fail(err) end
   local ok, serr = true, nil
   if not attached then ok, serr = attach(v) end
   if ok then ok, serr = setup_guest(v, restored[v], gnet) end
+  if ok and files_dir then
+    local argv = { "sh", "-c", BIND_SCRIPT, "files" }
+    for _, p in ipairs(ro) do argv[#argv + 1] = p end
+    local r, e = v:exec(argv)
+    if not r or r.code ~= 0 then
+      ok, serr = nil, "files.readonly: " .. (e or r.stderr:gsub("%s+$", ""))
+    end
+  end
   if not ok then
     v:close()
-    emit("sandbox.vm.error", id, { error = serr, from = from })
-    return nil, serr
+    return fail(serr, { from = from })
   end
   local info = v:info()
   if state then
     if info.pid then state:record("vmm_pid", tostring(info.pid)) end
     if info.rundir then state:record("run_dir", info.rundir) end
+    if files_dir then state:record("run_dir", files_dir) end
   end
   local res = policy.resources or {}
   local self = setmetatable({
-    id = id, backend = "vm", _v = v, _policy = policy, _net = net, _state = state, _from = from,
+    id = id, backend = "vm", _v = v, _policy = policy, _net = net, _state = state, _from = from, _files = files_dir,
     _boot_seconds = claw.now() - t0, _env = policy.env, _max_output = res.max_output or DEFAULT_MAX_OUTPUT,
   }, H)
   if res.lifetime_s then
