@@ -347,6 +347,29 @@ describe("sandbox vm backend, template snapshot, pool and network", function()
     assert(ok, err)
   end)
 
+  it("leaves nothing behind when the net attach fails or the start is cancelled", function()
+    if not need() then return end
+    local bad = fake_net()
+    function bad.attach() return nil, "no such bridge" end
+    local none, err = B.start { id = "spec-sbvm-d" .. pid, policy = policy, net = bad }
+    assert.is_nil(none)
+    assert.are.equal("net attach: no such bridge", err)
+    assert.matches(" sandbox%.vm%.error ", kinds("spec-sbvm-d" .. pid))
+    -- a cold boot (with a files disk) cancelled half-way
+    H.sh("mkdir -p " .. dir .. "/ro2 && echo x > " .. dir .. "/ro2/f")
+    local t = claw.spawn(function()
+      return B.start { id = "spec-sbvm-e" .. pid, policy = { resources = policy.resources,
+                       files = { readonly = { dir .. "/ro2" } } } }
+    end)
+    claw.sleep(1)
+    t:cancel()
+    local r, why = t:join()
+    assert.is_nil(r)
+    assert.are.equal("cancelled", why)
+    assert.are.equal("  ", kinds("spec-sbvm-e" .. pid, "sandbox.vm.start"), "a cancelled start started")
+    assert.are.equal("", H.sh("ls /run/clawlua | grep '^files\\.' || true"))
+  end)
+
   it("refuses what it cannot do, naming the field", function()
     if not need() then return end
     local none, err = B.start { id = "x", policy = { files = { readonly = { "/no/such/path" } } } }

@@ -232,11 +232,11 @@ kb=$(du -sk "$d/stage" | cut -f1)
 mke2fs -q -t ext4 -F -L clawlua-files -d "$d/stage" "$d/files.ext4" "$((kb + kb / 4 + 8192))k" || exit 1
 rm -rf "$d/stage"]], "sh", dir, timeout = 600 }
   for _, p in ipairs(paths) do argv[#argv + 1] = p end
-  local ok
-  ok, err = run(argv)
-  if not ok then
+  local done, ok, rerr = pcall(run, argv)
+  if not (done and ok) then
     run { "rm", "-rf", dir }
-    return nil, "files.readonly: " .. err
+    if not done then error(ok, 0) end -- cancelled
+    return nil, "files.readonly: " .. rerr
   end
   return dir, dir .. "/files.ext4"
 end
@@ -404,6 +404,7 @@ local function make_template(v, spec, id)
   if not ok then
     run { "rm", "-rf", tmp }
     emit("sandbox.vm.template_error", id, { error = tostring(err) })
+    if err == claw.cancelled then error(err, 0) end
   end
 end
 
@@ -437,7 +438,13 @@ local function pristine(spec, id, attach)
   end
   local started, serr = start_or_close(v)
   if not started then return nil, serr end
-  if spec.start ~= "cold" then make_template(v, spec, id) end
+  if spec.start ~= "cold" then
+    local ok, terr = pcall(make_template, v, spec, id)
+    if not ok then
+      v:close()
+      error(terr, 0)
+    end
+  end
   return v, "cold"
 end
 
@@ -463,10 +470,11 @@ local function fill(p, delay)
       end
       if restored[v] then
         -- a pool VM is unique from here on: its clock and entropy are set now, not at take
-        local ok, err = setup_guest(v, true, nil)
+        local done, ok, err = pcall(setup_guest, v, true, nil)
         restored[v] = nil
-        if not ok then
+        if not (done and ok) then
           v:close()
+          if not done then error(ok, 0) end
           emit("sandbox.vm.pool_error", id, { error = err })
           return
         end
@@ -777,48 +785,66 @@ function B.start(opts)
   local attached = false
   local function attach(v)
     if not net then return true end
-    local ok, aerr = net:attach(v.tap)
+    local done, ok, aerr = pcall(net.attach, net, v.tap)
+    if not done then
+      v:close()
+      error(ok, 0)
+    end
     if not ok then return nil, "net attach: " .. tostring(aerr) end
     attached = true
     return true
   end
   local v, from
-  if boot_args then
-    v, err = vm.create(create_opts(spec, vm_id, boot_args))
-    if v then
-      local ok, aerr = attach(v)
-      if not ok then
-        v:close()
-        v, err = nil, aerr
+  local got, gerr = pcall(function()
+    if boot_args then
+      v, err = vm.create(create_opts(spec, vm_id, boot_args))
+      if v then
+        local ok, aerr = attach(v)
+        if not ok then
+          v:close()
+          v, err = nil, aerr
+        else
+          v, err = start_or_close(v)
+        end
+      end
+      from = "cold"
+    else
+      if spec.start ~= "cold" then v = take(spec) end
+      if v then
+        from = "pool"
       else
-        v, err = start_or_close(v)
+        v, from = pristine(spec, vm_id, attach)
+        if not v then err = from end
       end
     end
-    from = "cold"
-  else
-    if spec.start ~= "cold" then v = take(spec) end
-    if v then
-      from = "pool"
-    else
-      v, from = pristine(spec, vm_id, attach)
-      if not v then err = from end
-    end
+  end)
+  if not got then
+    if v then v:close() end
+    if files_dir then run { "rm", "-rf", files_dir } end
+    error(gerr, 0)
   end
   if not v then return fail(err) end
-  local ok, serr = true, nil
-  if not attached then ok, serr = attach(v) end
-  if ok then ok, serr = setup_guest(v, restored[v], gnet) end
-  if ok and files_dir then
-    local argv = { "sh", "-c", BIND_SCRIPT, "files" }
-    for _, p in ipairs(ro) do argv[#argv + 1] = p end
-    local r, e = v:exec(argv)
-    if not r or r.code ~= 0 then
-      ok, serr = nil, "files.readonly: " .. (e or r.stderr:gsub("%s+$", ""))
+  -- from here on the VM (and the files disk) go on every path, a raise or a cancel included
+  local done, ok, serr = pcall(function()
+    if not attached then
+      local aok, aerr = attach(v)
+      if not aok then return nil, aerr end
     end
-  end
-  if not ok then
+    local sok, sserr = setup_guest(v, restored[v], gnet)
+    if not sok then return nil, sserr end
+    if files_dir then
+      local argv = { "sh", "-c", BIND_SCRIPT, "files" }
+      for _, p in ipairs(ro) do argv[#argv + 1] = p end
+      local r, e = v:exec(argv)
+      if not r or r.code ~= 0 then return nil, "files.readonly: " .. (e or r.stderr:gsub("%s+$", "")) end
+    end
+    return true
+  end)
+  if not (done and ok) then
     v:close()
-    return fail(serr, { from = from })
+    if done then return fail(serr, { from = from }) end
+    if files_dir then run { "rm", "-rf", files_dir } end
+    error(ok, 0)
   end
   local info = v:info()
   if state then
