@@ -725,7 +725,9 @@ function H:close()
     if info.rundir then self._state:forget("run_dir", info.rundir) end
   end
   if self._files then
-    run { "rm", "-rf", self._files }
+    -- only the disk is left in it (no process needed: close runs from __gc too)
+    os.remove(self._files .. "/files.ext4")
+    os.remove(self._files)
     if self._state then self._state:forget("run_dir", self._files) end
   end
   emit("sandbox.vm.close", self.id, { vm = v.id })
@@ -734,7 +736,7 @@ end
 
 H.destroy = H.close
 H.__close = H.close
-H.__gc = H.close
+H.__gc = function(self) pcall(H.close, self) end
 
 -- ---------------------------------------------------------------------------------------------
 -- start
@@ -857,7 +859,7 @@ function B.start(opts)
     id = id, backend = "vm", _v = v, _policy = policy, _net = net, _state = state, _from = from, _files = files_dir,
     _boot_seconds = claw.now() - t0, _env = policy.env, _max_output = res.max_output or DEFAULT_MAX_OUTPUT,
   }, H)
-  if res.lifetime_s then
+  if res.lifetime_s and res.lifetime_s > 0 then
     self._timer = claw.spawn(function()
       claw.sleep(res.lifetime_s)
       if self._closed then return end
