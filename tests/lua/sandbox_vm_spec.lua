@@ -49,6 +49,20 @@ local function fake_state()
   return st
 end
 
+describe("sandbox vm backend, guest network options", function()
+  it("reads a net's guest table, else a kernel-style ip= in its boot_args", function()
+    assert.are.same({ address = "10.1.2.3/30", gateway = "10.1.2.1", resolvers = { "10.1.2.1" }, iface = "eth0" },
+      B.guest_net { guest = { address = "10.1.2.3/30", gateway = "10.1.2.1", resolvers = { "10.1.2.1" } } })
+    assert.are.same({ address = "10.9.0.2/24", gateway = "10.9.0.1", resolvers = { "10.9.0.53" }, iface = "eth0" },
+      B.guest_net { boot_args = "quiet ip=10.9.0.2::10.9.0.1:255.255.255.0::eth0:off:10.9.0.53 x=y" })
+    assert.is_nil(B.guest_net { boot_args = "clawlua.net=something-else" })
+    assert.is_nil(B.guest_net {})
+    local ok, err = pcall(B.guest_net, { guest = { address = "10.1.2.300/30" } })
+    assert.is_false(ok)
+    assert.matches("bad field 'guest%.address'", err)
+  end)
+end)
+
 describe("sandbox vm backend, one cold sandbox", function()
   local sb, before, dir, state
 
@@ -368,6 +382,29 @@ describe("sandbox vm backend, template snapshot, pool and network", function()
     assert.are.equal("cancelled", why)
     assert.are.equal("  ", kinds("spec-sbvm-e" .. pid, "sandbox.vm.start"), "a cancelled start started")
     assert.are.equal("", H.sh("ls /run/clawlua | grep '^files\\.' || true"))
+  end)
+
+  it("boots cold with the net's boot arguments when it gives no guest configuration", function()
+    if not need() then return end
+    local net = fake_net()
+    local order = {}
+    function net.vm_options() return { boot_args = "clawlua.spec=" .. pid } end
+    local attach = net.attach
+    function net:attach(tap)
+      -- before the VMM is spawned
+      order[#order + 1] = "attach, spawns: " .. #claw.audit.events { sandbox = "spec-sbvm-f" .. pid, kind = "vm.spawn" }
+      return attach(self, tap)
+    end
+    local sb = track(assert(B.start { id = "spec-sbvm-f" .. pid, policy = policy, net = net }))
+    local ok, err = pcall(function()
+      assert.are.equal("cold", sb:info().from)
+      assert.are.same({ "attach, spawns: 0" }, order)
+      assert.matches(" clawlua%.spec=" .. pid, assert(sb:exec { "cat", "/proc/cmdline" }).stdout)
+      -- the guest was left alone: its interface is down and has no address
+      assert.is_nil(assert(sb:exec { "ip", "-4", "addr", "show", "eth0" }).stdout:match("inet "))
+    end)
+    sb:close()
+    assert(ok, err)
   end)
 
   it("refuses what it cannot do, naming the field", function()

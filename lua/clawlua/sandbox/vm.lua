@@ -306,6 +306,10 @@ local function guest_net(opts)
   return nil
 end
 
+--- What the backend configures in the guest from a net handle's vm_options() (nil: nothing it can
+--- set after boot, so the sandbox boots cold with the options' boot_args). For the net layer's tests.
+B.guest_net = guest_net
+
 -- Run once in the guest before the sandbox is handed out: "$1" is what to do (c: clock,
 -- e: entropy from stdin, n: network), then the clock, the interface, address, gateway, mtu and
 -- resolvers. Values are checked on the host (addresses are dotted quads) and passed as arguments.
