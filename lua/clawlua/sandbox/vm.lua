@@ -311,14 +311,15 @@ end
 B.guest_net = guest_net
 
 -- Run once in the guest before the sandbox is handed out: "$1" is what to do (c: clock,
--- e: entropy from stdin, n: network), then the clock, the interface, address, gateway, mtu and
+-- e: entropy, n: network), then the clock, the interface, address, gateway, mtu, a seed, and the
 -- resolvers. Values are checked on the host (addresses are dotted quads) and passed as arguments.
+-- Under TCG every process costs: the seed goes in through a shell builtin, and the clock is set
+-- last by exec'ing date in place of the shell.
 local SETUP_SCRIPT = [[
 set -e
-what=$1 now=$2 dev=$3 addr=$4 gw=$5 mtu=$6
-shift 6
-case $what in *c*) date -u -s "@$now" >/dev/null ;; esac
-case $what in *e*) cat > /dev/urandom ;; esac
+what=$1 now=$2 dev=$3 addr=$4 gw=$5 mtu=$6 seed=$7
+shift 7
+case $what in *e*) printf %s "$seed" > /dev/urandom ;; esac
 case $what in *n*)
   ip link set dev "$dev" up
   [ -z "$mtu" ] || ip link set dev "$dev" mtu "$mtu"
@@ -327,19 +328,18 @@ case $what in *n*)
   : > /etc/resolv.conf
   for r in "$@"; do echo "nameserver $r" >> /etc/resolv.conf; done ;;
 esac
+case $what in *c*) exec date -u -s "@$now" >/dev/null ;; esac
 ]]
 
 local function setup_guest(v, fresh_restore, gnet)
   local what = (fresh_restore and "ce" or "") .. (gnet and "n" or "")
   if what == "" then return true end
   local argv = { "sh", "-c", SETUP_SCRIPT, "setup", what, ("%d"):format(math.floor(claw.loop.time())),
-                 gnet and gnet.iface or "", gnet and gnet.address or "", "", "" }
-  local stdin
+                 gnet and gnet.iface or "", gnet and gnet.address or "", "", "", "" }
   if fresh_restore then
-    -- a restored guest shares its CRNG state with every VM of its template: mix fresh bytes in
-    local f = assert(io.open("/dev/urandom", "rb"))
-    stdin = f:read(256)
-    f:close()
+    -- a restored guest shares its CRNG state with every VM of its template: mix 256 fresh
+    -- bytes (as hex) from the host in
+    argv[11] = random_hex(256)
   end
   if gnet then
     if gnet.gateway then
@@ -353,7 +353,7 @@ local function setup_guest(v, fresh_restore, gnet)
       argv[#argv + 1] = r
     end
   end
-  argv.stdin, argv.timeout = stdin, 30
+  argv.timeout = 30
   local r, err = v:exec(argv)
   if not r then return nil, "guest setup: " .. err end
   if r.code ~= 0 then
