@@ -525,6 +525,10 @@ function B.prewarm(policy, n, opts)
   if math.type(n) ~= "integer" or n < 0 or n > 64 then
     error("bad argument #2 to 'prewarm' (integer 0..64 expected)", 2)
   end
+  local ro = policy.files and policy.files.readonly
+  if ro and #ro > 0 and n > 0 then
+    return nil, "vm backend: a policy with files.readonly boots cold (the disk is the sandbox's own): no pool"
+  end
   local nic = policy.network ~= nil
   if opts and opts.net ~= nil then nic = opts.net end
   local spec, err = vm_spec(policy, nic)
