@@ -1,0 +1,146 @@
+-- clawlua.sandbox.vm (the VM backend of clawlua.sandbox), against a peer measured in the same run:
+--   1. create -> first exec answered, for each way a sandbox starts (cold boot, template snapshot
+--      restore, warm pool), vs a plain qemu-system-x86_64 booting the same kernel and initrd to
+--      the agent's READY frame (clawlua's machine, devices and boot arguments; no jail, no QMP,
+--      no exec). Goals (issue 11, TCG): <= 0.5 s from the pool or a snapshot, <= 1.2 s cold.
+--   2. orchestration overhead per exec round trip: sandbox exec of `true` vs clawlua.vm's exec
+--      of `true` on the same guest, interleaved (goal: <= 1 ms more).
+--   build/bin/clawlua tests/bench/sandbox_vm.lua [rounds=5]   (needs root and qemu-system-x86_64)
+local claw = require "clawlua"
+local proc = claw.proc
+local B = require "clawlua.sandbox.vm"
+
+local ROUNDS = tonumber(arg and arg[1]) or 5
+local src = (os.getenv("PWD") or ".")
+local build = src .. "/build"
+assert(assert(proc.run { src .. "/scripts/build-guest-image", "--out", build .. "/guest", "--agent",
+                         build .. "/bin/clawlua-agent", "--rootfs", "--quiet", timeout = 900,
+                         stderr = "inherit" }).code == 0)
+local kernel, initrd = build .. "/guest/vmlinux", build .. "/guest/initrd.img"
+
+local function median(t)
+  local s = {}
+  for i, x in ipairs(t) do s[i] = x end
+  table.sort(s)
+  local n = #s
+  return n % 2 == 1 and s[(n + 1) // 2] or (s[n // 2] + s[n // 2 + 1]) / 2
+end
+
+local khz = 0
+for line in io.lines("/proc/cpuinfo") do
+  local mhz = line:match("^cpu MHz%s*:%s*([%d.]+)")
+  if mhz then
+    khz = math.floor(tonumber(mhz) * 1000 + 0.5)
+    break
+  end
+end
+
+local tmp = assert(proc.run { "mktemp", "-d", "/tmp/clawlua-bench.XXXXXX" }).stdout:gsub("%s+$", "")
+B.configure { template_dir = tmp .. "/templates" }
+
+-- The peer: the same kernel and initrd, the agent's port on a socket path; the clock stops at
+-- the agent's READY frame.
+local function plain_qemu()
+  local sock = tmp .. "/agent.sock"
+  os.remove(sock)
+  local t0 = claw.now()
+  local p = assert(proc.spawn { "qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-no-user-config",
+    "-display", "none", "-accel", "tcg", "-cpu", "max", "-m", "128", "-smp", "1", "-no-reboot",
+    "-kernel", kernel, "-initrd", initrd, "-append",
+    ("console=ttyS0 quiet panic=1 pci=off reboot=k tsc_early_khz=%d tsc=reliable clawlua.channel=serial"):format(khz),
+    "-serial", "null", "-device", "virtio-serial-device",
+    "-chardev", "socket,id=agent,path=" .. sock .. ",server=on,wait=off",
+    "-device", "virtserialport,chardev=agent,name=org.clawlua.agent",
+    stdin = "null", stdout = "null", stderr = "null" })
+  local s
+  for _ = 1, 5000 do
+    s = claw.stream.connect_unix(sock, 1)
+    if s then break end
+    claw.sleep(0.001)
+  end
+  assert(s, "cannot connect to the plain QEMU's agent socket")
+  s:set_timeout(60)
+  local hdr = assert(s:read(12), "no READY from the plain QEMU")
+  local magic, kind = string.unpack("<I2I2", hdr)
+  assert(magic == 0xC1A7 and kind == 64)
+  local dt = claw.now() - t0
+  s:close()
+  p:kill("KILL")
+  p:wait()
+  p:close()
+  return dt
+end
+
+local policy = { resources = { vcpus = 1, memory_mib = 128 } }
+local cold_policy = { resources = policy.resources, vm = { start = "cold" } }
+local serial = 0
+
+--- Starts a sandbox and runs `echo` in it: seconds to the answer, and where it came from.
+local function first_exec(pol)
+  serial = serial + 1
+  local t0 = claw.now()
+  local sb = assert(B.start { id = "bench-" .. serial, policy = pol })
+  assert(assert(sb:exec { "echo", "hi" }).stdout == "hi\n")
+  local dt = claw.now() - t0
+  local from = sb:info().from
+  sb:close()
+  return dt, from
+end
+
+claw.run(function()
+  -- warm the page cache and the image discovery; the first auto start makes the template
+  plain_qemu()
+  first_exec(policy)
+  local raw, cold, snap, pool = {}, {}, {}, {}
+  for _ = 1, ROUNDS do
+    raw[#raw + 1] = plain_qemu()
+    local dt, from = first_exec(cold_policy)
+    assert(from == "cold")
+    cold[#cold + 1] = dt
+    dt, from = first_exec(policy)
+    assert(from == "snapshot", from)
+    snap[#snap + 1] = dt
+  end
+  assert(B.prewarm(policy, 1, { net = false }))
+  local function pool_ready()
+    for _, p in ipairs(B.pools()) do
+      if p.want == 1 and p.ready == 1 then return true end
+    end
+  end
+  for _ = 1, ROUNDS do
+    while not pool_ready() do claw.sleep(0.02) end
+    claw.sleep(0.2) -- let the refill's restore settle before the clock starts
+    local dt, from = first_exec(policy)
+    assert(from == "pool", from)
+    pool[#pool + 1] = dt
+  end
+  B.drain()
+  local mr = median(raw)
+  print(("create -> first exec answered (TCG, median of %d; peer: plain qemu-system-x86_64 to agent READY %.3f s):")
+    :format(ROUNDS, mr))
+  for _, m in ipairs { { "cold boot", cold, 1.2 }, { "template snapshot", snap, 0.5 }, { "warm pool", pool, 0.5 } } do
+    local x = median(m[2])
+    print(("  %-18s %.3f s  ratio %.3f vs plain qemu  goal <= %.1f s: %s"):format(m[1], x, x / mr, m[3],
+      x <= m[3] and "met" or "NOT met"))
+  end
+
+  -- 2. exec overhead on one guest
+  local sb = assert(B.start { id = "bench-exec", policy = policy })
+  local v = sb._v
+  local hs, vs = {}, {}
+  for _ = 1, 5 do sb:exec { "true" } end
+  for _ = 1, 100 do
+    local t0 = claw.now()
+    sb:exec { "true" }
+    local t1 = claw.now()
+    v:exec { "true" }
+    local t2 = claw.now()
+    hs[#hs + 1], vs[#vs + 1] = t1 - t0, t2 - t1
+  end
+  sb:close()
+  local mh, mv = median(hs), median(vs)
+  print(("exec `true` round trip (median of 100, interleaved): sandbox %.3f ms, clawlua.vm %.3f ms, overhead %.3f ms"
+    .. " (goal <= 1 ms: %s), ratio %.3f"):format(mh * 1000, mv * 1000, (mh - mv) * 1000,
+    (mh - mv) <= 0.001 and "met" or "NOT met", mh / mv))
+end)
+proc.run { "rm", "-rf", tmp }
