@@ -22,7 +22,7 @@ local config = {
   rundir = nil,             -- where resolv.conf files go (default: /run/clawlua/net or XDG)
 }
 
---- Changes module-wide settings (before the first sandbox): `pool` ("A.B.C.D/N", N <= 29),
+--- Changes module-wide settings (before the first sandbox): `pool` ("A.B.C.D/N", N <= 30),
 --- `table`, `log_group`, `min_pin`/`max_pin` (seconds a DNS answer's addresses stay pinned,
 --- clamped from its TTL), `max_pins` (addresses pinned per sandbox), `rundir`.
 ---@param opts table
@@ -243,7 +243,7 @@ end
 -- specific as the pool (broader routes, a default route, are shadowed by ours).
 local function allocate()
   local pbase, plen = cidr_parse(config.pool)
-  if not pbase or plen > 29 then bad("pool", "an IPv4 network of /29 or larger expected", 2) end
+  if not pbase or plen > 30 then bad("pool", "an IPv4 network of /30 or larger expected", 2) end
   local rs, err = routes()
   if not rs then return nil, err end
   local count = 1 << (30 - plen)
