@@ -13,8 +13,8 @@ M.MAX_RESPONSE = 4096     -- bytes of an upstream answer we accept
 M.MAX_RECORDS = 64        -- per section
 M.MAX_JUMPS = 16          -- compression pointers followed per name
 
-local T_A, T_NS, T_CNAME, T_AAAA, T_OPT = 1, 2, 5, 28, 41
-M.types = { A = T_A, NS = T_NS, CNAME = T_CNAME, AAAA = T_AAAA, OPT = T_OPT }
+local T_A, T_NS, T_CNAME, T_TXT, T_AAAA, T_OPT = 1, 2, 5, 16, 28, 41
+M.types = { A = T_A, NS = T_NS, CNAME = T_CNAME, TXT = T_TXT, AAAA = T_AAAA, OPT = T_OPT }
 
 local function fail(msg, off) return nil, ("dns: %s at byte %d"):format(msg, off) end
 
