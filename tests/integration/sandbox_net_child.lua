@@ -7,7 +7,10 @@
 --   {op="events", kind=}           audit events of the sandbox      -> {events = {...}}
 --   {op="close"}                   n:close() twice                   -> {ok, err, again}
 --   {op="hang"}                    sleeps forever (the test kills the process)
--- JSON: {id=, network=, pool=, steps={...}} or {cleanup = {{kind, name}, ...}}.
+--   {op="vexec", argv=, timeout=}  (with vm) a command in the guest  -> v:exec's result
+-- JSON: {id=, network=, pool=, vm={kernel=, initrd=}, steps={...}} or
+-- {cleanup = {{kind, name}, ...}}. With `vm`, the network is of kind "vm": a QEMU guest boots
+-- with its boot arguments and the network is attached to the VM's tap before it starts.
 local claw = require "clawlua"
 local json = require "clawlua.json"
 local net = require "clawlua.sandbox.net"
@@ -49,13 +52,23 @@ claw.run(function()
   end
   if plan.pool then net.configure { pool = plan.pool } end
   local n, err = net.create {
-    id = plan.id, kind = "jail", network = plan.network,
+    id = plan.id, kind = plan.vm and "vm" or "jail", network = plan.network,
     record = function(kind, name) out { op = "record", kind = kind, name = name } end,
     forget = function(kind, name) out { op = "forget", kind = kind, name = name } end,
   }
   if not n then
     out { op = "create", err = err }
     return
+  end
+  local v
+  if plan.vm then
+    -- `ip netns exec` mounts a sysfs of the namespace without /sys/fs/cgroup: no cgroup limits
+    -- for the VMM here (the jail's namespaces, seccomp and the rest stay)
+    v = assert(claw.vm.create { kernel = plan.vm.kernel, initrd = plan.vm.initrd, net = true,
+                                mem_mib = 128, id = plan.id, boot_args = n:vm_options().boot_args,
+                                jail = { cgroup = false } })
+    assert(n:attach(v.tap, { mac = v:info().mac }))
+    assert(v:start())
   end
   out { op = "create", info = n:info() }
   for _, s in ipairs(plan.steps) do
@@ -73,8 +86,14 @@ claw.run(function()
       for ev in claw.audit.query { sandbox = plan.id, kind = s.kind } do evs[#evs + 1] = ev end
       out { op = "events", events = json.array(evs) }
     elseif s.op == "close" then
+      if v then v:close() end
       local ok, cerr = n:close()
       out { op = "close", ok = ok, err = cerr, again = n:close() }
+    elseif s.op == "vexec" then
+      local argv = { timeout = s.timeout or 10 }
+      for i, a in ipairs(s.argv) do argv[i] = a end
+      local r, xerr = v:exec(argv)
+      out { op = "vexec", argv = s.argv, result = r, err = xerr }
     elseif s.op == "hang" then
       out { op = "hang" }
       claw.sleep(3600)
