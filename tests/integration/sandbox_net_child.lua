@@ -73,7 +73,8 @@ claw.run(function()
   out { op = "create", info = n:info() }
   for _, s in ipairs(plan.steps) do
     if s.op == "wget" then
-      local r = jail_run(n, { "/usr/bin/busybox", "wget", "-q", "-O", "-", s.url }, s.timeout or 3)
+      local url = s.url:gsub("{gateway}", n:info().gateway)
+      local r = jail_run(n, { "/usr/bin/busybox", "wget", "-q", "-O", "-", url }, s.timeout or 3)
       r.op, r.url = "wget", s.url
       out(r)
     elseif s.op == "update" then

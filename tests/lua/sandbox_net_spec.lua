@@ -121,7 +121,7 @@ describe("sandbox networking", function()
     assert.are.same(before, after)
   end)
 
-  it("with egress allowed, any address is reachable but the metadata address is not", function()
+  it("with egress allowed, any address is reachable but the metadata address and the host are not", function()
     local lines = child(w, {
       id = "sbnet-b",
       network = { egress = "allow", resolvers = { "203.0.113.53" } },
@@ -129,6 +129,8 @@ describe("sandbox networking", function()
         { op = "wget", url = "http://203.0.113.11/hello.txt" },
         { op = "wget", url = "http://later.test/hello.txt" },
         { op = "wget", url = "http://169.254.169.254/hello.txt", timeout = 3 },
+        { op = "wget", url = "http://{gateway}:8080/hello.txt", timeout = 3 },
+        { op = "wget", url = "http://10.77.0.1:8080/hello.txt", timeout = 3 },
         { op = "events", kind = "fw.drop" },
         { op = "close" },
       },
@@ -142,6 +144,9 @@ describe("sandbox networking", function()
       meta = meta or (ev.detail.dst == "169.254.169.254" and ev.sandbox == "sbnet-b")
     end
     assert.is_true(meta)
+    -- the host's own services: not at the gateway address, nor at the uplink's
+    assert.are.equal("SIGKILL", find(lines, "wget", 4).signal)
+    assert.are.equal("SIGKILL", find(lines, "wget", 5).signal)
     assert.is_true(find(lines, "close").ok)
   end)
 
@@ -215,7 +220,7 @@ describe("sandbox networking", function()
     -- mount namespace of its own, the only place the namespace was pinned.)
     local mid = snapshot(w, info.netns)
     assert.are.equal("1\n", mid.netns)
-    assert.matches("clawlua_nat_", mid.nat)
+    assert.matches("clawlua_net_", mid.nat)
     assert.matches("vm_", mid.chains)
     local todo = {}
     for i = #order, 1, -1 do

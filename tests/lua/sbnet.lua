@@ -45,6 +45,10 @@ function W.make()
                                        "--bind", "0.0.0.0", "80", "--directory", w.dir .. "/www",
                                        stdout = "null", stderr = "null" })
   w.procs[#w.procs + 1] = web
+  -- a service on the host namespace itself (every address, port 8080): a sandbox must not reach it
+  w.procs[#w.procs + 1] = assert(claw.proc.spawn {
+    "ip", "netns", "exec", w.host, N.python, "-m", "http.server", "--bind", "0.0.0.0", "8080",
+    "--directory", w.dir .. "/www", stdout = "null", stderr = "null" })
   local dnsd = assert(claw.proc.spawn { "ip", "netns", "exec", w.inet, N.python,
                                         H.src .. "/tests/integration/dnsd.py", "203.0.113.53", "53",
                                         w.dir .. "/zone.json", stdout = "pipe", stderr = "inherit" })
@@ -134,7 +138,7 @@ function W.snapshot(w, netns_name)
     links = sh("ip -n " .. w.host .. " -o link show | sed 's/^[0-9]*: //; s/ state.*//'"),
     addrs = sh("ip -4 -n " .. w.host .. " -o addr show"),
     routes = sh("ip -4 -n " .. w.host .. " route show table all"),
-    nat = sh("ip netns exec " .. w.host .. " nft list tables | grep clawlua_nat || true"),
+    nat = sh("ip netns exec " .. w.host .. " nft list tables | grep clawlua_net_ || true"),
     chains = sh("ip netns exec " .. w.host .. " nft list table inet clawlua 2>/dev/null | grep -o 'chain vm_[^ ]*' || true"),
     elems = sh("ip netns exec " .. w.host .. " nft list table inet clawlua 2>/dev/null | grep -o '\"clv[^\"]*\"' || true"),
     netns = netns_name and sh("ip netns list | grep -c " .. q(netns_name) .. " || true") or "",

@@ -481,19 +481,26 @@ function Net:attach(ifname, opts)
     return forwarding_on(nop)
   end, function() forwarding_off(nop) return true end)
   if not ok then return self:attach_failed(err) end
-  -- masquerade: a table of its own per sandbox, so it is made and removed in one step and a
-  -- crashed runtime's leftover is one name
-  local nat = "clawlua_nat_" .. self.tok
-  ok, err = self:make("nft", "ip " .. nat, function()
+  -- A table of its own per sandbox, so it is made and removed in one step and a crashed
+  -- runtime's leftover is one name: masquerade towards the uplink, and the host itself reached
+  -- from the sandbox only at the DNS forwarder (the firewall's chains decide what is forwarded;
+  -- without this, egress = "allow" would open every service listening on the host).
+  local tbl = "clawlua_net_" .. self.tok
+  ok, err = self:make("nft", "inet " .. tbl, function()
     return run({ "nft", "-f", "-" }, { input = ([[
-table ip %s {
+table inet %s {
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     ip saddr %s/30 oifname != "%s" counter masquerade comment "sandbox %s"
   }
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "%s" ip daddr %s udp dport 53 counter accept comment "DNS forwarder"
+    iifname "%s" counter drop comment "nothing else on the host"
+  }
 }
-]]):format(nat, ip4_text(self.base), ifname, self.id) })
-  end, function() return run { "nft", "delete", "table", "ip", nat } end)
+]]):format(tbl, ip4_text(self.base), ifname, self.id, ifname, self.gateway, ifname) })
+  end, function() return run { "nft", "delete", "table", "inet", tbl } end)
   if not ok then return self:attach_failed(err) end
   local fw = firewall()
   ok, err = self:make("fw", self.id, function()
@@ -717,8 +724,8 @@ function M.cleanup(kind, name)
     if not ifname then error("bad argument #2 to 'cleanup' (\"IFNAME CIDR\" expected)", 2) end
     ok, err = run { "ip", "addr", "del", cidr, "dev", ifname }
   elseif kind == "nft" then
-    local family, tbl = name:match("^(%a+) (clawlua_nat_%x+)$")
-    if not family then error("bad argument #2 to 'cleanup' (a clawlua NAT table expected)", 2) end
+    local family, tbl = name:match("^(%a+) (clawlua_net_%x+)$")
+    if not family then error("bad argument #2 to 'cleanup' (a clawlua_net_ table expected)", 2) end
     ok, err = run { "nft", "delete", "table", family, tbl }
   elseif kind == "fw" then
     local fw
