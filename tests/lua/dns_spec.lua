@@ -161,7 +161,8 @@ describe("dns forwarder", function()
         local z = zone[m.questions[1].name]
         if z ~= "silent" then
           -- first a forged answer with a wrong id, then the real one
-          up:send(answer(be16((m.id + 1) % 65536) .. msg:sub(3), { { ptr = 12, type = 1, ttl = 9, rdata = "\6\6\6\6" } }), host, port)
+          local forged = { { ptr = 12, type = 1, ttl = 9, rdata = "\6\6\6\6" } }
+          up:send(answer(be16((m.id + 1) % 65536) .. msg:sub(3), forged), host, port)
           up:send(answer(msg, z or {}, z and 0 or 3), host, port)
         end
       end

@@ -7,8 +7,6 @@
 -- tests/integration/sandbox_net_child.lua ...`), so that namespace's routes are the uplink the
 -- sandbox is masqueraded to. The sandbox's processes are jails joined to the namespace the
 -- module makes, running busybox wget. Traffic flows only between these namespaces.
-local claw = require "clawlua"
-local json = require "clawlua.json"
 local H = require "helper"
 local N = require "netns"
 

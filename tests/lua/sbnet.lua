@@ -134,13 +134,14 @@ end
 -- tables, the firewall's per-sandbox chains; and the namespaces named clw-*.
 function W.snapshot(w, netns_name)
   local function sh(c) return (H.sh(c, { may_fail = true })) end
+  local fw = "ip netns exec " .. w.host .. " nft list table inet clawlua 2>/dev/null | "
   return {
     links = sh("ip -n " .. w.host .. " -o link show | sed 's/^[0-9]*: //; s/ state.*//'"),
     addrs = sh("ip -4 -n " .. w.host .. " -o addr show"),
     routes = sh("ip -4 -n " .. w.host .. " route show table all"),
     nat = sh("ip netns exec " .. w.host .. " nft list tables | grep clawlua_net_ || true"),
-    chains = sh("ip netns exec " .. w.host .. " nft list table inet clawlua 2>/dev/null | grep -o 'chain vm_[^ ]*' || true"),
-    elems = sh("ip netns exec " .. w.host .. " nft list table inet clawlua 2>/dev/null | grep -o '\"clv[^\"]*\"' || true"),
+    chains = sh(fw .. "grep -o 'chain vm_[^ ]*' || true"),
+    elems = sh(fw .. "grep -o '\"clv[^\"]*\"' || true"),
     netns = netns_name and sh("ip netns list | grep -c " .. q(netns_name) .. " || true") or "",
   }
 end

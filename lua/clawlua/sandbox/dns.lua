@@ -87,7 +87,8 @@ end
 ---@return table|nil, string|nil
 function M.parse(msg, max)
   if type(msg) ~= "string" then return nil, "dns: message is not a string" end
-  if #msg > (max or M.MAX_RESPONSE) then return fail("message longer than " .. (max or M.MAX_RESPONSE) .. " bytes", 0) end
+  max = max or M.MAX_RESPONSE
+  if #msg > max then return fail("message longer than " .. max .. " bytes", 0) end
   if #msg < 12 then return fail("message shorter than its header", #msg) end
   local flags = u16(msg, 2)
   local m = { id = u16(msg, 0), qr = flags & 0x8000 ~= 0, opcode = (flags >> 11) & 15,
@@ -352,17 +353,17 @@ function Forwarder:ask(raw, q)
     if not ok then
       why = serr
     else
-      local deadline = claw.now() + self.timeout
+      local deadline, bad_answer = claw.now() + self.timeout, nil
       while true do
         local left = deadline - claw.now()
-        if left <= 0 or self.closed then why = up.host .. ": no answer"; break end
+        if left <= 0 or self.closed then why = bad_answer or (up.host .. ": no answer"); break end
         local msg, from, fport = s:recv(left)
-        if not msg then why = up.host .. ": " .. tostring(from); break end
+        if not msg then why = bad_answer or (up.host .. ": " .. tostring(from)); break end
         -- only an answer from the resolver asked, to this id and this question, counts
         if from == up.host and fport == up.port then
           local a, perr = M.parse(msg)
           if not a then
-            why = up.host .. ": " .. perr
+            bad_answer = up.host .. ": " .. perr
           elseif a.id == id and a.qr and #a.questions == 1 and a.questions[1].name == question.name
               and a.questions[1].type == question.type then
             s:close()
@@ -403,7 +404,7 @@ function Forwarder:remember(key, answer, a, ttl)
 end
 
 -- The cached answer with the query's id and the TTLs aged by the time spent in the cache.
-function Forwarder:from_cache(hit, raw, now)
+function Forwarder.from_cache(_, hit, raw, now)
   local age = math.floor(now - hit.stored)
   local parts, pos = { raw:sub(1, 2) }, 3
   for _, t in ipairs(hit.ttls) do

@@ -323,7 +323,8 @@ local function nop() end
 --- now; "vm": the host side is set up by `attach(tap)` once the VM's tap exists), `record`,
 --- `forget` (called with kind and name around every kernel object). Returns the handle or
 --- nil and a message; nothing is left behind on failure.
----@param opts {id: string, network: table, kind: "jail"|"vm", record?: fun(kind: string, name: string), forget?: fun(kind: string, name: string)}
+---@param opts {id: string, network: table, kind: "jail"|"vm", record?: fun(kind: string, name: string),
+---  forget?: fun(kind: string, name: string)}
 ---@return table|nil net, string|nil err
 function M.create(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'create' (table expected)", 2) end
