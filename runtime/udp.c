@@ -135,6 +135,7 @@ static int recv_k(lua_State *L, int status, lua_KContext ctx) {
 static int do_recv(lua_State *L, cl_udp *u) {
   static char buf[MAX_DGRAM + 1]; /* one loop thread; the copy goes to Lua at once */
   struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
   for (;;) {
     socklen_t sl = sizeof ss;
     ssize_t n = recvfrom(u->fd, buf, sizeof buf, MSG_TRUNC, (struct sockaddr *)&ss, &sl);
@@ -203,6 +204,7 @@ static int l_send(lua_State *L) {
 static int l_address(lua_State *L) {
   cl_udp *u = check_udp(L);
   struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
   socklen_t sl = sizeof ss;
   if (getsockname(u->fd, (struct sockaddr *)&ss, &sl) != 0) return cl_fail(L, "udp", errno);
   return push_addr(L, &ss);

@@ -1077,11 +1077,21 @@ static int set_addr(int s, const char *ifname, unsigned long req, in_addr_t a) {
 }
 
 static void configure_net(const char *spec) {
-  char addr[64], gw[64], dns[64];
-  unsigned len;
+  char buf[256], *addr = buf, *slash, *gw, *dns, *end;
   struct in_addr a, g4, d;
-  if (sscanf(spec, "%63[0-9.]/%u,%63[0-9.],%63[0-9.]", addr, &len, gw, dns) != 4 || len < 1 ||
-      len > 32 || inet_pton(AF_INET, addr, &a) != 1 || inet_pton(AF_INET, gw, &g4) != 1 ||
+  snprintf(buf, sizeof buf, "%s", spec);
+  slash = strchr(buf, '/');
+  gw = slash ? strchr(slash, ',') : NULL;
+  dns = gw ? strchr(gw + 1, ',') : NULL;
+  if (!dns) {
+    logf_("clawlua.net=%s: expected ADDRESS/LEN,GATEWAY,DNS", spec);
+    return;
+  }
+  *slash = *gw++ = *dns++ = 0;
+  errno = 0;
+  unsigned long len = strtoul(slash + 1, &end, 10);
+  if (errno || *end || end == slash + 1 || len < 1 || len > 32 ||
+      inet_pton(AF_INET, addr, &a) != 1 || inet_pton(AF_INET, gw, &g4) != 1 ||
       inet_pton(AF_INET, dns, &d) != 1) {
     logf_("clawlua.net=%s: expected ADDRESS/LEN,GATEWAY,DNS", spec);
     return;
@@ -1105,7 +1115,7 @@ static void configure_net(const char *spec) {
   }
   if (set_addr(s, "eth0", SIOCSIFNETMASK, htonl(len == 32 ? 0xffffffffu : ~(0xffffffffu >> len))) <
       0)
-    logf_("eth0: netmask /%u: %s", len, strerror(errno));
+    logf_("eth0: netmask /%lu: %s", len, strerror(errno));
   struct ifreq ifr;
   memset(&ifr, 0, sizeof ifr);
   strcpy(ifr.ifr_name, "eth0");
