@@ -212,6 +212,7 @@ end
 local fw_handle
 local used = {}        -- subnet base -> true
 local open_nets = setmetatable({}, { __mode = "k" })
+local made_dirs = {}
 local shutdown_hooked = false
 local forwarding = { users = 0, changed = false }
 
@@ -224,7 +225,8 @@ local function firewall()
   return fw_handle
 end
 
--- The IPv4 prefixes routed in this namespace (every table), as {base, len}.
+-- The IPv4 prefixes routed in this namespace (every table: an address on lo has its route only
+-- in the local one), as {base, len}.
 local function routes()
   local out, err = run { "ip", "-4", "-j", "route", "show", "table", "all" }
   if not out then return nil, err end
@@ -396,33 +398,54 @@ end
 
 function Net:make_jail_ns()
   local ns, host = "clw-" .. self.tok, "clv" .. self.tok
-  local ok, err = self:make("netns", ns, function()
-    return run { "ip", "netns", "add", ns }
-  end, function() return run { "ip", "netns", "del", ns } end)
-  if not ok then return nil, err end
-  -- IPv4 only: no link-local or router-solicitation chatter for the firewall to drop
-  ok, err = run { "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                  "net.ipv6.conf.default.disable_ipv6=1" }
-  if not ok then return nil, err end
-  ok, err = self:make("link", host, function()
-    return run { "ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns }
-  end, function() return run { "ip", "link", "del", host } end)
-  if not ok then return nil, err end
-  -- inside: the address, the default route through the host side, lo; no IPv6 (the sandbox's
-  -- network is IPv4 only, so no router advertisement or link-local path is left open)
-  local script = table.concat({
-    "link set lo up",
-    "link set eth0 address " .. self.mac,
-    ("addr add %s/30 dev eth0"):format(self.address),
-    "link set eth0 up",
-    "route add default via " .. self.gateway,
-  }, "\n") .. "\n"
-  ok, err = run({ "ip", "-n", ns, "-batch", "-" }, { input = script })
-  if not ok then return nil, err end
+  local cidr = self.gateway .. "/30"
+  -- One `ip` process makes the namespace, the veth pair (the peer moved into the namespace) and
+  -- the host side's address; a second configures the inside. Each object is recorded first;
+  -- one undo (also one process) takes them all down: the link explicitly, because the kernel
+  -- dismantles a deleted namespace's devices asynchronously.
+  self.record("netns", ns)
+  self.record("link", host)
+  self.record("addr", host .. " " .. cidr)
+  local undo = function()
+    return run({ "ip", "-force", "-batch", "-" }, { input = ("link del %s\nnetns del %s\n"):format(host, ns) })
+  end
+  local ok, err = run({ "ip", "-batch", "-" }, { input = table.concat({
+    "netns add " .. ns,
+    ("link add %s type veth peer name eth0 netns %s"):format(host, ns),
+    ("addr add %s dev %s"):format(cidr, host),
+    "link set " .. host .. " up",
+  }, "\n") .. "\n" })
+  if ok then
+    -- inside: the address, the default route through the host side, lo; no IPv6 address at all
+    -- (addrgenmode none: the sandbox network is IPv4 only, and the jail cannot add one)
+    ok, err = run({ "ip", "-n", ns, "-batch", "-" }, { input = table.concat({
+      "link set lo up",
+      "link set eth0 address " .. self.mac .. " addrgenmode none",
+      ("addr add %s/30 dev eth0"):format(self.address),
+      "link set eth0 up",
+      "route add default via " .. self.gateway,
+    }, "\n") .. "\n" })
+  end
+  if not ok then
+    undo()
+    for _, o in ipairs { { "addr", host .. " " .. cidr }, { "link", host }, { "netns", ns } } do
+      self.forget(o[1], o[2])
+    end
+    return nil, err
+  end
+  local owned = self.owned
+  owned[#owned + 1] = { kind = "netns", name = ns, undo = undo }
+  owned[#owned + 1] = { kind = "link", name = host, undo = nop }
+  owned[#owned + 1] = { kind = "addr", name = host .. " " .. cidr, undo = nop }
+  self.host_addr = true
   self.netns = ns
   self.netns_path = "/run/netns/" .. ns
   local dir = state_dir()
-  run { "mkdir", "-p", dir }
+  if not made_dirs[dir] then
+    ok, err = run { "mkdir", "-p", dir }
+    if not ok then return nil, err end
+    made_dirs[dir] = true
+  end
   local path = ("%s/%s.resolv.conf"):format(dir, self.tok)
   ok, err = self:make("file", path, function()
     return write_file(path, ("# clawlua sandbox %s\nnameserver %s\noptions attempts:2 timeout:2\n")
@@ -472,11 +495,13 @@ function Net:attach(ifname, opts)
   self.ifname = ifname
   self.attach_mac = opts and opts.mac
   local cidr = self.gateway .. "/30"
-  local ok, err = self:make("addr", ifname .. " " .. cidr, function()
-    local a, e = run { "ip", "addr", "add", cidr, "dev", ifname }
-    if a then a, e = run { "ip", "link", "set", ifname, "up" } end
-    return a, e
-  end, function() return run { "ip", "addr", "del", cidr, "dev", ifname } end)
+  local ok, err = true, nil
+  if not self.host_addr then -- a jail's veth has it already
+    ok, err = self:make("addr", ifname .. " " .. cidr, function()
+      local script = ("addr add %s dev %s\nlink set %s up\n"):format(cidr, ifname, ifname)
+      return run({ "ip", "-batch", "-" }, { input = script })
+    end, function() return run { "ip", "addr", "del", cidr, "dev", ifname } end)
+  end
   if not ok then return self:attach_failed(err) end
   ok, err = self:make("sysctl", "net.ipv4.ip_forward", function()
     return forwarding_on(nop)
