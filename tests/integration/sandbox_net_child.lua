@@ -4,11 +4,12 @@
 --   {op="wget", url=, timeout=3}  busybox wget -q -O - URL in a jail  -> {code|signal, stdout, stderr}
 --   {op="update", network=}        n:update(...)                      -> {ok, err}
 --   {op="info"}                    n:info()
+--   {op="sleep", seconds=}         waits
 --   {op="events", kind=}           audit events of the sandbox      -> {events = {...}}
 --   {op="close"}                   n:close() twice                   -> {ok, err, again}
 --   {op="hang"}                    sleeps forever (the test kills the process)
 --   {op="vexec", argv=, timeout=}  (with vm) a command in the guest  -> v:exec's result
--- JSON: {id=, network=, pool=, vm={kernel=, initrd=}, steps={...}} or
+-- JSON: {id=, network=, pool=, min_pin=, vm={kernel=, initrd=}, steps={...}} or
 -- {cleanup = {{kind, name}, ...}}. With `vm`, the network is of kind "vm": a QEMU guest boots
 -- with its boot arguments and the network is attached to the VM's tap before it starts.
 local claw = require "clawlua"
@@ -51,6 +52,7 @@ claw.run(function()
     return
   end
   if plan.pool then net.configure { pool = plan.pool } end
+  if plan.min_pin then net.configure { min_pin = plan.min_pin } end
   local n, err = net.create {
     id = plan.id, kind = plan.vm and "vm" or "jail", network = plan.network,
     record = function(kind, name) out { op = "record", kind = kind, name = name } end,
@@ -80,6 +82,9 @@ claw.run(function()
     elseif s.op == "update" then
       local ok, uerr = pcall(n.update, n, s.network)
       out { op = "update", ok = ok and uerr == true, err = (not ok or uerr ~= true) and tostring(uerr) or nil }
+    elseif s.op == "sleep" then
+      claw.sleep(s.seconds)
+      out { op = "sleep" }
     elseif s.op == "info" then
       out { op = "info", info = n:info() }
     elseif s.op == "events" then

@@ -180,6 +180,30 @@ describe("sandbox networking", function()
     assert.is_true(find(lines, "close").ok)
   end)
 
+  it("unpins an answer's addresses when its TTL has passed", function()
+    local lines = child(w, {
+      id = "sbnet-t",
+      min_pin = 1,
+      network = { egress = "deny", allow = { "short.test:80" }, resolvers = { "203.0.113.53" } },
+      steps = {
+        { op = "wget", url = "http://short.test/hello.txt" },
+        { op = "info" },
+        -- the name's address by number while pinned, then after the TTL
+        { op = "wget", url = "http://203.0.113.10/hello.txt" },
+        { op = "sleep", seconds = 2.5 },
+        { op = "info" },
+        { op = "wget", url = "http://203.0.113.10/hello.txt", timeout = 3 },
+        { op = "close" },
+      },
+    })
+    assert.are.equal("hello-from-inet\n", find(lines, "wget", 1).stdout)
+    assert.are.equal("203.0.113.10", find(lines, "info", 1).info.pinned[1].addr)
+    assert.are.equal("hello-from-inet\n", find(lines, "wget", 2).stdout)
+    assert.are.same({}, find(lines, "info", 2).info.pinned)
+    assert.are.equal("SIGKILL", find(lines, "wget", 3).signal)
+    assert.is_true(find(lines, "close").ok)
+  end)
+
   it("skips subnets that a route of the namespace already uses", function()
     -- 10.213.8.0/30 is taken by an address in the host namespace: only 10.213.8.4/30 is free
     H.sh("ip -n " .. w.host .. " link add cltaken type veth peer name cltaken2 && ip -n " .. w.host

@@ -40,6 +40,7 @@ function W.make()
     ["cdn.allowed.test"] = { cname = "allowed.test", ttl = 30 },
     ["denied.test"] = { a = { "203.0.113.11" }, ttl = 30 },
     ["later.test"] = { a = { "203.0.113.11" }, ttl = 30 },
+    ["short.test"] = { a = { "203.0.113.10" }, ttl = 1 },
   })
   local web = assert(claw.proc.spawn { "ip", "netns", "exec", w.inet, N.python, "-m", "http.server",
                                        "--bind", "0.0.0.0", "80", "--directory", w.dir .. "/www",

@@ -215,7 +215,8 @@ Forwarder.__index = Forwarder
 --- `"[fd00::1]:5353"` or `"1.2.3.4:5353"`); `allowed(name)` → truthy to forward (nil: every
 --- name); `pin(name, addrs)` → called with `{{addr=, ttl=}, ...}` of an allowed answer before
 --- it is returned (may wait; a failure answers SERVFAIL); `sandbox` (audit id); `timeout=2`
---- per upstream try; `max_pending=64`; `cache_size=256`; `min_ttl=5`, `max_ttl=3600`.
+--- per upstream try; `max_pending=64`; `cache_size=256`; `max_ttl=3600` (longest an answer
+--- stays cached: never longer than its pins).
 ---@param opts table
 ---@return table|nil forwarder, string|nil err
 function M.start(opts)
@@ -235,7 +236,7 @@ function M.start(opts)
   local f = setmetatable({
     sock = sock, upstreams = ups, allowed = opts.allowed, pin = opts.pin,
     sandbox = opts.sandbox, timeout = opts.timeout or 2, max_pending = opts.max_pending or 64,
-    cache_size = opts.cache_size or 256, min_ttl = opts.min_ttl or 5,
+    cache_size = opts.cache_size or 256,
     max_ttl = opts.max_ttl or 3600, pending = 0, cache = {}, cached = 0,
     stats_ = { queries = 0, denied = 0, forwarded = 0, answered = 0, dropped = 0, failed = 0,
                cache_hits = 0 },
@@ -317,8 +318,7 @@ function Forwarder:handle(raw, host, port)
   local addrs, min_ttl = {}, nil
   for _, rr in ipairs(a.answers) do
     if rr.type == T_A or rr.type == T_AAAA then
-      local ttl = math.max(self.min_ttl, math.min(self.max_ttl, rr.ttl))
-      addrs[#addrs + 1] = { addr = rr.data, ttl = ttl }
+      addrs[#addrs + 1] = { addr = rr.data, ttl = rr.ttl } -- the pin clamps it as it sees fit
     end
     min_ttl = math.min(min_ttl or rr.ttl, rr.ttl)
   end

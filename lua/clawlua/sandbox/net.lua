@@ -536,6 +536,7 @@ table inet %s {
   local fwd
   fwd, err = dns.start {
     host = self.gateway, port = 53, upstreams = self.network.resolvers, sandbox = self.id,
+    max_ttl = config.max_pin,
     allowed = function(name) return self:name_allowed(name) end,
     pin = function(name, addrs) return self:pin(name, addrs) end,
   }
