@@ -732,7 +732,11 @@ function Net:close()
   return true
 end
 Net.__close = Net.close
-Net.__gc = function(self) if not self.closed then pcall(Net.close, self) end end
+-- Collected unclosed: closing runs processes and waits, which a finaliser cannot, so a task on
+-- the loop does it (the task keeps the handle alive until then).
+Net.__gc = function(self)
+  if not self.closed then pcall(claw.spawn, function() self:close() end) end
+end
 
 --- Removes one object recorded by a runtime that is gone: kind is what `record` was given
 --- ("netns", "link", "addr", "nft", "fw", "file", "sysctl"), name likewise. Something already
