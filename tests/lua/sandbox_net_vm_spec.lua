@@ -28,7 +28,7 @@ describe("sandbox networking in a QEMU guest", function()
     assert.are.same({}, N.leftovers(W.prefix))
   end)
 
-  it("the guest gets its address, route and resolver; allowed name fetched, the rest dropped", function()
+  it("the guest gets its address, route and resolver; allowed name fetched, the rest dropped, spoofing too", function()
     local wget = "busybox wget -q -O - "
     local lines = W.child(w, {
       id = "sbnet-vm",
@@ -41,6 +41,9 @@ describe("sandbox networking in a QEMU guest", function()
         { op = "vexec", argv = { "sh", "-c", wget .. "http://denied.test/hello.txt" }, timeout = 30 },
         { op = "vexec", argv = { "sh", "-c", wget .. "http://203.0.113.11/hello.txt" }, timeout = 5 },
         { op = "vexec", argv = { "sh", "-c", wget .. "http://169.254.169.254/hello.txt" }, timeout = 5 },
+        -- a forged source address: the guest is root in its own kernel, the host side is not fooled
+        { op = "vexec", argv = { "sh", "-c", "ip addr add 10.99.99.99/32 dev eth0 && "
+                                 .. "ping -c 1 -W 2 -I 10.99.99.99 203.0.113.10" }, timeout = 10 },
         { op = "events", kind = "fw.drop" },
         { op = "close" },
       },
@@ -67,6 +70,12 @@ describe("sandbox networking in a QEMU guest", function()
     end
     assert.is_true(drops["203.0.113.11 egress.policy"])
     assert.is_true(drops["169.254.169.254 egress.metadata"])
+    assert.are_not.equal(0, W.find(lines, "vexec", 6).result.code)
+    local spoofed = false
+    for _, ev in ipairs(W.find(lines, "events").events) do
+      spoofed = spoofed or (ev.detail.src == "10.99.99.99" and ev.detail.rule == "spoof.ip")
+    end
+    assert.is_true(spoofed, "no spoof.ip drop for the forged source")
     assert.is_true(W.find(lines, "close").ok)
     assert.are.same(before, W.snapshot(w))
   end)
