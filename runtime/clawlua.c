@@ -6,6 +6,7 @@
  * The same code runs inside the clawlua host (preloaded) and inside stock lua5.4 (clawlua.so).
  */
 #include "clawlua.h"
+#include "udp.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -23,6 +24,7 @@ static const struct {
     {"http", luaopen_clawlua_http},         {"audit", luaopen_clawlua_audit},
     {"seccomp", luaopen_clawlua_seccomp},   {"jail", luaopen_clawlua_jail},
     {"firewall", luaopen_clawlua_firewall}, {"vm", luaopen_clawlua_vm},
+    {"udp", luaopen_clawlua_udp},
 };
 
 /* Loop functions that are also part of the top-level namespace. */

@@ -19,6 +19,7 @@
 #endif
 #include "proto.h"
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -26,6 +27,8 @@
 #include <linux/reboot.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -1059,8 +1062,91 @@ static void lo_up(void) {
   close(s);
 }
 
+/* The sandbox network from `clawlua.net=ADDR/LEN,GATEWAY,DNS` on the kernel command line
+ * (clawlua.sandbox.net): eth0 gets the address and comes up, the default route goes through
+ * the gateway, /etc/resolv.conf names DNS (the host's forwarder, the guest's only resolver),
+ * and IPv6 is turned off on eth0 (the sandbox network is IPv4 only). */
+static int set_addr(int s, const char *ifname, unsigned long req, in_addr_t a) {
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
+  struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+  sin->sin_family = AF_INET;
+  sin->sin_addr.s_addr = a;
+  return ioctl(s, req, &ifr);
+}
+
+static void configure_net(const char *spec) {
+  char buf[256], *addr = buf, *slash, *gw, *dns, *end;
+  struct in_addr a, g4, d;
+  snprintf(buf, sizeof buf, "%s", spec);
+  slash = strchr(buf, '/');
+  gw = slash ? strchr(slash, ',') : NULL;
+  dns = gw ? strchr(gw + 1, ',') : NULL;
+  if (!dns) {
+    logf_("clawlua.net=%s: expected ADDRESS/LEN,GATEWAY,DNS", spec);
+    return;
+  }
+  *slash = *gw++ = *dns++ = 0;
+  errno = 0;
+  unsigned long len = strtoul(slash + 1, &end, 10);
+  if (errno || *end || end == slash + 1 || len < 1 || len > 32 ||
+      inet_pton(AF_INET, addr, &a) != 1 || inet_pton(AF_INET, gw, &g4) != 1 ||
+      inet_pton(AF_INET, dns, &d) != 1) {
+    logf_("clawlua.net=%s: expected ADDRESS/LEN,GATEWAY,DNS", spec);
+    return;
+  }
+  int fd = open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", O_WRONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    if (write(fd, "1\n", 2) < 0) logf_("eth0: disable_ipv6: %s", strerror(errno));
+    close(fd);
+  }
+  int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (s < 0) return;
+  /* virtio_net probes its device while the module loads; allow a moment all the same */
+  int tries = 0;
+  while (set_addr(s, "eth0", SIOCSIFADDR, a.s_addr) < 0) {
+    if (errno != ENODEV || ++tries > 100) {
+      logf_("eth0: address %s: %s", addr, strerror(errno));
+      close(s);
+      return;
+    }
+    usleep(10000);
+  }
+  if (set_addr(s, "eth0", SIOCSIFNETMASK, htonl(len == 32 ? 0xffffffffu : ~(0xffffffffu >> len))) <
+      0)
+    logf_("eth0: netmask /%lu: %s", len, strerror(errno));
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  strcpy(ifr.ifr_name, "eth0");
+  if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) logf_("eth0: up: %s", strerror(errno));
+  }
+  struct rtentry rt;
+  memset(&rt, 0, sizeof rt);
+  ((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+  ((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+  struct sockaddr_in *gwa = (struct sockaddr_in *)&rt.rt_gateway;
+  gwa->sin_family = AF_INET;
+  gwa->sin_addr = g4;
+  rt.rt_flags = RTF_UP | RTF_GATEWAY;
+  rt.rt_dev = (char *)"eth0";
+  if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+    logf_("default route via %s: %s", gw, strerror(errno));
+  close(s);
+  mkdir("/etc", 0755);
+  FILE *f = fopen("/etc/resolv.conf", "we");
+  if (!f) {
+    logf_("/etc/resolv.conf: %s", strerror(errno));
+    return;
+  }
+  fprintf(f, "nameserver %s\noptions attempts:2 timeout:2\n", dns);
+  fclose(f);
+}
+
 /* Reads clawlua.* options from the kernel command line. */
-static void read_cmdline(char *root, size_t rootlen) {
+static void read_cmdline(char *root, size_t rootlen, char *net, size_t netlen) {
   char buf[4096];
   int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return;
@@ -1077,6 +1163,8 @@ static void read_cmdline(char *root, size_t rootlen) {
       g.vsock_port = (uint32_t)strtoul(tok + 19, NULL, 10);
     else if (strncmp(tok, "clawlua.root=", 13) == 0)
       snprintf(root, rootlen, "%s", tok + 13);
+    else if (strncmp(tok, "clawlua.net=", 12) == 0)
+      snprintf(net, netlen, "%s", tok + 12);
   }
 }
 
@@ -1096,8 +1184,9 @@ static void pid1_setup(void) {
   sethostname("clawlua", 7);
   lo_up();
   load_modules("/etc/clawlua/modules");
-  char root[256] = "";
-  read_cmdline(root, sizeof root);
+  char root[256] = "", net[256] = "";
+  read_cmdline(root, sizeof root, net, sizeof net);
+  if (net[0]) configure_net(net);
   if (g.mode == CH_VSOCK) load_modules("/etc/clawlua/modules.vsock");
   if (root[0]) {
     load_modules("/etc/clawlua/modules.ext4"); /* a disk for files: mounted on /mnt/root */
