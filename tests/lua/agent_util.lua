@@ -34,6 +34,25 @@ function U.model_server(script)
   return srv
 end
 
+local NPM_DIR = H.src .. "/build/npm/server-everything"
+local ENTRY = NPM_DIR .. "/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+
+--- The official MCP reference server, installed from npm into build/npm on first use. Returns
+--- its command (argv), or nil and npm's error when npm cannot install it.
+function U.everything()
+  local f = io.open(ENTRY)
+  if f then
+    f:close()
+    return { "node", ENTRY, "stdio" }
+  end
+  local r = claw.proc.run { "npm", "install", "--no-audit", "--no-fund", "--prefix", NPM_DIR,
+                            "@modelcontextprotocol/server-everything", timeout = 300 }
+  if not r or r.code ~= 0 then
+    return nil, "npm cannot install @modelcontextprotocol/server-everything: " .. (r and r.stderr or "npm failed")
+  end
+  return { "node", ENTRY, "stdio" }
+end
+
 --- The tool result messages a recorded request carried, as {id=, content=} in order, for
 --- either wire format.
 function U.tool_results(req)

@@ -1,29 +1,13 @@
 -- clawlua.mcp.client against the official reference server @modelcontextprotocol/server-everything
 -- (installed from npm into build/npm/server-everything by this spec) and, for the stateless
 -- 2026-07-28 revision and server-to-client requests, a small scripted server.
--- labels: slow
 local claw = require "clawlua"
 local json = require "clawlua.json"
 local mcp = require "clawlua.mcp.client"
 local H = require "helper"
+local U = require "agent_util"
 
-local NPM_DIR = H.src .. "/build/npm/server-everything"
-local ENTRY = NPM_DIR .. "/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
-
---- Installs server-everything once; returns its command, or nil and npm's error.
-local function everything()
-  local f = io.open(ENTRY)
-  if f then
-    f:close()
-    return { "node", ENTRY, "stdio" }
-  end
-  local r = claw.proc.run { "npm", "install", "--no-audit", "--no-fund", "--prefix", NPM_DIR,
-                            "@modelcontextprotocol/server-everything", timeout = 300 }
-  if not r or r.code ~= 0 then
-    return nil, "npm cannot install @modelcontextprotocol/server-everything: " .. (r and r.stderr or "npm failed")
-  end
-  return { "node", ENTRY, "stdio" }
-end
+local everything = U.everything
 
 -- A stateless (2026-07-28) server: answers server/discover, insists on the protocol version in
 -- every request's _meta, and asks the client for a sampling before it answers a tool call.
