@@ -19,8 +19,11 @@ gets a 500. A TURN is one of
    "unknown_event": true (an event type the client cannot know), "error_event": "type"}
   {"status": 429, "headers": {"Retry-After": "1"}, "error": "message", "error_type": "..."}
   {"raw": "text sent as the body as it is"}       (malformed JSON; streamed: as an event's data)
+"{{sandbox}}" anywhere in a turn becomes the id that the request's first user message names as
+"sandbox ID" (the examples create a sandbox and name it in the task).
 """
 import json
+import re
 import sys
 import threading
 import time
@@ -40,6 +43,24 @@ def next_turn():
         if STATE["script"].get("repeat_last") and turns:
             return n, turns[-1]
         return n, {"status": 500, "error": "script exhausted after %d turns" % len(turns)}
+
+
+def first_user_text(req):
+    for m in req.get("messages", []):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c
+            return "".join(b.get("text", "") for b in c if isinstance(b, dict))
+    return ""
+
+
+def substitute(t, req):
+    """Replaces {{sandbox}} in a turn by the id the task names ("sandbox ID")."""
+    m = re.search(r"sandbox ([A-Za-z0-9_.:-]+)", first_user_text(req))
+    if not m:
+        return t
+    return json.loads(json.dumps(t).replace("{{sandbox}}", m.group(1)))
 
 
 def call_id(n, i, call):
@@ -187,6 +208,7 @@ class Handler(BaseHTTPRequestHandler):
         if req is None:
             return self.send_json(400, {"error": {"type": "invalid_request_error", "message": "body is not JSON"}})
         n, t = next_turn()
+        t = substitute(t, req)
         if t.get("delay"):
             time.sleep(t["delay"])
         anthropic = self.path == "/v1/messages"

@@ -32,15 +32,9 @@ describe("agent loop with the sandbox tool set", function()
   end
   local policy_mod = require "clawlua.policy"
   local tools = require "clawlua.mcp.tools"
-  local srv, dir
-  setup(function()
-    srv = U.model_server()
-    dir = H.tmpdir("agentsb")
-  end)
-  teardown(function()
-    srv.close()
-    H.rm_rf(dir)
-  end)
+  local fx = U.fixture("agentsb")
+  setup(fx.start)
+  teardown(fx.stop)
 
   for _, provider in ipairs { "openai", "anthropic" } do
     it(provider .. ": runs every tool call in a sandbox under the policy, audited and transcribed", function()
@@ -56,23 +50,23 @@ describe("agent loop with the sandbox tool set", function()
       local created = assert(ts:call("sandbox_create", {}, { client = "spec" }))
       assert.is_false(created.isError == true, json.encode(created))
       local id = created.structuredContent.id
-      srv.script { turns = {
+      fx.srv.script { turns = {
         { tool_calls = {
-          { id = "w", name = "sandbox_write_file", arguments = { id = id, path = "/tmp/job.sh",
+          { id = "w", name = "sandbox_write_file", arguments = { id = id, path = "/work/job.sh",
             content = "echo sandboxed-$((20+22)); id -u" } } } },
         { tool_calls = {
-          { id = "x", name = "sandbox_exec", arguments = { id = id, command = { "sh", "/tmp/job.sh" } } },
+          { id = "x", name = "sandbox_exec", arguments = { id = id, command = { "sh", "job.sh" }, cwd = "/work" } },
           { id = "d", name = "sandbox_destroy", arguments = { id = id } } } },
         { text = "It printed sandboxed-42." } } }
       local before = claw.audit.events { kind = "agent" }
       local seq0 = #before > 0 and before[#before].seq or 0
-      local tr = dir .. "/" .. provider .. ".jsonl"
+      local tr = fx.dir .. "/" .. provider .. ".jsonl"
       local res = assert(agent.new {
-        llm = llm.new { provider = provider, base_url = srv.base, model = "scripted", api_key = KEY },
+        llm = llm.new { provider = provider, base_url = fx.srv.base, model = "scripted", api_key = KEY },
         tools = ts, policy = p, name = "sandboxed", transcript = tr,
       }:run("run the job"))
       assert.are.equal("It printed sandboxed-42.", res.answer)
-      local reqs = srv.requests()
+      local reqs = fx.srv.requests()
       local offered = U.tool_names(reqs[1])
       for _, name in ipairs { "sandbox_create", "sandbox_exec", "sandbox_write_file", "sandbox_read_file",
                               "sandbox_list", "sandbox_destroy", "sandbox_update_policy", "audit_query",
@@ -80,10 +74,9 @@ describe("agent loop with the sandbox tool set", function()
         assert.is_truthy(table.concat(offered, ","):find(name, 1, true), name .. " not offered")
       end
       local r2 = U.tool_results(reqs[3])
-      assert.are.equal("x", r2[1].id)
-      assert.matches("sandboxed%-42", r2[1].content)
-      assert.are.equal("d", r2[2].id)
-      assert.matches("the agent may not destroy sandboxes", r2[2].content)
+      assert.are.same({ "w", "x", "d" }, { r2[1].id, r2[2].id, r2[3].id })
+      assert.matches("sandboxed%-42", r2[2].content)
+      assert.matches("the agent may not destroy sandboxes", r2[3].content)
       -- the hook saw every call the model made, under the agent's name
       local names = {}
       for _, a in ipairs(asked) do
@@ -101,6 +94,43 @@ describe("agent loop with the sandbox tool set", function()
       assert.is_nil(text:find(KEY, 1, true))
       assert.matches("sandbox_exec", text)
       ts:close()
+    end)
+  end
+
+  -- The example workflows, with the real sandbox tool set (the model's turns are the ones
+  -- agent_examples_spec plays against the test sandbox tools).
+  for _, provider in ipairs { "openai", "anthropic" } do
+    local function run_example(name)
+      fx.srv.script { turns = U.example_turns[name]() }
+      local ts = tools.new { policy = policy_mod.default() }
+      local ok, res = pcall(U.example(name).run, {
+        llm = llm.new { provider = provider, base_url = fx.srv.base, model = "scripted", api_key = KEY },
+        tools = ts, policy = policy_mod.default() })
+      ts:close()
+      assert(ok, res)
+      return res
+    end
+
+    it(provider .. ": example fix_failing_test, in a real sandbox", function()
+      local res = run_example("fix_failing_test")
+      assert.is_true(res.fixed)
+      assert.are.equal("ok   add 2 3\nok   mul 4 5\n", res.test_output)
+      assert.matches("FAIL add 2 3: expected 5, got %-1", U.tool_results(fx.srv.requests()[2])[1].content)
+    end)
+
+    it(provider .. ": example untrusted_script, in a real sandbox", function()
+      local res = run_example("untrusted_script")
+      assert.is_true(res.ran)
+      assert.are.equal(3, res.exit_code)
+      assert.is_true(res.agrees)
+    end)
+
+    it(provider .. ": example handover, in a real sandbox", function()
+      local res = run_example("handover")
+      local names = {}
+      for name in res.findings:gmatch("%d+ data/(%S+)") do names[#names + 1] = name end
+      assert.are.same({ "delta.txt", "beta.csv", "epsilon.json" }, names)
+      assert.matches("^# Largest files", res.report)
     end)
   end
 end)
