@@ -4,7 +4,7 @@ local sse = require "clawlua.llm.sse"
 local function parse(chunks, opts)
   local evs = {}
   opts = opts or {}
-  opts.on_event = function(ev) evs[#evs + 1] = ev end
+  opts.on_event = function(ev) evs[#evs + 1] = { event = ev.event, data = ev.data, id = ev.id, retry = ev.retry } end
   local p = sse.new(opts)
   for _, c in ipairs(chunks) do
     local ok, err = p:feed(c)

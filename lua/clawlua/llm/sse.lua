@@ -20,7 +20,8 @@ local Parser = {}
 Parser.__index = Parser
 
 --- A new parser. on_event(ev) is called for each complete event; returning false from it
---- stops the parser (feed then returns nil, "stopped").
+--- stops the parser (feed then returns nil, "stopped"). The ev table is reused from one event
+--- to the next (no allocation per event): copy the fields to keep them.
 ---@param opts {on_event: fun(ev: clawlua.sse.event): boolean|nil, max_line: integer|nil, max_event: integer|nil}
 ---@return clawlua.sse.parser
 function M.new(opts)
@@ -43,6 +44,7 @@ function M.new(opts)
     pending = false,   -- a field of an unfinished event has been seen
     events = 0,
     failed = nil,
+    ev = {},           -- the event table handed to on_event, reused
   }, Parser)
 end
 
@@ -55,7 +57,9 @@ local function dispatch(self)
   local data = n == 1 and self.data[1] or concat(self.data, "\n", 1, n)
   self.data_n, self.data_bytes = 0, 0
   self.events = self.events + 1
-  local ok = self.on_event { event = ev_type or "message", data = data, id = self.last_id, retry = self.retry }
+  local t = self.ev
+  t.event, t.data, t.id, t.retry = ev_type or "message", data, self.last_id, self.retry
+  local ok = self.on_event(t)
   if ok == false then
     self.failed = "stopped"
     return nil
@@ -101,6 +105,50 @@ local function line(self, buf, i, j)
   return true
 end
 
+-- "data: " and "event: " are recognised byte by byte on the fast path.
+local D, A, T, SP, E, V, N = 100, 97, 116, 32, 101, 118, 110
+
+-- At an event boundary, an event of the usual shapes ("event: x\ndata: y\n\n" or
+-- "data: y\n\n") is matched in one call and dispatched. Returns the position after it, nil
+-- when the text there has another shape (or is incomplete), false when on_event stopped.
+local function whole_event(self, buf, pos)
+  local _, e, ev, data = find(buf, "^event: ([^\n]*)\ndata: ([^\n]*)\n\n", pos)
+  if not e then
+    _, e, data = find(buf, "^data: ([^\n]*)\n\n", pos)
+    ev = nil
+  end
+  if not e or #data >= self.max_event then return nil end
+  self.events = self.events + 1
+  local t = self.ev
+  t.event, t.data, t.id, t.retry = ev or "message", data, self.last_id, self.retry
+  if self.on_event(t) == false then
+    self.failed = "stopped"
+    return false
+  end
+  return e + 1
+end
+
+-- One LF-ended line buf[pos..e-1] on the fast path: data and event lines without the split.
+local function lf_line(self, buf, pos, e)
+  if e == pos then return dispatch(self) end
+  local b1, b2, b3, b4, b5, b6, b7 = byte(buf, pos, pos + 6)
+  if b1 == E and b2 == V and b3 == E and b4 == N and b5 == T and b6 == COLON and b7 == SP then
+    self.event, self.pending = sub(buf, pos + 7, e - 1), true
+  elseif b1 == D and b2 == A and b3 == T and b4 == A and b5 == COLON and b6 == SP then
+    local n = self.data_n + 1
+    local bytes = self.data_bytes + (e - pos - 5)
+    if bytes > self.max_event then
+      self.failed = ("sse: event larger than %d bytes"):format(self.max_event)
+      return nil
+    end
+    self.data[n] = sub(buf, pos + 6, e - 1)
+    self.data_n, self.data_bytes, self.pending = n, bytes, true
+  else
+    return line(self, buf, pos, e - 1)
+  end
+  return true
+end
+
 --- Feeds the next chunk of the stream. Returns true, or nil and the reason once the stream is
 --- unusable (a line or event over its cap, or on_event asked to stop); later feeds fail the same.
 ---@param chunk string
@@ -114,18 +162,38 @@ function Parser:feed(chunk)
     if byte(buf, 1) == LF then pos = 2 end
     if len > 0 then self.skip_lf = false end
   end
-  while pos <= len do
-    local e = find(buf, "[\r\n]", pos)
-    if not e then break end
-    if not line(self, buf, pos, e - 1) then return nil, self.failed end
-    if byte(buf, e) == CR then
-      if e == len then
-        self.skip_lf = true
-      elseif byte(buf, e + 1) == LF then
-        e = e + 1
+  if not self.cr and find(chunk, "\r", 1, true) then self.cr = true end
+  if not self.cr then
+    -- Fast path (no CR seen on this stream): lines end in LF.
+    while true do
+      local whole
+      if self.data_n == 0 and not self.pending then
+        whole = whole_event(self, buf, pos)
+        if whole == false then return nil, self.failed end
+      end
+      if whole then
+        pos = whole
+      else
+        local e = find(buf, "\n", pos, true)
+        if not e then break end
+        if not lf_line(self, buf, pos, e) then return nil, self.failed end
+        pos = e + 1
       end
     end
-    pos = e + 1
+  else
+    while pos <= len do
+      local e = find(buf, "[\r\n]", pos)
+      if not e then break end
+      if not line(self, buf, pos, e - 1) then return nil, self.failed end
+      if byte(buf, e) == CR then
+        if e == len then
+          self.skip_lf = true
+        elseif byte(buf, e + 1) == LF then
+          e = e + 1
+        end
+      end
+      pos = e + 1
+    end
   end
   if pos > len then
     self.buf = ""
