@@ -17,13 +17,16 @@ local U = require "agent_util"
 
 local N = tonumber(arg and arg[1]) or 100
 
+local SCRIPT = { repeat_last = true,
+                 turns = { { text = "next", tool_calls = { { name = "noop", arguments = { x = 1 } } } } } }
+
 local noop = { name = "bench tools" }
 function noop.list() return { { name = "noop", description = "does nothing",
                                 inputSchema = { type = "object", properties = { x = { type = "integer" } } } } } end
 function noop.call() return { content = { { type = "text", text = "ok" } } } end
 
 local function run(srv, provider, stream, with)
-  srv.script { repeat_last = true, turns = { { text = "next", tool_calls = { { name = "noop", arguments = { x = 1 } } } } } }
+  srv.script(SCRIPT)
   local policy = with.hook and { hooks = { on_tool_call = function() return true end } } or nil
   local a = agent.new { llm = llm.new { provider = provider, base_url = srv.base, model = "bench", api_key = "k" },
                         tools = noop, max_steps = N, stream = stream, policy = policy,
@@ -38,7 +41,7 @@ local function run(srv, provider, stream, with)
   assert(#reqs == N, #reqs)
   local bodies, path = {}, reqs[1].path
   for i, r in ipairs(reqs) do bodies[i] = assert(json.encode(r.body)) end
-  srv.script { repeat_last = true, turns = { { text = "next", tool_calls = { { name = "noop", arguments = { x = 1 } } } } } }
+  srv.script(SCRIPT)
   local url = srv.base:gsub("/v1$", "") .. path
   local headers = { ["Content-Type"] = "application/json" }
   t0, c0 = claw.now(), os.clock()
