@@ -141,7 +141,9 @@ function Client:write_loop()
     local pok, ok, err = pcall(self.proc.stdin.write, self.proc.stdin, line)
     if not pok or not ok then
       err = pok and err or ok
-      self:fail("cannot write to the server: " .. tostring(err))
+      -- A server that is gone is reported by the reader, with its exit status and last words.
+      self.tasks[1]:join(3)
+      self:fail(("mcp %s: cannot write to the server: %s"):format(self.name, tostring(err)))
       return
     end
   end
