@@ -60,7 +60,7 @@ describe("mcp client", function()
 
   it("connects to server-everything (auto: server/discover refused, then initialize), lists and calls", function()
     if not need() then return end
-    local before = H.children()
+    local before, fds = H.children(), H.fds()
     local c = assert(mcp.connect { command = cmd, name = "everything" })
     assert.are.equal("2025-11-25", c.protocol)
     assert.are.equal("mcp-servers/everything", c.server_info.name)
@@ -78,6 +78,8 @@ describe("mcp client", function()
     c:close()
     c:close()
     assert.is_true(H.eventually(function() return H.children() <= before end, 5))
+    H.settle()
+    assert.are.equal(fds, H.fds()) -- the server's three pipes are closed
   end)
 
   it("speaks 2025-06-18 when asked, and is a tool set for the agent loop", function()
@@ -163,6 +165,24 @@ describe("mcp client", function()
     c, err = mcp.connect { command = "/nonexistent/server --stdio" }
     assert.is_nil(c)
     assert.matches("^mcp: cannot start /nonexistent/server: ", err)
+  end)
+
+  it("speaks every revision with clawlua's own server (clawlua mcp), when the build has it", function()
+    local help = H.clawlua { "mcp", "--help" }
+    if help.code ~= 0 then
+      pending("clawlua mcp is not in this build: " .. help.stderr:match("^[^\n]*"))
+      return
+    end
+    for _, version in ipairs { "2026-07-28", "2025-11-25", "2025-06-18" } do
+      local c <close> = assert(mcp.connect { command = { H.bin, "mcp" }, name = "clawlua-mcp", protocol = version })
+      assert.are.equal(version, c.protocol)
+      local names = {}
+      for _, t in ipairs(c:list()) do names[#names + 1] = t.name end
+      assert.are.same({ "sandbox_create", "sandbox_exec", "sandbox_write_file", "sandbox_read_file", "sandbox_list",
+                        "sandbox_destroy", "sandbox_update_policy", "audit_query", "policy_show" }, names)
+      local r = assert(c:call("policy_show", {}, { client = "spec" }))
+      assert.is_false(r.isError == true)
+    end
   end)
 
   it("splits command lines with quotes and rejects bad options", function()
