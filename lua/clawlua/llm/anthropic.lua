@@ -116,7 +116,21 @@ function Stream:event(ev)
     return nil, ("malformed stream event '%s': %s"):format(ev.event, err or "not a JSON object")
   end
   local t = doc.type or ev.event
-  if t == "message_start" then
+  if t == "content_block_delta" then -- most events: first
+    local idx = math.tointeger(doc.index)
+    local slot = idx and self.blocks[idx + 1]
+    local d = doc.delta
+    if not slot or type(d) ~= "table" then
+      return nil, "malformed stream event: content_block_delta for a block that was not started"
+    end
+    if d.type == "text_delta" and type(d.text) == "string" then
+      slot.parts[#slot.parts + 1] = d.text
+      if self.on_delta then self.on_delta { type = "text", text = d.text } end
+    elseif d.type == "input_json_delta" and type(d.partial_json) == "string" then
+      slot.parts[#slot.parts + 1] = d.partial_json
+      if self.on_delta then self.on_delta { type = "tool_call", index = idx, arguments_delta = d.partial_json } end
+    end -- thinking_delta, signature_delta: not part of the answer
+  elseif t == "message_start" then
     local m = type(doc.message) == "table" and doc.message or {}
     self.usage = usage_of(m.usage)
     self.model = m.model
@@ -133,20 +147,6 @@ function Stream:event(ev)
     if cb.type == "tool_use" and self.on_delta then
       self.on_delta { type = "tool_call", index = idx, id = cb.id, name = cb.name }
     end
-  elseif t == "content_block_delta" then
-    local idx = math.tointeger(doc.index)
-    local slot = idx and self.blocks[idx + 1]
-    local d = doc.delta
-    if not slot or type(d) ~= "table" then
-      return nil, "malformed stream event: content_block_delta for a block that was not started"
-    end
-    if d.type == "text_delta" and type(d.text) == "string" then
-      slot.parts[#slot.parts + 1] = d.text
-      if self.on_delta then self.on_delta { type = "text", text = d.text } end
-    elseif d.type == "input_json_delta" and type(d.partial_json) == "string" then
-      slot.parts[#slot.parts + 1] = d.partial_json
-      if self.on_delta then self.on_delta { type = "tool_call", index = idx, arguments_delta = d.partial_json } end
-    end -- thinking_delta, signature_delta: not part of the answer
   elseif t == "content_block_stop" then
     local idx = math.tointeger(doc.index)
     if idx and self.blocks[idx + 1] then self.blocks[idx + 1].stopped = true end
