@@ -119,7 +119,8 @@ describe("agent loop", function()
     srv.script { turns = {
       { tool_calls = { { id = "x1", name = "exec", arguments = "{\"argv\": [\"ls\"" },
                        { id = "x2", name = "launch_missiles", arguments = {} },
-                       { id = "x3", name = "exec", arguments = { argv = { "sh", "-c", "exit 3" } } } } },
+                       { id = "x3", name = "exec", arguments = { argv = { "sh", "-c", "exit 3" } } },
+                       { id = "x4", name = "exec", arguments = { argv = { "printf", "\\377bin\\300" } } } } },
       { text = "recovered" } } }
     local ts = U.test_tools(dir)
     local boom = { list = function() return { { name = "explode", inputSchema = { type = "object" } } } end,
@@ -131,6 +132,7 @@ describe("agent loop", function()
     assert.matches("call exec again with a JSON object", r[1].content)
     assert.are.equal("error: there is no tool named 'launch_missiles'", r[2].content)
     assert.are.equal("exit 3\n", r[3].content)
+    assert.are.equal("exit 0\n\u{FFFD}bin\u{FFFD}", r[4].content) -- bytes that are not UTF-8, replaced
     assert.are.same({ "exec", "write_file", "read_file", "sleep", "explode" }, U.tool_names(srv.requests()[1]))
   end)
 
@@ -240,6 +242,14 @@ describe("agent loop", function()
     local all = claw.audit.events { kind = "agent" }
     assert.is_true(#all > 5)
     for _, ev in ipairs(all) do assert.is_nil(json.encode(ev):find(KEY, 1, true)) end
+  end)
+
+  it("reports a transcript it cannot write", function()
+    local res, err, info = agent.new { llm = client(), tools = U.test_tools(dir),
+                                       transcript = dir .. "/no/such/dir/t.jsonl" }:run("x")
+    assert.is_nil(res)
+    assert.matches("^agent: transcript: .*No such file or directory", err)
+    assert.are.equal("transcript", info.reason)
   end)
 
   it("rejects bad options naming the field", function()

@@ -148,7 +148,25 @@ function Agent:result_text(r)
   if #s > self.max_result then
     s = s:sub(1, self.max_result) .. ("...[truncated %d bytes]"):format(#s - self.max_result)
   end
-  return s
+  return M.clean_utf8(s)
+end
+
+--- A text made valid UTF-8 (a tool may print anything; JSON carries only UTF-8): each byte
+--- that does not belong to a valid sequence becomes U+FFFD.
+function M.clean_utf8(s)
+  if utf8.len(s) then return s end
+  local out, i = {}, 1
+  while true do
+    local ok, bad = utf8.len(s, i)
+    if ok then
+      out[#out + 1] = s:sub(i)
+      break
+    end
+    out[#out + 1] = s:sub(i, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    i = bad + 1
+  end
+  return table.concat(out)
 end
 
 local function is_cancelled(e) return claw.is_cancelled(e) end
@@ -360,8 +378,9 @@ end
 ---@return table|nil, string|nil, table|nil
 function Agent:run(task)
   if type(task) ~= "string" then error("bad argument #1 to 'run' (task string expected)", 2) end
-  self:record { type = "start", agent = self.name, task = task, system = self.system,
-                provider = self.client.provider, model = self.client.model }
+  local ok, err = pcall(self.record, self, { type = "start", agent = self.name, task = task, system = self.system,
+                                             provider = self.client.provider, model = self.client.model })
+  if not ok then return nil, tostring(err), { reason = "transcript" } end
   self:push { role = "user", content = task }
   return run_protected(self)
 end
