@@ -27,39 +27,8 @@ local function usage_error(msg)
   return 2
 end
 
---- Splits argv into options (per spec) and operands. spec: name -> "flag" | "value".
-local function parse(args, spec)
-  local opts, files = {}, {}
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "--" then
-      for k = i + 1, #args do files[#files + 1] = args[k] end
-      break
-    elseif a:sub(1, 1) == "-" and a ~= "-" then
-      local name, inline = a:match("^(%-%-[%w-]+)=(.*)$")
-      name = name or a
-      local kind = spec[name]
-      if not kind then return nil, ("unknown option '%s'"):format(a) end
-      if kind == "flag" then
-        if inline then return nil, ("option '%s' takes no value"):format(name) end
-        opts[name] = true
-      else
-        local v = inline
-        if not v then
-          i = i + 1
-          v = args[i]
-        end
-        if not v then return nil, ("option '%s' needs a value"):format(name) end
-        opts[name] = v
-      end
-    else
-      files[#files + 1] = a
-    end
-    i = i + 1
-  end
-  return opts, files
-end
+-- Options and operands, as every subcommand splits them (clawlua.cli).
+local parse = require("clawlua.cli").parse_options
 
 local function out_stream()
   local ok, s = pcall(claw.stream.stdout)
