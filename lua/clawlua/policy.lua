@@ -304,10 +304,17 @@ local function format_error(e, file, src)
   return ("%s: %s: %s"):format(where, e.path, e.msg)
 end
 
+-- Policies that went through validation (sandbox.create takes them as they are).
+local validated = setmetatable({}, { __mode = "k" })
+
+--- Whether t is a validated policy (from load, from_table or default).
+function M.is_policy(t) return validated[t] == true end
+
 local function run_validation(t, name, dir, file, src)
   local ok, res = pcall(validate, t, name, dir)
   if ok then
     res.source = file ~= name and file or nil
+    validated[res] = true
     return res
   end
   if getmetatable(res) == Invalid then return nil, format_error(res, file, src) end

@@ -1,0 +1,183 @@
+-- The state dir: what every sandbox owns, written down before it is made, so that a runtime
+-- that dies (kill -9) leaves a list `clawlua cleanup` can reclaim.
+--
+--   <base>/sandboxes/<id>/owner     "pid starttime\n" of the runtime that owns the sandbox
+--   <base>/sandboxes/<id>/objects   append-only log: "+ kind name\n" before an object is made,
+--                                   "- kind name\n" once it is released
+--   <base>/sandboxes/<id>/...       the sandbox's own files (scratch dirs)
+--
+-- <base> is $CLAWLUA_STATE_DIR, else /run/clawlua for root, else $XDG_RUNTIME_DIR/clawlua,
+-- else /tmp/clawlua-<uid>. Kinds: pid ("pid:starttime"), cgroup (a directory prefix: every
+-- directory whose path starts with it), dir, mount, and the network kinds of
+-- clawlua.sandbox.net (netns, link, nft, ...).
+local claw = require "clawlua"
+
+local M = {}
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+--- The start time (clock ticks since boot) of a process, or nil when it does not exist.
+---@param pid integer
+---@return integer|nil
+function M.start_time(pid)
+  local s = read_file(("/proc/%d/stat"):format(pid))
+  if not s then return nil end
+  -- comm may hold spaces and parentheses: fields restart after the last ')'
+  local rest = s:match("^.*%)%s(.*)$")
+  if not rest then return nil end
+  local i = 2 -- rest starts at field 3
+  for field in rest:gmatch("%S+") do
+    i = i + 1
+    if i == 22 then return math.tointeger(tonumber(field)) end
+  end
+  return nil
+end
+
+local self_pid, self_start
+--- This process's pid and start time.
+function M.self()
+  if not self_pid then
+    local s = assert(read_file("/proc/self/stat"), "/proc/self/stat unreadable")
+    self_pid = math.tointeger(tonumber(s:match("^(%d+)")))
+    self_start = M.start_time(self_pid)
+  end
+  return self_pid, self_start
+end
+
+--- Whether the process pid with that start time still runs.
+function M.alive(pid, start)
+  local st = M.start_time(pid)
+  return st ~= nil and (start == nil or st == start)
+end
+
+--- The base state directory.
+---@return string
+function M.base()
+  local env = os.getenv("CLAWLUA_STATE_DIR")
+  if env and env ~= "" then return env end
+  local uid = read_file("/proc/self/status")
+  uid = uid and uid:match("\nUid:%s*(%d+)") or "0"
+  if uid == "0" then return "/run/clawlua" end
+  local xdg = os.getenv("XDG_RUNTIME_DIR")
+  if xdg and xdg ~= "" then return xdg .. "/clawlua" end
+  return "/tmp/clawlua-" .. uid
+end
+
+local function sandboxes_dir(base) return (base or M.base()) .. "/sandboxes" end
+
+local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+M.shell_quote = shell_quote
+
+--- Runs busybox (static, so it starts fast) with args; true or nil, msg.
+function M.busybox(args, what)
+  local argv = { "/bin/busybox" }
+  for i, a in ipairs(args) do argv[i + 1] = a end
+  argv.timeout = 30
+  argv.stdin = "null"
+  local r, err = claw.proc.run(argv)
+  if not r then return nil, ("%s: %s"):format(what, err) end
+  if r.code ~= 0 then
+    return nil, ("%s: %s"):format(what, (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", ""))
+  end
+  return true
+end
+
+---@class clawlua.sandbox.state
+---@field id string
+---@field dir string
+local Record = {}
+Record.__index = Record
+
+--- Creates the state dir of sandbox id (and subdirs, relative names) and writes the owner.
+---@param id string
+---@param subdirs string[]|nil
+---@return clawlua.sandbox.state|nil, string|nil
+function M.open(id, subdirs)
+  assert(type(id) == "string" and id:match("^[%w_.-]+$"), "state.open: bad sandbox id")
+  local dir = sandboxes_dir() .. "/" .. id
+  local args = { "mkdir", "-p", "-m", "0700", dir }
+  for _, s in ipairs(subdirs or {}) do args[#args + 1] = dir .. "/" .. s end
+  local ok, err = M.busybox(args, "state dir " .. dir)
+  if not ok then return nil, err end
+  local pid, start = M.self()
+  local f = io.open(dir .. "/owner.new", "wb")
+  if not f then return nil, "state dir " .. dir .. ": cannot write owner" end
+  f:write(("%d %d\n"):format(pid, start))
+  f:close()
+  os.rename(dir .. "/owner.new", dir .. "/owner")
+  local log, lerr = io.open(dir .. "/objects", "ab")
+  if not log then return nil, "state dir " .. dir .. ": " .. tostring(lerr) end
+  log:setvbuf("no")
+  return setmetatable({ id = id, dir = dir, log = log, live = {} }, Record)
+end
+
+--- Writes down an object before it is made.
+function Record:record(kind, name)
+  assert(self.log, "state record is closed")
+  assert(not tostring(name):find("\n"), "state: object names cannot hold newlines")
+  self.log:write(("+ %s %s\n"):format(kind, name))
+  self.live[kind .. " " .. name] = true
+end
+
+--- Crosses an object off once released.
+function Record:forget(kind, name)
+  if not self.log then return end
+  if not self.live[kind .. " " .. name] then return end
+  self.log:write(("- %s %s\n"):format(kind, name))
+  self.live[kind .. " " .. name] = nil
+end
+
+--- Removes the state dir itself (everything recorded must have been released before).
+---@return boolean|nil, string|nil
+function Record:close()
+  if not self.log then return true end
+  self.log:close()
+  self.log = nil
+  return M.busybox({ "rm", "-rf", self.dir }, "state dir " .. self.dir)
+end
+
+--- Replays an objects log into a list of live {kind=, name=} in creation order.
+function M.replay(text)
+  local order, live = {}, {}
+  for op, kind, name in (text or ""):gmatch("([+-]) (%S+) ([^\n]*)\n") do
+    local key = kind .. " " .. name
+    if op == "+" then
+      if not live[key] then order[#order + 1] = { kind = kind, name = name } end
+      live[key] = true
+    else
+      live[key] = nil
+    end
+  end
+  local out = {}
+  for _, o in ipairs(order) do
+    if live[o.kind .. " " .. o.name] then out[#out + 1] = o end
+  end
+  return out
+end
+
+--- Every sandbox in the state dir: {id, dir, pid, start, alive, objects = {{kind, name}...}}.
+---@param base string|nil
+---@return table[]
+function M.list(base)
+  local dir = sandboxes_dir(base)
+  local r = claw.proc.run { "/bin/busybox", "ls", "-1", dir, timeout = 30, stdin = "null" }
+  local out = {}
+  if not r or r.code ~= 0 then return out end
+  for id in r.stdout:gmatch("[^\n]+") do
+    local d = dir .. "/" .. id
+    local owner = read_file(d .. "/owner") or ""
+    local pid, start = owner:match("^(%d+) (%d+)")
+    pid, start = math.tointeger(tonumber(pid)), math.tointeger(tonumber(start))
+    out[#out + 1] = { id = id, dir = d, pid = pid, start = start,
+      alive = pid ~= nil and M.alive(pid, start), objects = M.replay(read_file(d .. "/objects")) }
+  end
+  return out
+end
+
+return M
