@@ -136,7 +136,7 @@ function M.create(p, opts)
   end
   local backend, berr = load_backend(backend_name)
   if not backend then return fail(berr, "ENOTSUP") end
-  local st, serr = state.open(id, backend_name == "jail" and { "work", "tmp", "etc" } or nil)
+  local st, serr = state.open(id)
   if not st then return fail(serr, "EIO") end
   priv.state = st
   if wants_network(p) then

@@ -34,20 +34,47 @@ local ETC = {
   hosts = "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost\n",
 }
 
-local busybox_real
-local function busybox_path()
-  if not busybox_real then
-    local r = claw.proc.run { "/bin/busybox", "realpath", M.busybox, timeout = 10, stdin = "null" }
-    busybox_real = r and r.code == 0 and r.stdout:gsub("%s+$", "") or M.busybox
+-- The jail's /bin: a copy of busybox and a link per applet, made once per busybox binary in
+-- the state base (<base>/bin-busybox-<size>, shared by every sandbox and kept), because one
+-- bind of a directory costs far less per exec than a hundred symlinks.
+local bin_dirs = {}
+local function bin_dir()
+  local base = require("clawlua.sandbox.state").base()
+  if bin_dirs[base] then return bin_dirs[base] end
+  local f = io.open(M.busybox, "rb")
+  if not f then return nil, M.busybox .. " not found (Debian package busybox-static)" end
+  local size = f:seek("end")
+  f:close()
+  local dir = ("%s/bin-busybox-%d"):format(base, size)
+  local probe = io.open(dir .. "/sh", "rb")
+  if probe then
+    probe:close()
+  else
+    local argv = { "/bin/busybox", "sh", "-c", [[
+set -e
+t="$1"; d="$1.new.$$"; src="$2"
+shift 2
+rm -rf "$d"
+mkdir -p "$d"
+cp "$src" "$d/busybox"
+chmod 0755 "$d" "$d/busybox"
+for a in "$@"; do ln -s busybox "$d/$a"; done
+if [ -e "$t/sh" ] || ! mv "$d" "$t" 2>/dev/null; then rm -rf "$d"; fi
+]], "sh", dir, M.busybox, timeout = 60, stdin = "null" }
+    table.move(M.applets, 1, #M.applets, #argv + 1, argv)
+    local r, err = claw.proc.run(argv)
+    if not r then return nil, "jail root: " .. err end
+    if r.code ~= 0 then return nil, "jail root " .. dir .. ": " .. r.stderr end
   end
-  return busybox_real
+  bin_dirs[base] = dir
+  return dir
 end
 
 -- The options every exec of this sandbox shares.
-local function base_options(p, st, net)
+local function base_options(p, st, net, bin)
   local workdir = p.files.workdir
   local binds = {
-    { src = busybox_path(), dst = "/bin/busybox" },
+    { src = bin, dst = "/bin" },
     { src = st.dir .. "/work", dst = workdir, rw = true },
     { src = st.dir .. "/tmp", dst = "/tmp", rw = true },
   }
@@ -60,7 +87,6 @@ local function base_options(p, st, net)
     has[b.dst] = true
   end
   local symlinks = {}
-  for _, a in ipairs(M.applets) do symlinks["/bin/" .. a] = "busybox" end
   if has["/usr"] then -- a merged-/usr host tree: its libraries where its programs expect them
     for _, l in ipairs { "lib", "lib64", "sbin" } do
       if not has["/" .. l] then symlinks["/" .. l] = "usr/" .. l end
@@ -103,7 +129,9 @@ function M.start(opts)
     f:write(text)
     f:close()
   end
-  local o, env = base_options(p, st, opts.net)
+  local bin, berr = bin_dir()
+  if not bin then return nil, berr end
+  local o, env = base_options(p, st, opts.net, bin)
   o.seccomp = filter or nil
   -- the jail's cgroups are named clawlua-<runtime pid>-<n> under the runtime's own cgroup
   local info = claw.jail.cgroup_info()

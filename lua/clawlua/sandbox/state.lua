@@ -94,23 +94,84 @@ end
 local Record = {}
 Record.__index = Record
 
---- Creates the state dir of sandbox id (and subdirs, relative names) and writes the owner.
----@param id string
----@param subdirs string[]|nil
----@return clawlua.sandbox.state|nil, string|nil
-function M.open(id, subdirs)
-  assert(type(id) == "string" and id:match("^[%w_.-]+$"), "state.open: bad sandbox id")
-  local dir = sandboxes_dir() .. "/" .. id
-  local args = { "mkdir", "-p", "-m", "0700", dir }
-  for _, s in ipairs(subdirs or {}) do args[#args + 1] = dir .. "/" .. s end
-  local ok, err = M.busybox(args, "state dir " .. dir)
-  if not ok then return nil, err end
+-- Spare state dirs: directories cost a process (busybox mkdir) to make, so they are made a few
+-- at a time, each with its owner file, as sandboxes/.spare-<pid>-<n>, and a new sandbox takes
+-- one with rename(2). A batch is refilled in the background when the last spare is taken. Spares
+-- of a dead runtime are reclaimed by `clawlua cleanup` like any sandbox; this runtime's are
+-- removed when its Lua state closes.
+M.spare_batch = 4
+M.subdirs = { "work", "tmp", "etc" }
+local spares, spare_seq, refilling = {}, 0, nil
+
+local function write_owner(dir)
   local pid, start = M.self()
-  local f = io.open(dir .. "/owner.new", "wb")
+  local f = io.open(dir .. "/owner", "wb")
   if not f then return nil, "state dir " .. dir .. ": cannot write owner" end
   f:write(("%d %d\n"):format(pid, start))
   f:close()
-  os.rename(dir .. "/owner.new", dir .. "/owner")
+  return true
+end
+
+local function make_spares(base)
+  local pid = M.self()
+  local args, made = { "mkdir", "-p", "-m", "0700" }, {}
+  for _ = 1, M.spare_batch do
+    spare_seq = spare_seq + 1
+    local d = ("%s/.spare-%d-%d"):format(sandboxes_dir(base), pid, spare_seq)
+    for _, sub in ipairs(M.subdirs) do args[#args + 1] = d .. "/" .. sub end
+    made[#made + 1] = d
+  end
+  local ok, err = M.busybox(args, "state dir " .. sandboxes_dir(base))
+  if not ok then return nil, err end
+  for _, d in ipairs(made) do
+    if write_owner(d) then spares[#spares + 1] = { dir = d, base = base } end
+  end
+  return true
+end
+
+-- Removes this runtime's spares when its Lua state closes (a finaliser cannot wait: blocking).
+local sentinel = setmetatable({}, { __gc = function()
+  for _, s in ipairs(spares) do os.execute("/bin/busybox rm -rf " .. M.shell_quote(s.dir)) end
+end })
+M._sentinel = sentinel
+
+local function take_spare(base)
+  for i = #spares, 1, -1 do
+    local s = table.remove(spares, i)
+    if s.base == base then return s.dir end
+    os.execute("/bin/busybox rm -rf " .. M.shell_quote(s.dir)) -- the base changed: drop it
+  end
+  local ok, err = make_spares(base)
+  if not ok then return nil, err end
+  return table.remove(spares).dir
+end
+
+local function refill(base)
+  if #spares > 0 or refilling then return end
+  refilling = claw.spawn(function()
+    make_spares(base)
+    refilling = nil
+  end)
+  refilling:set_daemon(true)
+end
+
+--- Creates the state dir of sandbox id (with work/, tmp/ and etc/) and writes the owner.
+---@param id string
+---@return clawlua.sandbox.state|nil, string|nil
+function M.open(id)
+  assert(type(id) == "string" and id:match("^[%w_.-]+$") and id:sub(1, 1) ~= ".",
+    "state.open: bad sandbox id")
+  local base = M.base()
+  local dir = sandboxes_dir(base) .. "/" .. id
+  if refilling and #spares == 0 then refilling:join() end
+  local spare, err = take_spare(base)
+  if not spare then return nil, err end
+  local ok, rerr = os.rename(spare, dir)
+  if not ok then
+    os.execute("/bin/busybox rm -rf " .. M.shell_quote(spare))
+    return nil, ("state dir %s: %s"):format(dir, rerr)
+  end
+  refill(base)
   local log, lerr = io.open(dir .. "/objects", "ab")
   if not log then return nil, "state dir " .. dir .. ": " .. tostring(lerr) end
   log:setvbuf("no")
