@@ -154,7 +154,8 @@ local ALLOW_SHAPE = 'expected "host:port/proto" or {host=, port=, proto=}'
 
 local function allow_entry(e, path)
   if type(e) == "string" then
-    local host, rest = e:match("^%[([%x:%.]+)%](.*)$")
+    local host, rest = e:match("^%[([%x:%.]+/?%d*)%](.*)$")
+    if not host then host, rest = e:match("^(%d+%.%d+%.%d+%.%d+/%d+)(.*)$") end
     if not host then host, rest = e:match("^([^:/]+)(.*)$") end
     if not host then invalid(path, ALLOW_SHAPE) end
     local port, proto = rest:match("^:(%d+)/(%a+)$")

@@ -56,9 +56,17 @@ function M.alive(pid, start)
   return st ~= nil and (start == nil or st == start)
 end
 
+--- Sets the base state directory for this process (nil: back to the default).
+---@param dir string|nil
+function M.set_base(dir)
+  assert(dir == nil or (type(dir) == "string" and dir:sub(1, 1) == "/"), "state.set_base: absolute path expected")
+  M.override = dir
+end
+
 --- The base state directory.
 ---@return string
 function M.base()
+  if M.override then return M.override end
   local env = os.getenv("CLAWLUA_STATE_DIR")
   if env and env ~= "" then return env end
   local uid = read_file("/proc/self/status")
@@ -227,7 +235,7 @@ end
 ---@return table[]
 function M.list(base)
   local dir = sandboxes_dir(base)
-  local r = claw.proc.run { "/bin/busybox", "ls", "-1", dir, timeout = 30, stdin = "null" }
+  local r = claw.proc.run { "/bin/busybox", "ls", "-1A", dir, timeout = 30, stdin = "null" }
   local out = {}
   if not r or r.code ~= 0 then return out end
   for id in r.stdout:gmatch("[^\n]+") do
