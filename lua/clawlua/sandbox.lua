@@ -93,7 +93,14 @@ local function live(self, what)
   return p
 end
 
-SB.__index = SB
+-- id and backend are read-only fields: they live in the private part, not in the handle.
+SB.__index = function(self, k)
+  if k == "id" or k == "backend" then
+    local p = privs[self]
+    return p and p[k]
+  end
+  return SB[k]
+end
 SB.__name = "clawlua.sandbox"
 SB.__tostring = function(self) return ("clawlua.sandbox (%s, %s)"):format(self.id, self.backend) end
 SB.__newindex = function(_, k) error(("sandbox: field '%s' is read-only"):format(tostring(k)), 2) end
@@ -123,9 +130,8 @@ function M.create(p, opts)
   local backend_name = opts.backend or p.backend
   if backend_name ~= "jail" and backend_name ~= "vm" then bad_field("backend", "\"jail\" or \"vm\" expected") end
   local self = setmetatable({}, SB)
-  rawset(self, "id", id)
-  rawset(self, "backend", backend_name)
-  local priv = { policy = p, created = claw.loop.time(), state_name = "creating" }
+  local priv = { id = id, backend = backend_name, policy = p, created = claw.loop.time(),
+    state_name = "creating" }
   privs[self] = priv
   emit(self, "sandbox.create", { policy = p.name, backend = backend_name })
   local function fail(msg, code)

@@ -25,7 +25,8 @@ M.applets = {
   "od", "hexdump", "xxd", "diff", "cmp", "seq", "expr", "timeout", "readlink", "realpath", "du",
   "df", "which", "yes", "vi", "less", "more", "dd", "truncate", "mktemp", "nproc", "free", "top",
   "usleep", "tac", "rev", "fold", "nl", "paste", "split", "bc", "dc", "sha1sum", "sha512sum",
-  "traceroute", "telnet", "ftpget", "unzip", "xz", "unxz", "bzip2", "bunzip2",
+  "traceroute", "telnet", "ftpget", "unzip", "xz", "unxz", "bzip2", "bunzip2", "unshare",
+  "mount", "umount", "nsenter", "setsid",
 }
 
 local ETC = {
@@ -269,7 +270,11 @@ end
 --- Kills every running command (their jail handles remove their cgroups) and crosses the
 --- cgroup prefixes off the state record. Does not yield.
 function J:close()
-  for proc, rec in pairs(self.running) do release(self, proc, rec) end
+  -- killed, not closed: an exec waiting on the process collects it and returns its result
+  for proc, rec in pairs(self.running) do
+    if proc:running() then proc:kill("KILL", "group") end
+    self.state:forget("pid", rec)
+  end
   for _, d in ipairs(self.cgroup_dirs) do
     self.state:forget("cgroup", ("%s/clawlua-%d-"):format(d, self.owner))
   end
