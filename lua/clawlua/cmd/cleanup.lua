@@ -129,7 +129,9 @@ function M.cleanup(opts)
   local say = opts.say or function() end
   local res = { reclaimed = {}, live = {}, objects = 0, errors = {} }
   for _, sb in ipairs(state.list(opts.base)) do
-    if sb.alive then
+    if sb.id:match("^%.spare%-") then -- a spare state dir (no objects): not a sandbox
+      if not sb.alive and not opts.dry_run then bb { "rm", "-rf", sb.dir } end
+    elseif sb.alive then
       res.live[#res.live + 1] = sb.id
       say(("%s: owner %d is running, left alone"):format(sb.id, sb.pid))
     else

@@ -22,7 +22,8 @@ local function read_file(path)
   return s
 end
 
---- The start time (clock ticks since boot) of a process, or nil when it does not exist.
+--- The start time (clock ticks since boot) of a process, or nil when it does not exist (or is
+--- a zombie: it has exited).
 ---@param pid integer
 ---@return integer|nil
 function M.start_time(pid)
@@ -30,7 +31,7 @@ function M.start_time(pid)
   if not s then return nil end
   -- comm may hold spaces and parentheses: fields restart after the last ')'
   local rest = s:match("^.*%)%s(.*)$")
-  if not rest then return nil end
+  if not rest or rest:match("^[ZX]") then return nil end
   local i = 2 -- rest starts at field 3
   for field in rest:gmatch("%S+") do
     i = i + 1
