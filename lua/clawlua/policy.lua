@@ -16,7 +16,8 @@ M.max_list = 1024
 ---@class clawlua.policy
 ---@field name string
 ---@field backend "jail"|"vm"
----@field resources {vcpus: integer, memory_mib: integer, pids: integer, cpu: number, lifetime_s: number, max_output: integer}
+---@field resources {vcpus: integer, memory_mib: integer, pids: integer, cpu: number,
+---  lifetime_s: number, max_output: integer}
 ---@field network {egress: "deny"|"allow", allow: table[], resolvers: string[]}
 ---@field seccomp string
 ---@field files {readonly: {src: string, dst: string}[], workdir: string}

@@ -261,7 +261,9 @@ function SB:write_file(path, data, o)
   if type(data) ~= "string" then error("bad argument #2 to 'write_file' (string expected)", 2) end
   o = o or {}
   local mode = o.mode or tonumber("644", 8)
-  if math.type(mode) ~= "integer" or mode < 0 or mode > tonumber("7777", 8) then bad_field("mode", "permission bits expected") end
+  if math.type(mode) ~= "integer" or mode < 0 or mode > tonumber("7777", 8) then
+    bad_field("mode", "permission bits expected")
+  end
   local ok, herr, hcode = file_hook(self, priv, "write_file", path)
   if not ok then return nil, herr, hcode end
   local r, rerr = run(self, priv, { "/bin/sh", "-c",

@@ -97,13 +97,17 @@ describe("policy", function()
       { "return { resources = { disk = 1 } }", "resources.disk: unknown field" },
       { "return {\n network = {\n  allow = { 'a.org:443',\n 42 } } }",
         "p.lua:3: network.allow[2]: expected \"host:port/proto\" or {host=, port=, proto=}" },
-      { "return { network = { allow = { 'a.org:99999' } } }", "network.allow[1].port: a port 1..65535 expected, got 99999" },
-      { "return { network = { allow = { 'a.org:80/icmp' } } }", "network.allow[1].proto: \"tcp\" or \"udp\" expected, got \"icmp\"" },
-      { "return { network = { allow = { { host = 'a b' } } } }", "network.allow[1].host: a host name, address or cidr expected" },
+      { "return { network = { allow = { 'a.org:99999' } } }",
+        "network.allow[1].port: a port 1..65535 expected, got 99999" },
+      { "return { network = { allow = { 'a.org:80/icmp' } } }",
+        "network.allow[1].proto: \"tcp\" or \"udp\" expected, got \"icmp\"" },
+      { "return { network = { allow = { { host = 'a b' } } } }",
+        "network.allow[1].host: a host name, address or cidr expected" },
       { "return { network = { allow = { { port = 1 } } } }", "network.allow[1].host: expected" },
       { "return { network = { allow = { x = 1 } } }", "network.allow: a list expected (found key x)" },
       { "return { network = { resolvers = { 'dns.google' } } }", "network.resolvers[1]: an IP address expected" },
-      { "return { seccomp = 'strict' }", "seccomp: \"docker-default\", \"unconfined\" or a profile path (.json) expected" },
+      { "return { seccomp = 'strict' }",
+        "seccomp: \"docker-default\", \"unconfined\" or a profile path (.json) expected" },
       { "return { files = { readonly = { 'rel/path' } } }", "files.readonly[1].src: an absolute path without" },
       { "return { files = { readonly = { '/a/../etc' } } }", "files.readonly[1].src: an absolute path without" },
       { "return { files = { readonly = { '/tmp' } } }", "files.readonly[1]: \"/tmp\" cannot be bound over" },
@@ -191,7 +195,8 @@ describe("policy", function()
     end)
 
     it("a huge table under the budget is refused by the list cap, not built forever", function()
-      local p, err = load_src("local t = {} for i = 1, 5000 do t[i] = 'a.org:80' end return { network = { allow = t } }")
+      local p, err = load_src(
+        "local t = {} for i = 1, 5000 do t[i] = 'a.org:80' end return { network = { allow = t } }")
       assert.is_nil(p)
       assert.truthy(err:find("network.allow: at most 1024 entries", 1, true), err)
     end)
@@ -253,7 +258,8 @@ describe("policy", function()
     it("exits 1 with the error on a bad file", function()
       local r = H.clawlua { "policy", "check", file("bad.lua", "return {\n resources = { vcpus = 'x' } }") }
       assert.equal(1, r.code)
-      assert.truthy(r.stderr:find(dir .. "/bad.lua:2: resources.vcpus: integer expected, got string", 1, true), r.stderr)
+      local want = dir .. "/bad.lua:2: resources.vcpus: integer expected, got string"
+      assert.truthy(r.stderr:find(want, 1, true), r.stderr)
     end)
   end)
 end)

@@ -108,6 +108,8 @@ describe("sandbox (jail backend)", function()
     local chunks = {}
     r = assert(sb:exec { "sh", "-c", "echo a; echo b >&2", on_stdout = function(c) chunks[#chunks + 1] = c end })
     assert.equal("a\n", table.concat(chunks))
+    assert.equal("a\n", r.stdout)
+    assert.equal("b\n", r.stderr)
   end)
 
   it("cancelling the calling task kills the command", function()
@@ -181,9 +183,11 @@ describe("sandbox (jail backend)", function()
 
   it("enforces memory and pids limits per exec", function()
     local sb <close> = make { resources = { memory_mib = 32, pids = 8 } }
-    local r = assert(sb:exec { "sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 1 & done; wait", timeout = 10 })
+    local r = assert(sb:exec { "sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 1 & done; wait",
+      timeout = 10 })
     assert.truthy(r.stderr:find("fork") or r.stderr:find("Resource temporarily unavailable"), r.stderr)
-    r = assert(sb:exec { "sh", "-c", "dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo survived", timeout = 20 })
+    r = assert(sb:exec { "sh", "-c", "dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo survived",
+      timeout = 20 })
     assert.is_true(r.oom_killed == true or r.signal == 9, r.stdout .. r.stderr)
   end)
 
