@@ -8,10 +8,12 @@ local claw = require "clawlua"
 local M = {}
 
 --- Instructions a policy file (or one hook call) may run.
-M.budget = 1000000
+M.budget = 250000
 --- Bytes of source a policy file may have, entries in one list.
 M.max_source = 1 << 20
 M.max_list = 1024
+--- Bytes a policy file (or one hook call) may allocate.
+M.max_memory = 64 << 20
 
 ---@class clawlua.policy
 ---@field name string
@@ -341,11 +343,12 @@ end
 -- What a policy file can reach: pure functions only. string.rep is capped so that one call
 -- cannot allocate past what the budget would allow.
 local MAX_REP = 1 << 20
+local string_rep = string.rep
 local function capped_rep(s, n, sep)
   local len = #tostring(s) * math.max(0, math.tointeger(n) or 0)
     + (sep and #tostring(sep) * math.max(0, (math.tointeger(n) or 1) - 1) or 0)
   if len > MAX_REP then error(("string.rep: result of %d bytes over the limit of %d"):format(len, MAX_REP), 2) end
-  return string.rep(s, n, sep)
+  return string_rep(s, n, sep)
 end
 
 local function sandbox_env()
@@ -367,22 +370,33 @@ local function sandbox_env()
   }
 end
 
--- Runs fn(...) in a coroutine with an instruction budget; string methods on string values go
--- through the real string table, so its rep is swapped for the capped one meanwhile.
+-- Runs fn(...) in a coroutine with an instruction budget and a memory cap, checked at every
+-- instruction (a string doubled in a loop reaches gigabytes within a few dozen instructions,
+-- so a sparser check would come too late); string methods on string values go through the
+-- real string table, so its rep is swapped for the capped one meanwhile.
 local function run_budgeted(what, fn, ...)
   local co = coroutine.create(fn)
-  local exceeded = false
+  local left = M.budget
+  local limit_kb = collectgarbage("count") + M.max_memory / 1024
+  local failed
   debug.sethook(co, function()
-    if not exceeded then
-      exceeded = true
-      debug.sethook(co, function() error(what .. ": instruction budget exceeded", 0) end, "", 1)
+    left = left - 1
+    if failed then error(failed, 0) end
+    if left < 0 then
+      failed = what .. ": instruction budget exceeded"
+      error(failed, 0)
     end
-    error(what .. ": instruction budget exceeded", 0)
-  end, "", M.budget)
-  local real_rep = string.rep
+    if collectgarbage("count") > limit_kb then
+      collectgarbage()
+      if collectgarbage("count") > limit_kb then
+        failed = ("%s: memory limit of %d bytes exceeded"):format(what, M.max_memory)
+        error(failed, 0)
+      end
+    end
+  end, "", 1)
   string.rep = capped_rep -- luacheck: ignore 122
   local res = table.pack(coroutine.resume(co, ...))
-  string.rep = real_rep -- luacheck: ignore 122
+  string.rep = string_rep -- luacheck: ignore 122
   if coroutine.status(co) == "suspended" then
     coroutine.close(co)
     return false, what .. ": yielded (not allowed)"
