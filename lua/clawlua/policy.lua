@@ -340,15 +340,41 @@ function M.default()
   return assert(M.from_table({}, "default"))
 end
 
--- What a policy file can reach: pure functions only. string.rep is capped so that one call
--- cannot allocate past what the budget would allow.
+-- What a policy file can reach: pure functions only. The few library calls that can build a
+-- large string in one step, where no instruction hook sees it (rep, gsub with a string
+-- replacement, concat), refuse a result over the caps before building it.
 local MAX_REP = 1 << 20
-local string_rep = string.rep
+local string_rep, string_gsub, table_concat = string.rep, string.gsub, table.concat
 local function capped_rep(s, n, sep)
   local len = #tostring(s) * math.max(0, math.tointeger(n) or 0)
     + (sep and #tostring(sep) * math.max(0, (math.tointeger(n) or 1) - 1) or 0)
-  if len > MAX_REP then error(("string.rep: result of %d bytes over the limit of %d"):format(len, MAX_REP), 2) end
+  if len > MAX_REP then
+    error(("string.rep: result of %d bytes over the limit of %d"):format(len, MAX_REP), 2)
+  end
   return string_rep(s, n, sep)
+end
+
+local function capped_gsub(s, pat, repl, n)
+  if type(repl) == "string" or type(repl) == "number" then
+    local bound = (#tostring(s) + 1) * (#tostring(repl) + 1)
+    if bound > M.max_memory then
+      error(("string.gsub: a result of up to %d bytes over the limit of %d"):format(bound, M.max_memory), 2)
+    end
+  end
+  return string_gsub(s, pat, repl, n)
+end
+
+local function capped_concat(t, sep, i, j)
+  i, j = i or 1, j or #t
+  local len = (j - i) * #(sep or "")
+  for k = i, j do
+    local v = t[k]
+    len = len + (type(v) == "string" and #v or 24)
+    if len > M.max_memory then
+      error(("table.concat: result over the limit of %d bytes"):format(M.max_memory), 2)
+    end
+  end
+  return table_concat(t, sep, i, j)
 end
 
 local function sandbox_env()
@@ -360,12 +386,14 @@ local function sandbox_env()
     return t
   end
   local str = copy(string, { dump = true })
-  str.rep = capped_rep
+  str.rep, str.gsub = capped_rep, capped_gsub
+  local tab = copy(table)
+  tab.concat = capped_concat
   return {
     assert = assert, error = error, ipairs = ipairs, pairs = pairs, next = next, select = select,
     tonumber = tonumber, tostring = tostring, type = type, rawequal = rawequal, rawlen = rawlen,
     rawget = rawget, _VERSION = _VERSION,
-    math = copy(math, { random = true, randomseed = true }), string = str, table = copy(table),
+    math = copy(math, { random = true, randomseed = true }), string = str, table = tab,
     utf8 = copy(utf8),
   }
 end
@@ -394,9 +422,9 @@ local function run_budgeted(what, fn, ...)
       end
     end
   end, "", 1)
-  string.rep = capped_rep -- luacheck: ignore 122
+  string.rep, string.gsub = capped_rep, capped_gsub -- luacheck: ignore 122
   local res = table.pack(coroutine.resume(co, ...))
-  string.rep = string_rep -- luacheck: ignore 122
+  string.rep, string.gsub = string_rep, string_gsub -- luacheck: ignore 122
   if coroutine.status(co) == "suspended" then
     coroutine.close(co)
     return false, what .. ": yielded (not allowed)"

@@ -205,6 +205,18 @@ describe("policy", function()
       assert.truthy(err:find("memory limit", 1, true) or err:find("budget", 1, true), err)
     end)
 
+    it("caps gsub and table.concat results before building them", function()
+      local p, err = load_src("local s = ('x'):rep(1 << 20) local r = s:gsub('.', s) return {}")
+      assert.is_nil(p)
+      assert.truthy(err:find("string.gsub: a result of up to", 1, true), err)
+      p, err = load_src("local t = {} for i = 1, 100 do t[i] = 'a' end " ..
+        "local r = table.concat(t, ('x'):rep(1 << 20)) return {}")
+      assert.is_nil(p)
+      assert.truthy(err:find("table.concat: result over the limit", 1, true), err)
+      p = assert(load_src("return { name = ('a-b'):gsub('-', '_') .. table.concat({ 'x', 'y' }, ',') }"))
+      assert.equal("a_bx,y", p.name)
+    end)
+
     it("a huge table under the budget is refused by the list cap, not built forever", function()
       local p, err = load_src(
         "local t = {} for i = 1, 5000 do t[i] = 'a.org:80' end return { network = { allow = t } }")
