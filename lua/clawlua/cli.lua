@@ -335,6 +335,7 @@ M.register {
 M.lazy.audit = { module = "clawlua.cmd.audit", summary = "read and verify audit logs (tail, verify)" }
 M.lazy.cleanup = { module = "clawlua.cmd.cleanup",
   summary = "reclaim what sandboxes of dead runtimes left behind" }
+M.lazy.ps = { module = "clawlua.cmd.ps", summary = "list the sandboxes in the state dir" }
 M.lazy.policy = { module = "clawlua.cmd.policy", summary = "check a policy file (policy check FILE)" }
 
 M.register {

@@ -145,6 +145,7 @@ function M.create(p, opts)
   local st, serr = state.open(id)
   if not st then return fail(serr, "EIO") end
   priv.state = st
+  st:write_meta { backend = backend_name, policy = p.name, created = priv.created }
   if wants_network(p) then
     local ok, net = pcall(require, "clawlua.sandbox.net")
     if not ok then

@@ -68,6 +68,15 @@ describe("clawlua cleanup", function()
     assert.equal("ready", child.stdout:read_line())
     local cpid = child.pid
     assert.truthy(#cgroups_of(cpid) > 0)
+    local ps = H.clawlua { "ps", "--json", "--state-dir", base }
+    assert.equal(0, ps.code, ps.stderr)
+    local states = {}
+    for _, row in ipairs(assert(claw.json.decode(ps.stdout))) do states[row.id] = row end
+    assert.equal("running", states["child-exec"].state)
+    assert.equal(cpid, states["child-exec"].owner)
+    assert.equal("jail", states["child-exec"].backend)
+    assert.equal("default", states["child-exec"].policy)
+    assert.equal("running", states["live-one"].state)
     assert.is_not.equal("", sleepers())
     child:kill("KILL")
     child:wait()
@@ -78,6 +87,9 @@ describe("clawlua cleanup", function()
     assert.truthy(#left > 0, "the killed runtime left no cgroup: the test would prove nothing")
     assert.truthy(io.open(base .. "/sandboxes/child-exec/owner"))
     assert.truthy(io.open(base .. "/sandboxes/child-idle/owner"))
+    ps = H.clawlua { "ps", "--state-dir", base }
+    assert.truthy(ps.stdout:find("child%-idle%s+jail%s+orphaned%s+default"), ps.stdout)
+    assert.truthy(ps.stdout:find("live%-one%s+jail%s+running"), ps.stdout)
 
     -- a sandbox record whose pid runs but started at another time is not ours: never killed
     local victim = assert(claw.proc.spawn { "sleep", "41.41", stdin = "null" })

@@ -187,6 +187,15 @@ function M.open(id)
   return setmetatable({ id = id, dir = dir, log = log, live = {} }, Record)
 end
 
+--- Writes what `clawlua ps` shows about the sandbox (a flat table of strings and numbers).
+function Record:write_meta(t)
+  local f = io.open(self.dir .. "/meta", "wb")
+  if not f then return nil, "state dir " .. self.dir .. ": cannot write meta" end
+  f:write(claw.json.encode(t))
+  f:close()
+  return true
+end
+
 --- Writes down an object before it is made.
 function Record:record(kind, name)
   assert(self.log, "state record is closed")
@@ -231,7 +240,7 @@ function M.replay(text)
   return out
 end
 
---- Every sandbox in the state dir: {id, dir, pid, start, alive, objects = {{kind, name}...}}.
+--- Every sandbox in the state dir: {id, dir, pid, start, alive, meta, objects = {{kind, name}...}}.
 ---@param base string|nil
 ---@return table[]
 function M.list(base)
@@ -244,7 +253,9 @@ function M.list(base)
     local owner = read_file(d .. "/owner") or ""
     local pid, start = owner:match("^(%d+) (%d+)")
     pid, start = math.tointeger(tonumber(pid)), math.tointeger(tonumber(start))
-    out[#out + 1] = { id = id, dir = d, pid = pid, start = start,
+    local meta = read_file(d .. "/meta")
+    meta = meta and claw.json.decode(meta) or {}
+    out[#out + 1] = { id = id, dir = d, pid = pid, start = start, meta = meta,
       alive = pid ~= nil and M.alive(pid, start), objects = M.replay(read_file(d .. "/objects")) }
   end
   return out
