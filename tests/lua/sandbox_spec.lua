@@ -237,8 +237,8 @@ describe("sandbox (jail backend)", function()
     H.rm_rf(dir)
   end)
 
-  it("asks the policy's hooks and audits a denial", function()
-    local sb <close> = assert(sandbox.create(assert(policy.load(H.src .. "/examples/policies/untrusted.lua"))))
+  it("asks the policy's hooks and audits a denial (created from a policy file's path)", function()
+    local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/untrusted.lua"))
     local r, err, code = sb:exec { "rm", "-rf", "/" }
     assert.is_nil(r)
     assert.equal("EPERM", code)
@@ -257,6 +257,49 @@ describe("sandbox (jail backend)", function()
     assert.is_nil(ok)
     assert.truthy(err:find("network.allow[1]", 1, true), err)
     assert.is_false(pcall(sb.update_policy, sb, { backend = "vm" }))
+  end)
+
+  it("wires a networking module: records, jail options (a namespace to join), update, close", function()
+    -- clawlua.sandbox.net is another module; this stand-in makes a real network namespace with a
+    -- dummy link, so the execs really join it, and checks the calls sandbox.lua makes
+    local real = package.loaded["clawlua.sandbox.net"]
+    local calls, ns = {}, "clawlua-spec-sb-" .. me
+    local fake = {}
+    function fake.create(o)
+      calls[#calls + 1] = "create " .. o.kind .. " " .. o.network.allow[1].host
+      o.record("netns", ns)
+      H.sh(("ip netns add %s && ip -n %s link add spec0 type veth peer name spec1"):format(ns, ns))
+      local n = {}
+      function n.jail_options() return { net = "/run/netns/" .. ns } end
+      function n.update(_, net)
+        calls[#calls + 1] = "update " .. #net.allow
+        return true
+      end
+      function n.info() return { address = "10.0.0.2", gateway = "10.0.0.1" } end
+      function n.close()
+        calls[#calls + 1] = "close"
+        H.sh("ip netns del " .. ns)
+        o.forget("netns", ns)
+      end
+      return n
+    end
+    package.loaded["clawlua.sandbox.net"] = fake
+    local ok, err = pcall(function()
+      local sb <close> = make { network = { allow = { "pypi.org:443" } } }
+      local objects = H.read_file(sb:info().state_dir .. "/objects")
+      assert.truthy(objects:find("+ netns " .. ns, 1, true), objects)
+      local r = assert(sb:exec { "sh", "-c", "cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' ' | sort" })
+      assert.equal("lo\nspec0\nspec1\n", r.stdout)
+      assert.equal("10.0.0.2", sb:info().network.address)
+      assert.is_true(sb:update_policy { network = { allow = { "pypi.org:443", "a.org:80" } } })
+      assert.equal(2, #sb:info().policy.network.allow)
+      sb:destroy()
+      assert.same({ "create jail pypi.org", "update 2", "close" }, calls)
+      assert.equal("", H.sh("ip netns list | grep " .. ns .. " || true"))
+    end)
+    package.loaded["clawlua.sandbox.net"] = real
+    H.sh("ip netns del " .. ns .. " 2>/dev/null || true")
+    assert(ok, err)
   end)
 
   it("info, list and get; ids are unique; the state dir records the owner", function()
