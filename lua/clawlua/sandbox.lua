@@ -199,6 +199,12 @@ local function check_exec(o)
   if o.cwd and o.cwd:sub(1, 1) ~= "/" then bad_field("cwd", "an absolute path expected") end
 end
 
+-- A hook said no: audited, then the policy's on_denied hook is told (its answer is ignored).
+local function denied(self, priv, fields)
+  emit(self, "policy.deny", fields)
+  policy.call_hook(priv.policy, "on_denied", fields.hook, fields.reason, self)
+end
+
 -- One command without hooks (exec and the file calls use it).
 local function run(self, priv, o)
   if priv.state_name == "paused" then
@@ -220,7 +226,7 @@ function SB:exec(o)
   local argv = { table.unpack(o) }
   local ok, reason = policy.call_hook(priv.policy, "on_exec", argv, self)
   if not ok then
-    emit(self, "policy.deny", { hook = "on_exec", argv = argv, reason = reason })
+    denied(self, priv, { hook = "on_exec", argv = argv, reason = reason })
     return nil, ("exec: denied by policy %s: %s"):format(priv.policy.name, reason), "EPERM"
   end
   emit(self, "sandbox.exec", { argv = argv, cwd = o.cwd })
@@ -237,7 +243,7 @@ end
 local function file_hook(self, priv, op, path)
   local ok, reason = policy.call_hook(priv.policy, "on_file", op, path, self)
   if ok then return true end
-  emit(self, "policy.deny", { hook = "on_file", op = op, path = path, reason = reason })
+  denied(self, priv, { hook = "on_file", op = op, path = path, reason = reason })
   return nil, ("%s %s: denied by policy %s: %s"):format(op, path, priv.policy.name, reason), "EPERM"
 end
 

@@ -237,6 +237,15 @@ describe("sandbox (jail backend)", function()
     H.rm_rf(dir)
   end)
 
+  it("tells on_denied about a denial", function()
+    local seen = {}
+    local sb <close> = make { hooks = {
+      on_exec = function() return false, "nothing runs" end,
+      on_denied = function(hook, reason) seen[#seen + 1] = hook .. ": " .. reason end } }
+    assert.is_nil(sb:exec { "true" })
+    assert.same({ "on_exec: nothing runs" }, seen)
+  end)
+
   it("asks the policy's hooks and audits a denial (created from a policy file's path)", function()
     local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/untrusted.lua"))
     local r, err, code = sb:exec { "rm", "-rf", "/" }
@@ -245,6 +254,20 @@ describe("sandbox (jail backend)", function()
     assert.truthy(err:find("denied by policy untrusted: rm -rf /", 1, true), err)
     local evs = claw.audit.events { kind = "policy.deny", sandbox = sb.id }
     assert.equal(1, #evs)
+  end)
+
+  it("read-only-analysis.lua: /usr's tools run, writes through the API are refused", function()
+    local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/read-only-analysis.lua"))
+    local r = assert(sb:exec { "/usr/bin/env", "sh", "-c", "ls /usr/bin | grep -c . ; echo x > /work/own" })
+    assert.equal(0, r.code, r.stderr)
+    assert.is_true(tonumber(r.stdout:match("%d+")) > 10)
+    local ok, err, code = sb:write_file("/work/f", "x")
+    assert.is_nil(ok)
+    assert.equal("EPERM", code)
+    assert.truthy(err:find("read-only analysis: no writes (/work/f)", 1, true), err)
+    assert.equal("x\n", assert(sb:read_file("/work/own")))
+    local evs = claw.audit.events { kind = "policy.deny", sandbox = sb.id }
+    assert.equal("on_file", evs[#evs].detail.hook)
   end)
 
   it("update_policy: a sandbox without network refuses new egress, accepts deny", function()
