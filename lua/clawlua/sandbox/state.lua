@@ -212,12 +212,25 @@ function Record:forget(kind, name)
   self.live[kind .. " " .. name] = nil
 end
 
---- Removes the state dir itself (everything recorded must have been released before).
+--- Removes the state dir itself. When something recorded was not released, the dir is kept
+--- and handed over to `clawlua cleanup` (its owner becomes pid 0, which never runs).
 ---@return boolean|nil, string|nil
 function Record:close()
   if not self.log then return true end
   self.log:close()
   self.log = nil
+  local left = {}
+  for key in pairs(self.live) do left[#left + 1] = key end
+  if #left > 0 then
+    table.sort(left)
+    local f = io.open(self.dir .. "/owner", "wb")
+    if f then
+      f:write("0 0\n")
+      f:close()
+    end
+    return nil, ("state dir %s kept for clawlua cleanup: %s not released"):format(self.dir,
+      table.concat(left, ", "))
+  end
   return M.busybox({ "rm", "-rf", self.dir }, "state dir " .. self.dir)
 end
 
