@@ -129,6 +129,9 @@ function M.create(p, opts)
   if registry[id] then return nil, ("sandbox %s exists already"):format(id), "EEXIST" end
   local backend_name = opts.backend or p.backend
   if backend_name ~= "jail" and backend_name ~= "vm" then bad_field("backend", "\"jail\" or \"vm\" expected") end
+  local mine = {} -- this sandbox's copy: update_policy replaces its network, not the caller's
+  for k, v in pairs(p) do mine[k] = v end
+  p = mine
   local self = setmetatable({}, SB)
   local priv = { id = id, backend = backend_name, policy = p, created = claw.loop.time(),
     state_name = "creating" }
@@ -140,9 +143,19 @@ function M.create(p, opts)
     emit(self, "sandbox.create_failed", { error = msg })
     return nil, msg, code
   end
+  -- a step that raises (a bug, or the calling task cancelled while a step waits) releases
+  -- what the earlier steps made before the error goes on
+  local function step(fn, ...)
+    local res = table.pack(pcall(fn, ...))
+    if res[1] then return table.unpack(res, 2, res.n) end
+    teardown(priv, false)
+    priv.state_name = "destroyed"
+    emit(self, "sandbox.create_failed", { error = tostring(res[2]) })
+    error(res[2], 0)
+  end
   local backend, berr = load_backend(backend_name)
   if not backend then return fail(berr, "ENOTSUP") end
-  local st, serr = state.open(id)
+  local st, serr = step(state.open, id)
   if not st then return fail(serr, "EIO") end
   priv.state = st
   st:write_meta { backend = backend_name, policy = p.name, created = priv.created }
@@ -152,13 +165,13 @@ function M.create(p, opts)
       return fail(("sandbox: policy %s allows egress but clawlua.sandbox.net is not available")
         :format(p.name), "ENOTSUP")
     end
-    local n, nerr = net.create { id = id, network = p.network, kind = backend_name,
+    local n, nerr = step(net.create, { id = id, network = p.network, kind = backend_name,
       record = function(kind, name) st:record(kind, name) end,
-      forget = function(kind, name) st:forget(kind, name) end }
+      forget = function(kind, name) st:forget(kind, name) end })
     if not n then return fail(nerr, "EIO") end
     priv.net = n
   end
-  local h, herr = backend.start { id = id, policy = p, net = priv.net, state = st }
+  local h, herr = step(backend.start, { id = id, policy = p, net = priv.net, state = st })
   if not h then return fail(herr, "EIO") end
   priv.handle = h
   priv.state_name = "running"

@@ -273,6 +273,11 @@ describe("sandbox (jail backend)", function()
   it("update_policy: a sandbox without network refuses new egress, accepts deny", function()
     local sb <close> = make()
     assert.is_true(sb:update_policy { network = { egress = "deny" } })
+    local shared = policy.default()
+    local s1 <close> = assert(sandbox.create(shared))
+    assert.is_true(s1:update_policy { network = { resolvers = { "192.0.2.53" } } })
+    assert.same({}, shared.network.resolvers) -- the caller's policy is not changed
+    assert.same({ "192.0.2.53" }, s1:info().policy.network.resolvers)
     local ok, err, code = sb:update_policy { network = { allow = { "example.org:443" } } }
     assert.is_nil(ok)
     assert.equal("ENOTSUP", code, err)
@@ -392,6 +397,16 @@ describe("sandbox (jail backend)", function()
       assert.equal("ENOTSUP", code)
       assert.truthy(err:find("clawlua.sandbox.net is not available", 1, true), err)
     end
+    assert.equal(before, #sandbox_dirs())
+    -- a backend that raises midway (a bug, a cancelled task): released, then re-raised
+    local jail = require "clawlua.sandbox.jail"
+    local start = jail.start
+    jail.start = function() error("backend exploded") end
+    local ok, rerr = pcall(sandbox.create, policy.default(), { id = "spec-raises" })
+    jail.start = start
+    assert.is_false(ok)
+    assert.truthy(tostring(rerr):find("backend exploded", 1, true))
+    assert.is_nil(sandbox.get("spec-raises"))
     assert.equal(before, #sandbox_dirs())
     local bad, berr = sandbox.create { network = { egress = "maybe" } }
     assert.is_nil(bad)
