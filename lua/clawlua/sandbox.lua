@@ -65,8 +65,8 @@ local function teardown(priv, sync)
   if priv.state then
     local st = priv.state
     priv.state = nil
-    if sync then
-      if st.log then st.log:close() end
+    if sync then -- a finalizer: no waiting (the log may be finalized already at exit)
+      if io.type(st.log) == "file" then st.log:close() end
       st.log = nil
       os.execute("/bin/busybox rm -rf " .. state.shell_quote(st.dir))
     else

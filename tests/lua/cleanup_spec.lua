@@ -135,6 +135,24 @@ describe("clawlua cleanup", function()
     assert.truthy(r.stdout:find("reclaimed 0 sandbox%(es%), 0 object%(s%); 1 of live runtimes left alone"), r.stdout)
   end)
 
+  it("has nothing to do after a runtime that exits without destroying its sandboxes", function()
+    local dir = base .. "/exit-base"
+    local script = base .. "/exit.lua"
+    H.write_file(script, [[
+local sandbox = require "clawlua.sandbox"
+local a = assert(sandbox.create(require("clawlua.policy").default()))
+assert(a:exec { "sh", "-c", "echo x > /work/f" })
+local b = assert(sandbox.create(require("clawlua.policy").default()))
+print(a.id, b.id)
+]])
+    local t0 = claw.now()
+    local r = H.clawlua({ script }, { env_add = { CLAWLUA_STATE_DIR = dir } })
+    assert.equal(0, r.code, r.stderr)
+    -- the lifetime timers are daemon tasks: they do not keep the host alive for 10 minutes
+    assert.is_true(claw.now() - t0 < 10 * H.scale, "exit took " .. (claw.now() - t0) .. " s")
+    assert.equal("", H.sh("ls -A '" .. dir .. "/sandboxes'"))
+  end)
+
   it("kills a recorded process of a dead owner when its start time matches", function()
     local p = assert(claw.proc.spawn { "sleep", "41.41", stdin = "null" })
     local d = base .. "/sandboxes/dead-owner"

@@ -197,8 +197,11 @@ function Record:write_meta(t)
 end
 
 --- Writes down an object before it is made.
+-- The log is usable: open, and not already finalized (finalizers at exit run in any order).
+local function usable(self) return io.type(self.log) == "file" end
+
 function Record:record(kind, name)
-  assert(self.log, "state record is closed")
+  assert(usable(self), "state record is closed")
   assert(not tostring(name):find("\n"), "state: object names cannot hold newlines")
   self.log:write(("+ %s %s\n"):format(kind, name))
   self.live[kind .. " " .. name] = true
@@ -206,7 +209,7 @@ end
 
 --- Crosses an object off once released.
 function Record:forget(kind, name)
-  if not self.log then return end
+  if not usable(self) then return end
   if not self.live[kind .. " " .. name] then return end
   self.log:write(("- %s %s\n"):format(kind, name))
   self.live[kind .. " " .. name] = nil
@@ -217,7 +220,7 @@ end
 ---@return boolean|nil, string|nil
 function Record:close()
   if not self.log then return true end
-  self.log:close()
+  if usable(self) then self.log:close() end
   self.log = nil
   local left = {}
   for key in pairs(self.live) do left[#left + 1] = key end
