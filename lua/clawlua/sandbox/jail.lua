@@ -143,8 +143,7 @@ function M.start(opts)
   table.sort(dirs)
   for _, d in ipairs(dirs) do st:record("cgroup", ("%s/clawlua-%d-"):format(d, pid)) end
   return setmetatable({ id = opts.id, policy = p, state = st, options = o, env = env,
-    workdir = p.files.workdir, running = {}, exited = {}, cgroup_dirs = dirs, owner = pid,
-    paused = false }, J)
+    workdir = p.files.workdir, running = {}, cgroup_dirs = dirs, owner = pid, paused = false }, J)
 end
 
 -- Reads a stream to its end: keeps at most max bytes (the rest is counted and dropped),
@@ -166,30 +165,13 @@ local function drain(s, max, cb)
   return table.concat(parts), dropped
 end
 
--- How long an exited command's handle is kept before it is closed: the jail's handle removes
--- its cgroups from the loop (the kernel refuses rmdir for a moment after the exit), and closing
--- it before that would wait in the handle's last-chance loop, on the caller's time.
-M.close_delay = 0.25
-
 local function release(self, proc, rec)
-  if not self.running[proc] then return end
-  self.running[proc] = nil
-  self.state:forget("pid", rec)
-  if proc:running() then -- cancelled or failed mid-way: kill now, close now
-    proc:kill("KILL", "group")
+  if self.running[proc] then
+    self.running[proc] = nil
+    if proc:running() then proc:kill("KILL", "group") end
     proc:close()
-    return
+    self.state:forget("pid", rec)
   end
-  self.exited[proc] = true
-  local t = claw.spawn(function()
-    claw.current():set_daemon(true)
-    claw.sleep(M.close_delay)
-    if self.exited[proc] then
-      self.exited[proc] = nil
-      proc:close()
-    end
-  end)
-  t:set_daemon(true)
 end
 
 --- Runs one command in the sandbox. o: argv (array part), stdin, env, env_clear, cwd,
@@ -292,10 +274,6 @@ function J:close()
   for proc, rec in pairs(self.running) do
     if proc:running() then proc:kill("KILL", "group") end
     self.state:forget("pid", rec)
-  end
-  for proc in pairs(self.exited) do
-    self.exited[proc] = nil
-    proc:close()
   end
   for _, d in ipairs(self.cgroup_dirs) do
     self.state:forget("cgroup", ("%s/clawlua-%d-"):format(d, self.owner))
