@@ -1311,6 +1311,9 @@ static int loop_iter(cl_loop *lp, lua_State *from, int may_block, cl_wait *until
   if (until && until->state != CL_WAIT_PENDING) return 1; /* the caller's wait is over */
   int timeout = 0;
   if (may_block && !lp->rhead) {
+    /* loop.run() (may_block 2): when the tasks just resumed left only daemons, stop before
+     * blocking; waiting here would keep the host alive until a daemon's timer or I/O fires. */
+    if (may_block == 2 && !until && lp->ntasks <= lp->ndaemon) return 1;
     if (!can_progress(lp) && !(lp->stopping && !lp->shutdown_done)) return 0;
     timeout = -1;
     if (lp->stopping && !lp->shutdown_done) timeout = 100; /* watch the grace deadline */
@@ -1327,7 +1330,7 @@ static int l_loop_run(lua_State *L) {
   cl_loop *lp = cl_loop_get(L);
   while (lp->ntasks > lp->ndaemon || lp->rhead) {
     if (lp->shutdown_done) break;
-    if (!loop_iter(lp, L, 1, NULL)) break;
+    if (!loop_iter(lp, L, 2, NULL)) break;
   }
   check_shutdown(lp);
   lua_pushinteger(L, (lua_Integer)(lp->ntasks - lp->ndaemon));

@@ -377,6 +377,10 @@ end
 M.lazy.agent = { module = "clawlua.cmd.agent", summary = "run an agent on a task, its tools in sandboxes" }
 M.lazy.audit = { module = "clawlua.cmd.audit", summary = "read and verify audit logs (tail, verify)" }
 M.lazy.mcp = { module = "clawlua.cmd.mcp", summary = "serve the sandbox tools over MCP on stdin/stdout" }
+M.lazy.cleanup = { module = "clawlua.cmd.cleanup",
+  summary = "reclaim what sandboxes of dead runtimes left behind" }
+M.lazy.ps = { module = "clawlua.cmd.ps", summary = "list the sandboxes in the state dir" }
+M.lazy.policy = { module = "clawlua.cmd.policy", summary = "check a policy file (policy check FILE)" }
 
 M.register {
   name = "version",

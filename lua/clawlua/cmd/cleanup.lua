@@ -1,0 +1,214 @@
+-- `clawlua cleanup [--dry-run] [-q] [--state-dir DIR]`: reclaims what sandboxes of dead
+-- runtimes left behind, from the records in the state dir (clawlua.sandbox.state): their
+-- processes, cgroups, mounts, directories and network objects (through clawlua.sandbox.net).
+-- Sandboxes whose owner (pid + start time) still runs are never touched, nor anything that was
+-- not recorded. Idempotent: a second run finds nothing.
+local claw = require "clawlua"
+local state = require "clawlua.sandbox.state"
+
+local M = {}
+
+M.usage = [[clawlua cleanup [--dry-run] [-q] [--state-dir DIR]
+
+Reclaims everything recorded in the state dir (default: $CLAWLUA_STATE_DIR, /run/clawlua as
+root, else $XDG_RUNTIME_DIR/clawlua) by sandboxes whose runtime is gone: processes, cgroups,
+mounts, directories, network namespaces, links and firewall objects. Sandboxes of a live
+runtime are left alone. --dry-run prints what would be removed. Exit status 0: nothing left
+to reclaim; 1: something could not be reclaimed (printed); 2: usage.]]
+
+local function bb(args)
+  local argv = { "/bin/busybox" }
+  table.move(args, 1, #args, 2, argv)
+  argv.timeout, argv.stdin = 30, "null"
+  local r, err = claw.proc.run(argv)
+  if not r then return nil, err end
+  if r.code ~= 0 then return nil, (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", "") end
+  return r.stdout
+end
+
+local function exists(path)
+  return bb { "test", "-e", path } ~= nil
+end
+
+local function read(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Kills what is left in a cgroup directory and removes it (and its children first).
+local function remove_cgroup(dir)
+  local kill = io.open(dir .. "/cgroup.kill", "wb")
+  if kill then
+    kill:write("1")
+    kill:close()
+  else
+    for pid in (read(dir .. "/cgroup.procs") or ""):gmatch("%d+") do bb { "kill", "-9", pid } end
+  end
+  for _ = 1, 50 do
+    local ok, err = bb { "find", dir, "-depth", "-type", "d", "-exec", "rmdir", "{}", "+" }
+    if ok or not exists(dir) then return true end
+    if _ == 50 then return nil, err end
+    claw.sleep(0.02)
+  end
+end
+
+local function cgroup_dirs(prefix)
+  local parent, stem = prefix:match("^(.*)/([^/]*)$")
+  local out = {}
+  local list = parent and bb { "ls", "-1A", parent }
+  for name in (list or ""):gmatch("[^\n]+") do
+    if name:sub(1, #stem) == stem then out[#out + 1] = parent .. "/" .. name end
+  end
+  return out
+end
+
+local reclaim = {}
+
+function reclaim.pid(name, dry)
+  local pid, start = name:match("^(%d+):(%d+)$")
+  pid, start = tonumber(pid), tonumber(start)
+  if not pid or not state.alive(pid, start) then return {} end
+  if dry then return { "process " .. pid } end
+  local ok, err = bb { "kill", "-9", tostring(pid) }
+  if not ok and state.alive(pid, start) then return nil, "kill " .. pid .. ": " .. err end
+  return { "process " .. pid }
+end
+
+function reclaim.cgroup(prefix, dry)
+  -- the prefix names the runtime's pid: a live process with that pid may own such cgroups now
+  local pid = tonumber(prefix:match("clawlua%-(%d+)%-$"))
+  if pid and state.alive(pid) then return {} end
+  local done = {}
+  for _, d in ipairs(cgroup_dirs(prefix)) do
+    if not dry then
+      local ok, err = remove_cgroup(d)
+      if not ok then return nil, "cgroup " .. d .. ": " .. tostring(err) end
+    end
+    done[#done + 1] = "cgroup " .. d
+  end
+  return done
+end
+
+function reclaim.dir(path, dry)
+  if not exists(path) then return {} end
+  if not dry then
+    local ok, err = bb { "rm", "-rf", path }
+    if not ok then return nil, "dir " .. path .. ": " .. err end
+  end
+  return { "dir " .. path }
+end
+
+function reclaim.mount(path, dry)
+  local mounted = (read("/proc/self/mountinfo") or ""):find(" " .. path .. " ", 1, true)
+  if not mounted then return {} end
+  if not dry then
+    local ok, err = bb { "umount", "-l", path }
+    if not ok then return nil, "mount " .. path .. ": " .. err end
+  end
+  return { "mount " .. path }
+end
+
+local function reclaim_other(kind, name, dry)
+  local ok, net = pcall(require, "clawlua.sandbox.net")
+  if not ok or type(net.cleanup) ~= "function" then
+    return nil, ("%s %s: clawlua.sandbox.net is not available to reclaim it"):format(kind, name)
+  end
+  if dry then return { kind .. " " .. name } end
+  local done, err = net.cleanup(kind, name)
+  if not done then return nil, ("%s %s: %s"):format(kind, name, tostring(err)) end
+  return { kind .. " " .. name }
+end
+
+--- Reclaims the sandboxes of dead runtimes. opts: {dry_run=, base=, say=fn(line)}.
+--- Returns {reclaimed = {ids}, live = {ids}, objects = n, errors = {msgs}}.
+function M.cleanup(opts)
+  opts = opts or {}
+  local say = opts.say or function() end
+  local res = { reclaimed = {}, live = {}, objects = 0, errors = {} }
+  for _, sb in ipairs(state.list(opts.base)) do
+    if sb.id:match("^%.spare%-") then -- a spare state dir (no objects): not a sandbox
+      if not sb.alive and not opts.dry_run then bb { "rm", "-rf", sb.dir } end
+    elseif sb.alive then
+      res.live[#res.live + 1] = sb.id
+      say(("%s: owner %d is running, left alone"):format(sb.id, sb.pid))
+    else
+      local failed = false
+      for i = #sb.objects, 1, -1 do -- reverse order of creation
+        local o = sb.objects[i]
+        local fn = reclaim[o.kind]
+        local done, err
+        if fn then
+          done, err = fn(o.name, opts.dry_run)
+        else
+          done, err = reclaim_other(o.kind, o.name, opts.dry_run)
+        end
+        if not done then
+          failed = true
+          res.errors[#res.errors + 1] = sb.id .. ": " .. err
+          say(("%s: could not reclaim %s"):format(sb.id, err))
+        else
+          for _, what in ipairs(done) do
+            res.objects = res.objects + 1
+            say(("%s: %s %s"):format(sb.id, opts.dry_run and "would remove" or "removed", what))
+          end
+        end
+      end
+      if not failed then
+        if not opts.dry_run then
+          local ok, err = bb { "rm", "-rf", sb.dir }
+          if not ok then
+            failed = true
+            res.errors[#res.errors + 1] = sb.id .. ": " .. err
+          end
+        end
+        say(("%s: %s state dir %s (owner %s gone)"):format(sb.id,
+          opts.dry_run and "would remove" or "removed", sb.dir, tostring(sb.pid)))
+      end
+      if not failed then res.reclaimed[#res.reclaimed + 1] = sb.id end
+    end
+  end
+  return res
+end
+
+---@param args string[]
+---@return integer
+function M.run(args)
+  local opts = {}
+  local quiet = false
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "--dry-run" or a == "-n" then
+      opts.dry_run = true
+    elseif a == "-q" or a == "--quiet" then
+      quiet = true
+    elseif a == "--state-dir" then
+      i = i + 1
+      opts.base = args[i]
+      if not opts.base then
+        io.stderr:write("clawlua cleanup: option '--state-dir' needs a value\n", M.usage, "\n")
+        return 2
+      end
+    elseif a == "-h" or a == "--help" then
+      io.stdout:write("usage: ", M.usage, "\n")
+      return 0
+    else
+      io.stderr:write(("clawlua cleanup: unknown argument '%s'\n"):format(a), M.usage, "\n")
+      return 2
+    end
+    i = i + 1
+  end
+  opts.say = function(line) if not quiet then print(line) end end
+  local res = M.cleanup(opts)
+  if not quiet then
+    print(("%s %d sandbox(es), %d object(s); %d of live runtimes left alone; %d error(s)"):format(
+      opts.dry_run and "would reclaim" or "reclaimed", #res.reclaimed, res.objects, #res.live, #res.errors))
+  end
+  for _, e in ipairs(res.errors) do io.stderr:write("clawlua cleanup: ", e, "\n") end
+  return #res.errors == 0 and 0 or 1
+end
+
+return M

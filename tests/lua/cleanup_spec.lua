@@ -1,0 +1,203 @@
+-- labels: root
+-- timeout: 300
+-- `clawlua cleanup`: a child clawlua creates sandboxes (one mid-exec) and is killed with
+-- SIGKILL; cleanup reclaims every process, cgroup and directory they left, leaves a live
+-- runtime's sandbox alone, never kills a process whose start time does not match its record,
+-- prints what it would do with --dry-run, and is idempotent.
+local claw = require "clawlua"
+local H = require "helper"
+local sandbox = require "clawlua.sandbox"
+local state = require "clawlua.sandbox.state"
+
+local base
+
+local CHILD = [[
+local claw = require "clawlua"
+local sandbox = require "clawlua.sandbox"
+local a = assert(sandbox.create(require("clawlua.policy").default(), { id = "child-exec" }))
+local b = assert(sandbox.create(require("clawlua.policy").default(), { id = "child-idle" }))
+claw.spawn(function() a:exec { "sh", "-c", "sleep 41.41 & sleep 41.41" } end)
+claw.sleep(0.3)
+io.stdout:write("ready\n")
+io.stdout:flush()
+claw.sleep(60)
+]]
+
+local function cgroups_of(pid)
+  local info = claw.jail.cgroup_info()
+  local dirs = {}
+  for _, d in pairs(info.v1 or {}) do dirs[#dirs + 1] = d end
+  if info.v2 then dirs[#dirs + 1] = info.v2 end
+  local found = {}
+  for _, d in ipairs(dirs) do
+    local out = H.sh(("ls -d '%s'/clawlua-%d-* 2>/dev/null || true"):format(d, pid))
+    for line in out:gmatch("[^\n]+") do found[#found + 1] = line end
+  end
+  return found
+end
+
+local function sleepers()
+  return H.sh("pgrep -f '^sleep 41.41$' || true")
+end
+
+-- Mounts a sandbox could leak: over the state dir or the jail's set-up dirs (other work on the
+-- machine mounts and unmounts elsewhere meanwhile, so the whole table is no measure).
+local function mounts()
+  return H.sh("grep -E ' (" .. base .. "[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*) ' /proc/self/mountinfo || true")
+end
+
+local function cleanup(args)
+  local argv = { "cleanup", "--state-dir", base }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  return H.clawlua(argv)
+end
+
+describe("clawlua cleanup", function()
+  setup(function()
+    base = H.tmpdir("cleanup")
+    state.set_base(base)
+  end)
+  teardown(function()
+    state.set_base(nil)
+    H.settle()
+    H.rm_rf(base)
+  end)
+
+  it("reclaims what a SIGKILLed runtime left, and only that", function()
+    local mounts_before = mounts()
+    local mine <close> = assert(sandbox.create(require("clawlua.policy").default(), { id = "live-one" }))
+    local script = base .. "/child.lua"
+    H.write_file(script, CHILD)
+    local child = assert(claw.proc.spawn { H.bin, script, stdout = "pipe", stdin = "null",
+      env_add = { CLAWLUA_STATE_DIR = base } })
+    child.stdout:set_timeout(30)
+    assert.equal("ready", child.stdout:read_line())
+    local cpid = child.pid
+    assert.truthy(#cgroups_of(cpid) > 0)
+    local ps = H.clawlua { "ps", "--json", "--state-dir", base }
+    assert.equal(0, ps.code, ps.stderr)
+    local states = {}
+    for _, row in ipairs(assert(claw.json.decode(ps.stdout))) do states[row.id] = row end
+    assert.equal("running", states["child-exec"].state)
+    assert.equal(cpid, states["child-exec"].owner)
+    assert.equal("jail", states["child-exec"].backend)
+    assert.equal("default", states["child-exec"].policy)
+    assert.equal("running", states["live-one"].state)
+    assert.is_not.equal("", sleepers())
+    child:kill("KILL")
+    child:wait()
+    child:close()
+    -- what the dead runtime leaves: its state dirs and its jails' cgroups
+    assert.truthy(H.eventually(function() return sleepers() == "" end, 5)) -- parent-death signal
+    local left = cgroups_of(cpid)
+    assert.truthy(#left > 0, "the killed runtime left no cgroup: the test would prove nothing")
+    assert.truthy(io.open(base .. "/sandboxes/child-exec/owner"))
+    assert.truthy(io.open(base .. "/sandboxes/child-idle/owner"))
+    ps = H.clawlua { "ps", "--state-dir", base }
+    assert.truthy(ps.stdout:find("child%-idle%s+jail%s+orphaned%s+default"), ps.stdout)
+    assert.truthy(ps.stdout:find("live%-one%s+jail%s+running"), ps.stdout)
+
+    -- a sandbox record whose pid runs but started at another time is not ours: never killed
+    local victim = assert(claw.proc.spawn { "sleep", "41.41", stdin = "null" })
+    local fake = base .. "/sandboxes/fake"
+    H.sh(("mkdir -p '%s' '%s/scratch'"):format(fake, fake))
+    H.write_file(fake .. "/owner", "999999999 1\n")
+    H.write_file(fake .. "/objects", ("+ pid %d:%d\n+ dir %s/scratch\n"):format(victim.pid,
+      state.start_time(victim.pid) + 1, fake))
+
+    local r = cleanup { "--dry-run" }
+    assert.equal(0, r.code, r.stderr)
+    assert.truthy(r.stdout:find("child-exec: would remove cgroup", 1, true), r.stdout)
+    assert.truthy(r.stdout:find("live%-one: owner %d+ is running, left alone"), r.stdout)
+    assert.same(left, cgroups_of(cpid))
+    assert.truthy(io.open(base .. "/sandboxes/child-exec/owner"))
+
+    r = cleanup()
+    assert.equal(0, r.code, r.stderr .. r.stdout)
+    assert.truthy(r.stdout:find("reclaimed 3 sandbox%(es%)"), r.stdout)
+    assert.same({}, cgroups_of(cpid))
+    assert.is_nil(io.open(base .. "/sandboxes/child-exec/owner"))
+    assert.is_nil(io.open(base .. "/sandboxes/child-idle/owner"))
+    assert.is_nil(io.open(fake .. "/owner"))
+    assert.is_true(victim:running())
+    victim:kill("KILL")
+    victim:wait()
+    victim:close()
+    assert.equal("", sleepers())
+    assert.equal(mounts_before, mounts())
+
+    -- the live runtime's sandbox is intact and works
+    assert.truthy(io.open(base .. "/sandboxes/live-one/owner"))
+    assert.equal("ok\n", assert(mine:exec { "echo", "ok" }).stdout)
+
+    r = cleanup()
+    assert.equal(0, r.code)
+    assert.truthy(r.stdout:find("reclaimed 0 sandbox%(es%), 0 object%(s%); 1 of live runtimes left alone"), r.stdout)
+  end)
+
+  it("has nothing to do after a runtime that exits without destroying its sandboxes", function()
+    local dir = base .. "/exit-base"
+    local script = base .. "/exit.lua"
+    H.write_file(script, [[
+local sandbox = require "clawlua.sandbox"
+local a = assert(sandbox.create(require("clawlua.policy").default()))
+assert(a:exec { "sh", "-c", "echo x > /work/f" })
+local b = assert(sandbox.create(require("clawlua.policy").default()))
+print(a.id, b.id)
+]])
+    local t0 = claw.now()
+    local r = H.clawlua({ script }, { env_add = { CLAWLUA_STATE_DIR = dir } })
+    assert.equal(0, r.code, r.stderr)
+    -- the lifetime timers are daemon tasks: they do not keep the host alive for 10 minutes
+    assert.is_true(claw.now() - t0 < 10 * H.scale, "exit took " .. (claw.now() - t0) .. " s")
+    assert.equal("", H.sh("ls -A '" .. dir .. "/sandboxes'"))
+  end)
+
+  it("kills a recorded process of a dead owner when its start time matches", function()
+    local p = assert(claw.proc.spawn { "sleep", "41.41", stdin = "null" })
+    local d = base .. "/sandboxes/dead-owner"
+    H.sh(("mkdir -p '%s'"):format(d))
+    H.write_file(d .. "/owner", "999999999 1\n")
+    H.write_file(d .. "/objects", ("+ pid %d:%d\n"):format(p.pid, state.start_time(p.pid)))
+    local r = cleanup()
+    assert.equal(0, r.code, r.stderr)
+    assert.truthy(r.stdout:find("dead-owner: removed process " .. p.pid, 1, true), r.stdout)
+    local st = p:wait(5)
+    assert.equal(9, st.signal)
+    p:close()
+  end)
+
+  it("keeps the records it could not reclaim and exits 1", function()
+    if pcall(require, "clawlua.sandbox.net") then return end -- then netns records are reclaimable
+    local d = base .. "/sandboxes/netless"
+    H.sh(("mkdir -p '%s'"):format(d))
+    H.write_file(d .. "/owner", "999999999 1\n")
+    H.write_file(d .. "/objects", "+ netns clawlua-spec-none\n")
+    local r = cleanup()
+    assert.equal(1, r.code)
+    assert.truthy(r.stderr:find("netns clawlua-spec-none: clawlua.sandbox.net is not available", 1, true), r.stderr)
+    assert.truthy(io.open(d .. "/owner"))
+    H.sh(("rm -rf '%s'"):format(d))
+  end)
+
+  it("takes over what a live runtime failed to release", function()
+    local rec = assert(state.open("unreleased"))
+    H.sh("mkdir -p '" .. rec.dir .. "/left'")
+    rec:record("dir", rec.dir .. "/left")
+    local ok, err = rec:close()
+    assert.is_nil(ok)
+    assert.truthy(err:find("kept for clawlua cleanup: dir " .. rec.dir .. "/left not released", 1, true), err)
+    local r = cleanup()
+    assert.equal(0, r.code, r.stderr)
+    assert.truthy(r.stdout:find("unreleased: removed dir " .. rec.dir .. "/left", 1, true), r.stdout)
+    assert.is_nil(io.open(rec.dir .. "/owner"))
+  end)
+
+  it("answers --help and refuses unknown options", function()
+    local r = H.clawlua { "cleanup", "--help" }
+    assert.equal(0, r.code)
+    assert.truthy(r.stdout:find("--dry-run", 1, true))
+    r = H.clawlua { "cleanup", "--bogus" }
+    assert.equal(2, r.code)
+  end)
+end)
