@@ -261,10 +261,38 @@ local function seccomp_field(v, path, dir)
   invalid(path, "\"docker-default\", \"unconfined\" or a profile path (.json) expected, got %q", v)
 end
 
+-- The VM backend's own settings: a guest image (paths relative to the policy file), how it
+-- starts, and the accelerator (clawlua.vm's accel).
+local VM_START = { auto = true, cold = true, snapshot = true }
+local VM_ACCEL = { auto = true, kvm = true, tcg = true, probe = true }
+local function vm_field(t, path, dir)
+  check_type(t, "table", path)
+  check_keys(t, { kernel = 1, initrd = 1, rootfs = 1, start = 1, accel = 1 }, path)
+  local v = {}
+  for _, k in ipairs { "kernel", "initrd", "rootfs" } do
+    if t[k] ~= nil then
+      local f = check_type(t[k], "string", join(path, k))
+      if f == "" then invalid(join(path, k), "a file path expected") end
+      v[k] = f:sub(1, 1) == "/" and f or (dir .. "/" .. f)
+    end
+  end
+  if (v.kernel == nil) ~= (v.initrd == nil) then
+    invalid(join(path, v.kernel and "initrd" or "kernel"), "kernel and initrd go together")
+  end
+  if t.start ~= nil and not VM_START[t.start] then
+    invalid(join(path, "start"), "\"auto\", \"cold\" or \"snapshot\" expected, got %s", tostring(t.start))
+  end
+  if t.accel ~= nil and not VM_ACCEL[t.accel] then
+    invalid(join(path, "accel"), "\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got %s", tostring(t.accel))
+  end
+  v.start, v.accel = t.start, t.accel
+  return v
+end
+
 local function validate(t, name, dir)
   check_type(t, "table", "")
   check_keys(t, { name = 1, backend = 1, resources = 1, network = 1, seccomp = 1, files = 1,
-    env = 1, hooks = 1 }, "")
+    env = 1, hooks = 1, vm = 1 }, "")
   local p = {}
   p.name = t.name == nil and name or check_type(t.name, "string", "name")
   p.backend = t.backend == nil and "jail" or check_type(t.backend, "string", "backend")
@@ -276,6 +304,13 @@ local function validate(t, name, dir)
   p.seccomp = t.seccomp == nil and "docker-default" or seccomp_field(t.seccomp, "seccomp", dir)
   p.files = files(t.files or {}, "files")
   p.env = env_field(t.env or {}, "env")
+  if t.vm ~= nil then
+    p.vm = vm_field(t.vm, "vm", dir)
+    if p.backend ~= "vm" then invalid("vm", "only for backend = \"vm\"") end
+    if p.vm.rootfs and #p.files.readonly > 0 then
+      invalid("files.readonly", "the VM's one disk is vm.rootfs already")
+    end
+  end
   p.hooks = {}
   if t.hooks ~= nil then
     check_type(t.hooks, "table", "hooks")

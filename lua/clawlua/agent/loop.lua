@@ -191,7 +191,14 @@ function Agent:run_call(call, step)
   end
   local hooks = self.policy and self.policy.hooks
   if hooks and hooks.on_tool_call and r.set.policy ~= self.policy then
-    local ok, allowed, reason = pcall(hooks.on_tool_call, r.tool, call.arguments, self.name)
+    local ok, allowed, reason
+    local has_pol, pol = pcall(require, "clawlua.policy")
+    if has_pol and pol.is_policy(self.policy) then
+      -- under the policy's instruction budget; a hook that fails or runs out denies
+      ok, allowed, reason = true, pol.call_hook(self.policy, "on_tool_call", r.tool, call.arguments, self.name)
+    else
+      ok, allowed, reason = pcall(hooks.on_tool_call, r.tool, call.arguments, self.name)
+    end
     if not ok then
       if is_cancelled(allowed) then error(allowed, 0) end
       allowed, reason = false, "the policy hook failed: " .. tostring(allowed)

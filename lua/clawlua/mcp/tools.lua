@@ -255,7 +255,7 @@ function M.new(opts)
     error("bad field 'sandbox' (module table expected)", 2)
   end
   local self = setmetatable({
-    policy_ = opts.policy,
+    policy = opts.policy, -- the policy applied (the agent loop reads it: no second hook call)
     sandbox_mod = opts.sandbox,
     max_sandboxes = maxs,
     boxes = {},   -- id -> sb (the sandboxes this set created)
@@ -288,8 +288,8 @@ function Set:sandbox_module()
 end
 
 --- The policy (the default one is loaded on first use, once). nil, reason when there is none.
-function Set:policy()
-  if self.policy_ then return self.policy_ end
+function Set:current_policy()
+  if self.policy then return self.policy end
   if self.policy_error then return nil, self.policy_error end
   local ok, pol = pcall(require, "clawlua.policy")
   local p, err
@@ -302,7 +302,7 @@ function Set:policy()
     self.policy_error = err
     return nil, err
   end
-  self.policy_ = p
+  self.policy = p
   return p
 end
 
@@ -368,7 +368,7 @@ end
 local impl = {}
 
 function impl.sandbox_create(self, args, ctx)
-  local p, perr = self:policy()
+  local p, perr = self:current_policy()
   if not p then return tool_error("cannot create a sandbox: " .. perr) end
   if args.policy ~= nil and args.policy ~= p.name then
     return tool_error(("unknown policy '%s': this server applies policy '%s'"):format(args.policy, tostring(p.name)))
@@ -486,10 +486,10 @@ function impl.audit_query(_, args)
 end
 
 function impl.policy_show(self)
-  local p, perr = self:policy()
+  local p, perr = self:current_policy()
   if not p then return tool_error(perr) end
   local ok, pol = pcall(require, "clawlua.policy")
-  local d = ok and pol.describe and pol.describe(p) or json_safe(p)
+  local d = ok and pol.is_policy(p) and pol.describe(p) or json_safe(p)
   return text_result(d, render(d))
 end
 
@@ -499,11 +499,14 @@ end
 
 --- Asks the policy's hook; returns true, or false and the reason.
 function Set:allowed(name, args, client)
-  local p = name ~= "echo" and self:policy() or nil
+  local p = name ~= "echo" and self:current_policy() or nil
   local hook = p and type(p.hooks) == "table" and p.hooks.on_tool_call
   if type(hook) ~= "function" then return true end
-  local ok, verdict, reason = pcall(hook, name, args, client)
-  if not ok then return false, "the policy's on_tool_call hook failed: " .. tostring(verdict) end
+  -- clawlua.policy runs hooks under its instruction budget; a hook that fails or runs out denies
+  local ok, pol = pcall(require, "clawlua.policy")
+  if ok and pol.is_policy and pol.is_policy(p) then return pol.call_hook(p, "on_tool_call", name, args, client) end
+  local done, verdict, reason = pcall(hook, name, args, client)
+  if not done then return false, "the policy's on_tool_call hook failed: " .. tostring(verdict) end
   if verdict == true then return true end
   return false, reason and tostring(reason) or "refused by the policy"
 end

@@ -632,8 +632,12 @@ end
 ---@return table
 function Net:vm_options()
   if self.closed then error("attempt to use a closed sandbox network", 2) end
+  -- boot_args for a cold boot (the guest agent reads them); guest for a VM restored from a
+  -- template or taken from a pool, which the VM backend configures through the agent instead
   return { boot_args = ("clawlua.net=%s/%d,%s,%s"):format(self.address, self.prefix, self.gateway,
-                                                          self.gateway) }
+                                                          self.gateway),
+           guest = { address = ("%s/%d"):format(self.address, self.prefix), gateway = self.gateway,
+                     resolvers = { self.gateway }, iface = "eth0" } }
 end
 
 --- Replaces the network policy in one firewall batch (packets see the old or the new rules);

@@ -764,13 +764,19 @@ function B.start(opts)
     emit("sandbox.vm.error", id, { error = err })
     return nil, err
   end
-  local ro = policy.files and policy.files.readonly
+  -- policy.files.readonly: {src=, dst=} entries (clawlua.policy's form) or host paths bound
+  -- at the same place in the guest
+  local ro, ro_src = {}, {}
+  for i, e in ipairs(policy.files and policy.files.readonly or {}) do
+    ro_src[i] = type(e) == "table" and e.src or e
+    ro[i] = type(e) == "table" and (e.dst or e.src) or e
+  end
   local files_dir
-  if ro and #ro > 0 then
+  if #ro > 0 then
     if spec.rootfs then error("bad field 'files.readonly' (the VM's one disk is policy.vm.rootfs already)", 2) end
     -- a disk of this sandbox's own: no template or pool VM has it
     local disk
-    files_dir, disk = readonly_disk(ro)
+    files_dir, disk = readonly_disk(ro_src)
     if not files_dir then
       emit("sandbox.vm.error", id, { error = disk })
       return nil, disk
