@@ -64,6 +64,14 @@ int cl_fail(lua_State *L, const char *what, int err);
 int cl_failf(lua_State *L, int code, const char *fmt, ...);
 /* Raises "bad field 'name' (unknown field)" for keys of table idx not in the NULL-ended list. */
 void cl_check_fields(lua_State *L, int idx, const char *const known[]);
+/* The same for a nested table: "bad field '<path>.name' (unknown field)". */
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *const known[]);
+/* Runs fn(L, idx, ud) protected on the value at idx (a nested option table, or a whole one).
+ * Returns 0, or 1 with the error message on top, its field path prefixed with path
+ * ("bad field 'cgroup.memory' (...)" read under "jail" becomes "bad field 'jail.cgroup.memory'
+ * (...)"); the caller releases what it holds and raises it (lua_error). fn must not yield. */
+int cl_parse_nested(lua_State *L, int idx, const char *path,
+                    void (*fn)(lua_State *L, int idx, void *ud), void *ud);
 /* Field readers for option tables: absent or nil gives the default, a wrong type raises
  * "bad field 'name' (integer expected, got string)". */
 const char *cl_opt_string(lua_State *L, int idx, const char *name, const char *def);
@@ -307,6 +315,9 @@ ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t 
 /* After a successful spawn with a notify filter: pushes the supervisor handing the child's
  * notifications to the filter's handler on the loop. */
 void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *sandbox);
+/* seccomp.firecracker_file (a lua_CFunction): {vmm=f, api=f, vcpu=f} at 1 -> the bytes of the
+ * file Firecracker's --seccomp-filter reads. Raises on a bad table. */
+int cl_seccomp_firecracker_file(lua_State *L);
 
 /* ------------------------------------------------------------------------------------------ */
 /* JSON (json.c) */

@@ -15,6 +15,7 @@
  * no_new_privs; then proc.c enters cwd, finds the program in the new root, installs the seccomp
  * filter and execs.
  */
+#include "jail.h"
 #include "clawlua.h"
 
 #include <dirent.h>
@@ -1152,20 +1153,21 @@ static int userns_available(void) {
   return strtol(buf, NULL, 10) > 0;
 }
 
-/* prepare hook: reads the jail options, builds the child's configuration and the cgroups. */
-static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc_ext **extp,
-                   char *err, size_t errlen) {
-  spawn_ctx *sc = arg;
-  jail_cfg *c = lua_newuserdatauv(L, sizeof *c, 0);
-  memset(c, 0, sizeof *c);
-  c->netfd = -1;
-  sc->cfg = c;
-  /* Namespaces. */
+/* Cgroup limits asked for (created only once everything else is known to be good). */
+typedef struct cg_spec {
+  int has;
+  long long memory, pids;
+  double cpu;
+  int version;
+} cg_spec;
+
+/* namespaces = {user=, pid=, ...}; returns whether a network namespace is wanted. */
+static int parse_namespaces(lua_State *L, int opts, jail_cfg *c) {
   int nt = 0;
   if (lua_getfield(L, opts, "namespaces") != LUA_TNIL) {
     if (!lua_istable(L, -1)) cl_field_error(L, "namespaces", "table expected");
     static const char *const nf[] = {"user", "pid", "mount", "net", "ipc", "uts", "cgroup", NULL};
-    cl_check_fields(L, -1, nf);
+    cl_check_fields_at(L, -1, "namespaces", nf);
     nt = lua_gettop(L);
   }
   c->userns = ns_flag(L, nt, "user", userns_available());
@@ -1177,13 +1179,12 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   c->utsns = ns_flag(L, nt, "uts", 1);
   c->cgroupns = ns_flag(L, nt, "cgroup", 1);
   int netns_flag = ns_flag(L, nt, "net", 1);
-  if (nt) lua_pop(L, 1);
-  /* Network: "new" (default), "host", or a namespace to join (path like /run/netns/x). */
-  const char *net = cl_opt_string(L, opts, "net", netns_flag ? "new" : "host");
-  if (strcmp(net, "new") == 0)
-    c->netns_new = 1;
-  else if (strcmp(net, "host") != 0 && net[0] != '/')
-    cl_field_error(L, "net", "\"new\", \"host\" or the path of a network namespace expected");
+  lua_pop(L, 1);
+  return netns_flag;
+}
+
+/* root = a host directory (checked now: a clear error rather than a failure in the child). */
+static int parse_root(lua_State *L, int opts, jail_cfg *c, char *err, size_t errlen) {
   if (!c->mountns) {
     static const char *const need[] = {"root", "binds", "tmpfs", "symlinks", NULL};
     for (const char *const *f = need; *f; f++)
@@ -1192,87 +1193,89 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
       else
         lua_pop(L, 1);
   }
-  /* Root. */
   const char *root = cl_opt_string(L, opts, "root", NULL);
-  int root_ro = cl_opt_boolean(L, opts, "root_readonly", 1);
-  c->root_rw = !root_ro;
-  if (root) {
-    char clean[MAX_PATH_LEN - 16];
-    if (!clean_path(root, clean, sizeof clean))
-      cl_field_error(L, "root", "absolute path without '..' expected");
+  c->root_rw = !cl_opt_boolean(L, opts, "root_readonly", 1);
+  if (!root) return 0;
+  char clean[MAX_PATH_LEN - 16];
+  if (!clean_path(root, clean, sizeof clean))
+    cl_field_error(L, "root", "absolute path without '..' expected");
+  struct stat st;
+  if (stat(clean, &st) < 0) {
+    snprintf(err, errlen, "root %s: %s", clean, strerror(errno));
+    return errno;
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    snprintf(err, errlen, "root %s: not a directory", clean);
+    return ENOTDIR;
+  }
+  c->have_root = 1;
+  snprintf(c->root_src, sizeof c->root_src, "/oldroot%s", strcmp(clean, "/") ? clean : "");
+  return 0;
+}
+
+/* Every mount's source and target must exist now, for the same reason. */
+static int check_mounts(jail_cfg *c, char *err, size_t errlen) {
+  for (int i = 0; i < c->nmounts; i++) {
+    mnt *m = &c->mounts[i];
     struct stat st;
-    if (stat(clean, &st) < 0) {
-      snprintf(err, errlen, "root %s: %s", clean, strerror(errno));
+    char inroot[2 * MAX_PATH_LEN];
+    snprintf(inroot, sizeof inroot, "%s%s", c->root_src + 8, m->dst + 8);
+    if (c->have_root && (m->kind == M_TMPFS || m->kind == M_PROC) &&
+        strncmp(m->dst, "/newroot/dev/", 13) != 0 &&
+        (stat(inroot, &st) < 0 || !S_ISDIR(st.st_mode))) {
+      snprintf(err, errlen, "root %s has no directory %s to mount on", c->root_src + 8, m->dst + 8);
+      return ENOENT;
+    }
+    if (m->kind != M_BIND || m->optional) continue;
+    if (stat(m->src + 8, &st) < 0) {
+      snprintf(err, errlen, "bind source %s: %s", m->src + 8, strerror(errno));
       return errno;
     }
-    if (!S_ISDIR(st.st_mode)) {
-      snprintf(err, errlen, "root %s: not a directory", clean);
-      return ENOTDIR;
-    }
-    c->have_root = 1;
-    snprintf(c->root_src, sizeof c->root_src, "/oldroot%s", strcmp(clean, "/") ? clean : "");
-  }
-  if (c->mountns) {
-    parse_binds(L, opts, c);
-    parse_tmpfs(L, opts, c);
-    add_devices(L, opts, c);
-    if (cl_opt_boolean(L, opts, "proc", 1)) {
-      mnt *m = add_mount(L, c, "proc");
-      m->kind = M_PROC;
-      set_dst(L, c, m, "/proc", "proc");
-      if (c->userns && !c->pidns)
-        cl_field_error(L, "proc",
-                       "mounting /proc in a new user namespace needs a new pid "
-                       "namespace too (or proc = false)");
-    }
-    int before = c->nmounts;
-    parse_symlinks(L, opts, c);
-    if (c->have_root && c->nmounts > before)
-      cl_field_error(L, "symlinks", "not with root= (they would be made in the host directory)");
-    /* Bind sources must exist now: a clear error instead of a failure in the child. */
-    for (int i = 0; i < c->nmounts; i++) {
-      mnt *m = &c->mounts[i];
-      struct stat st;
-      if (c->have_root && (m->kind == M_TMPFS || m->kind == M_PROC) &&
-          strncmp(m->dst, "/newroot/dev/", 13) != 0) {
-        char inroot[2 * MAX_PATH_LEN];
-        snprintf(inroot, sizeof inroot, "%s%s", c->root_src + 8, m->dst + 8);
-        if (stat(inroot, &st) < 0 || !S_ISDIR(st.st_mode)) {
-          snprintf(err, errlen, "root %s has no directory %s to mount on", c->root_src + 8,
-                   m->dst + 8);
-          return ENOENT;
-        }
-      }
-      if (m->kind != M_BIND || m->optional) continue;
-      if (stat(m->src + 8, &st) < 0) {
-        snprintf(err, errlen, "bind source %s: %s", m->src + 8, strerror(errno));
-        return errno;
-      }
-      if (c->have_root) { /* nothing is created in a host directory: the target must exist */
-        char inroot[2 * MAX_PATH_LEN];
-        snprintf(inroot, sizeof inroot, "%s%s", c->root_src + 8, m->dst + 8);
-        if (stat(inroot, &st) < 0) {
-          snprintf(err, errlen, "bind target %s does not exist in root %s", m->dst + 8,
-                   c->root_src + 8);
-          return ENOENT;
-        }
-      }
+    /* Nothing is created in a host directory: the target must exist. */
+    if (c->have_root && stat(inroot, &st) < 0) {
+      snprintf(err, errlen, "bind target %s does not exist in root %s", m->dst + 8,
+               c->root_src + 8);
+      return ENOENT;
     }
   }
+  return 0;
+}
+
+static int parse_mounts(lua_State *L, int opts, jail_cfg *c, char *err, size_t errlen) {
+  if (!c->mountns) return 0;
+  parse_binds(L, opts, c);
+  parse_tmpfs(L, opts, c);
+  add_devices(L, opts, c);
+  if (cl_opt_boolean(L, opts, "proc", 1)) {
+    mnt *m = add_mount(L, c, "proc");
+    m->kind = M_PROC;
+    set_dst(L, c, m, "/proc", "proc");
+    if (c->userns && !c->pidns)
+      cl_field_error(L, "proc",
+                     "mounting /proc in a new user namespace needs a new pid "
+                     "namespace too (or proc = false)");
+  }
+  int before = c->nmounts;
+  parse_symlinks(L, opts, c);
+  if (c->have_root && c->nmounts > before)
+    cl_field_error(L, "symlinks", "not with root= (they would be made in the host directory)");
+  return check_mounts(c, err, errlen);
+}
+
+/* hostname, uid, gid, groups and the id maps of a user namespace. */
+static void parse_ids(lua_State *L, int opts, jail_cfg *c) {
   const char *hn = cl_opt_string(L, opts, "hostname", NULL);
   if (hn) {
     if (!c->utsns) cl_field_error(L, "hostname", "needs the uts namespace");
     if (strlen(hn) == 0 || strlen(hn) > 64) cl_field_error(L, "hostname", "1 to 64 characters");
     snprintf(c->hostname, sizeof c->hostname, "%s", hn);
   }
-  /* Ids. */
   lua_Integer uid = cl_opt_integer(L, opts, "uid", -1), gid = cl_opt_integer(L, opts, "gid", -1);
   if (uid < -1 || uid > 4294967294LL) cl_field_error(L, "uid", "0..4294967294 expected");
   if (gid < -1 || gid > 4294967294LL) cl_field_error(L, "gid", "0..4294967294 expected");
   c->set_ids = uid >= 0 || gid >= 0 || c->userns;
   c->uid = (uid_t)(uid >= 0 ? uid : 0);
   c->gid = (gid_t)(gid >= 0 ? gid : (uid >= 0 ? uid : 0));
-  if (!c->userns && uid < 0 && gid < 0) c->set_ids = 0;
   if (c->userns) {
     parse_map(L, opts, "uid_map", c->uid_map, sizeof c->uid_map, (long)c->uid, (long)getuid());
     parse_map(L, opts, "gid_map", c->gid_map, sizeof c->gid_map, (long)c->gid, (long)getgid());
@@ -1293,14 +1296,17 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
       lua_rawgeti(L, -1, i);
       int ok;
       lua_Integer g = lua_tointegerx(L, -1, &ok);
-      if (!ok || g < 0 || g > 4294967294LL) cl_field_error(L, "groups", "gids expected");
+      if (!ok || g < 0 || g > 4294967294LL)
+        cl_field_error(L, lua_pushfstring(L, "groups[%I]", i), "gid expected");
       c->groups[c->ngroups++] = (gid_t)g;
       lua_pop(L, 1);
     }
     c->set_ids = 1;
   }
   lua_pop(L, 1);
-  /* Capabilities. */
+}
+
+static void parse_caps(lua_State *L, int opts, jail_cfg *c) {
   char buf[32];
   c->cap_last = read_file("/proc/sys/kernel/cap_last_cap", buf, sizeof buf) > 0
                     ? (int)strtol(buf, NULL, 10)
@@ -1322,7 +1328,9 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   }
   lua_pop(L, 1);
   c->no_new_privs = cl_opt_boolean(L, opts, "no_new_privs", 1);
-  /* rlimits. */
+}
+
+static void parse_rlimits(lua_State *L, int opts, jail_cfg *c) {
   if (lua_getfield(L, opts, "rlimits") != LUA_TNIL) {
     if (!lua_istable(L, -1)) cl_field_error(L, "rlimits", "table expected");
     int t = lua_gettop(L);
@@ -1357,37 +1365,34 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     }
   }
   lua_pop(L, 1);
-  /* Identity for audit. */
-  static unsigned jail_counter;
-  const char *id = cl_opt_string(L, opts, "id", NULL);
-  if (id)
-    snprintf(sc->id, sizeof sc->id, "%s", id);
-  else
-    snprintf(sc->id, sizeof sc->id, "jail-%d-%u", (int)getpid(), ++jail_counter);
-  /* cgroups last: only now is the input known to be good. */
-  long long memory = 0, pids = 0;
-  double cpu = 0;
-  int version = 0;
-  int has_cg = lua_getfield(L, opts, "cgroup") != LUA_TNIL;
-  if (has_cg) {
-    if (!lua_istable(L, -1)) cl_field_error(L, "cgroup", "table expected");
+}
+
+/* cgroup = {memory=, pids=, cpu=, version=} | false */
+static void parse_cgroup(lua_State *L, int opts, cg_spec *cg) {
+  memset(cg, 0, sizeof *cg);
+  int ct = lua_getfield(L, opts, "cgroup");
+  if (ct != LUA_TNIL && !(ct == LUA_TBOOLEAN && !lua_toboolean(L, -1))) {
+    if (ct != LUA_TTABLE) cl_field_error(L, "cgroup", "table or false expected");
+    cg->has = 1;
     static const char *const cf[] = {"memory", "pids", "cpu", "version", NULL};
-    cl_check_fields(L, -1, cf);
+    cl_check_fields_at(L, -1, "cgroup", cf);
     int t = lua_gettop(L);
     if (lua_getfield(L, t, "memory") != LUA_TNIL) {
-      memory = parse_size(L, -1);
-      if (memory < 1024 * 1024 || memory > (1LL << 50))
+      cg->memory = parse_size(L, -1);
+      if (cg->memory < 1024 * 1024 || cg->memory > (1LL << 50))
         cl_field_error(L, "cgroup.memory", "1 MiB to 1 PiB expected (bytes or \"64M\")");
     }
     lua_pop(L, 1);
-    lua_Integer pl = cl_opt_integer(L, t, "pids", 0);
-    if (lua_getfield(L, t, "pids") != LUA_TNIL && (pl < 1 || pl > 4194304))
-      cl_field_error(L, "cgroup.pids", "1..4194304 expected");
+    if (lua_getfield(L, t, "pids") != LUA_TNIL) {
+      int ok;
+      cg->pids = lua_tointegerx(L, -1, &ok);
+      if (!ok || cg->pids < 1 || cg->pids > 4194304)
+        cl_field_error(L, "cgroup.pids", "1..4194304 expected");
+    }
     lua_pop(L, 1);
-    pids = pl;
     if (lua_getfield(L, t, "cpu") != LUA_TNIL) {
-      cpu = lua_tonumber(L, -1);
-      if (!lua_isnumber(L, -1) || !(cpu >= 0.01 && cpu <= 1024))
+      cg->cpu = lua_tonumber(L, -1);
+      if (!lua_isnumber(L, -1) || !(cg->cpu >= 0.01 && cg->cpu <= 1024))
         cl_field_error(L, "cgroup.cpu", "CPUs 0.01..1024 expected (0.5 = half a CPU)");
     }
     lua_pop(L, 1);
@@ -1395,13 +1400,70 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
       lua_Integer v = lua_tointeger(L, -1);
       if (!lua_isinteger(L, -1) || (v != 1 && v != 2))
         cl_field_error(L, "cgroup.version", "1 or 2 expected");
-      version = (int)v;
+      cg->version = (int)v;
     }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  /* The namespace to join: opened last, after every check that raises (it must not leak);
-   * closed when the spawn returns. */
+}
+
+/* Reads every jail option into c and cg without making anything. Raises on misuse; returns 0 or
+ * an errno with a message in err (a bind source or root that does not exist). *net is "new",
+ * "host" or the path of a network namespace to join. */
+static int parse_jail(lua_State *L, int opts, jail_cfg *c, cg_spec *cg, const char **net, char *err,
+                      size_t errlen) {
+  memset(c, 0, sizeof *c);
+  c->netfd = -1;
+  int netns_flag = parse_namespaces(L, opts, c);
+  /* Network: "new" (default), "host", or a namespace to join (path like /run/netns/x). */
+  *net = cl_opt_string(L, opts, "net", netns_flag ? "new" : "host");
+  if (strcmp(*net, "new") == 0)
+    c->netns_new = 1;
+  else if (strcmp(*net, "host") != 0 && (*net)[0] != '/')
+    cl_field_error(L, "net", "\"new\", \"host\" or the path of a network namespace expected");
+  int e = parse_root(L, opts, c, err, errlen);
+  if (!e) e = parse_mounts(L, opts, c, err, errlen);
+  if (e) return e;
+  parse_ids(L, opts, c);
+  parse_caps(L, opts, c);
+  parse_rlimits(L, opts, c);
+  parse_cgroup(L, opts, cg);
+  const char *id = cl_opt_string(L, opts, "id", NULL);
+  if (id && (strlen(id) == 0 || strlen(id) >= 64)) cl_field_error(L, "id", "1 to 63 characters");
+  return 0;
+}
+
+int cl_jail_check(lua_State *L, int opts, int strict, char *err, size_t errlen) {
+  opts = lua_absindex(L, opts);
+  luaL_checktype(L, opts, LUA_TTABLE);
+  if (strict) cl_check_fields(L, opts, jail_fields);
+  jail_cfg *c = lua_newuserdatauv(L, sizeof *c, 0);
+  cg_spec cg;
+  const char *net;
+  int e = parse_jail(L, opts, c, &cg, &net, err, errlen);
+  lua_pop(L, 1);
+  return e;
+}
+
+/* prepare hook: reads the jail options, builds the child's configuration and the cgroups. */
+static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc_ext **extp,
+                   char *err, size_t errlen) {
+  spawn_ctx *sc = arg;
+  jail_cfg *c = lua_newuserdatauv(L, sizeof *c, 0);
+  sc->cfg = c;
+  cg_spec cg;
+  const char *net;
+  int e = parse_jail(L, opts, c, &cg, &net, err, errlen);
+  if (e) return e;
+  /* Identity for audit. */
+  static unsigned jail_counter;
+  const char *id = cl_opt_string(L, opts, "id", NULL);
+  if (id)
+    snprintf(sc->id, sizeof sc->id, "%s", id);
+  else
+    snprintf(sc->id, sizeof sc->id, "jail-%d-%u", (int)getpid(), ++jail_counter);
+  /* The namespace to join: opened after every check that raises (it must not leak); closed
+   * when the spawn returns. */
   if (strcmp(net, "new") != 0 && strcmp(net, "host") != 0) {
     c->netfd = open(net, O_RDONLY | O_CLOEXEC);
     if (c->netfd < 0) {
@@ -1423,12 +1485,10 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
   snprintf(x->id, sizeof x->id, "%s", sc->id);
   *extp = &x->ext;
   sc->ext = x;
-  if (has_cg) {
-    int e = cg_create(x, version, memory, pids, cpu, err, errlen);
-    if (e) {
-      if (c->netfd >= 0) close(c->netfd);
-      return e;
-    }
+  /* cgroups last: only now is the input known to be good. */
+  if (cg.has && (e = cg_create(x, cg.version, cg.memory, cg.pids, cg.cpu, err, errlen))) {
+    if (c->netfd >= 0) close(c->netfd), c->netfd = -1;
+    return e;
   }
   unsigned long flags = 0;
   if (c->userns) flags |= CLONE_NEWUSER;
@@ -1485,6 +1545,11 @@ static void started(lua_State *L, int handle, pid_t pid, void *arg) {
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
+  return cl_jail_spawn(L, 1);
+}
+
+int cl_jail_spawn(lua_State *L, int opts) {
+  opts = lua_absindex(L, opts);
   spawn_ctx *sc = lua_newuserdatauv(L, sizeof *sc, 0);
   memset(sc, 0, sizeof *sc);
   cl_spawn_hooks h;
@@ -1495,9 +1560,10 @@ static int l_spawn(lua_State *L) {
   h.started = started;
   h.arg = sc;
   h.sandbox = sc->id;
-  int n = cl_proc_spawn(L, 1, &h);
+  int n = cl_proc_spawn(L, opts, &h);
   /* A failed spawn may leave a joined-netns fd open in the config. */
   if (sc->cfg && sc->cfg->netfd >= 0) close(sc->cfg->netfd), sc->cfg->netfd = -1;
+  lua_remove(L, lua_gettop(L) - n); /* the context, below the results */
   return n;
 }
 

@@ -790,7 +790,7 @@ static int l_filter_tostring(lua_State *L) {
  * --seccomp-filter takes (bincode: u64 LE count, then per thread u64 length + name, u64 count +
  * 8-byte instructions; the format of Firecracker v1.0 to v1.14). Threads are written in name
  * order, so the output is deterministic. */
-static int l_firecracker_file(lua_State *L) {
+int cl_seccomp_firecracker_file(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   lua_newtable(L); /* sorted names */
@@ -1598,7 +1598,7 @@ static const luaL_Reg sv_methods[] = {
 
 static const luaL_Reg funcs[] = {
     {"filter", l_filter},
-    {"firecracker_file", l_firecracker_file},
+    {"firecracker_file", cl_seccomp_firecracker_file},
     {"resolve", l_resolve},
     {NULL, NULL},
 };

@@ -407,9 +407,7 @@ static int move_file(const char *from_dir, const char *to_dir, const char *name,
 static int write_filter_file(lua_State *L, vm *v, char *path, size_t pathlen, char *err,
                              size_t errlen) {
   int top = lua_gettop(L);
-  cl_push_namespace(L);
-  lua_getfield(L, -1, "seccomp");
-  lua_getfield(L, -1, "firecracker_file");
+  lua_pushcfunction(L, cl_seccomp_firecracker_file);
   lua_rawgeti(L, LUA_REGISTRYINDEX, v->filter_ref);
   if (!lua_istable(L, -1)) { /* one filter for every thread */
     lua_createtable(L, 0, 3);

@@ -16,6 +16,7 @@
  * timer). No call blocks the loop.
  */
 #include "vm.h"
+#include "../jail.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -619,6 +620,13 @@ static void jail_options(lua_State *L, vm *v, int jt, const char *program) {
   lua_settop(L, jt);
 }
 
+static int spawn_jailed(lua_State *L) {
+  return cl_jail_spawn(L, 1);
+}
+static int spawn_plain(lua_State *L) {
+  return cl_proc_spawn(L, 1, NULL);
+}
+
 int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfds, char *err,
                 size_t errlen) {
   char path[4096];
@@ -635,9 +643,7 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
   drop_proc(L, v); /* a failed KVM probe boot's VMM, reaped already */
   int top = lua_gettop(L);
   luaL_checkstack(L, 16, "vm spawn");
-  cl_push_namespace(L);
-  lua_getfield(L, -1, v->jailed ? "jail" : "proc");
-  lua_getfield(L, -1, "spawn");
+  lua_pushcfunction(L, v->jailed ? spawn_jailed : spawn_plain);
   lua_createtable(L, 8, 12);
   int t = lua_gettop(L);
   lua_pushstring(L, path);
@@ -1057,56 +1063,194 @@ static const char *const create_fields[] = {
     "boot_args", "net",    "guest",  "jail",   "seccomp",         "log",   "id",
     "vmm",       "accel",  NULL};
 
-/* Parses the options at idx into v (which is still closed: nothing to release). Raises on
- * misuse. restore: kernel and sizes come from the snapshot. */
-static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *accel,
-                          const char **tap, int *want_net, int restore) {
-  const char *backend = cl_opt_string(L, idx, "backend", "auto");
-  if (strcmp(backend, "auto") == 0)
-    *want_backend = 0;
-  else if (strcmp(backend, "qemu") == 0)
-    *want_backend = VM_QEMU;
-  else if (strcmp(backend, "firecracker") == 0)
-    *want_backend = VM_FIRECRACKER;
-  else
-    cl_field_error(
-        L, "backend",
-        lua_pushfstring(L, "\"auto\", \"qemu\" or \"firecracker\" expected, got \"%s\"", backend));
-  const char *ac = cl_opt_string(L, idx, "accel", "auto");
-  if (strcmp(ac, "auto") == 0)
-    *accel = 0;
-  else if (strcmp(ac, "kvm") == 0)
-    *accel = 1;
-  else if (strcmp(ac, "tcg") == 0)
-    *accel = 2;
-  else if (strcmp(ac, "probe") == 0)
-    *accel = 3;
-  else
-    cl_field_error(
-        L, "accel",
-        lua_pushfstring(L, "\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"%s\"", ac));
-  if (!restore) {
-    const char *kernel = cl_opt_string(L, idx, "kernel", NULL);
-    if (!kernel) cl_field_error(L, "kernel", "a kernel image path is required");
-    v->kernel = dupstr(kernel);
-    v->initrd = dupstr(cl_opt_string(L, idx, "initrd", NULL));
-    v->rootfs = dupstr(cl_opt_string(L, idx, "rootfs", NULL));
-    v->rootfs_ro = cl_opt_boolean(L, idx, "rootfs_readonly", 0);
-    lua_Integer vcpus = cl_opt_integer(L, idx, "vcpus", 1);
-    if (vcpus < 1 || vcpus > MAX_VCPUS)
-      cl_field_error(L, "vcpus", lua_pushfstring(L, "1 to %d expected, got %I", MAX_VCPUS, vcpus));
-    lua_Integer mem = cl_opt_integer(L, idx, "mem_mib", 128);
-    long host = host_mem_mib();
-    if (mem < MIN_MEM_MIB || mem > host)
-      cl_field_error(L, "mem_mib",
-                     lua_pushfstring(L, "%d to %I (the host's memory) expected, got %I",
-                                     MIN_MEM_MIB, (lua_Integer)host, mem));
-    v->vcpus = (int)vcpus;
-    v->mem_mib = (int)mem;
-    const char *ba = cl_opt_string(L, idx, "boot_args", NULL);
-    if (ba && strlen(ba) > 2048) cl_field_error(L, "boot_args", "longer than 2048 bytes");
-    v->boot_args = dupstr(ba);
+/* What vm.create / vm.restore read from their options besides the vm itself. */
+typedef struct vm_opts {
+  vm *v;
+  int restore;               /* kernel and sizes come from the snapshot */
+  const char *const *fields; /* the fields the call takes */
+  int want_backend, accel, want_net;
+  const char *tap; /* anchored by the options table */
+  int jail_err;    /* the jail options name what the host does not have */
+  char jail_msg[256];
+} vm_opts;
+
+static int pick(lua_State *L, const char *field, const char *got, const char *const names[],
+                const char *expected) {
+  for (int i = 0; names[i]; i++)
+    if (strcmp(names[i], got) == 0) return i;
+  cl_field_error(L, field, lua_pushfstring(L, "%s expected, got \"%s\"", expected, got));
+}
+
+/* kernel, initrd, rootfs, sizes, boot arguments. */
+static void parse_machine(lua_State *L, int idx, vm *v) {
+  const char *kernel = cl_opt_string(L, idx, "kernel", NULL);
+  if (!kernel) cl_field_error(L, "kernel", "a kernel image path is required");
+  v->kernel = dupstr(kernel);
+  v->initrd = dupstr(cl_opt_string(L, idx, "initrd", NULL));
+  v->rootfs = dupstr(cl_opt_string(L, idx, "rootfs", NULL));
+  v->rootfs_ro = cl_opt_boolean(L, idx, "rootfs_readonly", 0);
+  lua_Integer vcpus = cl_opt_integer(L, idx, "vcpus", 1);
+  if (vcpus < 1 || vcpus > MAX_VCPUS)
+    cl_field_error(L, "vcpus", lua_pushfstring(L, "1 to %d expected, got %I", MAX_VCPUS, vcpus));
+  lua_Integer mem = cl_opt_integer(L, idx, "mem_mib", 128);
+  long host = host_mem_mib();
+  if (mem < MIN_MEM_MIB || mem > host)
+    cl_field_error(L, "mem_mib",
+                   lua_pushfstring(L, "%d to %I (the host's memory) expected, got %I", MIN_MEM_MIB,
+                                   (lua_Integer)host, mem));
+  v->vcpus = (int)vcpus;
+  v->mem_mib = (int)mem;
+  const char *ba = cl_opt_string(L, idx, "boot_args", NULL);
+  if (ba && strlen(ba) > 2048) cl_field_error(L, "boot_args", "longer than 2048 bytes");
+  v->boot_args = dupstr(ba);
+}
+
+/* vmm = "path" | {"path", "arg", ...}: the VMM program (and arguments before the driver's) */
+static void parse_vmm(lua_State *L, int idx, vm *v, int want_backend) {
+  int vt = lua_getfield(L, idx, "vmm");
+  if (vt == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
   }
+  if (want_backend == 0) cl_field_error(L, "vmm", "needs backend = \"qemu\" or \"firecracker\"");
+  if (vt == LUA_TSTRING) {
+    lua_createtable(L, 1, 0);
+    lua_pushvalue(L, -2);
+    lua_rawseti(L, -2, 1);
+    lua_replace(L, -2);
+  } else if (vt != LUA_TTABLE) {
+    cl_field_error(
+        L, "vmm",
+        lua_pushfstring(L, "string or table of strings expected, got %s", luaL_typename(L, -1)));
+  }
+  char **src = cl_check_argv(L, -1, "vmm", 0);
+  size_t n = 0, bytes = 0;
+  for (; src[n]; n++) bytes += strlen(src[n]) + 1;
+  if (n > 16) cl_field_error(L, "vmm", "more than 16 entries");
+  char **dst = malloc((n + 1) * sizeof(char *) + bytes);
+  if (!dst) abort();
+  char *p = (char *)(dst + n + 1);
+  for (size_t i = 0; i < n; i++) {
+    dst[i] = p;
+    strcpy(p, src[i]);
+    p += strlen(src[i]) + 1;
+  }
+  dst[n] = NULL;
+  v->vmm = dst;
+  lua_pop(L, 2); /* the argv vector, the field */
+}
+
+/* net = true | {tap = name, mac = "02:..."} (a nested table: names relative to it) */
+static void parse_net(lua_State *L, int ni, void *ud) {
+  vm_opts *o = ud;
+  static const char *const nf[] = {"tap", "mac", NULL};
+  cl_check_fields(L, ni, nf);
+  const char *tap = cl_opt_string(L, ni, "tap", NULL);
+  if (tap && (strlen(tap) == 0 || strlen(tap) >= IFNAMSIZ || strchr(tap, '/') || strchr(tap, ' ')))
+    cl_field_error(L, "tap", lua_pushfstring(L, "\"%s\" is not a valid interface name", tap));
+  const char *mac = cl_opt_string(L, ni, "mac", NULL);
+  if (mac && !valid_mac(mac))
+    cl_field_error(L, "mac", lua_pushfstring(L, "\"%s\" is not a unicast MAC address", mac));
+  if (mac) snprintf(o->v->mac, sizeof o->v->mac, "%s", mac);
+  o->tap = tap;
+}
+
+/* guest = {channel = "auto"|"virtio-serial"|"vsock"|"none", ready_timeout = s} */
+static void parse_guest(lua_State *L, int gi, void *ud) {
+  vm *v = ((vm_opts *)ud)->v;
+  static const char *const gf[] = {"channel", "ready_timeout", NULL};
+  cl_check_fields(L, gi, gf);
+  static const char *const chans[] = {"auto", "virtio-serial", "vsock", "none", NULL};
+  static const int chan_of[] = {-1, CH_SERIAL, CH_VSOCK, CH_NONE};
+  v->channel = chan_of[pick(L, "channel", cl_opt_string(L, gi, "channel", "auto"), chans,
+                            "\"auto\", \"virtio-serial\", \"vsock\" or \"none\"")];
+  v->ready_timeout = cl_opt_number(L, gi, "ready_timeout", DEFAULT_READY_TIMEOUT);
+  if (!(v->ready_timeout > 0 && v->ready_timeout <= 3600))
+    cl_field_error(L, "ready_timeout", "seconds, more than 0 and at most 3600 expected");
+}
+
+/* seccomp = {vmm=, api=, vcpu=}: one clawlua filter per Firecracker thread */
+static void parse_thread_filters(lua_State *L, int t, void *ud) {
+  CL_UNUSED(ud);
+  static const char *const threads[] = {"vmm", "api", "vcpu", NULL};
+  cl_check_fields(L, t, threads);
+  for (const char *const *th = threads; *th; th++) {
+    if (lua_getfield(L, t, *th) != LUA_TUSERDATA ||
+        !luaL_testudata(L, -1, "clawlua.seccomp.filter"))
+      cl_field_error(L, *th, "a clawlua.seccomp filter expected");
+    lua_pop(L, 1);
+  }
+}
+
+/* seccomp = a clawlua.seccomp filter | {vmm=, api=, vcpu=} (Firecracker's threads) | the path of
+ * a file in Firecracker's format | false (none) */
+static void parse_seccomp(lua_State *L, int idx, vm_opts *o) {
+  vm *v = o->v;
+  int t = lua_getfield(L, idx, "seccomp");
+  if (t == LUA_TSTRING) {
+    v->seccomp_file = dupstr(lua_tostring(L, -1));
+  } else if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+    v->seccomp_file = dupstr("");
+  } else if ((t == LUA_TUSERDATA && luaL_testudata(L, -1, "clawlua.seccomp.filter")) ||
+             t == LUA_TTABLE) {
+    if (t == LUA_TTABLE && cl_parse_nested(L, -1, "seccomp", parse_thread_filters, o)) lua_error(L);
+    lua_pushvalue(L, -1);
+    v->filter_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (t != LUA_TNIL) {
+    cl_field_error(L, "seccomp",
+                   lua_pushfstring(L,
+                                   "a clawlua.seccomp filter, {vmm=, api=, vcpu=}, "
+                                   "a filter file path or false expected, got %s",
+                                   luaL_typename(L, -1)));
+  }
+  lua_pop(L, 1);
+}
+
+/* The caller's jail options alone, checked completely by the jail itself. */
+static void check_user_jail(lua_State *L, int jt, void *ud) {
+  vm_opts *o = ud;
+  static const char *const refused[] = {"root",   "cwd",    "argv", "env", "stdin",
+                                        "stdout", "stderr", "fds",  NULL};
+  if (lua_rawlen(L, jt) > 0)
+    cl_field_error(L, "[1]", "positional entries (argv) are set by the vm");
+  for (const char *const *f = refused; *f; f++) {
+    if (lua_getfield(L, jt, *f) != LUA_TNIL) cl_field_error(L, *f, "set by the vm");
+    lua_pop(L, 1);
+  }
+  o->jail_err = cl_jail_check(L, jt, 1, o->jail_msg, sizeof o->jail_msg);
+}
+
+/* jail = true (the default) | false | {jail.spawn options}: where the VMM runs */
+static void parse_jail(lua_State *L, int idx, vm_opts *o) {
+  vm *v = o->v;
+  int t = lua_getfield(L, idx, "jail");
+  if (t == LUA_TBOOLEAN) {
+    v->jailed = lua_toboolean(L, -1);
+  } else if (t == LUA_TTABLE) {
+    if (cl_parse_nested(L, -1, "jail", check_user_jail, o)) lua_error(L);
+    lua_pushvalue(L, -1);
+    v->jail_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (t != LUA_TNIL) {
+    cl_field_error(L, "jail",
+                   lua_pushfstring(L, "boolean or table of jail.spawn options expected, got %s",
+                                   luaL_typename(L, -1)));
+  }
+  lua_pop(L, 1);
+}
+
+/* Parses the options at idx into o->v (which is still closed: nothing to release). Raises on
+ * misuse, with the path of the field. */
+static void parse_options(lua_State *L, int idx, vm_opts *o) {
+  vm *v = o->v;
+  cl_check_fields(L, idx, o->fields);
+  static const char *const backends[] = {"auto", "qemu", "firecracker", NULL};
+  static const int backend_of[] = {0, VM_QEMU, VM_FIRECRACKER};
+  o->want_backend = backend_of[pick(L, "backend", cl_opt_string(L, idx, "backend", "auto"),
+                                    backends, "\"auto\", \"qemu\" or \"firecracker\"")];
+  static const char *const accels[] = {"auto", "kvm", "tcg", "probe", NULL};
+  o->accel = pick(L, "accel", cl_opt_string(L, idx, "accel", "auto"), accels,
+                  "\"auto\", \"kvm\", \"tcg\" or \"probe\"");
+  if (!o->restore) parse_machine(L, idx, v);
   const char *id = cl_opt_string(L, idx, "id", NULL);
   if (id && !valid_id(id))
     cl_field_error(
@@ -1119,147 +1263,53 @@ static void parse_options(lua_State *L, int idx, vm *v, int *want_backend, int *
     random_hex(hex, 4);
     snprintf(v->id, sizeof v->id, "vm-%s", hex);
   }
-  /* vmm = "path" | {"path", "arg", ...}: the VMM program (and arguments before the driver's) */
-  int vt = lua_getfield(L, idx, "vmm");
-  if (vt != LUA_TNIL) {
-    if (*want_backend == 0) cl_field_error(L, "vmm", "needs backend = \"qemu\" or \"firecracker\"");
-    if (vt == LUA_TSTRING) {
-      lua_createtable(L, 1, 0);
-      lua_pushvalue(L, -2);
-      lua_rawseti(L, -2, 1);
-      lua_replace(L, -2);
-    } else if (vt != LUA_TTABLE) {
-      cl_field_error(
-          L, "vmm",
-          lua_pushfstring(L, "string or table of strings expected, got %s", luaL_typename(L, -1)));
-    }
-    char **src = cl_check_argv(L, -1, "vmm", 0);
-    size_t n = 0, bytes = 0;
-    for (; src[n]; n++) bytes += strlen(src[n]) + 1;
-    if (n > 16) cl_field_error(L, "vmm", "more than 16 entries");
-    char **dst = malloc((n + 1) * sizeof(char *) + bytes);
-    if (!dst) abort();
-    char *p = (char *)(dst + n + 1);
-    for (size_t i = 0; i < n; i++) {
-      dst[i] = p;
-      strcpy(p, src[i]);
-      p += strlen(src[i]) + 1;
-    }
-    dst[n] = NULL;
-    v->vmm = dst;
-    lua_pop(L, 1); /* the argv vector */
-  }
-  lua_pop(L, 1);
+  parse_vmm(L, idx, v, o->want_backend);
   const char *log = cl_opt_string(L, idx, "log", NULL);
   if (log) {
     snprintf(v->log_path, sizeof v->log_path, "%s", log);
     v->log_keep = 1;
   }
-  /* net = true | {tap = name, mac = "02:..."} */
-  *tap = NULL;
-  *want_net = 0;
   int t = lua_getfield(L, idx, "net");
-  if (t == LUA_TBOOLEAN) {
-    *want_net = lua_toboolean(L, -1);
-  } else if (t == LUA_TTABLE) {
-    static const char *const nf[] = {"tap", "mac", NULL};
-    cl_check_fields(L, -1, nf);
-    *want_net = 1;
-    int ni = lua_gettop(L);
-    *tap = cl_opt_string(L, ni, "tap", NULL);
-    if (*tap &&
-        (strlen(*tap) == 0 || strlen(*tap) >= IFNAMSIZ || strchr(*tap, '/') || strchr(*tap, ' ')))
-      cl_field_error(L, "net",
-                     lua_pushfstring(L, "tap name \"%s\" is not a valid interface name", *tap));
-    const char *mac = cl_opt_string(L, ni, "mac", NULL);
-    if (mac && !valid_mac(mac))
-      cl_field_error(L, "net", lua_pushfstring(L, "mac \"%s\" is not a unicast MAC address", mac));
-    if (mac) snprintf(v->mac, sizeof v->mac, "%s", mac);
-  } else if (t != LUA_TNIL) {
+  o->tap = NULL;
+  o->want_net = t == LUA_TTABLE || (t == LUA_TBOOLEAN && lua_toboolean(L, -1));
+  if (t == LUA_TTABLE && cl_parse_nested(L, -1, "net", parse_net, o)) lua_error(L);
+  if (t != LUA_TTABLE && t != LUA_TBOOLEAN && t != LUA_TNIL)
     cl_field_error(L, "net",
                    lua_pushfstring(L, "boolean or table expected, got %s", luaL_typename(L, -1)));
-  }
-  lua_pop(L, 1); /* the tap string stays anchored by the option table */
-  /* guest = {channel = "auto"|"virtio-serial"|"vsock"|"none", ready_timeout = s} */
+  lua_pop(L, 1);
   v->channel = -1;
   v->ready_timeout = DEFAULT_READY_TIMEOUT;
   t = lua_getfield(L, idx, "guest");
-  if (t == LUA_TTABLE) {
-    static const char *const gf[] = {"channel", "ready_timeout", NULL};
-    cl_check_fields(L, -1, gf);
-    int gi = lua_gettop(L);
-    const char *ch = cl_opt_string(L, gi, "channel", "auto");
-    if (strcmp(ch, "virtio-serial") == 0)
-      v->channel = CH_SERIAL;
-    else if (strcmp(ch, "vsock") == 0)
-      v->channel = CH_VSOCK;
-    else if (strcmp(ch, "none") == 0)
-      v->channel = CH_NONE;
-    else if (strcmp(ch, "auto") != 0)
-      cl_field_error(
-          L, "guest",
-          lua_pushfstring(
-              L, "channel \"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, got \"%s\"",
-              ch));
-    v->ready_timeout = cl_opt_number(L, gi, "ready_timeout", DEFAULT_READY_TIMEOUT);
-    if (!(v->ready_timeout > 0 && v->ready_timeout <= 3600))
-      cl_field_error(L, "guest", "ready_timeout must be between 0 and 3600 seconds");
-  } else if (t != LUA_TNIL) {
+  if (t == LUA_TTABLE && cl_parse_nested(L, -1, "guest", parse_guest, o)) lua_error(L);
+  if (t != LUA_TTABLE && t != LUA_TNIL)
     cl_field_error(L, "guest", lua_pushfstring(L, "table expected, got %s", luaL_typename(L, -1)));
-  }
   lua_pop(L, 1);
-  /* seccomp = a clawlua.seccomp filter | {vmm=, api=, vcpu=} (Firecracker's threads) | the path
-   * of a file in Firecracker's format | false (none) */
-  t = lua_getfield(L, idx, "seccomp");
-  if (t == LUA_TSTRING) {
-    v->seccomp_file = dupstr(lua_tostring(L, -1));
-  } else if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
-    v->seccomp_file = dupstr("");
-  } else if (t == LUA_TUSERDATA && luaL_testudata(L, -1, "clawlua.seccomp.filter")) {
-    lua_pushvalue(L, -1);
-    v->filter_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  } else if (t == LUA_TTABLE) {
-    static const char *const threads[] = {"vmm", "api", "vcpu", NULL};
-    cl_check_fields(L, -1, threads);
-    for (const char *const *th = threads; *th; th++) {
-      if (lua_getfield(L, -1, *th) != LUA_TUSERDATA ||
-          !luaL_testudata(L, -1, "clawlua.seccomp.filter"))
-        cl_field_error(L, "seccomp",
-                       lua_pushfstring(L, "%s: a clawlua.seccomp filter expected", *th));
-      lua_pop(L, 1);
-    }
-    lua_pushvalue(L, -1);
-    v->filter_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  } else if (t != LUA_TNIL) {
-    cl_field_error(L, "seccomp",
-                   lua_pushfstring(L,
-                                   "a clawlua.seccomp filter, {vmm=, api=, vcpu=}, "
-                                   "a filter file path or false expected, got %s",
-                                   luaL_typename(L, -1)));
+  parse_seccomp(L, idx, o);
+  parse_jail(L, idx, o);
+}
+
+static int parse_entry(lua_State *L) {
+  parse_options(L, 1, lua_touserdata(L, 2));
+  return 0;
+}
+
+/* Runs parse_options protected: on misuse the vm gives back what it took and the error is
+ * raised again as "<op>: bad field 'a.b' (...)". On a jail naming what the host lacks, pushes
+ * nil, err, code and returns 3; else 0. */
+static int read_options(lua_State *L, int idx, vm_opts *o, const char *op) {
+  lua_pushcfunction(L, parse_entry);
+  lua_pushvalue(L, idx);
+  lua_pushlightuserdata(L, o);
+  int bad = lua_pcall(L, 2, 0, 0) != LUA_OK;
+  if (bad || o->jail_err) {
+    free_config(o->v);
+    luaL_unref(L, LUA_REGISTRYINDEX, o->v->filter_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, o->v->jail_ref);
+    o->v->filter_ref = o->v->jail_ref = LUA_NOREF;
   }
-  lua_pop(L, 1);
-  /* jail = true (the default) | false | {jail.spawn options}: where the VMM runs */
-  t = lua_getfield(L, idx, "jail");
-  if (t == LUA_TBOOLEAN) {
-    v->jailed = lua_toboolean(L, -1);
-  } else if (t == LUA_TTABLE) {
-    static const char *const refused[] = {"root",   "cwd",    "argv", "env", "stdin",
-                                          "stdout", "stderr", "fds",  NULL};
-    if (lua_rawlen(L, -1) > 0)
-      cl_field_error(L, "jail", "positional entries (argv) are set by the vm");
-    for (const char *const *f = refused; *f; f++) {
-      if (lua_getfield(L, -1, *f) != LUA_TNIL)
-        cl_field_error(L, "jail", lua_pushfstring(L, "%s is set by the vm", *f));
-      lua_pop(L, 1);
-    }
-    lua_pushvalue(L, -1);
-    v->jail_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  } else if (t != LUA_TNIL) {
-    cl_field_error(L, "jail",
-                   lua_pushfstring(L, "boolean or table of jail.spawn options expected, got %s",
-                                   luaL_typename(L, -1)));
-  }
-  lua_pop(L, 1);
+  if (bad) luaL_error(L, "%s: %s", op, lua_tostring(L, -1));
+  if (o->jail_err) return cl_failf(L, o->jail_err, "%s: jail: %s", op, o->jail_msg);
+  return 0;
 }
 
 static vm *push_vm(lua_State *L) {
@@ -1277,6 +1327,38 @@ static vm *push_vm(lua_State *L) {
   v->loop = cl_loop_get(L);
   cl_chan_init(&v->chan);
   return v;
+}
+
+typedef struct jail_verdict {
+  int err;
+  char msg[256];
+} jail_verdict;
+
+static void check_merged_jail(lua_State *L, int jt, void *ud) {
+  jail_verdict *jv = ud;
+  jv->err = cl_jail_check(L, jt, 0, jv->msg, sizeof jv->msg);
+}
+
+/* The jail the VMM will get (its binds, devices and cgroup merged with the caller's options),
+ * checked at create so that a bad combination (namespaces.mount = false, say) fails here and not
+ * at start. Nothing exists yet: the run directory and the log are left out. Returns 0, or the
+ * results of a failure (nil, err, code); raises on misuse. */
+static int check_vmm_jail(lua_State *L, vm *v) {
+  int top = lua_gettop(L);
+  lua_newtable(L);
+  int keep = v->log_keep;
+  v->log_keep = 0;
+  jail_options(L, v, lua_gettop(L), NULL);
+  v->log_keep = keep;
+  jail_verdict jv = {0, ""};
+  if (cl_parse_nested(L, top + 1, "jail", check_merged_jail, &jv)) {
+    free_config(v);
+    return luaL_error(L, "vm.create: %s", lua_tostring(L, -1));
+  }
+  lua_settop(L, top);
+  if (!jv.err) return 0;
+  free_config(v);
+  return cl_failf(L, jv.err, "vm.create: jail: %s", jv.msg);
 }
 
 /* The part of create and restore after the options: checks, then the kernel objects. The vm
@@ -1352,6 +1434,7 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
     free_config(v);
     return cl_failf(L, EEXIST, "vm.create: net.tap: an interface named \"%s\" already exists", tap);
   }
+  if (v->jailed && (n = check_vmm_jail(L, v))) return n;
   /* From here on the handle owns what it makes. */
   v->released = 0;
   v->state = VS_CREATED;
@@ -1422,13 +1505,12 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
 static int l_create(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
-  cl_check_fields(L, 1, create_fields);
   vm *v = push_vm(L);
-  int want_backend, accel, want_net;
-  const char *tap;
-  parse_options(L, 1, v, &want_backend, &accel, &tap, &want_net, 0);
+  vm_opts o = {.v = v, .fields = create_fields};
+  int n = read_options(L, 1, &o, "vm.create");
+  if (n) return n;
   lua_settop(L, 2);
-  return setup_vm(L, v, want_backend, accel, tap, want_net);
+  return setup_vm(L, v, o.want_backend, o.accel, o.tap, o.want_net);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1840,7 +1922,6 @@ static int l_restore(lua_State *L) {
                                        "guest", "backend", "accel", "jail", NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
-  cl_check_fields(L, 1, fields);
   const char *dir = cl_opt_string(L, 1, "dir", NULL);
   if (!dir) cl_field_error(L, "dir", "the snapshot directory is required");
   char meta[600];
@@ -1866,9 +1947,11 @@ static int l_restore(lua_State *L) {
   lua_pushstring(L, backend);
   lua_setfield(L, 1, "backend");
   vm *v = push_vm(L);
-  int want_backend, accel, want_net;
-  const char *tap;
-  parse_options(L, 1, v, &want_backend, &accel, &tap, &want_net, 1);
+  vm_opts o = {.v = v, .restore = 1, .fields = fields};
+  int bad = read_options(L, 1, &o, "vm.restore");
+  if (bad) return (cJSON_Delete(j), bad);
+  int want_backend = o.want_backend, accel = o.accel, want_net = o.want_net;
+  const char *tap = o.tap;
   v->kernel = dupstr(json_str(j, "kernel"));
   v->initrd = dupstr(json_str(j, "initrd"));
   v->rootfs = dupstr(json_str(j, "rootfs"));
