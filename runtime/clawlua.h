@@ -62,6 +62,11 @@ int cl_fail(lua_State *L, const char *what, int err);
 /* Pushes nil, formatted message, code and returns 3. The format is lua_pushfstring's:
  * %s %d %I (lua_Integer) %f %p %c %U %% only. */
 int cl_failf(lua_State *L, int code, const char *fmt, ...);
+/* For a C function of a module whose body is written in Lua: calls require(module)[fn] with the
+ * C function's arguments and returns its results (the call may wait). */
+int cl_call_lua(lua_State *L, const char *module, const char *fn);
+/* Pushes what every wait that times out returns: nil, "timeout", "ETIMEDOUT"; returns 3. */
+int cl_timed_out(lua_State *L);
 /* Raises "bad field 'name' (unknown field)" for keys of table idx not in the NULL-ended list. */
 void cl_check_fields(lua_State *L, int idx, const char *const known[]);
 /* The same for a nested table: "bad field '<path>.name' (unknown field)". */
@@ -298,6 +303,8 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks);
 /* The pidfd of the process handle at idx (borrowed: valid while the handle holds an unreaped
  * child), or -1. Lets another owner watch the child's exit without reaping it (vm). */
 int cl_proc_pidfd(lua_State *L, int idx);
+/* The pid of the process handle at idx, 0 if idx is not one. */
+pid_t cl_proc_pid(lua_State *L, int idx);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Seccomp (seccomp.c)                                                                        */

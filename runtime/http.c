@@ -322,6 +322,7 @@ static int finish(lua_State *L, req *r) {
   if (r->headers_too_large)
     return cl_failf(L, E2BIG, "http: response headers from %s larger than %I bytes", url,
                     (lua_Integer)MAX_HEADER_BYTES);
+  if (r->result == CURLE_OPERATION_TIMEDOUT) return cl_timed_out(L);
   if (r->result != CURLE_OK) {
     const char *msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
     return cl_failf(L, (int)r->result, "http: %s (%s)", msg, url);
@@ -422,10 +423,12 @@ static int l_request(lua_State *L) {
   for (const char *m = method; *m; m++)
     if (!isupper((unsigned char)*m))
       return cl_field_error(L, "method", "upper-case token expected");
-  double timeout = cl_opt_number(L, 1, "timeout", 0);
-  double ctimeout = cl_opt_number(L, 1, "connect_timeout", 0);
-  if (timeout < 0) cl_field_error(L, "timeout", "must not be negative");
-  if (ctimeout < 0) cl_field_error(L, "connect_timeout", "must not be negative");
+  /* Seconds; nil: no limit; 0: nothing that needs the network can finish, so it times out. */
+  double timeout = cl_opt_number(L, 1, "timeout", -1);
+  double ctimeout = cl_opt_number(L, 1, "connect_timeout", -1);
+  if (timeout < 0 && timeout != -1) cl_field_error(L, "timeout", "non-negative seconds expected");
+  if (ctimeout < 0 && ctimeout != -1)
+    cl_field_error(L, "connect_timeout", "non-negative seconds expected");
   const char *unix_socket = cl_opt_string(L, 1, "unix_socket", NULL);
   lua_Integer max_body = cl_opt_integer(L, 1, "max_body", (lua_Integer)DEFAULT_MAX_BODY);
   if (max_body < 0) cl_field_error(L, "max_body", "must not be negative");
@@ -489,8 +492,11 @@ static int l_request(lua_State *L) {
   }
   if (set_method(e, method, body != NULL) != CURLE_OK)
     return luaL_error(L, "http: cannot set method %s", method);
-  if (timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(timeout * 1000));
-  if (ctimeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(ctimeout * 1000));
+  /* curl reads 0 as "no limit": the shortest limit it has stands for 0. */
+  if (timeout >= 0)
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout < 0.001 ? 1L : (long)(timeout * 1000));
+  if (ctimeout >= 0)
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, ctimeout < 0.001 ? 1L : (long)(ctimeout * 1000));
   if (unix_socket) curl_easy_setopt(e, CURLOPT_UNIX_SOCKET_PATH, unix_socket);
   if (follow) {
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);

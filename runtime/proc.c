@@ -470,7 +470,7 @@ static void push_status(lua_State *L, proc *p) {
   lua_pushinteger(L, p->pid);
   lua_setfield(L, -2, "pid");
   lua_pushnumber(L, p->ended - p->started);
-  lua_setfield(L, -2, "elapsed");
+  lua_setfield(L, -2, "duration");
   lua_pushnumber(L, (double)p->ru.ru_utime.tv_sec + (double)p->ru.ru_utime.tv_usec / 1e6);
   lua_setfield(L, -2, "utime");
   lua_pushnumber(L, (double)p->ru.ru_stime.tv_sec + (double)p->ru.ru_stime.tv_usec / 1e6);
@@ -525,18 +525,13 @@ static int wait_k(lua_State *L, int status, lua_KContext ctx) {
     push_status(L, p);
     return 1;
   }
-  if (w->state == CL_WAIT_TIMEOUT) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    lua_pushinteger(L, ETIMEDOUT);
-    return 3;
-  }
+  if (w->state == CL_WAIT_TIMEOUT) return cl_timed_out(L);
   if (p->pidfd < 0 || p->closed) return cl_failf(L, ECHILD, "wait: process handle closed");
   return cl_watch_wait(L, w, &p->watch, 0, wait_k, ctx);
 }
 
-/* Lua: p:wait([timeout]) -> {code=|signal=, signal_name=, pid=, elapsed=, utime=, stime=,
- * maxrss_kb=} | nil, "timeout", ETIMEDOUT */
+/* Lua: p:wait([timeout]) -> {code=|signal=, signal_name=, pid=, duration=, utime=, stime=,
+ * maxrss_kb=} | nil, "timeout", "ETIMEDOUT" */
 static int l_wait(lua_State *L) {
   proc *p = check_proc(L, 1);
   double timeout = luaL_optnumber(L, 2, -1);
@@ -566,6 +561,13 @@ static int l_kill(lua_State *L) {
   int e = kill_child(p, sig, group);
   if (e) return cl_fail(L, "kill", e);
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* Lua: p:pid() -> the child's pid (it stays the handle's after the exit: no other process gets
+ * it while the handle has not reaped it) */
+static int l_pid(lua_State *L) {
+  lua_pushinteger(L, check_proc(L, 1)->pid);
   return 1;
 }
 
@@ -609,17 +611,13 @@ static int l_tostring(lua_State *L) {
 }
 
 static const luaL_Reg methods[] = {
-    {"wait", l_wait},     {"kill", l_kill},   {"running", l_running},
+    {"wait", l_wait},     {"kill", l_kill},   {"running", l_running}, {"pid", l_pid},
     {"status", l_status}, {"close", l_close}, {NULL, NULL},
 };
 
 static int l_index(lua_State *L) {
-  proc *p = check_proc(L, 1);
+  check_proc(L, 1);
   const char *k = luaL_checkstring(L, 2);
-  if (strcmp(k, "pid") == 0) {
-    lua_pushinteger(L, p->pid);
-    return 1;
-  }
   static const char *const stdio[] = {"stdin", "stdout", "stderr"};
   for (int i = 0; i < 3; i++)
     if (strcmp(k, stdio[i]) == 0) {
@@ -713,52 +711,50 @@ static void parse_stdio(lua_State *L, int opts, const char *name, int slot, stdi
   lua_pop(L, 1); /* strings stay anchored in the option table */
 }
 
-/* Builds envp in a userdata vector kept on the stack. NULL: inherit. */
+/* Copies env's name -> value pairs into merged (false unsets a name). */
+static void merge_env(lua_State *L, int env, int merged) {
+  lua_pushnil(L);
+  while (lua_next(L, env)) {
+    if (lua_type(L, -2) != LUA_TSTRING ||
+        (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER &&
+         lua_type(L, -1) != LUA_TBOOLEAN))
+      cl_field_error(L, "env", "string keys with string values expected");
+    size_t kl;
+    const char *k = lua_tolstring(L, -2, &kl);
+    if (kl == 0 || strchr(k, '=') || strlen(k) != kl)
+      cl_field_error(L, lua_pushfstring(L, "env.%s", k), "invalid variable name");
+    lua_pushvalue(L, -2);
+    if (lua_type(L, -2) == LUA_TBOOLEAN && !lua_toboolean(L, -2))
+      lua_pushnil(L); /* unset */
+    else
+      lua_pushstring(L, luaL_tolstring(L, -2, NULL)), lua_remove(L, -2);
+    lua_rawset(L, merged);
+    lua_pop(L, 1);
+  }
+}
+
+/* Builds envp in a userdata vector pushed on the stack, or returns NULL (pushing nothing) when
+ * the child inherits the environment as it is. env merges into the runtime's environment (or an
+ * empty one with env_clear = true). */
 static char **build_env(lua_State *L, int opts) {
+  int top = lua_gettop(L);
   int has_env = lua_getfield(L, opts, "env") != LUA_TNIL;
-  int has_add = lua_getfield(L, opts, "env_add") != LUA_TNIL;
-  int envi = lua_gettop(L) - 1, addi = lua_gettop(L);
-  if (!has_env && !has_add) {
-    lua_pop(L, 2);
+  if (has_env && !lua_istable(L, -1)) cl_field_error(L, "env", "table expected");
+  int clear = cl_opt_boolean(L, opts, "env_clear", 0);
+  if (!has_env && !clear) {
+    lua_settop(L, top);
     return NULL;
   }
-  if (has_env && !lua_istable(L, envi)) cl_field_error(L, "env", "table expected");
-  if (has_add && !lua_istable(L, addi)) cl_field_error(L, "env_add", "table expected");
-  /* Merge into one table name -> value, then flatten. */
   lua_newtable(L);
   int merged = lua_gettop(L);
-  if (!has_env) {
-    for (char **e = environ; *e; e++) {
-      const char *eq = strchr(*e, '=');
-      if (!eq) continue;
-      lua_pushlstring(L, *e, (size_t)(eq - *e));
-      lua_pushstring(L, eq + 1);
-      lua_rawset(L, merged);
-    }
+  for (char **e = clear ? NULL : environ; e && *e; e++) {
+    const char *eq = strchr(*e, '=');
+    if (!eq) continue;
+    lua_pushlstring(L, *e, (size_t)(eq - *e));
+    lua_pushstring(L, eq + 1);
+    lua_rawset(L, merged);
   }
-  for (int src = 0; src < 2; src++) {
-    int idx = src == 0 ? envi : addi;
-    if (!lua_istable(L, idx)) continue;
-    const char *fname = src == 0 ? "env" : "env_add";
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-      if (lua_type(L, -2) != LUA_TSTRING ||
-          (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER &&
-           lua_type(L, -1) != LUA_TBOOLEAN))
-        cl_field_error(L, fname, "string keys with string values expected");
-      size_t kl;
-      const char *k = lua_tolstring(L, -2, &kl);
-      if (kl == 0 || strchr(k, '=') || strlen(k) != kl)
-        cl_field_error(L, fname, lua_pushfstring(L, "invalid variable name '%s'", k));
-      lua_pushvalue(L, -2);
-      if (lua_type(L, -2) == LUA_TBOOLEAN && !lua_toboolean(L, -2))
-        lua_pushnil(L); /* unset */
-      else
-        lua_pushstring(L, luaL_tolstring(L, -2, NULL)), lua_remove(L, -2);
-      lua_rawset(L, merged);
-      lua_pop(L, 1);
-    }
-  }
+  if (has_env) merge_env(L, top + 1, merged);
   size_t n = 0;
   lua_pushnil(L);
   while (lua_next(L, merged)) {
@@ -778,8 +774,8 @@ static char **build_env(lua_State *L, int opts) {
   v[n] = NULL;
   lua_setiuservalue(L, -2, 1);
   /* Keep only the vector: it anchors its strings. */
-  lua_replace(L, envi);
-  lua_settop(L, envi);
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
   return v;
 }
 
@@ -790,7 +786,7 @@ static const char *env_path(char **envp) {
   return NULL;
 }
 
-/* Lua: proc.spawn{argv... | argv=, cwd=, env=, env_add=, stdin=, stdout=, stderr=, group=true,
+/* Lua: proc.spawn{argv... | argv=, cwd=, env=, env_clear=, stdin=, stdout=, stderr=, group=true,
  * session=false, pdeathsig="KILL", seccomp=filter, fds={fd, ...}} -> process | nil, err, code */
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -799,26 +795,19 @@ static int l_spawn(lua_State *L) {
 }
 
 int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
-  static const char *const fields[] = {"argv",   "cwd",     "env",   "env_add", "stdin",
-                                       "stdout", "stderr",  "group", "session", "pdeathsig",
+  static const char *const fields[] = {"argv",   "cwd",     "env",   "env_clear", "stdin",
+                                       "stdout", "stderr",  "group", "session",   "pdeathsig",
                                        "name",   "seccomp", "fds",   NULL};
   opts = lua_absindex(L, opts);
   luaL_checktype(L, opts, LUA_TTABLE);
   /* Unknown fields: ours plus the caller's. */
-  lua_pushnil(L);
-  while (lua_next(L, opts)) {
-    lua_pop(L, 1);
-    if (lua_type(L, -1) != LUA_TSTRING) {
-      if (lua_isinteger(L, -1)) continue;
-      luaL_error(L, "bad field of type %s (string keys expected)", luaL_typename(L, -1));
-    }
-    const char *k = lua_tostring(L, -1);
-    int ok = 0;
-    for (const char *const *f = fields; *f && !ok; f++) ok = strcmp(*f, k) == 0;
-    for (const char *const *f = hooks ? hooks->fields : NULL; f && *f && !ok; f++)
-      ok = strcmp(*f, k) == 0;
-    if (!ok) luaL_error(L, "bad field '%s' (unknown field)", k);
-  }
+  const char *known[64];
+  size_t nk = 0;
+  for (const char *const *f = fields; *f; f++) known[nk++] = *f;
+  for (const char *const *f = hooks ? hooks->fields : NULL; f && *f && nk < 63; f++)
+    known[nk++] = *f;
+  known[nk] = NULL;
+  cl_check_fields(L, opts, known);
   int base = lua_gettop(L);
   char **argv;
   if (lua_getfield(L, opts, "argv") != LUA_TNIL) {
@@ -1002,9 +991,20 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks) {
   return 1;
 }
 
+pid_t cl_proc_pid(lua_State *L, int idx) {
+  proc *p = luaL_testudata(L, idx, PROC_MT);
+  return p ? p->pid : 0;
+}
+
 int cl_proc_pidfd(lua_State *L, int idx) {
   proc *p = luaL_testudata(L, idx, PROC_MT);
   return p && !p->reaped && !p->closed ? p->pidfd : -1;
+}
+
+/* Lua: proc.run{...} -> {code|signal, stdout, stderr, truncated, timed_out, duration, ...}:
+ * written in Lua (lua/clawlua/proc_run.lua) on top of spawn and the loop's tasks. */
+static int l_run(lua_State *L) {
+  return cl_call_lua(L, "clawlua.proc_run", "run");
 }
 
 /* Lua: proc.find_executable(name) -> path | nil, err */
@@ -1054,6 +1054,7 @@ static int l_diagnostics(lua_State *L) {
 
 static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},
+    {"run", l_run},
     {"find_executable", l_find_executable},
     {"diagnostics", l_diagnostics},
     {NULL, NULL},

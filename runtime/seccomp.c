@@ -1596,11 +1596,19 @@ static const luaL_Reg sv_methods[] = {
     {NULL, NULL},
 };
 
+/* Lua: seccomp.load_oci(src, opts), seccomp.load_firecracker(src, opts): profile loaders written
+ * in Lua (lua/clawlua/seccomp_profiles.lua). */
+static int l_load_oci(lua_State *L) {
+  return cl_call_lua(L, "clawlua.seccomp_profiles", "oci");
+}
+static int l_load_firecracker(lua_State *L) {
+  return cl_call_lua(L, "clawlua.seccomp_profiles", "firecracker");
+}
+
 static const luaL_Reg funcs[] = {
-    {"filter", l_filter},
-    {"firecracker_file", cl_seccomp_firecracker_file},
-    {"resolve", l_resolve},
-    {NULL, NULL},
+    {"filter", l_filter},     {"firecracker_file", cl_seccomp_firecracker_file},
+    {"load_oci", l_load_oci}, {"load_firecracker", l_load_firecracker},
+    {"resolve", l_resolve},   {NULL, NULL},
 };
 
 int luaopen_clawlua_seccomp(lua_State *L) {

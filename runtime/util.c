@@ -26,6 +26,33 @@ int cl_failf(lua_State *L, int code, const char *fmt, ...) {
   return 3;
 }
 
+static int call_lua_k(lua_State *L, int status, lua_KContext ctx) {
+  CL_UNUSED(status);
+  CL_UNUSED(ctx);
+  return lua_gettop(L);
+}
+
+int cl_call_lua(lua_State *L, const char *module, const char *fn) {
+  int nargs = lua_gettop(L);
+  luaL_checkstack(L, 4, "clawlua");
+  lua_getglobal(L, "require");
+  lua_pushstring(L, module);
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, fn);
+  lua_remove(L, -2);
+  lua_insert(L, 1);
+  /* The function may wait (yield): it finishes in the continuation. */
+  lua_callk(L, nargs, LUA_MULTRET, 0, call_lua_k);
+  return call_lua_k(L, LUA_OK, 0);
+}
+
+int cl_timed_out(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  lua_pushliteral(L, "ETIMEDOUT");
+  return 3;
+}
+
 int cl_field_error(lua_State *L, const char *name, const char *msg) {
   luaL_error(L, "bad field '%s' (%s)", name, msg);
   __builtin_unreachable(); /* luaL_error does not return */

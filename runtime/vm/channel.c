@@ -720,7 +720,7 @@ static void push_exec_result(lua_State *L, vm_req *r) {
   lua_pushinteger(L, (lua_Integer)r->guest_pid);
   lua_setfield(L, -2, "pid");
   lua_pushnumber(L, (double)(cl_now_ns() - r->t0) / 1e9);
-  lua_setfield(L, -2, "elapsed");
+  lua_setfield(L, -2, "duration");
   lua_pushinteger(L, (lua_Integer)r->out_total);
   lua_setfield(L, -2, "stdout_bytes");
   lua_pushinteger(L, (lua_Integer)r->err_total);
@@ -779,8 +779,8 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
     lua_setfield(L, -2, "code");
     lua_getfield(L, -2, "signal_name");
     lua_setfield(L, -2, "signal");
-    lua_getfield(L, -2, "elapsed");
-    lua_setfield(L, -2, "elapsed");
+    lua_getfield(L, -2, "duration");
+    lua_setfield(L, -2, "duration");
     cl_vm_audit(v, L, "vm.exec_done", lua_gettop(L));
     lua_pop(L, 1);
     req_release(r);
@@ -800,11 +800,11 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
   return req_wait(L, r, w, exec_k, ctx);
 }
 
-/* Lua: vm:exec{argv... | argv=, env=, cwd=, stdin=, timeout=, max_output=, on_stdout=,
- * on_stderr=} -> {code=|signal=, stdout=, stderr=, truncated=, timed_out=, elapsed=, pid=} */
+/* Lua: vm:exec{argv... | argv=, env=, env_clear=, cwd=, stdin=, timeout=, max_output=, on_stdout=,
+ * on_stderr=} -> {code=|signal=, stdout=, stderr=, truncated=, timed_out=, duration=, pid=} */
 static int l_exec(lua_State *L) {
-  static const char *const fields[] = {"argv",       "env",       "cwd",       "stdin", "timeout",
-                                       "max_output", "on_stdout", "on_stderr", NULL};
+  static const char *const fields[] = {"argv",    "env",        "env_clear", "cwd",       "stdin",
+                                       "timeout", "max_output", "on_stdout", "on_stderr", NULL};
   vm *v = cl_vm_check(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
@@ -820,8 +820,10 @@ static int l_exec(lua_State *L) {
   size_t nargs = 0;
   while (argv[nargs]) nargs++;
   if (nargs > CLA_MAX_ARGS) cl_field_error(L, "argv", "more arguments than the agent accepts");
-  double timeout = cl_opt_number(L, 2, "timeout", 0);
-  if (timeout < 0) cl_field_error(L, "timeout", "must not be negative");
+  int has_timeout = lua_getfield(L, 2, "timeout") != LUA_TNIL;
+  lua_pop(L, 1);
+  double timeout = cl_opt_number(L, 2, "timeout", -1); /* nil: no limit */
+  if (has_timeout && timeout < 0) cl_field_error(L, "timeout", "non-negative seconds expected");
   lua_Integer max_out = cl_opt_integer(L, 2, "max_output", (lua_Integer)DEFAULT_MAX_OUTPUT);
   if (max_out < 0) cl_field_error(L, "max_output", "must not be negative");
   const char *cwd = cl_opt_string(L, 2, "cwd", NULL);
@@ -864,12 +866,14 @@ static int l_exec(lua_State *L) {
   }
   lua_pop(L, 1);
   if (nenv > CLA_MAX_ARGS) cl_field_error(L, "env", "more entries than the agent accepts");
+  int env_clear = cl_opt_boolean(L, 2, "env_clear", 0);
   /* The payload, sized first and then written into a userdata: nothing to leak on an error. */
   unsigned char *payload = NULL;
   size_t plen = 0;
   for (int pass = 0; pass < 2; pass++) {
     tlvw tw = {payload, 0};
     for (size_t i = 0; i < nargs; i++) tlvw_add(&tw, CLA_T_ARG, argv[i], strlen(argv[i]));
+    if (env_clear) tlvw_u64(&tw, CLA_T_ENV_CLEAR, 1);
     for (lua_Integer i = 1; i <= nenv; i++) {
       size_t l;
       lua_rawgeti(L, envt, i);
@@ -878,7 +882,8 @@ static int l_exec(lua_State *L) {
       lua_pop(L, 1);
     }
     if (cwd) tlvw_add(&tw, CLA_T_CWD, cwd, strlen(cwd));
-    if (timeout > 0) tlvw_u64(&tw, CLA_T_TIMEOUT_MS, (uint64_t)(timeout * 1000.0 + 0.5));
+    if (timeout >= 0) /* 0: the agent kills it at once unless it is done (1 ms) */
+      tlvw_u64(&tw, CLA_T_TIMEOUT_MS, timeout < 0.001 ? 1 : (uint64_t)(timeout * 1000.0 + 0.5));
     tlvw_u64(&tw, CLA_T_MAX_OUT, (uint64_t)max_out);
     tlvw_u64(&tw, CLA_T_MAX_ERR, (uint64_t)max_out);
     tlvw_u64(&tw, CLA_T_STDIN, in != NULL);
@@ -915,7 +920,7 @@ static int l_exec(lua_State *L) {
   lua_replace(L, 3);
   lua_settop(L, 3);
   cl_wait *w = cl_wait_push(L);
-  if (timeout > 0) w->deadline = cl_deadline(timeout + EXEC_GRACE);
+  if (timeout >= 0) w->deadline = cl_deadline(timeout + EXEC_GRACE);
   pump_stdin(v, r);
   if (r->failed) return req_failed(L, r);
   return req_wait(L, r, w, exec_k, lua_gettop(L));
@@ -944,8 +949,8 @@ static int write_k(lua_State *L, int status, lua_KContext ctx) {
     return 1;
   }
   if (w->state == CL_WAIT_TIMEOUT) {
-    req_fail(r, ETIMEDOUT, "write_file: no answer from the guest agent within the timeout");
-    return req_failed(L, r); /* releasing it cancels the write: no file is left */
+    req_release(r); /* cancels the write: no file is left */
+    return cl_timed_out(L);
   }
   r->want_write = 0;
   while (r->wsent < r->wlen && !v->chan.closed) {
@@ -1053,8 +1058,8 @@ static int read_k(lua_State *L, int status, lua_KContext ctx) {
     return 1;
   }
   if (w->state == CL_WAIT_TIMEOUT) {
-    req_fail(r, ETIMEDOUT, "read_file: no answer from the guest agent within the timeout");
-    return req_failed(L, r);
+    req_release(r);
+    return cl_timed_out(L);
   }
   return req_wait(L, r, w, read_k, ctx);
 }
@@ -1111,18 +1116,17 @@ static int ping_k(lua_State *L, int status, lua_KContext ctx) {
   }
   if (w->state == CL_WAIT_TIMEOUT) {
     req_release(r);
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    lua_pushinteger(L, ETIMEDOUT);
-    return 3;
+    return cl_timed_out(L);
   }
   return req_wait(L, r, w, ping_k, ctx);
 }
 
-/* Lua: vm:ping([timeout]) -> round-trip seconds | nil, err */
+/* Lua: vm:ping([timeout]) -> round-trip seconds | nil, "timeout", "ETIMEDOUT" | nil, err */
 static int l_ping(lua_State *L) {
   vm *v = cl_vm_check(L, 1);
-  double timeout = luaL_optnumber(L, 2, 10);
+  double timeout = luaL_optnumber(L, 2, -1);
+  if (!lua_isnoneornil(L, 2) && timeout < 0)
+    return luaL_argerror(L, 2, "non-negative seconds expected");
   lua_settop(L, 2);
   if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "ping");
   vm_req *r = new_req(L, v, R_PING);

@@ -660,6 +660,8 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
   lua_pushliteral(L, "C");
   lua_setfield(L, -2, "LC_ALL");
   lua_setfield(L, t, "env");
+  lua_pushboolean(L, 1);
+  lua_setfield(L, t, "env_clear");
   lua_pushstring(L, v->rundir);
   lua_setfield(L, t, "cwd");
   lua_pushliteral(L, "null");
@@ -696,9 +698,7 @@ int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfd
     return e ? e : EIO;
   }
   lua_pop(L, 2);
-  lua_getfield(L, -1, "pid");
-  v->pid = (pid_t)lua_tointeger(L, -1);
-  lua_pop(L, 1);
+  v->pid = cl_proc_pid(L, -1);
   /* A pidfd of our own: a dup of the handle's (pidfd_open is not in valgrind, say). */
   int hfd = cl_proc_pidfd(L, -1);
   v->pidfd = hfd >= 0 ? fcntl(hfd, F_DUPFD_CLOEXEC, 3) : -1;
@@ -1536,12 +1536,7 @@ static int op_step(lua_State *L, vm *v, cl_wait *w) {
       return 1;
     }
     if (v->pidfd < 0) return cl_failf(L, ECHILD, "vm %s: not running", v->id);
-    if (w->state == CL_WAIT_TIMEOUT) {
-      lua_pushnil(L);
-      lua_pushliteral(L, "timeout");
-      lua_pushinteger(L, ETIMEDOUT);
-      return 3;
-    }
+    if (w->state == CL_WAIT_TIMEOUT) return cl_timed_out(L);
     return VM_WAIT;
   }
   if (op == OP_KILL) {
@@ -1888,6 +1883,10 @@ static int l_index(lua_State *L) {
   const char *k = luaL_checkstring(L, 2);
   if (strcmp(k, "id") == 0) {
     lua_pushstring(L, v->id);
+    return 1;
+  }
+  if (strcmp(k, "backend") == 0) {
+    lua_pushstring(L, v->backend == VM_FIRECRACKER ? "firecracker" : "qemu");
     return 1;
   }
   if (strcmp(k, "tap") == 0) {
