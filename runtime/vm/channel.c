@@ -272,9 +272,30 @@ static void sanitize(char *dst, size_t n, const unsigned char *s, size_t len) {
   dst[j] = 0;
 }
 
-static void queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_t n) {
+/* Output that could not be kept (out of memory): the command is cancelled, the exec fails with
+ * the loss and it is audited, rather than returning output with a hole in it. */
+static void output_lost(vm *v, vm_req *r, int err, size_t n) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "exec: %zu bytes of %s lost: out of memory", n,
+           err ? "stderr" : "stdout");
+  lua_State *L = v->L;
+  luaL_checkstack(L, 4, "vm");
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, (lua_Integer)r->id);
+  lua_setfield(L, -2, "request");
+  lua_pushstring(L, err ? "stderr" : "stdout");
+  lua_setfield(L, -2, "stream");
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_setfield(L, -2, "bytes");
+  cl_vm_audit(v, L, "vm.output_lost", lua_gettop(L));
+  lua_pop(L, 1);
+  cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0);
+  req_fail(r, ENOMEM, msg);
+}
+
+static int queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_t n) {
   chunk *ch = malloc(sizeof *ch + n);
-  if (!ch) return;
+  if (!ch) return 0;
   ch->next = NULL;
   ch->err = err;
   ch->len = n;
@@ -289,6 +310,7 @@ static void queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_
     v->chan.throttled = 1;
     update_events(v);
   }
+  return 1;
 }
 
 static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_t len) {
@@ -299,11 +321,10 @@ static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_
   size_t keep = len > room ? (size_t)room : len;
   *total += len;
   if (keep < len) *trunc = 1;
-  if (!keep) return;
-  if (r->streaming)
-    queue_chunk(v, r, err, p, keep);
-  else
-    bbuf_add(err ? &r->err : &r->out, p, keep);
+  if (!keep || r->failed) return;
+  int kept =
+      r->streaming ? queue_chunk(v, r, err, p, keep) : bbuf_add(err ? &r->err : &r->out, p, keep);
+  if (!kept) output_lost(v, r, err, keep);
 }
 
 /* Handles one frame; returns 0 after a violation (the channel is closed). */
@@ -753,7 +774,7 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = cl_wait_resumed(L, ctx);
   vm_req *r = lua_touserdata(L, (int)ctx - 1);
   lua_settop(L, (int)ctx);
-  if (r->qhead) { /* streamed output: one chunk per callback call */
+  while (r->qhead) { /* streamed output: one chunk per callback call */
     chunk *ch = r->qhead;
     r->qhead = ch->next;
     if (!r->qhead) r->qtail = NULL;
@@ -762,12 +783,9 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
     lua_pushlstring(L, ch->data, ch->len);
     free(ch);
     unthrottle(r->v);
-    if (lua_isfunction(L, -2)) {
-      lua_callk(L, 1, 0, ctx, exec_k);
-    } else {
-      lua_pop(L, 2);
-    }
-    return exec_k(L, LUA_OK, ctx);
+    /* A callback that waits resumes here, in exec_k, and the loop goes on with the next chunk. */
+    if (lua_isfunction(L, -2)) lua_callk(L, 1, 0, ctx, exec_k);
+    lua_settop(L, (int)ctx);
   }
   if (r->failed) return req_failed(L, r);
   vm *v = r->v;
