@@ -1123,8 +1123,9 @@ static void audit_decision(supervisor *sv, pending *pd, const char *decision, in
     lua_pushstring(L, reason);
     lua_setfield(L, -2, "reason");
   }
-  lua_pushnumber(L, cl_now() - pd->started);
-  lua_setfield(L, -2, "latency");
+  /* Whole microseconds: an integer is cheaper to record than a float. */
+  lua_pushinteger(L, (lua_Integer)((cl_now() - pd->started) * 1e6 + 0.5));
+  lua_setfield(L, -2, "latency_us");
   const char *sb = sv->sandbox[0] ? sv->sandbox : NULL;
   cl_audit_emit(L, "seccomp.notify", sb, pd->pid, lua_gettop(L));
   if (!strcmp(decision, "deny")) cl_audit_emit(L, "seccomp.deny", sb, pd->pid, lua_gettop(L));
@@ -1277,10 +1278,11 @@ static void push_sockaddr(lua_State *L, pid_t pid, uint64_t addr, uint64_t len) 
 }
 
 /* Which arguments are paths or socket addresses, by syscall name. */
-static const struct {
+typedef struct arg_kind {
   const char *name;
   signed char path1, path2, sa, salen;
-} arg_kinds[] = {
+} arg_kind;
+static const arg_kind arg_kinds[] = {
     {"open", 0, -1, -1, -1},       {"openat", 1, -1, -1, -1},     {"openat2", 1, -1, -1, -1},
     {"creat", 0, -1, -1, -1},      {"stat", 0, -1, -1, -1},       {"lstat", 0, -1, -1, -1},
     {"newfstatat", 1, -1, -1, -1}, {"statx", 1, -1, -1, -1},      {"access", 0, -1, -1, -1},
@@ -1297,6 +1299,50 @@ static const struct {
     {"mknodat", 1, -1, -1, -1},    {"statfs", 0, -1, -1, -1},     {"pivot_root", 0, 1, -1, -1},
     {"connect", -1, -1, 1, 2},     {"bind", -1, -1, 1, 2},        {"sendto", -1, -1, 4, 5},
 };
+
+/* Syscall names and argument kinds by number, resolved once per number (libseccomp's lookup
+ * allocates and scans a table: too slow for every notification). */
+typedef struct syscall_info {
+  char name[40];
+  signed char kind; /* index in arg_kinds, -1: no path or address arguments */
+  unsigned char known;
+} syscall_info;
+
+#define SYSCALL_CACHE 1024
+
+static const syscall_info *syscall_of(uint32_t arch, int nr) {
+  static syscall_info cache[2][SYSCALL_CACHE];
+  static syscall_info other;
+  int a = arch == AUDIT_ARCH_X86_64 ? 0 : arch == AUDIT_ARCH_I386 ? 1 : -1;
+  syscall_info *si = a >= 0 && nr >= 0 && nr < SYSCALL_CACHE ? &cache[a][nr] : &other;
+  if (si->known && si != &other) return si;
+  char *name = seccomp_syscall_resolve_num_arch(arch, nr);
+  const char *x = !name && arch == AUDIT_ARCH_X86_64 ? extra_name(nr) : NULL;
+  snprintf(si->name, sizeof si->name, "%s", name ? name : x ? x : "?");
+  free(name);
+  si->kind = -1;
+  for (size_t k = 0; k < CL_ARRAY_LEN(arg_kinds); k++)
+    if (strcmp(arg_kinds[k].name, si->name) == 0) si->kind = (signed char)k;
+  si->known = 1;
+  return si;
+}
+
+/* Adds the path and socket address arguments the target passed; returns whether it read any. */
+static int push_remote_args(lua_State *L, int ev, const arg_kind *ak, struct seccomp_notif *req) {
+  if (ak->path1 >= 0) {
+    push_remote_string(L, (pid_t)req->pid, req->data.args[ak->path1]);
+    lua_setfield(L, ev, "path");
+  }
+  if (ak->path2 >= 0) {
+    push_remote_string(L, (pid_t)req->pid, req->data.args[ak->path2]);
+    lua_setfield(L, ev, "path2");
+  }
+  if (ak->sa >= 0) {
+    push_sockaddr(L, (pid_t)req->pid, req->data.args[ak->sa], req->data.args[ak->salen]);
+    lua_setfield(L, ev, "sockaddr");
+  }
+  return 1;
+}
 
 static int traceback(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
@@ -1364,12 +1410,8 @@ static void handle_notification(supervisor *sv, struct seccomp_notif *req, int h
       slot = i;
       break;
     }
-  char *name = seccomp_syscall_resolve_num_arch(req->data.arch, req->data.nr);
-  char sname[48];
-  snprintf(sname, sizeof sname, "%s", name ? name : "?");
-  if (!name && req->data.arch == AUDIT_ARCH_X86_64 && extra_name(req->data.nr))
-    snprintf(sname, sizeof sname, "%s", extra_name(req->data.nr));
-  free(name);
+  const syscall_info *si = syscall_of(req->data.arch, req->data.nr);
+  const char *sname = si->name;
   if (slot < 0) { /* bounded: beyond max_pending in flight, deny at once */
     sv->overloaded++;
     sv->denied++;
@@ -1403,30 +1445,16 @@ static void handle_notification(supervisor *sv, struct seccomp_notif *req, int h
     lua_rawseti(L, -2, i + 1);
   }
   lua_setfield(L, ev, "args");
-  for (size_t k = 0; k < CL_ARRAY_LEN(arg_kinds); k++) {
-    if (strcmp(arg_kinds[k].name, sname) != 0) continue;
-    if (arg_kinds[k].path1 >= 0) {
-      push_remote_string(L, (pid_t)req->pid, req->data.args[arg_kinds[k].path1]);
-      lua_setfield(L, ev, "path");
+  if (si->kind >= 0 && push_remote_args(L, ev, &arg_kinds[si->kind], req)) {
+    /* What we read is only meaningful if the target is still in this syscall: the pid could
+     * have been recycled, or the call interrupted, while we read. (Without such reads the
+     * answer itself is refused for a stale id: no check needed.) */
+    uint64_t id = req->id;
+    if (ioctl(sv->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
+      sv->stale++;
+      lua_settop(L, top);
+      return;
     }
-    if (arg_kinds[k].path2 >= 0) {
-      push_remote_string(L, (pid_t)req->pid, req->data.args[arg_kinds[k].path2]);
-      lua_setfield(L, ev, "path2");
-    }
-    if (arg_kinds[k].sa >= 0) {
-      push_sockaddr(L, (pid_t)req->pid, req->data.args[arg_kinds[k].sa],
-                    req->data.args[arg_kinds[k].salen]);
-      lua_setfield(L, ev, "sockaddr");
-    }
-    break;
-  }
-  /* What we read is only meaningful if the target is still in this syscall: the pid could
-   * have been recycled, or the call interrupted, while we read. */
-  uint64_t id = req->id;
-  if (ioctl(sv->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) < 0) {
-    sv->stale++;
-    lua_settop(L, top);
-    return;
   }
   pending *pd = &sv->slots[slot];
   pd->busy = 1;
