@@ -1,6 +1,7 @@
 /*
- * clawlua.proc: child processes (the start itself is spawn.c). Spawning uses clone(CLONE_VM | CLONE_VFORK) like posix_spawn
- * (the child borrows our memory until exec, so starting a process costs no page-table copy),
+ * clawlua.proc: child processes (the start itself is in spawn.c). Spawning uses
+ * clone(CLONE_VM | CLONE_VFORK) like posix_spawn (the child borrows our memory until exec, so
+ * starting a process costs no page-table copy),
  * or a fork-style clone3 when the jail needs code in the child and a hand-shake with the parent.
  * Children are tracked by pidfd: waits are loop readiness, signals cannot hit a recycled pid.
  *
