@@ -250,95 +250,62 @@ void cl_jail_ext_destroy(cl_proc_ext *e) {
   free(x);
 }
 
-/* Creates the cgroups in the parent. Limits: memory bytes (0: none), pids (0: none), cpu
- * fraction of one CPU (0: none). version: 0 auto, 1, 2. */
-int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids, double cpu,
-                      char *err, size_t errlen) {
-  static unsigned counter;
-  int want[CG_NCTRL] = {memory > 0, pids > 0, cpu > 0};
-  char v2mnt[256] = "", v2self[400] = "", v2parent[700] = "";
-  int v2ok = 0;
-  if (version != 1 && find_mount(NULL, v2mnt, sizeof v2mnt) &&
-      self_cgroup(NULL, v2self, sizeof v2self)) {
-    snprintf(v2parent, sizeof v2parent, "%s%s", v2mnt, v2self);
-    v2ok = 1;
-    for (int c = 0; c < CG_NCTRL; c++)
-      if (want[c] && !v2_has(v2parent, cg_names[c])) v2ok = 0;
-  }
-  if (version == 2 && !v2ok) {
-    if (!v2mnt[0]) {
-      snprintf(err, errlen, "cgroup v2: no cgroup2 hierarchy is mounted");
-      return ENOENT;
-    }
-    for (int c = 0; c < CG_NCTRL; c++)
-      if (want[c] && !v2_has(v2parent, cg_names[c])) {
-        char avail[256] = "";
-        char path[MAX_PATH_LEN + 32];
-        snprintf(path, sizeof path, "%s/cgroup.controllers", v2parent);
-        cl_jail_read_file(path, avail, sizeof avail);
-        avail[strcspn(avail, "\n")] = 0;
-        snprintf(err, errlen, "cgroup v2 at %s has no '%s' controller (available: %s)", v2parent,
-                 cg_names[c], avail[0] ? avail : "none");
-        return EOPNOTSUPP;
-      }
-  }
-  char name[64];
-  snprintf(name, sizeof name, "clawlua-%d-%u", (int)getpid(), ++counter);
-  if (v2ok && (version == 2 || version == 0)) {
-    /* Controllers must be enabled in the parent's subtree for the child to have them. */
-    char path[MAX_PATH_LEN + 64], line[64];
-    for (int c = 0; c < CG_NCTRL; c++) {
-      if (!want[c]) continue;
-      snprintf(path, sizeof path, "%s/cgroup.subtree_control", v2parent);
-      snprintf(line, sizeof line, "+%s", cg_names[c]);
-      int e = cl_jail_write_file(path, line);
-      if (e) {
-        snprintf(err, errlen, "cgroup v2: enabling %s in %s: %s", cg_names[c], v2parent,
-                 strerror(e));
-        return e;
-      }
-    }
-    cgdir *d = &x->dirs[x->ndirs++];
-    snprintf(d->path, sizeof d->path, "%s/%s", v2parent, name);
-    d->v2 = 1;
-    if (mkdir(d->path, 0755) < 0) {
-      snprintf(err, errlen, "cgroup v2: mkdir %s: %s", d->path, strerror(errno));
-      return errno;
-    }
-    d->created = 1;
-    char val[64];
-    int e = 0;
-    if (memory > 0) {
-      d->ctrls |= 1u << CG_MEMORY;
-      snprintf(val, sizeof val, "%lld", memory);
-      snprintf(path, sizeof path, "%s/memory.max", d->path);
-      e = cl_jail_write_file(path, val);
-      snprintf(path, sizeof path, "%s/memory.swap.max", d->path);
-      if (!e && access(path, F_OK) == 0) e = cl_jail_write_file(path, "0");
-    }
-    if (!e && pids > 0) {
-      d->ctrls |= 1u << CG_PIDS;
-      snprintf(val, sizeof val, "%lld", pids);
-      snprintf(path, sizeof path, "%s/pids.max", d->path);
-      e = cl_jail_write_file(path, val);
-    }
-    if (!e && cpu > 0) {
-      d->ctrls |= 1u << CG_CPU;
-      snprintf(val, sizeof val, "%lld 100000", (long long)(cpu * 100000));
-      snprintf(path, sizeof path, "%s/cpu.max", d->path);
-      e = cl_jail_write_file(path, val);
-    }
+/* v2: one directory under the runtime's own cgroup, the controllers enabled in the parent's
+ * subtree first. */
+static int cg_create_v2(jail_ext *x, const char *v2parent, const char *name, const int want[],
+                        long long memory, long long pids, double cpu, char *err, size_t errlen) {
+  /* Controllers must be enabled in the parent's subtree for the child to have them. */
+  char path[MAX_PATH_LEN + 64], line[64];
+  for (int c = 0; c < CG_NCTRL; c++) {
+    if (!want[c]) continue;
+    snprintf(path, sizeof path, "%s/cgroup.subtree_control", v2parent);
+    snprintf(line, sizeof line, "+%s", cg_names[c]);
+    int e = cl_jail_write_file(path, line);
     if (e) {
-      snprintf(err, errlen, "cgroup v2: setting limits in %s: %s", d->path, strerror(e));
+      snprintf(err, errlen, "cgroup v2: enabling %s in %s: %s", cg_names[c], v2parent, strerror(e));
       return e;
     }
-    return 0;
   }
-  if (version == 2) {
-    snprintf(err, errlen, "cgroup v2 is not usable here");
-    return EOPNOTSUPP;
+  cgdir *d = &x->dirs[x->ndirs++];
+  snprintf(d->path, sizeof d->path, "%s/%s", v2parent, name);
+  d->v2 = 1;
+  if (mkdir(d->path, 0755) < 0) {
+    snprintf(err, errlen, "cgroup v2: mkdir %s: %s", d->path, strerror(errno));
+    return errno;
   }
-  /* v1: one directory per controller hierarchy. */
+  d->created = 1;
+  char val[64];
+  int e = 0;
+  if (memory > 0) {
+    d->ctrls |= 1u << CG_MEMORY;
+    snprintf(val, sizeof val, "%lld", memory);
+    snprintf(path, sizeof path, "%s/memory.max", d->path);
+    e = cl_jail_write_file(path, val);
+    snprintf(path, sizeof path, "%s/memory.swap.max", d->path);
+    if (!e && access(path, F_OK) == 0) e = cl_jail_write_file(path, "0");
+  }
+  if (!e && pids > 0) {
+    d->ctrls |= 1u << CG_PIDS;
+    snprintf(val, sizeof val, "%lld", pids);
+    snprintf(path, sizeof path, "%s/pids.max", d->path);
+    e = cl_jail_write_file(path, val);
+  }
+  if (!e && cpu > 0) {
+    d->ctrls |= 1u << CG_CPU;
+    snprintf(val, sizeof val, "%lld 100000", (long long)(cpu * 100000));
+    snprintf(path, sizeof path, "%s/cpu.max", d->path);
+    e = cl_jail_write_file(path, val);
+  }
+  if (e) {
+    snprintf(err, errlen, "cgroup v2: setting limits in %s: %s", d->path, strerror(e));
+    return e;
+  }
+  return 0;
+}
+
+/* v1: one directory per controller hierarchy. */
+static int cg_create_v1(jail_ext *x, const char *name, const int want[], long long memory,
+                        long long pids, double cpu, char *err, size_t errlen) {
   for (int c = 0; c < CG_NCTRL; c++) {
     if (!want[c]) continue;
     char mp[256], self[512];
@@ -380,6 +347,49 @@ int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids
     }
   }
   return 0;
+}
+
+/* Makes the jail's cgroups (v2 where it has every controller asked for, else v1; version 1 or 2
+ * insists) with their limits. Returns 0 or an errno with a message in err. */
+int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids, double cpu,
+                      char *err, size_t errlen) {
+  static unsigned counter;
+  int want[CG_NCTRL] = {memory > 0, pids > 0, cpu > 0};
+  char v2mnt[256] = "", v2self[400] = "", v2parent[700] = "";
+  int v2ok = 0;
+  if (version != 1 && find_mount(NULL, v2mnt, sizeof v2mnt) &&
+      self_cgroup(NULL, v2self, sizeof v2self)) {
+    snprintf(v2parent, sizeof v2parent, "%s%s", v2mnt, v2self);
+    v2ok = 1;
+    for (int c = 0; c < CG_NCTRL; c++)
+      if (want[c] && !v2_has(v2parent, cg_names[c])) v2ok = 0;
+  }
+  if (version == 2 && !v2ok) {
+    if (!v2mnt[0]) {
+      snprintf(err, errlen, "cgroup v2: no cgroup2 hierarchy is mounted");
+      return ENOENT;
+    }
+    for (int c = 0; c < CG_NCTRL; c++)
+      if (want[c] && !v2_has(v2parent, cg_names[c])) {
+        char avail[256] = "";
+        char path[MAX_PATH_LEN + 32];
+        snprintf(path, sizeof path, "%s/cgroup.controllers", v2parent);
+        cl_jail_read_file(path, avail, sizeof avail);
+        avail[strcspn(avail, "\n")] = 0;
+        snprintf(err, errlen, "cgroup v2 at %s has no '%s' controller (available: %s)", v2parent,
+                 cg_names[c], avail[0] ? avail : "none");
+        return EOPNOTSUPP;
+      }
+  }
+  char name[64];
+  snprintf(name, sizeof name, "clawlua-%d-%u", (int)getpid(), ++counter);
+  if (v2ok && (version == 2 || version == 0))
+    return cg_create_v2(x, v2parent, name, want, memory, pids, cpu, err, errlen);
+  if (version == 2) {
+    snprintf(err, errlen, "cgroup v2 is not usable here");
+    return EOPNOTSUPP;
+  }
+  return cg_create_v1(x, name, want, memory, pids, cpu, err, errlen);
 }
 
 /* Lua: jail.cgroup_info() -> {v1 = {memory=path|nil, ...}, v2 = path|nil, v2_controllers=} */

@@ -381,8 +381,9 @@ static int check_vmm_jail(lua_State *L, vm *v) {
 
 /* The part of create and restore after the options: checks, then the kernel objects. The vm
  * userdata is on top of the stack. Returns 1 (the vm stays on top) or pushes nil, err, code. */
-static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char *tap,
-                    int want_net) {
+/* The files a VM names exist and are absolute paths from now on (the VMM runs in its run
+ * directory). Returns 0 or pushes the failure. */
+static int check_files(lua_State *L, vm *v) {
   int n;
   if (v->kernel && (n = file_check(L, "kernel", v->kernel))) return (cl_vm_free_config(v), n);
   if (v->initrd && (n = file_check(L, "initrd", v->initrd))) return (cl_vm_free_config(v), n);
@@ -409,6 +410,14 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
       snprintf(v->log_path, sizeof v->log_path, "%.300s/%.200s", cwd, tmp);
     }
   }
+  return 0;
+}
+
+/* Everything checked before the handle owns anything: files, id, backend, the seccomp and
+ * channel the backend can take, the tap name, the jail. Returns 0 or pushes the failure. */
+static int check_vm(lua_State *L, vm *v, int want_backend, int accel, const char *tap) {
+  int n = check_files(L, v);
+  if (n) return n;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &cl_vm_ids_key);
   int dup = lua_getfield(L, -1, v->id) != LUA_TNIL;
   lua_pop(L, 2);
@@ -453,6 +462,13 @@ static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char
     return cl_failf(L, EEXIST, "vm.create: net.tap: an interface named \"%s\" already exists", tap);
   }
   if (v->jailed && (n = check_vmm_jail(L, v))) return n;
+  return 0;
+}
+
+static int setup_vm(lua_State *L, vm *v, int want_backend, int accel, const char *tap,
+                    int want_net) {
+  int n = check_vm(L, v, want_backend, accel, tap);
+  if (n) return n;
   /* From here on the handle owns what it makes. */
   v->released = 0;
   v->state = VS_CREATED;

@@ -145,6 +145,35 @@ static int exec_k(lua_State *L, int status, lua_KContext ctx) {
   if (r->failed) return cl_chan_req_failed(L, r);
   return cl_chan_req_wait(L, r, w, exec_k, ctx);
 }
+/* exec's env as a list of "K=V" strings pushed on the stack, every entry checked before
+ * anything is built; returns its length. */
+static lua_Integer read_exec_env(lua_State *L) {
+  lua_newtable(L);
+  int envt = lua_gettop(L);
+  lua_Integer nenv = 0;
+  if (lua_getfield(L, 2, "env") != LUA_TNIL) {
+    if (!lua_istable(L, -1)) cl_field_error(L, "env", "table expected");
+    int ei = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, ei)) {
+      if (lua_type(L, -2) != LUA_TSTRING ||
+          (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
+        cl_field_error(L, "env", "string keys with string values expected");
+      size_t kl, vl;
+      const char *k = lua_tolstring(L, -2, &kl);
+      const char *val = lua_tolstring(L, -1, &vl);
+      if (kl == 0 || strchr(k, '=') || strlen(k) != kl || strlen(val) != vl)
+        cl_field_error(L, "env", lua_pushfstring(L, "invalid variable '%s'", k));
+      lua_pushfstring(L, "%s=%s", k, val);
+      lua_rawseti(L, envt, ++nenv);
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+  if (nenv > CLA_MAX_ARGS) cl_field_error(L, "env", "more entries than the agent accepts");
+  return nenv;
+}
+
 /* Lua: vm:exec{argv... | argv=, env=, env_clear=, cwd=, stdin=, timeout=, max_output=, on_stdout=,
  * on_stderr=} -> {code=|signal=, stdout=, stderr=, truncated=, timed_out=, duration=, pid=} */
 static int l_exec(lua_State *L) {
@@ -187,30 +216,8 @@ static int l_exec(lua_State *L) {
     if (t == LUA_TFUNCTION) streaming = 1;
     lua_pop(L, 1);
   }
-  /* The environment as "K=V" strings, every entry checked before anything is built. */
-  lua_newtable(L);
+  lua_Integer nenv = read_exec_env(L);
   int envt = lua_gettop(L);
-  lua_Integer nenv = 0;
-  if (lua_getfield(L, 2, "env") != LUA_TNIL) {
-    if (!lua_istable(L, -1)) cl_field_error(L, "env", "table expected");
-    int ei = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, ei)) {
-      if (lua_type(L, -2) != LUA_TSTRING ||
-          (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
-        cl_field_error(L, "env", "string keys with string values expected");
-      size_t kl, vl;
-      const char *k = lua_tolstring(L, -2, &kl);
-      const char *val = lua_tolstring(L, -1, &vl);
-      if (kl == 0 || strchr(k, '=') || strlen(k) != kl || strlen(val) != vl)
-        cl_field_error(L, "env", lua_pushfstring(L, "invalid variable '%s'", k));
-      lua_pushfstring(L, "%s=%s", k, val);
-      lua_rawseti(L, envt, ++nenv);
-      lua_pop(L, 1);
-    }
-  }
-  lua_pop(L, 1);
-  if (nenv > CLA_MAX_ARGS) cl_field_error(L, "env", "more entries than the agent accepts");
   int env_clear = cl_opt_boolean(L, 2, "env_clear", 0);
   /* The payload, sized first and then written into a userdata: nothing to leak on an error. */
   unsigned char *payload = NULL;

@@ -273,6 +273,49 @@ static void append_list(lua_State *L, int t, const char *field, int list) {
   lua_pop(L, 1);
 }
 
+/* The VMM's devices, network, id and cgroup limits, with the caller's additions (user: the
+ * index of the caller's jail table, or 0). */
+static void jail_limits(lua_State *L, vm *v, int jt, int user) {
+  /* Devices: the usual ones, KVM, and the tun device Firecracker opens its tap with. */
+  lua_newtable(L);
+  int devs = lua_gettop(L);
+  static const char *const base_devs[] = {"null", "zero", "full", "random", "urandom", NULL};
+  for (const char *const *d = base_devs; *d; d++) list_add_str(L, devs, *d);
+  if ((v->kvm == 1 || v->kvm == 2 || v->backend == VM_FIRECRACKER) && access("/dev/kvm", F_OK) == 0)
+    list_add_str(L, devs, "kvm");
+  if (v->backend == VM_FIRECRACKER && v->tap[0]) list_add_str(L, devs, "net/tun");
+  if (user) append_list(L, user, "devices", devs);
+  lua_pushvalue(L, devs);
+  lua_setfield(L, jt, "devices");
+  /* QEMU gets its tap as an fd: it needs no network. Firecracker opens its tap by name, in the
+   * namespace that has it. */
+  if (lua_getfield(L, jt, "net") == LUA_TNIL) {
+    lua_pushstring(L, v->backend == VM_FIRECRACKER && v->tap[0] ? "host" : "new");
+    lua_setfield(L, jt, "net");
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, jt, "id") == LUA_TNIL) {
+    lua_pushstring(L, v->id);
+    lua_setfield(L, jt, "id");
+  }
+  lua_pop(L, 1);
+  /* Cgroup limits unless the caller set its own (or none: cgroup = false): the guest's memory
+   * with room for the VMM itself (TCG's translation cache), and a bound on its threads. */
+  int ct = lua_getfield(L, jt, "cgroup");
+  if (ct == LUA_TBOOLEAN) {
+    lua_pushnil(L);
+    lua_setfield(L, jt, "cgroup");
+  } else if (ct == LUA_TNIL) {
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, ((lua_Integer)v->mem_mib + 1024) << 20);
+    lua_setfield(L, -2, "memory");
+    lua_pushinteger(L, 1024);
+    lua_setfield(L, -2, "pids");
+    lua_setfield(L, jt, "cgroup");
+  }
+  lua_pop(L, 1);
+}
+
 /* Fills the jail options table at jt: what a VMM needs, then what the caller asked for. */
 void cl_vm_jail_options(lua_State *L, vm *v, int jt, const char *program) {
   int user = 0;
@@ -356,44 +399,7 @@ void cl_vm_jail_options(lua_State *L, vm *v, int jt, const char *program) {
   if (user) lua_pop(L, 1);
   lua_pushvalue(L, links);
   lua_setfield(L, jt, "symlinks");
-  /* Devices: the usual ones, KVM, and the tun device Firecracker opens its tap with. */
-  lua_newtable(L);
-  int devs = lua_gettop(L);
-  static const char *const base_devs[] = {"null", "zero", "full", "random", "urandom", NULL};
-  for (const char *const *d = base_devs; *d; d++) list_add_str(L, devs, *d);
-  if ((v->kvm == 1 || v->kvm == 2 || v->backend == VM_FIRECRACKER) && access("/dev/kvm", F_OK) == 0)
-    list_add_str(L, devs, "kvm");
-  if (v->backend == VM_FIRECRACKER && v->tap[0]) list_add_str(L, devs, "net/tun");
-  if (user) append_list(L, user, "devices", devs);
-  lua_pushvalue(L, devs);
-  lua_setfield(L, jt, "devices");
-  /* QEMU gets its tap as an fd: it needs no network. Firecracker opens its tap by name, in the
-   * namespace that has it. */
-  if (lua_getfield(L, jt, "net") == LUA_TNIL) {
-    lua_pushstring(L, v->backend == VM_FIRECRACKER && v->tap[0] ? "host" : "new");
-    lua_setfield(L, jt, "net");
-  }
-  lua_pop(L, 1);
-  if (lua_getfield(L, jt, "id") == LUA_TNIL) {
-    lua_pushstring(L, v->id);
-    lua_setfield(L, jt, "id");
-  }
-  lua_pop(L, 1);
-  /* Cgroup limits unless the caller set its own (or none: cgroup = false): the guest's memory
-   * with room for the VMM itself (TCG's translation cache), and a bound on its threads. */
-  int ct = lua_getfield(L, jt, "cgroup");
-  if (ct == LUA_TBOOLEAN) {
-    lua_pushnil(L);
-    lua_setfield(L, jt, "cgroup");
-  } else if (ct == LUA_TNIL) {
-    lua_createtable(L, 0, 2);
-    lua_pushinteger(L, ((lua_Integer)v->mem_mib + 1024) << 20);
-    lua_setfield(L, -2, "memory");
-    lua_pushinteger(L, 1024);
-    lua_setfield(L, -2, "pids");
-    lua_setfield(L, jt, "cgroup");
-  }
-  lua_pop(L, 1);
+  jail_limits(L, v, jt, user);
   lua_settop(L, jt);
 }
 
