@@ -397,6 +397,33 @@ static CURLcode set_method(CURL *e, const char *method, int has_body) {
   return curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
 }
 
+/* The request's headers (name = value, or "Name: value" lines), read before the easy handle
+ * exists, so a bad field raises with nothing to release but r. */
+static void read_headers(lua_State *L, req *r) {
+  if (lua_getfield(L, 1, "headers") != LUA_TNIL) {
+    if (!lua_istable(L, -1)) cl_field_error(L, "headers", "table expected");
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      const char *line;
+      if (lua_type(L, -2) == LUA_TSTRING) {
+        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+          cl_field_error(L, "headers", "string values expected");
+        line = lua_pushfstring(L, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
+      } else if (lua_type(L, -1) == LUA_TSTRING) {
+        line = lua_pushstring(L, lua_tostring(L, -1));
+      } else {
+        cl_field_error(L, "headers", "name = value or \"Name: value\" entries expected");
+      }
+      if (strpbrk(line, "\r\n")) cl_field_error(L, "headers", "line breaks in a header");
+      struct curl_slist *nl = curl_slist_append(r->headers, line);
+      if (!nl) luaL_error(L, "http: out of memory");
+      r->headers = nl;
+      lua_pop(L, 2);
+    }
+  }
+  lua_pop(L, 1);
+}
+
 /* Lua: http.request{url=, method="GET", headers={name=value}|{"Name: value"}, body=,
  * timeout=, connect_timeout=, unix_socket=, max_body=, follow=false, insecure=false,
  * keepalive=true, on_chunk=function(chunk) end} -> {status=, headers=, body=, url=, elapsed=} |
@@ -448,29 +475,7 @@ static int l_request(lua_State *L) {
   r->max_body = (size_t)max_body;
   r->streaming = streaming;
 
-  /* Headers before the easy handle, so a bad field raises with nothing to release. */
-  if (lua_getfield(L, 1, "headers") != LUA_TNIL) {
-    if (!lua_istable(L, -1)) cl_field_error(L, "headers", "table expected");
-    lua_pushnil(L);
-    while (lua_next(L, -2)) {
-      const char *line;
-      if (lua_type(L, -2) == LUA_TSTRING) {
-        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-          cl_field_error(L, "headers", "string values expected");
-        line = lua_pushfstring(L, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
-      } else if (lua_type(L, -1) == LUA_TSTRING) {
-        line = lua_pushstring(L, lua_tostring(L, -1));
-      } else {
-        cl_field_error(L, "headers", "name = value or \"Name: value\" entries expected");
-      }
-      if (strpbrk(line, "\r\n")) cl_field_error(L, "headers", "line breaks in a header");
-      struct curl_slist *nl = curl_slist_append(r->headers, line);
-      if (!nl) luaL_error(L, "http: out of memory");
-      r->headers = nl;
-      lua_pop(L, 2);
-    }
-  }
-  lua_pop(L, 1);
+  read_headers(L, r);
 
   r->easy = curl_easy_init();
   if (!r->easy) return luaL_error(L, "http: curl_easy_init failed");
