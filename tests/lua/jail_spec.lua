@@ -161,7 +161,8 @@ describe("jail.spawn", function()
                            cgroup = { cpu = 0.1 } })
     assert.are.equal(0, r.code)
     -- 10 % of a CPU: wall time is several times the CPU time used
-    assert.is_true(r.duration > 3 * (r.utime + r.stime), ("duration %.2f cpu %.2f"):format(r.duration, r.utime + r.stime))
+    assert.is_true(r.duration > 3 * (r.utime + r.stime),
+      ("duration %.2f cpu %.2f"):format(r.duration, r.utime + r.stime))
   end)
 
   it("keeps exactly the listed capabilities, as root or as another uid", function()

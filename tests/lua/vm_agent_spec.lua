@@ -28,14 +28,16 @@ describe("vm.create", function()
 
   it("raises on misuse, naming the field", function()
     assert.has_error(function() vm.create {} end, "vm.create: bad field 'kernel' (a kernel image path is required)")
-    assert.has_error(function() vm.create { kernel = kernel, bogus = 1 } end, "vm.create: bad field 'bogus' (unknown field)")
+    assert.has_error(function() vm.create { kernel = kernel, bogus = 1 } end,
+      "vm.create: bad field 'bogus' (unknown field)")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = 0 } end,
       "vm.create: bad field 'vcpus' (1 to 32 expected, got 0)")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = 1000 } end,
       "vm.create: bad field 'vcpus' (1 to 32 expected, got 1000)")
     assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 4 } end,
       "vm.create: bad field 'mem_mib' %(32 to %d+ %(the host's memory%) expected, got 4%)")
-    assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 1 << 40 } end, "vm.create: bad field 'mem_mib'")
+    assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 1 << 40 } end,
+      "vm.create: bad field 'mem_mib'")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = "2" } end,
       "vm.create: bad field 'vcpus' (integer expected, got string)")
     assert.has_error(function() vm.create { kernel = kernel, backend = "xen" } end,
@@ -49,7 +51,8 @@ describe("vm.create", function()
     assert.has_error(function() vm.create { kernel = kernel, net = { tap = "this-name-is-too-long" } } end,
       "vm.create: bad field 'net.tap' (\"this-name-is-too-long\" is not a valid interface name)")
     assert.has_error(function() vm.create { kernel = kernel, guest = { channel = "pigeon" } } end,
-      "vm.create: bad field 'guest.channel' (\"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, got \"pigeon\")")
+      "vm.create: bad field 'guest.channel' (\"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, "
+        .. "got \"pigeon\")")
     assert.has_error(function() vm.create { kernel = kernel, accel = "hvf" } end,
       "vm.create: bad field 'accel' (\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"hvf\")")
     assert.has_error(function() vm.create { kernel = kernel, guest = { ready_timeout = -1 } } end,
