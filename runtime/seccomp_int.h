@@ -79,6 +79,8 @@ __attribute__((noreturn)) void cl_seccomp_oom(lua_State *L);
 const char *cl_seccomp_extra_name(int nr);
 /* The number of a syscall newer than libseccomp (x86_64), or -1. */
 int cl_seccomp_extra_nr(const char *name);
+/* __gc of a prepared program (seccomp_child.c): closes its sockets and listener. */
+int cl_seccomp_prep_gc(lua_State *L);
 /* Registers the metatables of prepared programs and supervisors (luaopen_clawlua_seccomp). */
 void cl_seccomp_open_supervisor(lua_State *L);
 

@@ -1,8 +1,7 @@
 /*
- * Seccomp filters in a child and user notification: installing a prepared program as the last
- * step before exec (async-signal-safe), handing the notify listener to the parent, and the
- * supervisor that answers notified syscalls on the loop with the filter's Lua handler (each
- * call a task: the handler may wait), bounded by max_pending and notify_timeout, audited.
+ * User notification: the supervisor that answers notified syscalls on the loop with the
+ * filter's Lua handler, run by worker tasks (the handler may wait; meanwhile other workers take
+ * the next notifications), bounded by max_pending and notify_timeout, audited.
  */
 #include "seccomp_int.h"
 
@@ -31,151 +30,6 @@
 
 static const char SV_KEY = 'S'; /* registry: supervisor pointer -> userdata (weak) */
 
-static int prep_gc(lua_State *L) {
-  cl_seccomp_prog *p = lua_touserdata(L, 1);
-  for (int i = 0; i < 2; i++)
-    if (p->sock[i] >= 0) close(p->sock[i]), p->sock[i] = -1;
-  if (p->listener >= 0) close(p->listener), p->listener = -1;
-  return 0;
-}
-
-int cl_seccomp_prog_notifies(const cl_seccomp_prog *p) {
-  return p->notify;
-}
-
-/* In the child, last before exec: async-signal-safe. */
-int cl_seccomp_child_install(cl_seccomp_prog *p, const char **stage) {
-  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
-    *stage = "prctl(no_new_privs)";
-    return errno;
-  }
-  long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, p->flags, &p->prog);
-  if (fd < 0) {
-    *stage = "seccomp";
-    return errno;
-  }
-  if (p->notify) {
-    /* From here on every syscall goes through the filter: the hand-off and the exec are the
-     * only ones left before the program runs. */
-    char cbuf[CMSG_SPACE(sizeof(int))];
-    memset(cbuf, 0, sizeof cbuf);
-    char one = 1;
-    struct iovec iov = {&one, 1};
-    struct msghdr mh;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof cbuf;
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    int lfd = (int)fd;
-    memcpy(CMSG_DATA(cm), &lfd, sizeof lfd);
-    if (sendmsg(p->sock[1], &mh, MSG_NOSIGNAL) < 0) {
-      *stage = "seccomp listener hand-off (sendmsg)";
-      return errno;
-    }
-  }
-  return 0;
-}
-
-static int recv_fd(int sock) {
-  char cbuf[CMSG_SPACE(sizeof(int))];
-  char one;
-  struct iovec iov = {&one, 1};
-  struct msghdr mh;
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cbuf;
-  mh.msg_controllen = sizeof cbuf;
-  ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-  if (n <= 0) return -1;
-  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-  if (!cm || cm->cmsg_type != SCM_RIGHTS) return -1;
-  int fd;
-  memcpy(&fd, CMSG_DATA(cm), sizeof fd);
-  return fd;
-}
-
-static int errfd_ready(int errfd) {
-  struct pollfd pf = {errfd, POLLIN, 0};
-  return poll(&pf, 1, 0) > 0;
-}
-
-/*
- * Parent, in place of cl_spawn's wait for exec when the filter notifies: receives the listener
- * and answers the notifications raised by the runtime's own code between the filter and exec
- * (the hand-off, execve) with "continue". A notification is the runtime's while the child has
- * not exec'd: the child is single-threaded and blocked in it, so exec cannot have happened; one
- * read after the exec is visible belongs to the program and is kept for the supervisor.
- */
-ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t len) {
-  cl_seccomp_prog *p = arg;
-  if (p->sock[1] >= 0) {
-    close(p->sock[1]);
-    p->sock[1] = -1;
-  }
-  uint64_t deadline = cl_now_ns() + (uint64_t)HANDOFF_TIMEOUT_MS * 1000000u;
-  for (;;) {
-    struct pollfd pf[3] = {{errfd, POLLIN, 0}, {p->sock[0], POLLIN, 0}, {p->listener, POLLIN, 0}};
-    uint64_t now = cl_now_ns();
-    if (now >= deadline) {
-      kill(pid, SIGKILL);
-      return -ETIMEDOUT;
-    }
-    int n = poll(pf, 3, (int)((deadline - now) / 1000000u) + 1);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
-    }
-    if (pf[0].revents) {
-      /* Exec'd (or failed): the listener was sent before, so it is in the socket already. */
-      if (p->listener < 0 && p->sock[0] >= 0) {
-        p->listener = recv_fd(p->sock[0]);
-        if (p->listener >= 0) cl_set_nonblock(p->listener, 1);
-      }
-      ssize_t r;
-      do r = read(errfd, buf, len);
-      while (r < 0 && errno == EINTR);
-      if (r > 0) kill(pid, SIGKILL);   /* failed before exec: it may be stuck in a notified exit */
-      if (r == 0 && p->listener < 0) { /* exec'd without handing over: cannot supervise */
-        kill(pid, SIGKILL);
-        return -EPROTO;
-      }
-      return r < 0 ? -errno : r;
-    }
-    if (pf[1].revents && p->listener < 0) {
-      p->listener = recv_fd(p->sock[0]);
-      close(p->sock[0]);
-      p->sock[0] = -1;
-      if (p->listener < 0) {
-        kill(pid, SIGKILL);
-        return -EPROTO;
-      }
-      cl_set_nonblock(p->listener, 1);
-      continue;
-    }
-    if (p->listener >= 0 && (pf[2].revents & POLLIN)) {
-      struct seccomp_notif req;
-      memset(&req, 0, sizeof req);
-      if (ioctl(p->listener, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0) continue;
-      if (errfd_ready(errfd)) { /* the program's: for the supervisor */
-        p->carry = req;
-        p->carry_valid = 1;
-        continue;
-      }
-      struct seccomp_notif_resp resp;
-      memset(&resp, 0, sizeof resp);
-      resp.id = req.id;
-      resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
-      ioctl(p->listener, SECCOMP_IOCTL_NOTIF_SEND, &resp);
-    }
-  }
-}
-
 typedef struct supervisor supervisor;
 
 typedef struct pending {
@@ -183,7 +37,8 @@ typedef struct pending {
   uint64_t id;
   uint64_t gen; /* bumped whenever the slot is answered, so a late handler cannot reuse it */
   int busy;
-  int task_ref; /* registry ref to the handler task */
+  int task_ref; /* registry ref to the worker running the handler (the worker's, not owned) */
+  int ev_ref;   /* registry ref to the event table, until the slot is answered */
   pid_t pid;
   char syscall[48];
   double started;
@@ -203,6 +58,12 @@ struct supervisor {
   char sandbox[128];
   lua_Integer received, allowed, denied, timeouts, errors, overloaded, stale;
   pending *slots;
+  /* Workers: tasks that run the handler for queued slots one after another (a task per
+   * notification costs more than the handler itself). Idle ones wait on `idle`. */
+  int *queue; /* ring of slot numbers waiting for a worker */
+  int qhead, qlen;
+  int nworkers;
+  cl_waitq idle;
 };
 
 static void respond(supervisor *sv, uint64_t id, int allow, int err) {
@@ -245,10 +106,9 @@ static void audit_decision(supervisor *sv, pending *pd, const char *decision, in
 static void slot_finish(pending *pd) {
   supervisor *sv = pd->sv;
   cl_timer_stop(&pd->timer);
-  if (pd->task_ref != LUA_NOREF && !sv->finalizing) {
-    luaL_unref(sv->L, LUA_REGISTRYINDEX, pd->task_ref);
-    pd->task_ref = LUA_NOREF;
-  }
+  pd->task_ref = LUA_NOREF;
+  if (pd->ev_ref != LUA_NOREF && !sv->finalizing) luaL_unref(sv->L, LUA_REGISTRYINDEX, pd->ev_ref);
+  pd->ev_ref = LUA_NOREF;
   pd->busy = 0;
   pd->gen++;
   sv->npending--;
@@ -277,7 +137,6 @@ static void on_slot_timeout(cl_timer *t) {
   if (ref != LUA_NOREF) { /* stop the handler: its answer no longer counts */
     lua_State *L = sv->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, ref);
     if (lua_getfield(L, -1, "cancel") == LUA_TFUNCTION) {
       lua_pushvalue(L, -2);
       if (lua_pcall(L, 1, 0, 0) != LUA_OK) lua_pop(L, 1);
@@ -461,16 +320,12 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-/* Continuation of handler_task: the handler returned (status LUA_OK/LUA_YIELD) or failed. */
-static int handler_task_k(lua_State *L, int status, lua_KContext ctx) {
-  CL_UNUSED(ctx);
-  supervisor *sv = luaL_checkudata(L, 1, SUPER_MT);
-  int slot = (int)lua_tointeger(L, 2);
-  uint64_t gen = (uint64_t)lua_tointeger(L, 3);
-  int ok = status == LUA_OK || status == LUA_YIELD;
-  if (sv->closed || slot >= sv->max_pending) return 0;
+/* The handler of slot `slot` (generation gen) returned (ok) or failed, its result or error on
+ * top: answers unless the answer is late. */
+static void answer(lua_State *L, supervisor *sv, int slot, uint64_t gen, int ok) {
+  if (sv->closed || slot >= sv->max_pending) return;
   pending *pd = &sv->slots[slot];
-  if (!pd->busy || pd->gen != gen) return 0; /* answered already (timeout): nothing to say */
+  if (!pd->busy || pd->gen != gen) return; /* answered already (timeout): nothing to say */
   if (!ok) {
     sv->errors++;
     fprintf(stderr, "clawlua: seccomp notify handler failed: %s\n", lua_tostring(L, -1));
@@ -480,7 +335,7 @@ static int handler_task_k(lua_State *L, int status, lua_KContext ctx) {
     char *nl = strchr(reason, '\n');
     if (nl) *nl = 0;
     decide(pd, 0, EPERM, reason);
-    return 0;
+    return;
   }
   int t = lua_type(L, -1);
   if (t == LUA_TSTRING && strcmp(lua_tostring(L, -1), "allow") == 0) {
@@ -497,18 +352,95 @@ static int handler_task_k(lua_State *L, int status, lua_KContext ctx) {
             luaL_typename(L, -1));
     decide(pd, 0, EPERM, "bad handler result");
   }
-  return 0;
 }
 
-/* Runs as a task: calls the handler with the event (it may wait: the call yields) and answers
- * unless the answer is late. Arguments: supervisor, slot, generation, handler, event. */
-static int handler_task(lua_State *L) {
-  lua_settop(L, 5);
-  lua_pushcfunction(L, traceback);
-  lua_pushvalue(L, 4);
-  lua_pushvalue(L, 5);
-  int st = lua_pcallk(L, 1, 1, 6, 0, handler_task_k);
-  return handler_task_k(L, st, 0);
+/*
+ * A worker task. Stack: 1 supervisor, 2 handler, 3 a table whose `ref` is the registry ref of
+ * its own task handle (for a timeout to cancel it), 4 its idle wait; while a handler runs, 5
+ * the slot and 6 its generation. It takes queued slots one after another and calls the handler for
+ * each (the handler may wait: the call yields; meanwhile other workers take the next slots).
+ * It ends when the supervisor closes, or when cancelled while idle (the loop shutting down).
+ */
+static int worker_next(lua_State *L);
+
+static void worker_gone(lua_State *L, supervisor *sv) {
+  sv->nworkers--;
+  if (lua_getfield(L, 3, "ref") == LUA_TNUMBER)
+    luaL_unref(L, LUA_REGISTRYINDEX, (int)lua_tointeger(L, -1));
+  lua_pop(L, 1);
+}
+
+static int worker_idle_k(lua_State *L, int status, lua_KContext ctx) {
+  CL_UNUSED(status);
+  cl_wait *w = lua_touserdata(L, (int)ctx);
+  supervisor *sv = lua_touserdata(L, 1);
+  if (w->state == CL_WAIT_CANCELLED) worker_gone(L, sv);
+  cl_wait_resumed(L, ctx); /* raises the cancellation */
+  return worker_next(L);
+}
+
+static int worker_handler_k(lua_State *L, int status, lua_KContext ctx) {
+  CL_UNUSED(ctx);
+  supervisor *sv = lua_touserdata(L, 1);
+  answer(L, sv, (int)lua_tointeger(L, 5), (uint64_t)lua_tointeger(L, 6),
+         status == LUA_OK || status == LUA_YIELD);
+  return worker_next(L);
+}
+
+static int worker_next(lua_State *L) {
+  for (;;) {
+    lua_settop(L, 4);
+    supervisor *sv = lua_touserdata(L, 1);
+    if (sv->closed) {
+      worker_gone(L, sv);
+      return 0;
+    }
+    if (sv->qlen == 0) {
+      cl_wait *w = lua_touserdata(L, 4);
+      cl_waitq_add(&sv->idle, w);
+      return cl_wait_suspend(L, w, worker_idle_k, 4);
+    }
+    int slot = sv->queue[sv->qhead];
+    sv->qhead = (sv->qhead + 1) % sv->max_pending;
+    sv->qlen--;
+    pending *pd = &sv->slots[slot];
+    if (!pd->busy) continue; /* answered while queued (timeout) */
+    lua_getfield(L, 3, "ref");
+    pd->task_ref = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    lua_pushinteger(L, slot);
+    lua_pushinteger(L, (lua_Integer)pd->gen);
+    lua_pushcfunction(L, traceback);
+    lua_pushvalue(L, 2);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, pd->ev_ref);
+    int st = lua_pcallk(L, 1, 1, 7, 0, worker_handler_k);
+    answer(L, sv, slot, (uint64_t)lua_tointeger(L, 6), st == LUA_OK);
+  }
+}
+
+static int worker(lua_State *L) {
+  lua_settop(L, 3);
+  cl_wait_push(L);
+  return worker_next(L);
+}
+
+/* Hands slot to an idle worker, or to a new one. */
+static void dispatch(lua_State *L, supervisor *sv, int slot, int sv_idx, int handler_idx) {
+  sv->queue[(sv->qhead + sv->qlen) % sv->max_pending] = slot;
+  sv->qlen++;
+  if (cl_waitq_wake_one(&sv->idle, 0)) return;
+  lua_createtable(L, 0, 1);
+  int ti = lua_gettop(L);
+  lua_pushcfunction(L, worker);
+  lua_pushvalue(L, sv_idx);
+  lua_pushvalue(L, handler_idx);
+  lua_pushvalue(L, ti);
+  cl_task *t = cl_task_spawn(L, 3);
+  cl_task_set_daemon(t, 1);
+  sv->nworkers++;
+  lua_pushinteger(L, luaL_ref(L, LUA_REGISTRYINDEX)); /* the task handle */
+  lua_setfield(L, ti, "ref");
+  lua_pop(L, 1);
 }
 
 static void handle_notification(supervisor *sv, struct seccomp_notif *req, int handler_idx,
@@ -576,14 +508,9 @@ static void handle_notification(supervisor *sv, struct seccomp_notif *req, int h
   snprintf(pd->syscall, sizeof pd->syscall, "%s", sname);
   sv->npending++;
   cl_timer_start(sv->loop, &pd->timer, cl_deadline(sv->timeout), on_slot_timeout);
-  lua_pushcfunction(L, handler_task);
-  lua_pushvalue(L, sv_idx);
-  lua_pushinteger(L, slot);
-  lua_pushinteger(L, (lua_Integer)pd->gen);
-  lua_pushvalue(L, handler_idx);
   lua_pushvalue(L, ev);
-  cl_task_spawn(L, 5);
-  pd->task_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  pd->ev_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  dispatch(L, sv, slot, sv_idx, handler_idx);
   lua_settop(L, top);
 }
 
@@ -598,6 +525,10 @@ static void supervisor_stop(supervisor *sv) {
   sv->fd = -1;
   free(sv->slots);
   sv->slots = NULL;
+  free(sv->queue);
+  sv->queue = NULL;
+  sv->qlen = 0;
+  cl_waitq_wake_all(&sv->idle, 0); /* idle workers see the supervisor closed and end */
 }
 
 static void push_supervisor(lua_State *L, supervisor *sv) {
@@ -656,7 +587,14 @@ void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *san
   lua_getiuservalue(L, prep_idx, 1);
   lua_setiuservalue(L, svi, 1);
   sv->slots = calloc((size_t)p->max_pending, sizeof *sv->slots);
-  if (!sv->slots) cl_seccomp_oom(L);
+  sv->queue = calloc((size_t)p->max_pending, sizeof *sv->queue);
+  if (!sv->slots || !sv->queue) {
+    free(sv->slots);
+    free(sv->queue);
+    sv->slots = NULL;
+    sv->queue = NULL;
+    cl_seccomp_oom(L);
+  }
   sv->closed = 0;
   lua_State *main;
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
@@ -671,6 +609,7 @@ void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *san
   for (int i = 0; i < sv->max_pending; i++) {
     sv->slots[i].sv = sv;
     sv->slots[i].task_ref = LUA_NOREF;
+    sv->slots[i].ev_ref = LUA_NOREF;
   }
   sv->fd = p->listener;
   p->listener = -1;
@@ -731,7 +670,7 @@ static const luaL_Reg sv_methods[] = {
 
 void cl_seccomp_open_supervisor(lua_State *L) {
   luaL_newmetatable(L, PREP_MT);
-  lua_pushcfunction(L, prep_gc);
+  lua_pushcfunction(L, cl_seccomp_prep_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   luaL_newmetatable(L, SUPER_MT);
