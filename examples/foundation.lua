@@ -58,7 +58,7 @@ local summary = claw.run(function()
     bodies[i] = t:join()
     tools = tools + #check(json.decode(bodies[i])).tools
   end
-  local sum = check(proc.run { "sha256sum", input = table.concat(bodies) }).stdout:match("^%x+")
+  local sum = check(proc.run { "sha256sum", stdin = table.concat(bodies) }).stdout:match("^%x+")
 
   local result = {
     documents = #bodies,

@@ -76,7 +76,7 @@ claw.run(function()
   check(v:write_file("/tmp/blob", data, { mode = "0600" }))
   local back = check(v:read_file("/tmp/blob"))
   r = check(v:exec { "sha256sum", "/tmp/blob" })
-  local host_sum = check(proc.run { "sha256sum", input = data }).stdout:match("%x+")
+  local host_sum = check(proc.run { "sha256sum", stdin = data }).stdout:match("%x+")
   step("file of %d bytes round-tripped: %s; guest sha256 %s host",
        #data, back == data and "identical" or "DIFFERENT",
        r.stdout:match("%x+") == host_sum and "matches" or "DIFFERS FROM")

@@ -62,8 +62,21 @@ int cl_fail(lua_State *L, const char *what, int err);
 /* Pushes nil, formatted message, code and returns 3. The format is lua_pushfstring's:
  * %s %d %I (lua_Integer) %f %p %c %U %% only. */
 int cl_failf(lua_State *L, int code, const char *fmt, ...);
+/* For a C function of a module whose body is written in Lua: calls require(module)[fn] with the
+ * C function's arguments and returns its results (the call may wait). */
+int cl_call_lua(lua_State *L, const char *module, const char *fn);
+/* Pushes what every wait that times out returns: nil, "timeout", "ETIMEDOUT"; returns 3. */
+int cl_timed_out(lua_State *L);
 /* Raises "bad field 'name' (unknown field)" for keys of table idx not in the NULL-ended list. */
 void cl_check_fields(lua_State *L, int idx, const char *const known[]);
+/* The same for a nested table: "bad field '<path>.name' (unknown field)". */
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *const known[]);
+/* Runs fn(L, idx, ud) protected on the value at idx (a nested option table, or a whole one).
+ * Returns 0, or 1 with the error message on top, its field path prefixed with path
+ * ("bad field 'cgroup.memory' (...)" read under "jail" becomes "bad field 'jail.cgroup.memory'
+ * (...)"); the caller releases what it holds and raises it (lua_error). fn must not yield. */
+int cl_parse_nested(lua_State *L, int idx, const char *path,
+                    void (*fn)(lua_State *L, int idx, void *ud), void *ud);
 /* Field readers for option tables: absent or nil gives the default, a wrong type raises
  * "bad field 'name' (integer expected, got string)". */
 const char *cl_opt_string(lua_State *L, int idx, const char *name, const char *def);
@@ -290,6 +303,8 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks);
 /* The pidfd of the process handle at idx (borrowed: valid while the handle holds an unreaped
  * child), or -1. Lets another owner watch the child's exit without reaping it (vm). */
 int cl_proc_pidfd(lua_State *L, int idx);
+/* The pid of the process handle at idx, 0 if idx is not one. */
+pid_t cl_proc_pid(lua_State *L, int idx);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Seccomp (seccomp.c)                                                                        */
@@ -307,6 +322,9 @@ ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t 
 /* After a successful spawn with a notify filter: pushes the supervisor handing the child's
  * notifications to the filter's handler on the loop. */
 void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *sandbox);
+/* seccomp.firecracker_file (a lua_CFunction): {vmm=f, api=f, vcpu=f} at 1 -> the bytes of the
+ * file Firecracker's --seccomp-filter reads. Raises on a bad table. */
+int cl_seccomp_firecracker_file(lua_State *L);
 
 /* ------------------------------------------------------------------------------------------ */
 /* JSON (json.c) */

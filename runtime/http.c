@@ -322,6 +322,7 @@ static int finish(lua_State *L, req *r) {
   if (r->headers_too_large)
     return cl_failf(L, E2BIG, "http: response headers from %s larger than %I bytes", url,
                     (lua_Integer)MAX_HEADER_BYTES);
+  if (r->result == CURLE_OPERATION_TIMEDOUT) return cl_timed_out(L);
   if (r->result != CURLE_OK) {
     const char *msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
     return cl_failf(L, (int)r->result, "http: %s (%s)", msg, url);
@@ -396,6 +397,33 @@ static CURLcode set_method(CURL *e, const char *method, int has_body) {
   return curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
 }
 
+/* The request's headers (name = value, or "Name: value" lines), read before the easy handle
+ * exists, so a bad field raises with nothing to release but r. */
+static void read_headers(lua_State *L, req *r) {
+  if (lua_getfield(L, 1, "headers") != LUA_TNIL) {
+    if (!lua_istable(L, -1)) cl_field_error(L, "headers", "table expected");
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      const char *line;
+      if (lua_type(L, -2) == LUA_TSTRING) {
+        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+          cl_field_error(L, "headers", "string values expected");
+        line = lua_pushfstring(L, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
+      } else if (lua_type(L, -1) == LUA_TSTRING) {
+        line = lua_pushstring(L, lua_tostring(L, -1));
+      } else {
+        cl_field_error(L, "headers", "name = value or \"Name: value\" entries expected");
+      }
+      if (strpbrk(line, "\r\n")) cl_field_error(L, "headers", "line breaks in a header");
+      struct curl_slist *nl = curl_slist_append(r->headers, line);
+      if (!nl) luaL_error(L, "http: out of memory");
+      r->headers = nl;
+      lua_pop(L, 2);
+    }
+  }
+  lua_pop(L, 1);
+}
+
 /* Lua: http.request{url=, method="GET", headers={name=value}|{"Name: value"}, body=,
  * timeout=, connect_timeout=, unix_socket=, max_body=, follow=false, insecure=false,
  * keepalive=true, on_chunk=function(chunk) end} -> {status=, headers=, body=, url=, elapsed=} |
@@ -422,10 +450,12 @@ static int l_request(lua_State *L) {
   for (const char *m = method; *m; m++)
     if (!isupper((unsigned char)*m))
       return cl_field_error(L, "method", "upper-case token expected");
-  double timeout = cl_opt_number(L, 1, "timeout", 0);
-  double ctimeout = cl_opt_number(L, 1, "connect_timeout", 0);
-  if (timeout < 0) cl_field_error(L, "timeout", "must not be negative");
-  if (ctimeout < 0) cl_field_error(L, "connect_timeout", "must not be negative");
+  /* Seconds; nil: no limit; 0: nothing that needs the network can finish, so it times out. */
+  double timeout = cl_opt_number(L, 1, "timeout", -1);
+  double ctimeout = cl_opt_number(L, 1, "connect_timeout", -1);
+  if (timeout < 0 && timeout != -1) cl_field_error(L, "timeout", "non-negative seconds expected");
+  if (ctimeout < 0 && ctimeout != -1)
+    cl_field_error(L, "connect_timeout", "non-negative seconds expected");
   const char *unix_socket = cl_opt_string(L, 1, "unix_socket", NULL);
   lua_Integer max_body = cl_opt_integer(L, 1, "max_body", (lua_Integer)DEFAULT_MAX_BODY);
   if (max_body < 0) cl_field_error(L, "max_body", "must not be negative");
@@ -445,29 +475,7 @@ static int l_request(lua_State *L) {
   r->max_body = (size_t)max_body;
   r->streaming = streaming;
 
-  /* Headers before the easy handle, so a bad field raises with nothing to release. */
-  if (lua_getfield(L, 1, "headers") != LUA_TNIL) {
-    if (!lua_istable(L, -1)) cl_field_error(L, "headers", "table expected");
-    lua_pushnil(L);
-    while (lua_next(L, -2)) {
-      const char *line;
-      if (lua_type(L, -2) == LUA_TSTRING) {
-        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-          cl_field_error(L, "headers", "string values expected");
-        line = lua_pushfstring(L, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
-      } else if (lua_type(L, -1) == LUA_TSTRING) {
-        line = lua_pushstring(L, lua_tostring(L, -1));
-      } else {
-        cl_field_error(L, "headers", "name = value or \"Name: value\" entries expected");
-      }
-      if (strpbrk(line, "\r\n")) cl_field_error(L, "headers", "line breaks in a header");
-      struct curl_slist *nl = curl_slist_append(r->headers, line);
-      if (!nl) luaL_error(L, "http: out of memory");
-      r->headers = nl;
-      lua_pop(L, 2);
-    }
-  }
-  lua_pop(L, 1);
+  read_headers(L, r);
 
   r->easy = curl_easy_init();
   if (!r->easy) return luaL_error(L, "http: curl_easy_init failed");
@@ -489,8 +497,11 @@ static int l_request(lua_State *L) {
   }
   if (set_method(e, method, body != NULL) != CURLE_OK)
     return luaL_error(L, "http: cannot set method %s", method);
-  if (timeout > 0) curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(timeout * 1000));
-  if (ctimeout > 0) curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(ctimeout * 1000));
+  /* curl reads 0 as "no limit": the shortest limit it has stands for 0. */
+  if (timeout >= 0)
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout < 0.001 ? 1L : (long)(timeout * 1000));
+  if (ctimeout >= 0)
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, ctimeout < 0.001 ? 1L : (long)(ctimeout * 1000));
   if (unix_socket) curl_easy_setopt(e, CURLOPT_UNIX_SOCKET_PATH, unix_socket);
   if (follow) {
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);

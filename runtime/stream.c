@@ -145,10 +145,6 @@ static ssize_t fill(cl_stream *s, size_t want) {
   }
 }
 
-static int timed_out(lua_State *L, cl_stream *s, const char *op) {
-  return cl_failf(L, ETIMEDOUT, "%s %s: timed out", op, s->name);
-}
-
 /* Suspends the current operation until the fd is ready; the wait lives at stack index widx
  * (created on the first suspension). */
 static int stream_wait(lua_State *L, cl_stream *s, int widx, int dir, lua_KFunction k) {
@@ -174,7 +170,7 @@ static int resumed(lua_State *L, lua_KContext ctx, cl_stream **sp, const char *o
     return 0;
   }
   if (w->state == CL_WAIT_TIMEOUT) {
-    *nret = timed_out(L, s, op);
+    *nret = cl_timed_out(L);
     return 0;
   }
   return 1;
@@ -498,9 +494,8 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = cl_wait_resumed(L, ctx);
   cl_stream *s = lua_touserdata(L, (int)ctx - 1);
   if (w->state == CL_WAIT_TIMEOUT) {
-    const char *path = lua_tostring(L, 1);
     stream_release(s);
-    return cl_failf(L, ETIMEDOUT, "connect %s: timed out", path);
+    return cl_timed_out(L);
   }
   int err = 0;
   socklen_t len = sizeof err;

@@ -26,12 +26,39 @@ int cl_failf(lua_State *L, int code, const char *fmt, ...) {
   return 3;
 }
 
+static int call_lua_k(lua_State *L, int status, lua_KContext ctx) {
+  CL_UNUSED(status);
+  CL_UNUSED(ctx);
+  return lua_gettop(L);
+}
+
+int cl_call_lua(lua_State *L, const char *module, const char *fn) {
+  int nargs = lua_gettop(L);
+  luaL_checkstack(L, 4, "clawlua");
+  lua_getglobal(L, "require");
+  lua_pushstring(L, module);
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, fn);
+  lua_remove(L, -2);
+  lua_insert(L, 1);
+  /* The function may wait (yield): it finishes in the continuation. */
+  lua_callk(L, nargs, LUA_MULTRET, 0, call_lua_k);
+  return call_lua_k(L, LUA_OK, 0);
+}
+
+int cl_timed_out(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  lua_pushliteral(L, "ETIMEDOUT");
+  return 3;
+}
+
 int cl_field_error(lua_State *L, const char *name, const char *msg) {
   luaL_error(L, "bad field '%s' (%s)", name, msg);
   __builtin_unreachable(); /* luaL_error does not return */
 }
 
-void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *const known[]) {
   idx = lua_absindex(L, idx);
   lua_pushnil(L);
   while (lua_next(L, idx)) {
@@ -39,6 +66,9 @@ void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
     if (lua_type(L, -1) != LUA_TSTRING) {
       /* Integer keys are the positional part of argv-style tables; the caller checks them. */
       if (lua_isinteger(L, -1)) continue;
+      if (path)
+        luaL_error(L, "bad field '%s' (a key of type %s, string keys expected)", path,
+                   luaL_typename(L, -1));
       luaL_error(L, "bad field of type %s (string keys expected)", luaL_typename(L, -1));
     }
     const char *k = lua_tostring(L, -1);
@@ -48,8 +78,55 @@ void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
         ok = 1;
         break;
       }
-    if (!ok) luaL_error(L, "bad field '%s' (unknown field)", k);
+    if (!ok) {
+      if (path) luaL_error(L, "bad field '%s.%s' (unknown field)", path, k);
+      luaL_error(L, "bad field '%s' (unknown field)", k);
+    }
   }
+}
+
+void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
+  cl_check_fields_at(L, idx, NULL, known);
+}
+
+typedef struct nested_call {
+  void (*fn)(lua_State *L, int idx, void *ud);
+  void *ud;
+} nested_call;
+
+static int nested_trampoline(lua_State *L) {
+  nested_call *nc = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  nc->fn(L, 1, nc->ud);
+  return 0;
+}
+
+/* Rewrites the error message on top: "bad field 'x' (...)" becomes "bad field '<path>.x' (...)"
+ * ("<path>[1]" for an index), anything else "bad field '<path>' (<message>)". */
+static void prefix_error(lua_State *L, const char *path) {
+  const char *msg = lua_tostring(L, -1);
+  if (!msg) msg = "error object is not a string";
+  static const char bad[] = "bad field '";
+  if (strncmp(msg, bad, sizeof bad - 1) == 0) {
+    const char *rest = msg + sizeof bad - 1;
+    lua_pushfstring(L, "bad field '%s%s%s", path, rest[0] == '[' ? "" : ".", rest);
+  } else {
+    lua_pushfstring(L, "bad field '%s' (%s)", path, msg);
+  }
+  lua_replace(L, -2);
+}
+
+int cl_parse_nested(lua_State *L, int idx, const char *path,
+                    void (*fn)(lua_State *L, int idx, void *ud), void *ud) {
+  idx = lua_absindex(L, idx);
+  nested_call nc = {fn, ud};
+  luaL_checkstack(L, 4, "nested options");
+  lua_pushcfunction(L, nested_trampoline);
+  lua_pushvalue(L, idx);
+  lua_pushlightuserdata(L, &nc);
+  if (lua_pcall(L, 2, 0, 0) == LUA_OK) return 0;
+  prefix_error(L, path);
+  return 1;
 }
 
 static int get_field(lua_State *L, int idx, const char *name) {

@@ -414,6 +414,9 @@ static void handle_exec(uint32_t id, const unsigned char *p, uint32_t len) {
       if (!replaced) envp[envc++] = s;
       break;
     }
+    case CLA_T_ENV_CLEAR: /* before any ENV: drops the base entries */
+      envc = base_envc = 0;
+      break;
     case CLA_T_CWD:
       cwd = cwd_buf = s;
       break;

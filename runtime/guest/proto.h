@@ -93,6 +93,7 @@ enum cla_tag {
   CLA_T_PID = 21,
   CLA_T_OUT_BYTES = 22, /* EXIT: what the command wrote, kept or not */
   CLA_T_ERR_BYTES = 23,
+  CLA_T_ENV_CLEAR = 24, /* EXEC: start from an empty environment (sent before any ENV) */
 };
 
 /* EXIT flags */

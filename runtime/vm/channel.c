@@ -1,6 +1,7 @@
 /*
- * The host side of the guest agent channel (protocol: runtime/guest/proto.h): vm:exec,
- * vm:write_file, vm:read_file, vm:ping, and the READY the start of a VM waits for.
+ * The host side of the guest agent channel (protocol: runtime/guest/proto.h): the connection,
+ * frames and requests under vm:exec, vm:write_file, vm:read_file, vm:ping (their Lua side is
+ * guest.c), and the READY the start of a VM waits for.
  *
  * The guest is not trusted. Every frame is checked before it is used: the header (magic, a
  * payload no larger than CLA_MAX_PAYLOAD, read before the payload is), the type, the request
@@ -15,9 +16,7 @@
  * past which the channel stops reading until the callback catches up, queued frames to the
  * guest by a high-water mark that makes writers wait.
  */
-#include "vm.h"
-
-#include "../guest/proto.h"
+#include "chan.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -26,69 +25,6 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <unistd.h>
-
-#define REQ_MT "clawlua.vm.request"
-#define IN_CAP (CLA_HEADER + CLA_MAX_PAYLOAD)
-/* Writers wait while this much is queued for the guest; past STREAM_HIGH of streamed output
- * queued for callbacks, the channel stops reading. */
-#define OUT_HIGH           ((size_t)512 << 10)
-#define STREAM_HIGH        ((size_t)1 << 20)
-#define DEFAULT_MAX_OUTPUT ((uint64_t)16 << 20)
-#define DEFAULT_MAX_READ   ((uint64_t)64 << 20)
-#define MAX_FILE           ((uint64_t)1 << 40)
-#define EXEC_GRACE         10.0 /* seconds the host waits past a command's timeout for the agent */
-
-enum { R_EXEC = 1, R_WRITE, R_READ, R_PING, R_SHUTDOWN };
-
-typedef struct bbuf {
-  char *p;
-  size_t len, cap;
-} bbuf;
-
-typedef struct chunk {
-  struct chunk *next;
-  int err; /* stderr */
-  size_t len;
-  char data[];
-} chunk;
-
-struct vm_req {
-  vm_req *next;
-  vm *v; /* NULL once the request is unlinked */
-  uint32_t id;
-  int kind;
-  int done, failed;
-  int code; /* errno-style code of a failure */
-  char error[512];
-  cl_wait *w;
-  uint64_t t0;
-  /* exec */
-  int started, exit_code, exit_signal;
-  uint64_t flags, guest_pid;
-  bbuf out, err;
-  uint64_t out_total, err_total, max_out, max_err;
-  int trunc_out, trunc_err;
-  int streaming;
-  chunk *qhead, *qtail;
-  size_t queued;
-  const char *in_data;
-  size_t in_len, in_sent;
-  uint64_t in_acked;
-  int in_eof_sent;
-  int want_write;
-  /* write */
-  int oks;
-  const char *wdata;
-  size_t wlen, wsent;
-  int wend_sent;
-  /* read */
-  int rinfo;
-  uint64_t rsize, rmax, rmode;
-  bbuf data;
-};
-
-/* ------------------------------------------------------------------------------------------ */
-/* Buffers                                                                                    */
 
 static int bbuf_add(bbuf *b, const void *p, size_t n) {
   if (b->len + n > b->cap) {
@@ -110,9 +46,6 @@ static void bbuf_free(bbuf *b) {
   b->len = b->cap = 0;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* The channel                                                                                */
-
 void cl_chan_init(vm_chan *c) {
   memset(c, 0, sizeof *c);
   c->fd = -1;
@@ -133,7 +66,7 @@ static void req_wake(vm_req *r) {
   }
 }
 
-static void req_fail(vm_req *r, int code, const char *msg) {
+void cl_chan_req_fail(vm_req *r, int code, const char *msg) {
   if (r->done || r->failed) return;
   r->failed = 1;
   r->code = code;
@@ -167,7 +100,7 @@ void cl_chan_close(vm *v, const char *why) {
            c->error[0] ? c->error
            : why       ? why
                        : "closed");
-  for (vm_req *r = c->reqs; r; r = r->next) req_fail(r, EPIPE, msg);
+  for (vm_req *r = c->reqs; r; r = r->next) cl_chan_req_fail(r, EPIPE, msg);
   c->in_len = 0;
   c->out_len = c->out_off = 0;
   cl_vm_changed(v);
@@ -190,6 +123,7 @@ void cl_chan_release(vm *v) {
 
 /* The agent broke the protocol: nothing it sends from now on is believed. */
 static void violation(vm *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 static void violation(vm *v, const char *fmt, ...) {
   vm_chan *c = &v->chan;
   if (c->closed) return;
@@ -272,9 +206,30 @@ static void sanitize(char *dst, size_t n, const unsigned char *s, size_t len) {
   dst[j] = 0;
 }
 
-static void queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_t n) {
+/* Output that could not be kept (out of memory): the command is cancelled, the exec fails with
+ * the loss and it is audited, rather than returning output with a hole in it. */
+static void output_lost(vm *v, vm_req *r, int err, size_t n) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "exec: %zu bytes of %s lost: out of memory", n,
+           err ? "stderr" : "stdout");
+  lua_State *L = v->L;
+  luaL_checkstack(L, 4, "vm");
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, (lua_Integer)r->id);
+  lua_setfield(L, -2, "request");
+  lua_pushstring(L, err ? "stderr" : "stdout");
+  lua_setfield(L, -2, "stream");
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_setfield(L, -2, "bytes");
+  cl_vm_audit(v, L, "vm.output_lost", lua_gettop(L));
+  lua_pop(L, 1);
+  cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0);
+  cl_chan_req_fail(r, ENOMEM, msg);
+}
+
+static int queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_t n) {
   chunk *ch = malloc(sizeof *ch + n);
-  if (!ch) return;
+  if (!ch) return 0;
   ch->next = NULL;
   ch->err = err;
   ch->len = n;
@@ -289,6 +244,7 @@ static void queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_
     v->chan.throttled = 1;
     update_events(v);
   }
+  return 1;
 }
 
 static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_t len) {
@@ -299,15 +255,15 @@ static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_
   size_t keep = len > room ? (size_t)room : len;
   *total += len;
   if (keep < len) *trunc = 1;
-  if (!keep) return;
-  if (r->streaming)
-    queue_chunk(v, r, err, p, keep);
-  else
-    bbuf_add(err ? &r->err : &r->out, p, keep);
+  if (!keep || r->failed) return;
+  int kept =
+      r->streaming ? queue_chunk(v, r, err, p, keep) : bbuf_add(err ? &r->err : &r->out, p, keep);
+  if (!kept) output_lost(v, r, err, keep);
 }
 
-/* Handles one frame; returns 0 after a violation (the channel is closed). */
-static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
+/* Frames about the connection itself: READY, the answer to a probe. 1 handled, 0 violation,
+ * -1 not one of them. */
+static int connection_frame(vm *v, const cla_header *h, const unsigned char *p) {
   vm_chan *c = &v->chan;
   cla_tlv t;
   uint64_t x;
@@ -340,6 +296,15 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     cl_vm_changed(v);
     return 1;
   }
+  return -1;
+}
+
+/* The request a frame names, checked to be one the host made and of the frame's kind. Sets *rp
+ * (NULL: a late frame for a request given up on, or an ERROR about something we sent). Returns 0
+ * after a violation. */
+static int frame_request(vm *v, const cla_header *h, vm_req **rp) {
+  vm_chan *c = &v->chan;
+  *rp = NULL;
   if (h->id == 0) {
     if (h->type == CLA_ERROR) return 1; /* the agent complains about something we sent */
     return violation(v, "frame of type %u without a request id", h->type), 0;
@@ -361,6 +326,14 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     if (kind_of[h->type] != r->kind)
       return violation(v, "frame of type %u for request %u of another kind", h->type, h->id), 0;
   }
+  *rp = r;
+  return 1;
+}
+
+/* ERROR, OK and PONG: the end of any request. Returns 0 after a violation. */
+static int reply_frame(vm *v, vm_req *r, const cla_header *h, const unsigned char *p) {
+  cla_tlv t;
+  int r_;
   switch (h->type) {
   case CLA_ERROR: {
     uint64_t err = 0;
@@ -375,7 +348,7 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     if (r_ < 0) return violation(v, "malformed ERROR frame"), 0;
     char full[400];
     snprintf(full, sizeof full, "vm %s: %s", v->id, msg[0] ? msg : "the agent reported an error");
-    req_fail(r, err > 0 && err < 4096 ? (int)err : EIO, full);
+    cl_chan_req_fail(r, err > 0 && err < 4096 ? (int)err : EIO, full);
     return 1;
   }
   case CLA_OK:
@@ -400,6 +373,18 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
   case CLA_PONG:
     r->done = 1;
     break;
+  default:
+    break;
+  }
+  return 1;
+}
+
+/* The frames of an exec: STARTED, STDOUT, STDERR, STDIN_ACK, EXIT. */
+static int exec_frame(vm *v, vm_req *r, const cla_header *h, const unsigned char *p) {
+  cla_tlv t;
+  uint64_t x;
+  int r_;
+  switch (h->type) {
   case CLA_STARTED:
     if (r->started) return violation(v, "request %u started twice", h->id), 0;
     cla_tlv_init(&t, p, h->len);
@@ -448,6 +433,17 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
     r->done = 1;
     break;
   }
+  default:
+    break;
+  }
+  return 1;
+}
+
+/* The frames of a read_file: RINFO, RDATA, REND. */
+static int read_frame(vm *v, vm_req *r, const cla_header *h, const unsigned char *p) {
+  cla_tlv t;
+  int r_;
+  switch (h->type) {
   case CLA_RINFO:
     if (r->rinfo) return violation(v, "request %u described twice", h->id), 0;
     cla_tlv_init(&t, p, h->len);
@@ -471,7 +467,7 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
                        (unsigned long long)r->rmax),
              0;
     if (!bbuf_add(&r->data, p, h->len)) {
-      req_fail(r, ENOMEM, "read_file: out of memory");
+      cl_chan_req_fail(r, ENOMEM, "read_file: out of memory");
       return 1;
     }
     break;
@@ -482,6 +478,25 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
   default:
     break;
   }
+  return 1;
+}
+
+/* Handles one frame; returns 0 after a violation (the channel is closed). */
+static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
+  int done = connection_frame(v, h, p);
+  if (done >= 0) return done;
+  vm_req *r;
+  if (!frame_request(v, h, &r)) return 0;
+  if (!r) return 1;
+  int ok;
+  if (h->type == CLA_ERROR || h->type == CLA_OK || h->type == CLA_PONG)
+    ok = reply_frame(v, r, h, p);
+  else if (r->kind == R_EXEC)
+    ok = exec_frame(v, r, h, p);
+  else
+    ok = read_frame(v, r, h, p);
+  if (!ok) return 0;
+  if (h->type == CLA_ERROR || (h->type == CLA_RDATA && r->failed)) return 1;
   req_wake(r);
   return 1;
 }
@@ -555,9 +570,6 @@ int cl_chan_attach(vm *v, int fd) {
   return 0;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Requests                                                                                   */
-
 static void req_unlink(vm_req *r) {
   vm *v = r->v;
   if (!v) return;
@@ -582,7 +594,7 @@ static void req_free_data(vm_req *r) {
   r->queued = 0;
 }
 
-static void unthrottle(vm *v) {
+void cl_chan_unthrottle(vm *v) {
   if (!v || !v->chan.throttled) return;
   size_t q = 0;
   for (vm_req *r = v->chan.reqs; r; r = r->next) q += r->queued;
@@ -592,7 +604,7 @@ static void unthrottle(vm *v) {
   }
 }
 
-static void req_release(vm_req *r) {
+void cl_chan_req_release(vm_req *r) {
   vm *v = r->v;
   r->w = NULL;
   if (v && !v->released && !r->done && !r->failed && !v->chan.closed &&
@@ -601,20 +613,20 @@ static void req_release(vm_req *r) {
                  0); /* kills the command, drops the file, stops a read */
   req_unlink(r);
   req_free_data(r);
-  unthrottle(v);
+  cl_chan_unthrottle(v);
 }
 
-static int req_gc(lua_State *L) {
-  req_release(lua_touserdata(L, 1));
+int cl_chan_req_gc(lua_State *L) {
+  cl_chan_req_release(lua_touserdata(L, 1));
   return 0;
 }
 
 static void req_abort(cl_wait *w) {
   vm_req *r = w->data;
-  if (r) req_release(r);
+  if (r) cl_chan_req_release(r);
 }
 
-static vm_req *new_req(lua_State *L, vm *v, int kind) {
+vm_req *cl_chan_new_req(lua_State *L, vm *v, int kind) {
   vm_req *r = lua_newuserdatauv(L, sizeof *r, 0);
   memset(r, 0, sizeof *r);
   luaL_setmetatable(L, REQ_MT);
@@ -627,7 +639,7 @@ static vm_req *new_req(lua_State *L, vm *v, int kind) {
   return r;
 }
 
-static int agent_unavailable(lua_State *L, vm *v, const char *what) {
+int cl_chan_unavailable(lua_State *L, vm *v, const char *what) {
   if (v->channel == CH_NONE)
     return cl_failf(L, ENOTSUP, "vm %s: %s: the vm has no guest agent channel", v->id, what);
   if (v->chan.error[0])
@@ -637,503 +649,22 @@ static int agent_unavailable(lua_State *L, vm *v, const char *what) {
                   what, cl_vm_state_name(v->state));
 }
 
-static int req_failed(lua_State *L, vm_req *r) {
+int cl_chan_req_failed(lua_State *L, vm_req *r) {
   int code = r->code;
   lua_pushnil(L);
   lua_pushstring(L, r->error);
   lua_pushinteger(L, code);
-  req_release(r);
+  cl_chan_req_release(r);
   return 3;
 }
 
 /* Suspends until the request changes; k resumes. */
-static int req_wait(lua_State *L, vm_req *r, cl_wait *w, lua_KFunction k, lua_KContext ctx) {
+int cl_chan_req_wait(lua_State *L, vm_req *r, cl_wait *w, lua_KFunction k, lua_KContext ctx) {
   r->w = w;
   w->data = r;
   w->on_abort = req_abort;
   w->external = 1;
   return cl_wait_suspend(L, w, k, ctx);
-}
-
-/* TLV helpers for requests */
-/* Writes TLVs into p, or only counts them when p is NULL. */
-typedef struct tlvw {
-  unsigned char *p;
-  size_t n;
-} tlvw;
-
-static void tlvw_add(tlvw *t, uint16_t tag, const void *v, size_t len) {
-  if (t->p) {
-    cla_put16(t->p + t->n, tag);
-    cla_put32(t->p + t->n + 2, (uint32_t)len);
-    if (len) memcpy(t->p + t->n + 6, v, len);
-  }
-  t->n += 6 + len;
-}
-
-static void tlvw_u64(tlvw *t, uint16_t tag, uint64_t x) {
-  unsigned char v[8];
-  cla_put64(v, x);
-  tlvw_add(t, tag, v, 8);
-}
-
-static void tlv_add(luaL_Buffer *b, uint16_t tag, const void *v, size_t len) {
-  unsigned char h[6];
-  cla_put16(h, tag);
-  cla_put32(h + 2, (uint32_t)len);
-  luaL_addlstring(b, (const char *)h, 6);
-  luaL_addlstring(b, v, len);
-}
-
-static void tlv_add_u64(luaL_Buffer *b, uint16_t tag, uint64_t x) {
-  unsigned char v[8];
-  cla_put64(v, x);
-  tlv_add(b, tag, v, 8);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* vm:exec                                                                                    */
-
-static void push_exec_result(lua_State *L, vm_req *r) {
-  lua_createtable(L, 0, 10);
-  if (r->exit_signal) {
-    lua_pushinteger(L, r->exit_signal);
-    lua_setfield(L, -2, "signal");
-    lua_pushstring(L, cl_signal_name(r->exit_signal));
-    lua_setfield(L, -2, "signal_name");
-  } else {
-    lua_pushinteger(L, r->exit_code);
-    lua_setfield(L, -2, "code");
-  }
-  if (!r->streaming) {
-    lua_pushlstring(L, r->out.p ? r->out.p : "", r->out.len);
-    lua_setfield(L, -2, "stdout");
-    lua_pushlstring(L, r->err.p ? r->err.p : "", r->err.len);
-    lua_setfield(L, -2, "stderr");
-  }
-  int trunc =
-      r->trunc_out || r->trunc_err || (r->flags & (CLA_F_OUT_TRUNCATED | CLA_F_ERR_TRUNCATED));
-  lua_pushboolean(L, trunc);
-  lua_setfield(L, -2, "truncated");
-  lua_pushboolean(L, (r->flags & CLA_F_TIMED_OUT) != 0);
-  lua_setfield(L, -2, "timed_out");
-  lua_pushinteger(L, (lua_Integer)r->guest_pid);
-  lua_setfield(L, -2, "pid");
-  lua_pushnumber(L, (double)(cl_now_ns() - r->t0) / 1e9);
-  lua_setfield(L, -2, "elapsed");
-  lua_pushinteger(L, (lua_Integer)r->out_total);
-  lua_setfield(L, -2, "stdout_bytes");
-  lua_pushinteger(L, (lua_Integer)r->err_total);
-  lua_setfield(L, -2, "stderr_bytes");
-}
-
-/* Sends as much stdin as the window and the queue allow. */
-static void pump_stdin(vm *v, vm_req *r) {
-  r->want_write = 0;
-  while (r->in_data && r->in_sent < r->in_len && !v->chan.closed) {
-    if (r->in_sent - r->in_acked >= CLA_STDIN_WINDOW) return; /* the agent acks as it writes */
-    if (v->chan.out_len >= OUT_HIGH) {
-      r->want_write = 1;
-      return;
-    }
-    size_t n = r->in_len - r->in_sent;
-    if (n > CLA_CHUNK) n = CLA_CHUNK;
-    if (r->in_sent - r->in_acked + n > CLA_STDIN_WINDOW)
-      n = CLA_STDIN_WINDOW - (size_t)(r->in_sent - r->in_acked);
-    if (cl_chan_send(v, CLA_STDIN, r->id, r->in_data + r->in_sent, n)) return;
-    r->in_sent += n;
-  }
-  if (r->in_data && !r->in_eof_sent && r->in_sent == r->in_len && !v->chan.closed) {
-    if (cl_chan_send(v, CLA_STDIN, r->id, NULL, 0) == 0) r->in_eof_sent = 1;
-  }
-}
-
-/* Stack: 1 vm, 2 options, 3 request, 4 wait */
-static int exec_k(lua_State *L, int status, lua_KContext ctx) {
-  cl_wait *w = cl_wait_resumed(L, ctx);
-  vm_req *r = lua_touserdata(L, (int)ctx - 1);
-  lua_settop(L, (int)ctx);
-  if (r->qhead) { /* streamed output: one chunk per callback call */
-    chunk *ch = r->qhead;
-    r->qhead = ch->next;
-    if (!r->qhead) r->qtail = NULL;
-    r->queued -= ch->len;
-    lua_getfield(L, 2, ch->err ? "on_stderr" : "on_stdout");
-    lua_pushlstring(L, ch->data, ch->len);
-    free(ch);
-    unthrottle(r->v);
-    if (lua_isfunction(L, -2)) {
-      lua_callk(L, 1, 0, ctx, exec_k);
-    } else {
-      lua_pop(L, 2);
-    }
-    return exec_k(L, LUA_OK, ctx);
-  }
-  if (r->failed) return req_failed(L, r);
-  vm *v = r->v;
-  if (!v || v->released) return cl_failf(L, ECANCELED, "exec: the vm was closed");
-  if (r->done) {
-    push_exec_result(L, r);
-    lua_createtable(L, 0, 3);
-    lua_getfield(L, -2, "code");
-    lua_setfield(L, -2, "code");
-    lua_getfield(L, -2, "signal_name");
-    lua_setfield(L, -2, "signal");
-    lua_getfield(L, -2, "elapsed");
-    lua_setfield(L, -2, "elapsed");
-    cl_vm_audit(v, L, "vm.exec_done", lua_gettop(L));
-    lua_pop(L, 1);
-    req_release(r);
-    return 1;
-  }
-  if (w->state == CL_WAIT_TIMEOUT) {
-    char msg[200];
-    snprintf(msg, sizeof msg,
-             "vm %s: exec: no answer from the guest agent %.0f s after the command's timeout",
-             v->id, EXEC_GRACE);
-    cl_chan_send(v, CLA_CANCEL, r->id, NULL, 0); /* the agent kills what is left of it */
-    req_fail(r, ETIMEDOUT, msg);
-    return req_failed(L, r);
-  }
-  pump_stdin(v, r);
-  if (r->failed) return req_failed(L, r);
-  return req_wait(L, r, w, exec_k, ctx);
-}
-
-/* Lua: vm:exec{argv... | argv=, env=, cwd=, stdin=, timeout=, max_output=, on_stdout=,
- * on_stderr=} -> {code=|signal=, stdout=, stderr=, truncated=, timed_out=, elapsed=, pid=} */
-static int l_exec(lua_State *L) {
-  static const char *const fields[] = {"argv",       "env",       "cwd",       "stdin", "timeout",
-                                       "max_output", "on_stdout", "on_stderr", NULL};
-  vm *v = cl_vm_check(L, 1);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  lua_settop(L, 2);
-  cl_check_fields(L, 2, fields);
-  char **argv;
-  if (lua_getfield(L, 2, "argv") != LUA_TNIL) {
-    if (lua_rawlen(L, 2) > 0) cl_field_error(L, "argv", "given twice (positional and argv=)");
-    argv = cl_check_argv(L, -1, "argv", 0);
-  } else {
-    argv = cl_check_argv(L, 2, "argv", 0);
-  }
-  int argv_idx = lua_gettop(L);
-  size_t nargs = 0;
-  while (argv[nargs]) nargs++;
-  if (nargs > CLA_MAX_ARGS) cl_field_error(L, "argv", "more arguments than the agent accepts");
-  double timeout = cl_opt_number(L, 2, "timeout", 0);
-  if (timeout < 0) cl_field_error(L, "timeout", "must not be negative");
-  lua_Integer max_out = cl_opt_integer(L, 2, "max_output", (lua_Integer)DEFAULT_MAX_OUTPUT);
-  if (max_out < 0) cl_field_error(L, "max_output", "must not be negative");
-  const char *cwd = cl_opt_string(L, 2, "cwd", NULL);
-  size_t in_len = 0;
-  const char *in = NULL;
-  if (lua_getfield(L, 2, "stdin") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TSTRING) cl_field_error(L, "stdin", "string expected");
-    in = lua_tolstring(L, -1, &in_len);
-  }
-  lua_pop(L, 1);
-  int streaming = 0;
-  for (int i = 0; i < 2; i++) {
-    const char *k = i ? "on_stderr" : "on_stdout";
-    int t = lua_getfield(L, 2, k);
-    if (t != LUA_TNIL && t != LUA_TFUNCTION) cl_field_error(L, k, "function expected");
-    if (t == LUA_TFUNCTION) streaming = 1;
-    lua_pop(L, 1);
-  }
-  /* The environment as "K=V" strings, every entry checked before anything is built. */
-  lua_newtable(L);
-  int envt = lua_gettop(L);
-  lua_Integer nenv = 0;
-  if (lua_getfield(L, 2, "env") != LUA_TNIL) {
-    if (!lua_istable(L, -1)) cl_field_error(L, "env", "table expected");
-    int ei = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, ei)) {
-      if (lua_type(L, -2) != LUA_TSTRING ||
-          (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
-        cl_field_error(L, "env", "string keys with string values expected");
-      size_t kl, vl;
-      const char *k = lua_tolstring(L, -2, &kl);
-      const char *val = lua_tolstring(L, -1, &vl);
-      if (kl == 0 || strchr(k, '=') || strlen(k) != kl || strlen(val) != vl)
-        cl_field_error(L, "env", lua_pushfstring(L, "invalid variable '%s'", k));
-      lua_pushfstring(L, "%s=%s", k, val);
-      lua_rawseti(L, envt, ++nenv);
-      lua_pop(L, 1);
-    }
-  }
-  lua_pop(L, 1);
-  if (nenv > CLA_MAX_ARGS) cl_field_error(L, "env", "more entries than the agent accepts");
-  /* The payload, sized first and then written into a userdata: nothing to leak on an error. */
-  unsigned char *payload = NULL;
-  size_t plen = 0;
-  for (int pass = 0; pass < 2; pass++) {
-    tlvw tw = {payload, 0};
-    for (size_t i = 0; i < nargs; i++) tlvw_add(&tw, CLA_T_ARG, argv[i], strlen(argv[i]));
-    for (lua_Integer i = 1; i <= nenv; i++) {
-      size_t l;
-      lua_rawgeti(L, envt, i);
-      const char *kv = lua_tolstring(L, -1, &l);
-      tlvw_add(&tw, CLA_T_ENV, kv, l);
-      lua_pop(L, 1);
-    }
-    if (cwd) tlvw_add(&tw, CLA_T_CWD, cwd, strlen(cwd));
-    if (timeout > 0) tlvw_u64(&tw, CLA_T_TIMEOUT_MS, (uint64_t)(timeout * 1000.0 + 0.5));
-    tlvw_u64(&tw, CLA_T_MAX_OUT, (uint64_t)max_out);
-    tlvw_u64(&tw, CLA_T_MAX_ERR, (uint64_t)max_out);
-    tlvw_u64(&tw, CLA_T_STDIN, in != NULL);
-    plen = tw.n;
-    if (pass == 0) {
-      if (plen > CLA_MAX_PAYLOAD)
-        return cl_failf(L, E2BIG, "vm %s: exec: arguments and environment exceed %d bytes", v->id,
-                        CLA_MAX_PAYLOAD);
-      payload = lua_newuserdatauv(L, plen ? plen : 1, 0);
-    }
-  }
-  if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "exec");
-  CL_UNUSED(argv_idx);
-  vm_req *r = new_req(L, v, R_EXEC);
-  r->max_out = r->max_err = (uint64_t)max_out;
-  r->streaming = streaming;
-  r->in_data = in;
-  r->in_len = in_len;
-  int e = cl_chan_send(v, CLA_EXEC, r->id, payload, plen);
-  if (e) {
-    req_release(r);
-    return cl_failf(L, e, "vm %s: exec: %s", v->id, strerror(e));
-  }
-  lua_createtable(L, 0, 2);
-  lua_createtable(L, (int)nargs, 0);
-  for (size_t i = 0; i < nargs; i++) {
-    lua_pushstring(L, argv[i]);
-    lua_rawseti(L, -2, (lua_Integer)i + 1);
-  }
-  lua_setfield(L, -2, "argv");
-  cl_vm_audit(v, L, "vm.exec", lua_gettop(L));
-  lua_pop(L, 1);
-  /* Stack: 1 vm, 2 options, 3 request, 4 wait */
-  lua_replace(L, 3);
-  lua_settop(L, 3);
-  cl_wait *w = cl_wait_push(L);
-  if (timeout > 0) w->deadline = cl_deadline(timeout + EXEC_GRACE);
-  pump_stdin(v, r);
-  if (r->failed) return req_failed(L, r);
-  return req_wait(L, r, w, exec_k, lua_gettop(L));
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* vm:write_file, vm:read_file, vm:ping                                                       */
-
-/* Stack: 1 vm, 2 path, 3 data, 4 options, 5 request, 6 wait */
-static int write_k(lua_State *L, int status, lua_KContext ctx) {
-  cl_wait *w = cl_wait_resumed(L, ctx);
-  vm_req *r = lua_touserdata(L, (int)ctx - 1);
-  if (r->failed) return req_failed(L, r);
-  vm *v = r->v;
-  if (!v || v->released) return cl_failf(L, ECANCELED, "write_file: the vm was closed");
-  if (r->done) {
-    lua_createtable(L, 0, 2);
-    lua_pushvalue(L, 2);
-    lua_setfield(L, -2, "path");
-    lua_pushinteger(L, (lua_Integer)r->wlen);
-    lua_setfield(L, -2, "size");
-    cl_vm_audit(v, L, "vm.write_file", lua_gettop(L));
-    lua_pop(L, 1);
-    req_release(r);
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  if (w->state == CL_WAIT_TIMEOUT) {
-    req_fail(r, ETIMEDOUT, "write_file: no answer from the guest agent within the timeout");
-    return req_failed(L, r); /* releasing it cancels the write: no file is left */
-  }
-  r->want_write = 0;
-  while (r->wsent < r->wlen && !v->chan.closed) {
-    if (v->chan.out_len >= OUT_HIGH) {
-      r->want_write = 1;
-      break;
-    }
-    size_t n = r->wlen - r->wsent;
-    if (n > CLA_CHUNK) n = CLA_CHUNK;
-    if (cl_chan_send(v, CLA_WDATA, r->id, r->wdata + r->wsent, n)) break;
-    r->wsent += n;
-  }
-  if (r->wsent == r->wlen && !r->wend_sent && !v->chan.closed &&
-      cl_chan_send(v, CLA_WEND, r->id, NULL, 0) == 0)
-    r->wend_sent = 1;
-  if (r->failed) return req_failed(L, r);
-  return req_wait(L, r, w, write_k, ctx);
-}
-
-static lua_Integer opt_mode(lua_State *L, int idx) {
-  int t = lua_getfield(L, idx, "mode");
-  lua_Integer mode = 0644;
-  if (t == LUA_TNUMBER && lua_isinteger(L, -1))
-    mode = lua_tointeger(L, -1);
-  else if (t == LUA_TSTRING) {
-    char *end;
-    mode = strtol(lua_tostring(L, -1), &end, 8);
-    if (*end || end == lua_tostring(L, -1))
-      cl_field_error(L, "mode", "octal string or integer expected");
-  } else if (t != LUA_TNIL) {
-    cl_field_error(L, "mode", "octal string or integer expected");
-  }
-  lua_pop(L, 1);
-  if (mode < 0 || mode > 07777) cl_field_error(L, "mode", "between 0 and 07777 expected");
-  return mode;
-}
-
-static void check_path(lua_State *L, int idx, const char *what) {
-  size_t n;
-  const char *p = luaL_checklstring(L, idx, &n);
-  if (n == 0 || n >= 4096 || strlen(p) != n)
-    luaL_argerror(L, idx, "a path of 1 to 4095 bytes without NUL");
-  if (p[0] != '/') luaL_argerror(L, idx, lua_pushfstring(L, "%s needs an absolute path", what));
-}
-
-/* Lua: vm:write_file(path, data, [{mode=0644}]) -> true | nil, err (atomic: renamed into place) */
-static int l_write_file(lua_State *L) {
-  vm *v = cl_vm_check(L, 1);
-  check_path(L, 2, "write_file");
-  size_t len;
-  const char *data = luaL_checklstring(L, 3, &len);
-  lua_Integer mode = 0644;
-  double timeout = -1;
-  if (!lua_isnoneornil(L, 4)) {
-    luaL_checktype(L, 4, LUA_TTABLE);
-    static const char *const fields[] = {"mode", "timeout", NULL};
-    cl_check_fields(L, 4, fields);
-    mode = opt_mode(L, 4);
-    timeout = cl_opt_number(L, 4, "timeout", -1);
-  }
-  lua_settop(L, 4);
-  if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "write_file");
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  size_t pl;
-  const char *path = lua_tolstring(L, 2, &pl);
-  tlv_add(&b, CLA_T_PATH, path, pl);
-  tlv_add_u64(&b, CLA_T_MODE, (uint64_t)mode);
-  tlv_add_u64(&b, CLA_T_SIZE, len);
-  luaL_pushresult(&b);
-  size_t plen;
-  const char *payload = lua_tolstring(L, -1, &plen);
-  vm_req *r = new_req(L, v, R_WRITE);
-  r->wdata = data;
-  r->wlen = len;
-  int e = cl_chan_send(v, CLA_WRITE, r->id, payload, plen);
-  if (e) {
-    req_release(r);
-    return cl_failf(L, e, "vm %s: write_file: %s", v->id, strerror(e));
-  }
-  lua_replace(L, 5);
-  lua_settop(L, 5);
-  cl_wait *w = cl_wait_push(L);
-  w->deadline = cl_deadline(timeout);
-  return write_k(L, LUA_OK, lua_gettop(L));
-}
-
-/* Stack: 1 vm, 2 path, 3 options, 4 request, 5 wait */
-static int read_k(lua_State *L, int status, lua_KContext ctx) {
-  cl_wait *w = cl_wait_resumed(L, ctx);
-  vm_req *r = lua_touserdata(L, (int)ctx - 1);
-  if (r->failed) return req_failed(L, r);
-  vm *v = r->v;
-  if (!v || v->released) return cl_failf(L, ECANCELED, "read_file: the vm was closed");
-  if (r->done) {
-    lua_pushlstring(L, r->data.p ? r->data.p : "", r->data.len);
-    lua_createtable(L, 0, 2);
-    lua_pushvalue(L, 2);
-    lua_setfield(L, -2, "path");
-    lua_pushinteger(L, (lua_Integer)r->data.len);
-    lua_setfield(L, -2, "size");
-    cl_vm_audit(v, L, "vm.read_file", lua_gettop(L));
-    lua_pop(L, 1);
-    req_release(r);
-    return 1;
-  }
-  if (w->state == CL_WAIT_TIMEOUT) {
-    req_fail(r, ETIMEDOUT, "read_file: no answer from the guest agent within the timeout");
-    return req_failed(L, r);
-  }
-  return req_wait(L, r, w, read_k, ctx);
-}
-
-/* Lua: vm:read_file(path, [{max=64 MiB}]) -> data | nil, err */
-static int l_read_file(lua_State *L) {
-  vm *v = cl_vm_check(L, 1);
-  check_path(L, 2, "read_file");
-  lua_Integer max = (lua_Integer)DEFAULT_MAX_READ;
-  double timeout = -1;
-  if (!lua_isnoneornil(L, 3)) {
-    luaL_checktype(L, 3, LUA_TTABLE);
-    static const char *const fields[] = {"max", "timeout", NULL};
-    cl_check_fields(L, 3, fields);
-    timeout = cl_opt_number(L, 3, "timeout", -1);
-    max = cl_opt_integer(L, 3, "max", max);
-    if (max < 0 || (uint64_t)max > MAX_FILE)
-      cl_field_error(L, "max", "between 0 and 2^40 expected");
-  }
-  lua_settop(L, 3);
-  if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "read_file");
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
-  size_t pl;
-  const char *path = lua_tolstring(L, 2, &pl);
-  tlv_add(&b, CLA_T_PATH, path, pl);
-  tlv_add_u64(&b, CLA_T_MAX, (uint64_t)max);
-  luaL_pushresult(&b);
-  size_t plen;
-  const char *payload = lua_tolstring(L, -1, &plen);
-  vm_req *r = new_req(L, v, R_READ);
-  r->rmax = (uint64_t)max;
-  int e = cl_chan_send(v, CLA_READ, r->id, payload, plen);
-  if (e) {
-    req_release(r);
-    return cl_failf(L, e, "vm %s: read_file: %s", v->id, strerror(e));
-  }
-  lua_replace(L, 4);
-  lua_settop(L, 4);
-  cl_wait *w = cl_wait_push(L);
-  w->deadline = cl_deadline(timeout);
-  return req_wait(L, r, w, read_k, lua_gettop(L));
-}
-
-/* Stack: 1 vm, 2 timeout, 3 request, 4 wait */
-static int ping_k(lua_State *L, int status, lua_KContext ctx) {
-  cl_wait *w = cl_wait_resumed(L, ctx);
-  vm_req *r = lua_touserdata(L, (int)ctx - 1);
-  if (r->failed) return req_failed(L, r);
-  if (r->done) {
-    lua_pushnumber(L, (double)(cl_now_ns() - r->t0) / 1e9);
-    req_release(r);
-    return 1;
-  }
-  if (w->state == CL_WAIT_TIMEOUT) {
-    req_release(r);
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    lua_pushinteger(L, ETIMEDOUT);
-    return 3;
-  }
-  return req_wait(L, r, w, ping_k, ctx);
-}
-
-/* Lua: vm:ping([timeout]) -> round-trip seconds | nil, err */
-static int l_ping(lua_State *L) {
-  vm *v = cl_vm_check(L, 1);
-  double timeout = luaL_optnumber(L, 2, 10);
-  lua_settop(L, 2);
-  if (!v->chan.ready || v->chan.closed) return agent_unavailable(L, v, "ping");
-  vm_req *r = new_req(L, v, R_PING);
-  int e = cl_chan_send(v, CLA_PING, r->id, NULL, 0);
-  if (e) {
-    req_release(r);
-    return cl_failf(L, e, "vm %s: ping: %s", v->id, strerror(e));
-  }
-  cl_wait *w = cl_wait_push(L);
-  w->deadline = cl_deadline(timeout);
-  return req_wait(L, r, w, ping_k, lua_gettop(L));
 }
 
 /* Asks the agent to power the guest off (shutdown's first attempt); no answer is awaited. */
@@ -1151,16 +682,49 @@ void cl_chan_probe(vm *v) {
   cl_chan_send(v, CLA_PING, v->chan.probe_id, NULL, 0);
 }
 
-static const luaL_Reg chan_methods[] = {
-    {"exec", l_exec}, {"write_file", l_write_file}, {"read_file", l_read_file}, {"ping", l_ping},
-    {NULL, NULL},
-};
-
-int cl_chan_open_methods(lua_State *L) {
-  luaL_setfuncs(L, chan_methods, 0);
-  luaL_newmetatable(L, REQ_MT);
-  lua_pushcfunction(L, req_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  return 0;
+/* The shutdown operation, shared by both drivers. */
+int cl_shutdown_step(lua_State *L, vm *v, cl_wait *w, int (*ask_vmm)(vm *v)) {
+  if (w->aux[0] == 0) {
+    v->state = VS_STOPPING;
+    const char *how = "agent";
+    int e = cl_chan_request_poweroff(v, v->backend == VM_FIRECRACKER);
+    if (e) {
+      how = v->backend == VM_QEMU ? "acpi power button" : "ctrl-alt-del";
+      e = ask_vmm(v);
+    }
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, e ? "none (killed)" : how);
+    lua_setfield(L, -2, "how");
+    lua_pushnumber(L, v->shutdown_timeout);
+    lua_setfield(L, -2, "timeout");
+    cl_vm_audit(v, L, "vm.shutdown", lua_gettop(L));
+    lua_pop(L, 1);
+    w->deadline = cl_deadline(v->shutdown_timeout);
+    w->aux[0] = 1;
+    if (e) w->state = CL_WAIT_TIMEOUT; /* nobody to ask: straight to the kill */
+  }
+  if (w->aux[0] == 1) {
+    if (v->exited) goto done;
+    if (w->state != CL_WAIT_TIMEOUT) return VM_WAIT;
+    cl_vm_kill(v);
+    w->deadline = cl_deadline(10);
+    w->state = CL_WAIT_DONE;
+    w->aux[0] = 2;
+  }
+  if (v->exited) goto done;
+  if (w->state == CL_WAIT_TIMEOUT)
+    return cl_vm_fail(L, v, 0, 0, ETIMEDOUT, "shutdown: the VMM did not exit after SIGKILL");
+  return VM_WAIT;
+done:
+  lua_createtable(L, 0, 2);
+  lua_pushboolean(L, w->aux[0] == 1 && !v->exit_signal);
+  lua_setfield(L, -2, "graceful");
+  if (v->exit_signal) {
+    lua_pushstring(L, cl_signal_name(v->exit_signal));
+    lua_setfield(L, -2, "signal");
+  } else {
+    lua_pushinteger(L, v->exit_code);
+    lua_setfield(L, -2, "code");
+  }
+  return 1;
 }

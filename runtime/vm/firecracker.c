@@ -407,9 +407,7 @@ static int move_file(const char *from_dir, const char *to_dir, const char *name,
 static int write_filter_file(lua_State *L, vm *v, char *path, size_t pathlen, char *err,
                              size_t errlen) {
   int top = lua_gettop(L);
-  cl_push_namespace(L);
-  lua_getfield(L, -1, "seccomp");
-  lua_getfield(L, -1, "firecracker_file");
+  lua_pushcfunction(L, cl_seccomp_firecracker_file);
   lua_rawgeti(L, LUA_REGISTRYINDEX, v->filter_ref);
   if (!lua_istable(L, -1)) { /* one filter for every thread */
     lua_createtable(L, 0, 3);
@@ -508,26 +506,34 @@ static char *snap_tap_of(vm *v) {
   return r;
 }
 
-static int start_step(lua_State *L, vm *v, cl_wait *w) {
+/* The first step of a start: Firecracker spawned, vm.start recorded. Returns 0, or the
+ * failure's results. */
+static int spawn_step(lua_State *L, vm *v, cl_wait *w) {
   char err[400];
+  v->state = VS_STARTING;
+  int e = spawn_fc(L, v, err, sizeof err);
+  if (e) return cl_vm_fail(L, v, 1, 1, e, "start: %s", err);
+  w->deadline = cl_deadline(v->ready_timeout);
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, v->why);
+  lua_setfield(L, -2, "why");
+  if (v->restore_dir) {
+    lua_pushstring(L, v->restore_dir);
+    lua_setfield(L, -2, "restore");
+  }
+  cl_vm_audit(v, L, "vm.start", lua_gettop(L));
+  lua_pop(L, 1);
+  return 0;
+}
+
+static int start_step(lua_State *L, vm *v, cl_wait *w) {
   int r;
   long s = w->aux[0];
   if (s > 0 && v->chan.closed && strstr(v->chan.error, "protocol violation"))
     return cl_vm_fail(L, v, 1, 1, EPROTO, "start: %s", v->chan.error);
   if (s == 0) {
-    v->state = VS_STARTING;
-    int e = spawn_fc(L, v, err, sizeof err);
-    if (e) return cl_vm_fail(L, v, 1, 1, e, "start: %s", err);
-    w->deadline = cl_deadline(v->ready_timeout);
-    lua_createtable(L, 0, 2);
-    lua_pushstring(L, v->why);
-    lua_setfield(L, -2, "why");
-    if (v->restore_dir) {
-      lua_pushstring(L, v->restore_dir);
-      lua_setfield(L, -2, "restore");
-    }
-    cl_vm_audit(v, L, "vm.start", lua_gettop(L));
-    lua_pop(L, 1);
+    int n = spawn_step(L, v, w);
+    if (n) return n;
     w->aux[0] = s = 1;
   }
   if (s == 1) { /* the API socket appears once Firecracker listens */

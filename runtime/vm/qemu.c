@@ -210,28 +210,9 @@ static const char *qesc(const char *s, char *buf, size_t n) {
   return buf;
 }
 
-static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
-  int qsv[2] = {-1, -1}, csv[2] = {-1, -1};
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, qsv) < 0) {
-    snprintf(err, errlen, "socketpair: %s", strerror(errno));
-    return errno;
-  }
-  if (v->channel == CH_SERIAL && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, csv) < 0) {
-    int e = errno;
-    close(qsv[0]);
-    close(qsv[1]);
-    snprintf(err, errlen, "socketpair: %s", strerror(e));
-    return e;
-  }
-  int fds[VM_MAX_FDS], nfds = 0;
-  argvb *a = calloc(1, sizeof *a);
-  if (!a) {
-    close(qsv[0]);
-    close(qsv[1]);
-    if (csv[0] >= 0) close(csv[0]), close(csv[1]);
-    snprintf(err, errlen, "out of memory");
-    return ENOMEM;
-  }
+/* QEMU's command line: the machine, the kernel and its arguments, and the devices; the fds it
+ * inherits (QMP, the agent's socket, the tap, a migration stream) are added to fds. */
+static void qemu_args(vm *v, argvb *a, int *fds, int *nfds, int qmp_fd, int agent_fd) {
   char e1[1200];
   if (v->vmm)
     for (char **p = v->vmm; *p; p++) arg(a, "%s", *p);
@@ -277,17 +258,17 @@ static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
   arg(a, "stdio,id=con,signal=off");
   arg(a, "-serial");
   arg(a, "chardev:con");
-  fds[nfds++] = qsv[1];
+  fds[(*nfds)++] = qmp_fd;
   arg(a, "-chardev");
-  arg(a, "socket,id=qmp,fd=%d", 2 + nfds);
+  arg(a, "socket,id=qmp,fd=%d", 2 + *nfds);
   arg(a, "-mon");
   arg(a, "chardev=qmp,mode=control");
   if (v->channel == CH_SERIAL) {
-    fds[nfds++] = csv[1];
+    fds[(*nfds)++] = agent_fd;
     arg(a, "-device");
     arg(a, "virtio-serial-device");
     arg(a, "-chardev");
-    arg(a, "socket,id=agent,fd=%d", 2 + nfds);
+    arg(a, "socket,id=agent,fd=%d", 2 + *nfds);
     arg(a, "-device");
     arg(a, "virtserialport,chardev=agent,name=%s", CLA_PORT_NAME);
   } else if (v->channel == CH_VSOCK) {
@@ -295,9 +276,9 @@ static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
     arg(a, "vhost-vsock-device,guest-cid=%d", v->cid);
   }
   if (v->tapfd >= 0) {
-    fds[nfds++] = v->tapfd;
+    fds[(*nfds)++] = v->tapfd;
     arg(a, "-netdev");
-    arg(a, "tap,id=net0,fd=%d,vhost=off", 2 + nfds);
+    arg(a, "tap,id=net0,fd=%d,vhost=off", 2 + *nfds);
     arg(a, "-device");
     arg(a, "virtio-net-device,netdev=net0,mac=%s", v->mac);
   }
@@ -309,11 +290,36 @@ static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
     arg(a, "virtio-blk-device,drive=root");
   }
   if (v->snapshot_fd >= 0) {
-    fds[nfds++] = v->snapshot_fd;
+    fds[(*nfds)++] = v->snapshot_fd;
     arg(a, "-incoming");
-    arg(a, "fd:%d", 2 + nfds);
+    arg(a, "fd:%d", 2 + *nfds);
     arg(a, "-S");
   }
+}
+
+static int spawn_qemu(lua_State *L, vm *v, char *err, size_t errlen) {
+  int qsv[2] = {-1, -1}, csv[2] = {-1, -1};
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, qsv) < 0) {
+    snprintf(err, errlen, "socketpair: %s", strerror(errno));
+    return errno;
+  }
+  if (v->channel == CH_SERIAL && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, csv) < 0) {
+    int e = errno;
+    close(qsv[0]);
+    close(qsv[1]);
+    snprintf(err, errlen, "socketpair: %s", strerror(e));
+    return e;
+  }
+  int fds[VM_MAX_FDS], nfds = 0;
+  argvb *a = calloc(1, sizeof *a);
+  if (!a) {
+    close(qsv[0]);
+    close(qsv[1]);
+    if (csv[0] >= 0) close(csv[0]), close(csv[1]);
+    snprintf(err, errlen, "out of memory");
+    return ENOMEM;
+  }
+  qemu_args(v, a, fds, &nfds, qsv[1], csv[1]);
   int e = cl_vm_spawn(L, v, a->v, fds, nfds, err, errlen);
   free(a);
   close(qsv[1]);
@@ -457,36 +463,66 @@ static int await_reply(lua_State *L, vm *v, cl_wait *w, const char *what) {
   return VM_WAIT;
 }
 
-static int start_step(lua_State *L, vm *v, cl_wait *w) {
+/* The first step of a start: the VMM spawned (a restore's migration stream opened for it),
+ * vm.start recorded. Returns 0, or the failure's results. */
+static int spawn_step(lua_State *L, vm *v, cl_wait *w) {
   char err[400];
+  if (v->restore_dir) { /* the migration stream is inherited by the new QEMU */
+    char p[600];
+    snprintf(p, sizeof p, "%s/memory.qemu", v->restore_dir);
+    v->snapshot_fd = open(p, O_RDONLY | O_CLOEXEC);
+    if (v->snapshot_fd < 0)
+      return cl_vm_fail(L, v, 1, 0, errno, "restore: %s: %s", p, strerror(errno));
+  }
+  v->state = VS_STARTING;
+  int e = spawn_qemu(L, v, err, sizeof err);
+  if (e) return cl_vm_fail(L, v, 1, 1, e, "start: %s", err);
+  w->deadline = cl_deadline(v->kvm == 2 && v->ready_timeout > 20 ? 20.0 : v->ready_timeout);
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, v->why);
+  lua_setfield(L, -2, "why");
+  lua_pushstring(L, v->kvm ? "kvm" : "tcg");
+  lua_setfield(L, -2, "accel");
+  if (v->restore_dir) {
+    lua_pushstring(L, v->restore_dir);
+    lua_setfield(L, -2, "restore");
+  }
+  cl_vm_audit(v, L, "vm.start", lua_gettop(L));
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* The agent said READY: the VM runs (a probe boot proved KVM), vm.ready recorded. */
+static int report_ready(lua_State *L, vm *v) {
+  if (v->kvm == 2) {
+    v->kvm = 1;
+    cl_vm_record_kvm_verdict(v, 1);
+    snprintf(v->why, sizeof v->why, "qemu with KVM (a probe boot under KVM reached the agent)");
+  }
+  v->state = VS_RUNNING;
+  v->t_ready = cl_now_ns();
+  lua_createtable(L, 0, 3);
+  lua_pushnumber(L, (double)(v->t_ready - v->t_spawn) / 1e9);
+  lua_setfield(L, -2, "boot_seconds");
+  if (v->chan.uname[0]) {
+    lua_pushstring(L, v->chan.uname);
+    lua_setfield(L, -2, "uname");
+  }
+  cl_vm_audit(v, L, "vm.ready", lua_gettop(L));
+  lua_pop(L, 1);
+  lua_pushvalue(L, 1);
+  return 1;
+}
+
+static int start_step(lua_State *L, vm *v, cl_wait *w) {
   int r;
   /* A misbehaving agent is the news, even when its VMM went away afterwards. */
   if (w->aux[0] > 0 && v->chan.closed && strstr(v->chan.error, "protocol violation"))
     return cl_vm_fail(L, v, 1, 1, EPROTO, "start: %s", v->chan.error);
   switch (w->aux[0]) {
   case 0: {
-    if (v->restore_dir) { /* the migration stream is inherited by the new QEMU */
-      char p[600];
-      snprintf(p, sizeof p, "%s/memory.qemu", v->restore_dir);
-      v->snapshot_fd = open(p, O_RDONLY | O_CLOEXEC);
-      if (v->snapshot_fd < 0)
-        return cl_vm_fail(L, v, 1, 0, errno, "restore: %s: %s", p, strerror(errno));
-    }
-    v->state = VS_STARTING;
-    int e = spawn_qemu(L, v, err, sizeof err);
-    if (e) return cl_vm_fail(L, v, 1, 1, e, "start: %s", err);
-    w->deadline = cl_deadline(v->kvm == 2 && v->ready_timeout > 20 ? 20.0 : v->ready_timeout);
-    lua_createtable(L, 0, 3);
-    lua_pushstring(L, v->why);
-    lua_setfield(L, -2, "why");
-    lua_pushstring(L, v->kvm ? "kvm" : "tcg");
-    lua_setfield(L, -2, "accel");
-    if (v->restore_dir) {
-      lua_pushstring(L, v->restore_dir);
-      lua_setfield(L, -2, "restore");
-    }
-    cl_vm_audit(v, L, "vm.start", lua_gettop(L));
-    lua_pop(L, 1);
+    int n = spawn_step(L, v, w);
+    if (n) return n;
     w->aux[0] = 1;
   }
   /* fall through */
@@ -549,24 +585,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
       /* A channel that closed by itself means QEMU is going: its exit is the better news. */
       return VM_WAIT;
     }
-    if (v->kvm == 2) {
-      v->kvm = 1;
-      cl_vm_record_kvm_verdict(v, 1);
-      snprintf(v->why, sizeof v->why, "qemu with KVM (a probe boot under KVM reached the agent)");
-    }
-    v->state = VS_RUNNING;
-    v->t_ready = cl_now_ns();
-    lua_createtable(L, 0, 3);
-    lua_pushnumber(L, (double)(v->t_ready - v->t_spawn) / 1e9);
-    lua_setfield(L, -2, "boot_seconds");
-    if (v->chan.uname[0]) {
-      lua_pushstring(L, v->chan.uname);
-      lua_setfield(L, -2, "uname");
-    }
-    cl_vm_audit(v, L, "vm.ready", lua_gettop(L));
-    lua_pop(L, 1);
-    lua_pushvalue(L, 1);
-    return 1;
+    return report_ready(L, v);
   }
   default:
     return cl_vm_fail(L, v, 1, 0, EINVAL, "start: bad step");

@@ -23,6 +23,17 @@ enum { OP_START = 1, OP_PAUSE, OP_RESUME, OP_SNAPSHOT, OP_SHUTDOWN, OP_KILL, OP_
 typedef struct vm vm;
 typedef struct vm_req vm_req;
 
+#define MAX_VCPUS             32
+#define MIN_MEM_MIB           32
+#define DEFAULT_READY_TIMEOUT 60.0
+#define LOG_TAIL              1500
+
+/* What the core (vmm.c) releases through the layers above it: vm.create sets these. */
+typedef struct vm_ops {
+  void (*release)(vm *v, const char *why); /* the channel's connection, the driver's objects */
+  void (*free_channel)(vm *v);             /* the channel's buffers, last */
+} vm_ops;
+
 /* The host side of the agent channel (channel.c). */
 typedef struct vm_chan {
   int fd;
@@ -67,6 +78,7 @@ typedef struct vm_api {
 } vm_api;
 
 struct vm {
+  const vm_ops *ops;
   int released;
   int state;
   int backend;
@@ -139,30 +151,65 @@ struct vm {
   int restoring;      /* vm.restore's start: a failure releases the handle */
 };
 
+/*
+ * The files call one way, top to bottom; nothing calls up except through v->ops:
+ *   vm.c        the Lua binding: methods, life-cycle operations (step functions), vm.backend
+ *   create.c    vm.create / vm.restore: options, checks, the objects made before the VMM runs
+ *   qemu.c, firecracker.c   the drivers
+ *   channel.c   the guest agent channel (host side) and its Lua methods (exec, files, ping)
+ *   vmm.c       the core: state, audit, errors, the VMM process, release
+ *   host.c      the kernel-facing bottom: taps, run directories, KVM probing and verdicts
+ */
+
 /* vm.c */
+
+/* create.c */
+int cl_vm_l_create(lua_State *L);
+/* vm.restore up to its start: 0 with the vm at index 1 (vm.c starts it), or the count of the
+ * failure results pushed. */
+int cl_vm_restore_prepare(lua_State *L);
+
+/* vmm.c */
+extern const char cl_vm_ids_key; /* registry: id -> true for every live VM */
 vm *cl_vm_check(lua_State *L, int idx);
+const char *cl_vm_state_name(int s);
+char *cl_vm_dupstr(const char *s);
+void cl_vm_changed(vm *v);
+void cl_vm_poll_in(vm *v, unsigned ms);
 /* Spawns the VMM: the one place a VMM process is started. fds[i] becomes fd 3+i in the child;
  * stdout and stderr go to the VM's log. Returns 0 or an errno with a message in err. */
 int cl_vm_spawn(lua_State *L, vm *v, char *const argv[], const int *fds, int nfds, char *err,
                 size_t errlen);
-void cl_vm_changed(vm *v);
-void cl_vm_poll_in(vm *v, unsigned ms);
+/* Fills the jail options table at jt: what a VMM needs, then what the caller asked for. */
+void cl_vm_jail_options(lua_State *L, vm *v, int jt, const char *program);
 /* Pushes nil, "vm <id>: <message>[; VMM log: <tail>]", code; kills the VMM when fatal. */
-/* The shutdown operation, shared by both drivers: the agent powers the guest off, else
- * ask_vmm asks the VMM to (ACPI power button, Ctrl-Alt-Del); after the timeout, SIGKILL. */
-int cl_shutdown_step(lua_State *L, vm *v, cl_wait *w, int (*ask_vmm)(vm *v));
 int cl_vm_fail(lua_State *L, vm *v, int fatal, int with_log, int code, const char *fmt, ...);
 void cl_vm_audit(vm *v, lua_State *L, const char *kind, int detail);
+/* Pushes the fields every vm.* event has. */
+void cl_vm_push_detail(lua_State *L, vm *v);
 /* A snapshot in v->op_path is complete: records vm.snapshot and returns its result
  * {dir, backend, bytes} (bytes: the size of memfile, the guest memory). */
 int cl_vm_snapshot_done(lua_State *L, vm *v, const char *backend, const char *memfile);
 void cl_vm_kill(vm *v);
-const char *cl_vm_state_name(int s);
-/* Caches whether a guest booted under KVM with this host kernel, QEMU and guest kernel. */
-void cl_vm_record_kvm_verdict(vm *v, int boots);
 /* Reads the last n bytes of the log into buf (NUL-terminated, trimmed). */
 void cl_vm_log_tail(vm *v, char *buf, size_t n);
+void cl_vm_free_config(vm *v);
+/* Releases everything the handle owns (idempotent). */
+void cl_vm_release(lua_State *L, vm *v);
+
+/* host.c */
 int cl_vm_tsc_khz(void);
+int cl_vm_tap_create(const char *name, int persist, int *fdp);
+void cl_vm_tap_delete(const char *name);
+int cl_vm_iface_exists(const char *name);
+int cl_vm_make_rundir(vm *v);
+void cl_vm_remove_rundir(vm *v, int keep_log);
+/* Caches whether a guest booted under KVM with this host kernel, QEMU and guest kernel. */
+void cl_vm_record_kvm_verdict(vm *v, int boots);
+/* Picks the backend and accelerator (v->backend, v->kvm, v->why); 0 or an errno. */
+int cl_vm_choose_backend(vm *v, int want, int accel);
+long cl_vm_host_mem_mib(void);
+void cl_vm_random_hex(char *out, size_t nbytes);
 
 /* qemu.c */
 int cl_qemu_step(lua_State *L, vm *v, cl_wait *w, int op);
@@ -175,6 +222,9 @@ void cl_fc_release(vm *v);
 void cl_fc_release_api(vm *v); /* aborts the API call in flight */
 
 /* channel.c */
+/* The shutdown operation, shared by both drivers: the agent powers the guest off, else
+ * ask_vmm asks the VMM to (ACPI power button, Ctrl-Alt-Del); after the timeout, SIGKILL. */
+int cl_shutdown_step(lua_State *L, vm *v, cl_wait *w, int (*ask_vmm)(vm *v));
 void cl_chan_init(vm_chan *c);
 int cl_chan_attach(vm *v, int fd); /* takes the fd; returns 0 or errno */
 void cl_chan_close(vm *v, const char *why);

@@ -329,7 +329,7 @@ local ok, err = pcall(function()
   print("== control plane (in namespace " .. t.host .. ")")
   local r = claw.proc.run { "ip", "netns", "exec", t.host, H.bin, src .. "/tests/bench/firewall.lua",
                             "--inner", quick and "--quick" or "--full", stdout = "inherit",
-                            stderr = "inherit", env_add = { CLAWLUA_SRC = src, CLAWLUA_BENCH_ID = N.pid },
+                            stderr = "inherit", env = { CLAWLUA_SRC = src, CLAWLUA_BENCH_ID = N.pid },
                             timeout = 3600 }
   assert(r and r.code == 0, "control-plane benchmark failed")
   if os.execute("command -v iperf3 >/dev/null") then

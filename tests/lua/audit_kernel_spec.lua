@@ -39,10 +39,10 @@ local function run_probe(argv, f, sandbox)
   local cmd = { PROBE, seccomp = f, stdout = "pipe" }
   for _, a in ipairs(argv) do cmd[#cmd + 1] = a end
   local p = assert(claw.proc.spawn(cmd))
-  if sandbox ~= false then audit.track_pid(p.pid, sandbox or "sb-test") end
+  if sandbox ~= false then audit.track_pid(p:pid(), sandbox or "sb-test") end
   local st = p:wait(30 * H.scale)
-  if sandbox ~= false then audit.forget_pid(p.pid) end -- reaped, as a backend does
-  local pid = p.pid
+  if sandbox ~= false then audit.forget_pid(p:pid()) end -- reaped, as a backend does
+  local pid = p:pid()
   p:close()
   return pid, st
 end
@@ -54,7 +54,7 @@ describe("the kernel audit source", function()
     local seq = audit.stats().last_seq
     local p = assert(claw.jail.spawn { PROBE, "getppid", "1", binds = { PROBE }, id = "jail-kill",
                                        seccomp = filter("kill_process"), stdout = "null" })
-    local pid = p.pid
+    local pid = p:pid()
     local st = p:wait(30 * H.scale)
     p:close()
     assert.are.equal("SIGSYS", st.signal_name)
@@ -103,21 +103,21 @@ describe("the kernel audit source", function()
       local claw = require "clawlua"
       local f = claw.seccomp.filter { default = "allow", rules = { { syscall = "getppid", action = "kill_process" } } }
       local v = assert(claw.proc.spawn { os.getenv("PROBE"), "getppid", "1", seccomp = f, stdout = "null" })
-      print(v.pid)
+      print(v:pid())
       io.stdout:flush()
       io.stdin:read("l")
       v:wait()
       print("done")
-    ]], env_add = { PROBE = PROBE }, stdin = "pipe", stdout = "pipe" })
-    audit.track_pid(p.pid, "sb-parent")
+    ]], env = { PROBE = PROBE }, stdin = "pipe", stdout = "pipe" })
+    audit.track_pid(p:pid(), "sb-parent")
     p.stdout:set_timeout(30 * H.scale)
     local pid = tonumber(assert(p.stdout:read_line()))
-    assert.are_not.equal(p.pid, pid)
+    assert.are_not.equal(p:pid(), pid)
     local ev = seccomp_event(seq, pid, 30)
     p.stdin:write("reap\n")
     assert.are.equal("done", p.stdout:read_line())
     p:wait()
-    audit.forget_pid(p.pid)
+    audit.forget_pid(p:pid())
     p:close()
     assert.is_table(ev)
     assert.are.equal("sb-parent", ev.sandbox)
@@ -132,8 +132,8 @@ describe("the kernel audit source", function()
     H.sh(("cp '%s' '%s'"):format(PROBE, odd))
     local seq = audit.stats().last_seq
     local p = assert(claw.proc.spawn { odd, "getppid", "1", seccomp = filter("kill_process"), stdout = "null" })
-    audit.track_pid(p.pid, "sb-utf8")
-    local pid = p.pid
+    audit.track_pid(p:pid(), "sb-utf8")
+    local pid = p:pid()
     p:wait()
     p:close()
     H.rm_rf(dir)
@@ -176,12 +176,12 @@ describe("the kernel audit source", function()
     local ok2, err = pcall(function()
       local p = assert(claw.proc.spawn { PROBE, "getppid", "200", seccomp = filter({ errno = "EPERM" }, true),
                                          stdout = "null" })
-      audit.track_pid(p.pid, "sb-flood")
+      audit.track_pid(p:pid(), "sb-flood")
       os.execute(("t=0; while [ -e /proc/%d ] && ! grep -q '^%d (clawlua-probe) Z' /proc/%d/stat && "
-        .. "[ $t -lt %d ]; do sleep 0.05; t=$((t+1)); done; sleep 0.5"):format(p.pid, p.pid, p.pid,
+        .. "[ $t -lt %d ]; do sleep 0.05; t=$((t+1)); done; sleep 0.5"):format(p:pid(), p:pid(), p:pid(),
         math.floor(600 * H.scale)))
       p:wait()
-      audit.forget_pid(p.pid)
+      audit.forget_pid(p:pid())
       p:close()
       assert.is_true(H.eventually(function()
         return #audit.events { after_seq = seq, kind = "audit.source.overrun" } > 0

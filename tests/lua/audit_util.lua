@@ -20,7 +20,7 @@ end
 
 --- SHA-256 of s as hex, computed by sha256sum: an implementation independent of the runtime.
 function U.sha256(s)
-  local out = H.sh("sha256sum", { input = s })
+  local out = H.sh("sha256sum", { stdin = s })
   return (out:match("^(%x+)"))
 end
 

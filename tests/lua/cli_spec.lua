@@ -22,7 +22,7 @@ describe("clawlua script.lua", function()
   end)
 
   it("reads the script from stdin with '-', #! line allowed", function()
-    local r = H.clawlua({ "-", "x" }, { input = "#!/bin/clawlua\nprint('stdin', ...)\n" })
+    local r = H.clawlua({ "-", "x" }, { stdin = "#!/bin/clawlua\nprint('stdin', ...)\n" })
     assert.are.equal(0, r.code)
     assert.are.equal("stdin\tx\n", r.stdout)
   end)
@@ -113,14 +113,14 @@ describe("clawlua script.lua", function()
   it("names embedded library files in tracebacks", function()
     local r = H.clawlua { "-e", "require('clawlua').proc.run('x')" }
     assert.are.equal(1, r.code)
-    assert.matches("lua/clawlua/prelude%.lua:%d+", r.stderr)
+    assert.matches("lua/clawlua/proc_run%.lua:%d+", r.stderr)
   end)
 
   it("loads the Lua libraries from CLAWLUA_LUA_DIR when set", function()
     H.sh(("cp -r '%s/lua' '%s/lua'"):format(H.src, dir))
     local path = dir .. "/lua/clawlua/prelude.lua"
     H.write_file(path, "io.stdout:write('from disk\\n')\n" .. H.read_file(path))
-    local r = H.clawlua({ "-e", "" }, { env_add = { CLAWLUA_LUA_DIR = dir .. "/lua" } })
+    local r = H.clawlua({ "-e", "" }, { env = { CLAWLUA_LUA_DIR = dir .. "/lua" } })
     assert.are.equal("from disk\n", r.stdout)
     r = H.clawlua { "-e", "" }
     assert.are.equal("", r.stdout)
@@ -147,7 +147,7 @@ describe("signals", function()
         local marks = dir .. "/marks-" .. host .. sig
         H.write_file(dir .. "/sig.lua", script)
         local argv = { host == "clawlua" and H.bin or "lua5.4", dir .. "/sig.lua", marks,
-                       stdout = "pipe", stderr = "pipe", env_add = H.lua_env() }
+                       stdout = "pipe", stderr = "pipe", env = H.lua_env() }
         local p = assert(claw.proc.spawn(argv))
         p.stdout:set_timeout(20)
         assert.are.equal("ready", p.stdout:read_line())

@@ -47,7 +47,7 @@ function H.lua(args, opts)
   local cmd = { "lua5.4" }
   for _, a in ipairs(args) do cmd[#cmd + 1] = a end
   for k, v in pairs(opts) do cmd[k] = v end
-  cmd.env_add = H.lua_env(cmd.env_add)
+  cmd.env = H.lua_env(cmd.env)
   if cmd.timeout == nil then cmd.timeout = 60 end
   return assert(claw.proc.run(cmd))
 end
@@ -55,7 +55,7 @@ end
 --- Runs a shell command line; returns stdout, or raises with its stderr.
 function H.sh(line, opts)
   opts = opts or {}
-  local r = assert(claw.proc.run { "sh", "-c", line, timeout = opts.timeout or 60, input = opts.input })
+  local r = assert(claw.proc.run { "sh", "-c", line, timeout = opts.timeout or 60, stdin = opts.stdin })
   if r.code ~= 0 and not opts.may_fail then
     error(("sh -c %q failed (%s): %s"):format(line, tostring(r.code or r.signal_name), r.stderr), 2)
   end

@@ -47,8 +47,8 @@ describe("http.request", function()
     local t0 = claw.now()
     local r, err, code = http.request { url = srv.url("/hang"), timeout = 0.3 }
     assert.is_nil(r)
-    assert.matches("^http: Operation timed out after %d+ milliseconds", err)
-    assert.are.equal(28, code) -- CURLE_OPERATION_TIMEDOUT
+    assert.are.equal("timeout", err)
+    assert.are.equal("ETIMEDOUT", code)
     assert.is_true(claw.now() - t0 < 3 * H.scale)
   end)
 

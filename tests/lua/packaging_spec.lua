@@ -21,7 +21,7 @@ describe("luarocks", function()
       local claw = require "clawlua"
       local cli = require "clawlua.cli"
       print(claw.version, type(cli.main), claw.run(function() return claw.json.encode { 1 } end))
-    ]], env_add = H.lua_env { LUA_CPATH = so:gsub("clawlua%.so$", "?.so") } })
+    ]], env = H.lua_env { LUA_CPATH = so:gsub("clawlua%.so$", "?.so") } })
     assert.are.equal(claw.version .. "\tfunction\t[1]\n", r.stdout)
     H.rm_rf(dir)
   end)

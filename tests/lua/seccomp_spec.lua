@@ -351,6 +351,36 @@ describe("seccomp notify supervisor", function()
     assert.are.equal("errno 1\n", probe({ "mkdir", "/tmp/clawlua-test-odd" }, f).stdout)
   end)
 
+  it("runs waiting handlers side by side, and goes on after one was cancelled by its timeout", function()
+    if no_seccomp() then return end
+    local dir = H.tmpdir()
+    local f = seccomp.filter { default = "allow", max_pending = 4, notify_timeout = 2 * H.scale,
+      rules = { { syscall = "mkdir", action = "notify" } },
+      handler = function(ev)
+        if ev.path:match("slow$") then claw.sleep(10 * H.scale) end
+        if ev.path:match("nap") then claw.sleep(0.6 * H.scale) end
+        return "allow"
+      end }
+    -- two handlers that wait at once: side by side they take one nap, not two
+    local line = ("%s mkdir %s/nap1 & %s mkdir %s/nap2 & wait"):format(PROBE, dir, PROBE, dir)
+    local t0 = claw.now()
+    local r = assert(claw.proc.run { "sh", "-c", line, seccomp = f, timeout = 30 })
+    local took = claw.now() - t0
+    assert.are.equal("ok\nok\n", r.stdout)
+    assert.is_true(took < 1.1 * H.scale, ("two waiting handlers took %.2f s"):format(took))
+    -- a handler cancelled by the timeout, then more calls in the same process: answered
+    line = ("%s mkdir %s/slow; %s mkdir %s/after"):format(PROBE, dir, PROBE, dir)
+    local p = assert(claw.proc.spawn { "sh", "-c", line, seccomp = f, stdout = "pipe" })
+    local out = p.stdout:read_all()
+    p:wait()
+    local st = p.seccomp:stats()
+    p:close()
+    assert.are.equal("errno 1\nok\n", out)
+    assert.are.equal(1, st.timeouts)
+    assert.are.equal(1, st.allowed)
+    H.rm_rf(dir)
+  end)
+
   it("bounds the notifications in flight (max_pending) and denies the excess", function()
     if no_seccomp() then return end
     local dir = H.tmpdir()

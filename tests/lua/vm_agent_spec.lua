@@ -27,33 +27,36 @@ describe("vm.create", function()
   end)
 
   it("raises on misuse, naming the field", function()
-    assert.has_error(function() vm.create {} end, "bad field 'kernel' (a kernel image path is required)")
-    assert.has_error(function() vm.create { kernel = kernel, bogus = 1 } end, "bad field 'bogus' (unknown field)")
+    assert.has_error(function() vm.create {} end, "vm.create: bad field 'kernel' (a kernel image path is required)")
+    assert.has_error(function() vm.create { kernel = kernel, bogus = 1 } end,
+      "vm.create: bad field 'bogus' (unknown field)")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = 0 } end,
-      "bad field 'vcpus' (1 to 32 expected, got 0)")
+      "vm.create: bad field 'vcpus' (1 to 32 expected, got 0)")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = 1000 } end,
-      "bad field 'vcpus' (1 to 32 expected, got 1000)")
+      "vm.create: bad field 'vcpus' (1 to 32 expected, got 1000)")
     assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 4 } end,
-      "bad field 'mem_mib' %(32 to %d+ %(the host's memory%) expected, got 4%)")
-    assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 1 << 40 } end, "bad field 'mem_mib'")
+      "vm.create: bad field 'mem_mib' %(32 to %d+ %(the host's memory%) expected, got 4%)")
+    assert.error_matches(function() vm.create { kernel = kernel, mem_mib = 1 << 40 } end,
+      "vm.create: bad field 'mem_mib'")
     assert.has_error(function() vm.create { kernel = kernel, vcpus = "2" } end,
-      "bad field 'vcpus' (integer expected, got string)")
+      "vm.create: bad field 'vcpus' (integer expected, got string)")
     assert.has_error(function() vm.create { kernel = kernel, backend = "xen" } end,
-      "bad field 'backend' (\"auto\", \"qemu\" or \"firecracker\" expected, got \"xen\")")
+      "vm.create: bad field 'backend' (\"auto\", \"qemu\" or \"firecracker\" expected, got \"xen\")")
     assert.has_error(function() vm.create { kernel = kernel, id = "no spaces" } end,
-      "bad field 'id' (1 to 40 characters of [A-Za-z0-9_.-] expected, got \"no spaces\")")
+      "vm.create: bad field 'id' (1 to 40 characters of [A-Za-z0-9_.-] expected, got \"no spaces\")")
     assert.has_error(function() vm.create { kernel = kernel, vmm = "/bin/true" } end,
-      "bad field 'vmm' (needs backend = \"qemu\" or \"firecracker\")")
+      "vm.create: bad field 'vmm' (needs backend = \"qemu\" or \"firecracker\")")
     assert.has_error(function() vm.create { kernel = kernel, net = { mac = "01:00:00:00:00:01" } } end,
-      "bad field 'net' (mac \"01:00:00:00:00:01\" is not a unicast MAC address)")
+      "vm.create: bad field 'net.mac' (\"01:00:00:00:00:01\" is not a unicast MAC address)")
     assert.has_error(function() vm.create { kernel = kernel, net = { tap = "this-name-is-too-long" } } end,
-      "bad field 'net' (tap name \"this-name-is-too-long\" is not a valid interface name)")
+      "vm.create: bad field 'net.tap' (\"this-name-is-too-long\" is not a valid interface name)")
     assert.has_error(function() vm.create { kernel = kernel, guest = { channel = "pigeon" } } end,
-      "bad field 'guest' (channel \"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, got \"pigeon\")")
+      "vm.create: bad field 'guest.channel' (\"auto\", \"virtio-serial\", \"vsock\" or \"none\" expected, "
+        .. "got \"pigeon\")")
     assert.has_error(function() vm.create { kernel = kernel, accel = "hvf" } end,
-      "bad field 'accel' (\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"hvf\")")
+      "vm.create: bad field 'accel' (\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got \"hvf\")")
     assert.has_error(function() vm.create { kernel = kernel, guest = { ready_timeout = -1 } } end,
-      "bad field 'guest' (ready_timeout must be between 0 and 3600 seconds)")
+      "vm.create: bad field 'guest.ready_timeout' (seconds, more than 0 and at most 3600 expected)")
   end)
 
   it("fails clearly on missing, empty or unusable kernel and initrd files", function()
@@ -398,9 +401,9 @@ describe("vm with a fake VMM", function()
       assert(H.eventually(function() return io.open(cg .. "/cgroup.procs") == nil end), "cgroup left: " .. cg)
     end
     assert.has_error(function() vm.create { backend = "qemu", kernel = kernel, jail = { root = "/" } } end,
-      "bad field 'jail' (root is set by the vm)")
+      "vm.create: bad field 'jail.root' (set by the vm)")
     assert.has_error(function() vm.create { backend = "qemu", kernel = kernel, jail = 1 } end,
-      "bad field 'jail' (boolean or table of jail.spawn options expected, got number)")
+      "vm.create: bad field 'jail' (boolean or table of jail.spawn options expected, got number)")
   end)
 
   it("caps what a flooding agent sends", function()

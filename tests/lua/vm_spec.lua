@@ -14,7 +14,7 @@ if not skip then
 end
 
 local function sha256_host(data)
-  return (H.sh("sha256sum", { input = data }):match("^%x+"))
+  return (H.sh("sha256sum", { stdin = data }):match("^%x+"))
 end
 
 local function audit_kinds(id)
