@@ -72,7 +72,7 @@ function Session:call(id, text)
 end
 
 function Session:close()
-  local rss = vmhwm_kb(self.p.pid)
+  local rss = vmhwm_kb(self.p:pid())
   local t = claw.now()
   self.p.stdin:close()
   local st = self.p:wait(10)

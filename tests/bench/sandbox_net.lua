@@ -27,7 +27,7 @@ if not NS then
   assert(made.code == 0, made.stderr)
   local exe = arg[-1] or "clawlua"
   local r = claw.proc.run { "ip", "netns", "exec", ns, exe, arg[0], tostring(RUNS),
-                            env_add = { CLAWLUA_BENCH_NS = ns }, stdout = "inherit", stderr = "inherit",
+                            env = { CLAWLUA_BENCH_NS = ns }, stdout = "inherit", stderr = "inherit",
                             timeout = 600 }
   claw.proc.run { "ip", "netns", "del", ns }
   os.exit(r and r.code or 1)

@@ -22,7 +22,7 @@ describe("clawlua agent", function()
   local function agent(args, env)
     local argv = { "agent" }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
-    return H.clawlua(argv, { env_add = env or { OPENAI_API_KEY = KEY, ANTHROPIC_API_KEY = KEY }, timeout = 60 })
+    return H.clawlua(argv, { env = env or { OPENAI_API_KEY = KEY, ANTHROPIC_API_KEY = KEY }, timeout = 60 })
   end
 
   it("prints usage for --help (exit 0) and for bad usage (exit 2)", function()

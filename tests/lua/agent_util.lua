@@ -126,7 +126,7 @@ function U.test_tools(dir)
       if type(args.argv) ~= "table" or #args.argv == 0 then
         return nil, { code = -32602, message = "argv: non-empty array expected" }
       end
-      local cmd = { cwd = dir, timeout = 30, input = args.stdin, max_output = 1 << 20 }
+      local cmd = { cwd = dir, timeout = 30, stdin = args.stdin, max_output = 1 << 20 }
       for i, a in ipairs(args.argv) do cmd[i] = tostring(a) end
       local r, err = claw.proc.run(cmd)
       if not r then return text_result(err, true) end
@@ -206,7 +206,7 @@ function U.test_sandbox_tools(dir)
     local root, bad = root_of(args)
     if not root then return bad end
     if name == "sandbox_exec" then
-      local cmd = { cwd = map(root, args.cwd or "/work"), input = args.stdin, timeout = args.timeout_s or 30,
+      local cmd = { cwd = map(root, args.cwd or "/work"), stdin = args.stdin, timeout = args.timeout_s or 30,
                     max_output = 1 << 20 }
       for i, a in ipairs(args.command or {}) do cmd[i] = tostring(a) end
       if #cmd == 0 then return nil, { code = -32602, message = "command: non-empty array expected" } end

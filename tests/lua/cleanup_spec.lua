@@ -69,10 +69,10 @@ describe("clawlua cleanup", function()
     local script = base .. "/child.lua"
     H.write_file(script, CHILD)
     local child = assert(claw.proc.spawn { H.bin, script, stdout = "pipe", stdin = "null",
-      env_add = { CLAWLUA_STATE_DIR = base } })
+      env = { CLAWLUA_STATE_DIR = base } })
     child.stdout:set_timeout(30)
     assert.equal("ready", child.stdout:read_line())
-    local cpid = child.pid
+    local cpid = child:pid()
     assert.truthy(#cgroups_of(cpid) > 0)
     local ps = H.clawlua { "ps", "--json", "--state-dir", base }
     assert.equal(0, ps.code, ps.stderr)
@@ -102,8 +102,8 @@ describe("clawlua cleanup", function()
     local fake = base .. "/sandboxes/fake"
     H.sh(("mkdir -p '%s' '%s/scratch'"):format(fake, fake))
     H.write_file(fake .. "/owner", "999999999 1\n")
-    H.write_file(fake .. "/objects", ("+ pid %d:%d\n+ dir %s/scratch\n"):format(victim.pid,
-      state.start_time(victim.pid) + 1, fake))
+    H.write_file(fake .. "/objects", ("+ pid %d:%d\n+ dir %s/scratch\n"):format(victim:pid(),
+      state.start_time(victim:pid()) + 1, fake))
 
     local r = cleanup { "--dry-run" }
     assert.equal(0, r.code, r.stderr)
@@ -146,7 +146,7 @@ local b = assert(sandbox.create(require("clawlua.policy").default()))
 print(a.id, b.id)
 ]])
     local t0 = claw.now()
-    local r = H.clawlua({ script }, { env_add = { CLAWLUA_STATE_DIR = dir } })
+    local r = H.clawlua({ script }, { env = { CLAWLUA_STATE_DIR = dir } })
     assert.equal(0, r.code, r.stderr)
     -- the lifetime timers are daemon tasks: they do not keep the host alive for 10 minutes
     assert.is_true(claw.now() - t0 < 10 * H.scale, "exit took " .. (claw.now() - t0) .. " s")
@@ -158,10 +158,10 @@ print(a.id, b.id)
     local d = base .. "/sandboxes/dead-owner"
     H.sh(("mkdir -p '%s'"):format(d))
     H.write_file(d .. "/owner", "999999999 1\n")
-    H.write_file(d .. "/objects", ("+ pid %d:%d\n"):format(p.pid, state.start_time(p.pid)))
+    H.write_file(d .. "/objects", ("+ pid %d:%d\n"):format(p:pid(), state.start_time(p:pid())))
     local r = cleanup()
     assert.equal(0, r.code, r.stderr)
-    assert.truthy(r.stdout:find("dead-owner: removed process " .. p.pid, 1, true), r.stdout)
+    assert.truthy(r.stdout:find("dead-owner: removed process " .. p:pid(), 1, true), r.stdout)
     local st = p:wait(5)
     assert.equal(9, st.signal)
     p:close()

@@ -224,7 +224,7 @@ describe("llm client", function()
     local r = H.lua({ "-e", ([[
       local llm = require "clawlua.llm"
       local c = llm.new { provider = "anthropic", model = "m", base_url = %q }
-      io.write(c.secret())]]):format(srv.base) }, { env_add = { ANTHROPIC_API_KEY = "env-key-123" } })
+      io.write(c.secret())]]):format(srv.base) }, { env = { ANTHROPIC_API_KEY = "env-key-123" } })
     assert.are.equal("env-key-123", r.stdout, r.stderr)
   end)
 end)

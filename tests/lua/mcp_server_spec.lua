@@ -480,7 +480,7 @@ describe("clawlua mcp (the command)", function()
         "not json", '{"jsonrpc":"2.0","id":2,"method":"tools/list"}',
       }, "\n") .. "\n"
       local t0 = claw.now()
-      local r = H.clawlua({ "mcp", "--log-level", "debug" }, { input = input, timeout = 10 })
+      local r = H.clawlua({ "mcp", "--log-level", "debug" }, { stdin = input, timeout = 10 })
       assert.is_true(claw.now() - t0 < 2 * H.scale)
       assert.are.equal(0, r.code, r.stderr)
       local n = 0

@@ -232,8 +232,9 @@ function Client:exchange(req, stream)
     }
     if not r then
       if perr then return nil, perr, false end
-      -- A transfer that failed before the model said anything can be tried again.
-      return nil, err, code ~= 28 and st.events == 0
+      -- A transfer that failed before the model said anything can be tried again (not a timeout).
+      if code == "ETIMEDOUT" then return nil, ("no complete answer within %g s"):format(self.timeout), false end
+      return nil, err, st.events == 0
     end
     if r.status ~= 200 then
       local text = table.concat(raw)
@@ -248,7 +249,10 @@ function Client:exchange(req, stream)
     url = self.base_url .. path, method = "POST", headers = headers, body = body,
     timeout = self.timeout, connect_timeout = self.connect_timeout, max_body = MAX_RAW * 16,
   }
-  if not r then return nil, err, code ~= 28 end
+  if not r then
+    if code == "ETIMEDOUT" then return nil, ("no answer within %g s"):format(self.timeout), false end
+    return nil, err, true
+  end
   if r.status ~= 200 then
     local retry = RETRY_STATUS[r.status] or is_overloaded(r.body)
     return nil, ("HTTP %d: %s"):format(r.status, M.error_text(r.body)), retry, r.headers

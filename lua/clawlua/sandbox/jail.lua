@@ -61,7 +61,7 @@ cp "$src" "$d/busybox"
 chmod 0755 "$d" "$d/busybox"
 for a in "$@"; do ln -s busybox "$d/$a"; done
 if [ -e "$t/sh" ] || ! mv "$d" "$t" 2>/dev/null; then rm -rf "$d"; fi
-]], "sh", dir, M.busybox, timeout = 60, stdin = "null" }
+]], "sh", dir, M.busybox, timeout = 60 }
     table.move(M.applets, 1, #M.applets, #argv + 1, argv)
     local r, err = claw.proc.run(argv)
     if not r then return nil, "jail root: " .. err end
@@ -185,14 +185,15 @@ function J:exec(o)
     for k, v in pairs(self.env) do env[k] = v end
   end
   for k, v in pairs(o.env or {}) do env[k] = v end
-  spawn.env = env
+  spawn.env, spawn.env_clear = env, true -- nothing of the runtime's own environment gets in
   spawn.cwd = o.cwd or self.workdir
   spawn.stdin = o.stdin and "pipe" or "null"
   spawn.stdout, spawn.stderr = "pipe", "pipe"
   local t0 = claw.now()
   local proc, err, code = claw.jail.spawn(spawn)
   if not proc then return nil, err, code end
-  local rec = ("%d:%d"):format(proc.pid, require("clawlua.sandbox.state").start_time(proc.pid) or 0)
+  local pid = proc:pid()
+  local rec = ("%d:%d"):format(pid, require("clawlua.sandbox.state").start_time(pid) or 0)
   self.state:record("pid", rec)
   self.running[proc] = rec
   if self.paused then proc:kill("STOP", "group") end
@@ -251,7 +252,7 @@ end
 function J:snapshot(o)
   local path = ("%s/%s.tar.gz"):format(o.dir, self.id)
   local r, err = claw.proc.run { "/bin/busybox", "tar", "-czf", path, "-C", self.state.dir, "work",
-    "tmp", timeout = 300, stdin = "null" }
+    "tmp", timeout = 300 }
   if not r then return nil, "snapshot: " .. err end
   if r.code ~= 0 then return nil, "snapshot: " .. r.stderr:gsub("%s+$", "") end
   local f = io.open(path, "rb")

@@ -407,9 +407,9 @@ function Net:make_jail_ns()
   self.record("link", host)
   self.record("addr", host .. " " .. cidr)
   local undo = function()
-    return run({ "ip", "-force", "-batch", "-" }, { input = ("link del %s\nnetns del %s\n"):format(host, ns) })
+    return run({ "ip", "-force", "-batch", "-" }, { stdin = ("link del %s\nnetns del %s\n"):format(host, ns) })
   end
-  local ok, err = run({ "ip", "-batch", "-" }, { input = table.concat({
+  local ok, err = run({ "ip", "-batch", "-" }, { stdin = table.concat({
     "netns add " .. ns,
     ("link add %s type veth peer name eth0 netns %s"):format(host, ns),
     ("addr add %s dev %s"):format(cidr, host),
@@ -418,7 +418,7 @@ function Net:make_jail_ns()
   if ok then
     -- inside: the address, the default route through the host side, lo; no IPv6 address at all
     -- (addrgenmode none: the sandbox network is IPv4 only, and the jail cannot add one)
-    ok, err = run({ "ip", "-n", ns, "-batch", "-" }, { input = table.concat({
+    ok, err = run({ "ip", "-n", ns, "-batch", "-" }, { stdin = table.concat({
       "link set lo up",
       "link set eth0 address " .. self.mac .. " addrgenmode none",
       ("addr add %s/30 dev eth0"):format(self.address),
@@ -499,7 +499,7 @@ function Net:attach(ifname, opts)
   if not self.host_addr then -- a jail's veth has it already
     ok, err = self:make("addr", ifname .. " " .. cidr, function()
       local script = ("addr add %s dev %s\nlink set %s up\n"):format(cidr, ifname, ifname)
-      return run({ "ip", "-batch", "-" }, { input = script })
+      return run({ "ip", "-batch", "-" }, { stdin = script })
     end, function() return run { "ip", "addr", "del", cidr, "dev", ifname } end)
   end
   if not ok then return self:attach_failed(err) end
@@ -513,7 +513,7 @@ function Net:attach(ifname, opts)
   -- without this, egress = "allow" would open every service listening on the host).
   local tbl = "clawlua_net_" .. self.tok
   ok, err = self:make("nft", "inet " .. tbl, function()
-    return run({ "nft", "-f", "-" }, { input = ([[
+    return run({ "nft", "-f", "-" }, { stdin = ([[
 table inet %s {
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;

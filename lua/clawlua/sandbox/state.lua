@@ -88,7 +88,6 @@ function M.busybox(args, what)
   local argv = { "/bin/busybox" }
   for i, a in ipairs(args) do argv[i + 1] = a end
   argv.timeout = 30
-  argv.stdin = "null"
   local r, err = claw.proc.run(argv)
   if not r then return nil, ("%s: %s"):format(what, err) end
   if r.code ~= 0 then
@@ -261,7 +260,7 @@ end
 ---@return table[]
 function M.list(base)
   local dir = sandboxes_dir(base)
-  local r = claw.proc.run { "/bin/busybox", "ls", "-1A", dir, timeout = 30, stdin = "null" }
+  local r = claw.proc.run { "/bin/busybox", "ls", "-1A", dir, timeout = 30 }
   local out = {}
   if not r or r.code ~= 0 then return out end
   for id in r.stdout:gmatch("[^\n]+") do

@@ -610,9 +610,9 @@ function H:exec(opts)
     return nil, err, code
   end
   local out = { code = r.code, signal = r.signal, stdout = r.stdout or "", stderr = r.stderr or "",
-                timed_out = r.timed_out, truncated = r.truncated, duration = r.elapsed }
+                timed_out = r.timed_out, truncated = r.truncated, duration = r.duration }
   emit("sandbox.vm.exec", self.id, { argv0 = req[1], code = r.code, signal = r.signal, timed_out = r.timed_out,
-                                     duration = r.elapsed })
+                                     duration = r.duration })
   return out
 end
 
