@@ -318,12 +318,32 @@ void cl_seccomp_supervise(lua_State *L, int prep_idx, pid_t pid, const char *san
 const char *cl_json_encode(lua_State *L, int idx, size_t *len);
 /* Decodes s; pushes the value, or nil + message (returns 0). */
 int cl_json_decode(lua_State *L, const char *s, size_t len);
-/* Encodes without failing on content: functions, cycles, NaN and bad keys become
- * "<placeholder>" strings, invalid UTF-8 becomes U+FFFD, strings over max_string bytes (0: no
- * cut) end in "...[truncated N bytes]"; *replaced counts such changes. Pushes the string;
- * NULL (and a message) only when out of memory. */
-const char *cl_json_encode_lenient(lua_State *L, int idx, size_t max_string, int max_depth,
-                                   int sort_keys, size_t *len, long *replaced);
+/* A growable byte buffer owned by C code (free(p) releases it). */
+typedef struct cl_buf {
+  char *p;
+  size_t n, cap;
+} cl_buf;
+/* Makes room for `more` bytes after b->n (doubling from 512); 0 when out of memory. */
+int cl_buf_reserve(cl_buf *b, size_t more);
+/* Appends n bytes; 0 (b unchanged) when out of memory. */
+int cl_buf_add(cl_buf *b, const void *p, size_t n);
+/* Releases the bytes; b is empty and reusable. */
+void cl_buf_free(cl_buf *b);
+/* Options of the lenient encoder. */
+typedef struct cl_json_lenient {
+  size_t max_string;       /* strings over this many bytes are cut (0: no cut) */
+  int max_depth;           /* deeper tables become "<too deep>" */
+  size_t max_size;         /* fail once the output passes this many bytes (0: json.max_size) */
+  int sort_keys;           /* object keys in bytewise order */
+  const char *const *skip; /* NULL-terminated keys left out of the outermost object, or NULL */
+} cl_json_lenient;
+/* Encodes the value at idx, appending to out, without failing on content: functions, cycles,
+ * NaN and bad keys become "<placeholder>" strings, invalid UTF-8 becomes U+FFFD, long strings
+ * end in "...[truncated N bytes]"; *replaced counts such changes. Returns 1 with the stack
+ * unchanged; on failure out->n is unchanged and a message pushed: -1 over max_size, 0 out of
+ * memory or a table whose keys cannot be sorted. */
+int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_lenient *opts,
+                           long *replaced);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Audit (audit.c)                                                                            */

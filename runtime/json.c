@@ -18,6 +18,8 @@
 #include <errno.h>
 #include <locale.h>
 #include <math.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -517,35 +519,43 @@ static int l_decode(lua_State *L) {
 /* Encoder                                                                                     */
 
 typedef struct strbuf {
-  char *p;
-  size_t n, cap;
+  cl_buf buf;
   int busy; /* the per-state scratch buffer is in use (an encode inside __tojson) */
 } strbuf;
 
 static const char SCRATCH_KEY = 's';   /* registry: a strbuf reused across encodes */
+static const char ARRAY_KEY = 'a';     /* registry: the json.array metatable, also by address */
+static const char OBJECT_KEY = 'o';    /* registry: the json.object metatable, also by address */
 #define SCRATCH_KEEP ((size_t)1 << 20) /* larger scratch buffers are freed after use */
 
 static int strbuf_gc(lua_State *L) {
   strbuf *b = lua_touserdata(L, 1);
-  free(b->p);
-  b->p = NULL;
+  free(b->buf.p);
+  b->buf.p = NULL;
   return 0;
 }
 
 typedef struct encoder {
   lua_State *L;
-  strbuf *b;
+  cl_buf *b;
   int depth, max_depth;
   size_t max_size;
   int pretty, sort_keys;
-  int array_mt, object_mt; /* stack indices of the marker metatables */
+  /* The marker metatables, looked up when the first table with a metatable is met (most
+   * encodes meet none): 0 for the array marker, 1 for the object marker, 2 for neither. */
+  const void *markers[2];
+  int have_markers;
   /* Lenient mode (audit records): what cannot be encoded becomes a "<placeholder>" string,
    * invalid UTF-8 becomes U+FFFD, strings longer than max_string are cut with a marker. */
   int lenient;
   size_t max_string;
-  long replaced; /* placeholders and cuts made in lenient mode */
+  long replaced;           /* placeholders and cuts made in lenient mode */
+  const char *const *skip; /* keys of the outermost object left out (NULL: none) */
+  int too_large;           /* failed for the size limit */
+  int path_hi;             /* path[0 .. path_hi-1] have been written (the rest reads as [0]) */
   const char *err;
   size_t lim; /* min(buffer capacity, max_size): the fast paths check only this */
+  /* Not cleared per encode (written before they are read): */
   char errbuf[160];
   /* The path to the value being encoded, for error messages. */
   struct {
@@ -556,10 +566,11 @@ typedef struct encoder {
 } encoder;
 
 static int enc_grow(encoder *e, size_t need) {
-  strbuf *b = e->b;
+  cl_buf *b = e->b;
   if (b->n + need > e->max_size) {
     snprintf(e->errbuf, sizeof e->errbuf, "output larger than the limit of %zu bytes", e->max_size);
     e->err = e->errbuf;
+    e->too_large = 1;
     return 0;
   }
   if (b->n + need > b->cap) {
@@ -595,7 +606,9 @@ static void describe_path(encoder *e, char *out, size_t outlen) {
   o += (size_t)snprintf(out + o, outlen - o, "$");
   int n = e->depth < 64 ? e->depth : 64;
   for (int i = 0; i < n && o < outlen; i++) {
-    if (e->path[i].key)
+    if (i >= e->path_hi)
+      o += (size_t)snprintf(out + o, outlen - o, "[0]");
+    else if (e->path[i].key)
       o += (size_t)snprintf(out + o, outlen - o, ".%.*s",
                             (int)(e->path[i].keylen > 40 ? 40 : e->path[i].keylen), e->path[i].key);
     else
@@ -635,6 +648,18 @@ static const unsigned char special[256] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
 };
 
+/* Whether any of the 8 bytes at p is special (a control, '"', '\\' or non-ASCII): the plain runs
+ * of a string are scanned a word at a time. */
+static inline int special8(const unsigned char *p) {
+  const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+  uint64_t w;
+  memcpy(&w, p, 8);
+  uint64_t quote = w ^ (ones * '"'), bslash = w ^ (ones * '\\');
+  uint64_t lt_space = (w - ones * 0x20) & ~w;
+  uint64_t zq = (quote - ones) & ~quote, zb = (bslash - ones) & ~bslash;
+  return ((w | lt_space | zq | zb) & highs) != 0;
+}
+
 static int enc_string(encoder *e, const char *s, size_t len) {
   size_t cut = 0;
   if (e->lenient && e->max_string && len > e->max_string) {
@@ -647,6 +672,7 @@ static int enc_string(encoder *e, const char *s, size_t len) {
   e->b->p[e->b->n++] = '"';
   const unsigned char *p = (const unsigned char *)s, *end = p + len, *run = p;
   while (p < end) {
+    while (end - p >= 8 && !special8(p)) p += 8;
     while (p < end && !special[*p]) p++;
     if (p == end) break;
     unsigned c = *p;
@@ -761,10 +787,31 @@ static int enc_newline(encoder *e) {
 
 static int enc_value(encoder *e, int idx);
 
+/* Pops the metatable on top of the stack; says which marker it is (0 array, 1 object, 2 none). */
+static int marker_of(encoder *e) {
+  lua_State *L = e->L;
+  if (!e->have_markers) { /* the registry keeps them alive: their addresses stay valid */
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &ARRAY_KEY);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &OBJECT_KEY);
+    e->markers[0] = lua_istable(L, -2) ? lua_topointer(L, -2) : NULL;
+    e->markers[1] = lua_istable(L, -1) ? lua_topointer(L, -1) : NULL;
+    e->have_markers = 1;
+    lua_pop(L, 2);
+  }
+  const void *mt = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  return mt == e->markers[0] ? 0 : mt == e->markers[1] ? 1 : 2;
+}
+
 /* Records the key or index of the current level (depth was already incremented). */
 static void enc_push_path(encoder *e, const char *key, size_t keylen, lua_Integer index) {
   int i = e->depth - 1;
   if (i >= 0 && i < 64) {
+    for (; e->path_hi <= i; e->path_hi++) { /* entries skipped over read as zero */
+      e->path[e->path_hi].key = NULL;
+      e->path[e->path_hi].keylen = 0;
+      e->path[e->path_hi].index = 0;
+    }
     e->path[i].key = key;
     e->path[i].keylen = keylen;
     e->path[i].index = index;
@@ -832,6 +879,69 @@ static int key_cmp(const void *a, const void *b) {
 static lua_Integer table_shape(encoder *e, int idx, int *bad);
 static int shape_error(encoder *e, int bad);
 
+/* A key of the outermost object that the caller lifted out (audit: sandbox, vm, pid). */
+static int skipped(const encoder *e, const char *k, size_t n) {
+  if (!e->skip || e->depth != 1) return 0;
+  for (const char *const *p = e->skip; *p; p++)
+    if (strncmp(*p, k, n) == 0 && (*p)[n] == 0) return 1;
+  return 0;
+}
+
+#define SORT_FAST_MAX 64 /* objects up to this many keys are sorted without a second lookup */
+
+typedef struct skey {
+  const char *s;
+  size_t n;
+  int vi; /* stack index of the value */
+} skey;
+
+static inline int skey_less(const skey *x, const skey *y) {
+  size_t m = x->n < y->n ? x->n : y->n;
+  int c = memcmp(x->s, y->s, m);
+  return c ? c < 0 : x->n < y->n;
+}
+
+/* Sorted object members in one traversal: each value stays on the stack (with its key, which
+ * anchors the key's bytes) while keys are insertion-sorted, so no key is hashed and looked up a
+ * second time and nothing is allocated. Returns -1, with nothing written and the stack as it
+ * was, when this cannot apply (a key that is not a string, or more than SORT_FAST_MAX keys). */
+static int enc_sorted_fast(encoder *e, int idx, int *first) {
+  lua_State *L = e->L;
+  int base = lua_gettop(L);
+  if (!lua_checkstack(L, 2 * SORT_FAST_MAX + 4)) return -1;
+  skey keys[SORT_FAST_MAX];
+  size_t cnt = 0;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -2) != LUA_TSTRING || cnt == SORT_FAST_MAX) {
+      lua_settop(L, base);
+      return -1;
+    }
+    skey k;
+    k.s = lua_tolstring(L, -2, &k.n);
+    if (skipped(e, k.s, k.n)) {
+      lua_pop(L, 1);
+      continue;
+    }
+    k.vi = lua_gettop(L);
+    size_t i = cnt++;
+    for (; i > 0 && skey_less(&k, &keys[i - 1]); i--) keys[i] = keys[i - 1];
+    keys[i] = k;
+    lua_pushvalue(L, -2); /* the key again, for lua_next */
+  }
+  for (size_t i = 0; i < cnt; i++) {
+    if (!*first && !putc_(e, ',')) return 0;
+    *first = 0;
+    if (e->pretty && !enc_newline(e)) return 0;
+    enc_push_path(e, keys[i].s, keys[i].n, 0);
+    if (!enc_string(e, keys[i].s, keys[i].n) || !put(e, e->pretty ? ": " : ":", e->pretty ? 2 : 1))
+      return 0;
+    if (!enc_value(e, keys[i].vi)) return 0;
+  }
+  lua_settop(L, base);
+  return 1;
+}
+
 /* With strict set (an unmarked table whose length is 0, taken for an object in one pass), a
  * key that is not a string means the table is no object: say why. */
 static int enc_object(encoder *e, int idx, int strict) {
@@ -839,8 +949,12 @@ static int enc_object(encoder *e, int idx, int strict) {
   if (!putc_(e, '{')) return 0;
   e->depth++;
   int first = 1;
-  if (e->sort_keys) {
-    /* Collect string keys, sort them bytewise, then emit. */
+  int fast = e->sort_keys ? enc_sorted_fast(e, idx, &first) : -1;
+  if (fast == 0) return 0;
+  if (fast > 0) {
+    /* written */
+  } else if (e->sort_keys) {
+    /* Large objects: collect string keys, sort them bytewise, then look each value up. */
     typedef struct {
       const char *s;
       size_t n;
@@ -860,6 +974,7 @@ static int enc_object(encoder *e, int idx, int strict) {
         lua_pop(L, 1);
         return enc_fail(e, what);
       }
+      if (skipped(e, lua_tostring(L, -1), lua_rawlen(L, -1))) continue;
       if (cnt == cap) {
         key *nk = realloc(keys, (cap *= 2) * sizeof *keys);
         if (!nk) {
@@ -902,6 +1017,10 @@ static int enc_object(encoder *e, int idx, int strict) {
     int vi = lua_gettop(L) + 2, ki = vi - 1; /* where lua_next leaves key and value */
     lua_pushnil(L);
     while (lua_next(L, idx)) {
+      if (lua_type(L, ki) == LUA_TSTRING && skipped(e, lua_tostring(L, ki), lua_rawlen(L, ki))) {
+        lua_pop(L, 1);
+        continue;
+      }
       if (!first && !putc_(e, ',')) return 0;
       first = 0;
       if (e->pretty && !enc_newline(e)) return 0;
@@ -961,14 +1080,18 @@ static int enc_table(encoder *e, int idx) {
   }
   if (!lua_checkstack(L, 6)) return enc_fail(e, "Lua stack overflow");
   if (lua_getmetatable(L, idx)) {
-    int is_array = lua_rawequal(L, -1, e->array_mt);
-    int is_object = lua_rawequal(L, -1, e->object_mt);
-    lua_pop(L, 1);
+    int m = marker_of(e);
+    int is_array = m == 0, is_object = m == 1;
     if (is_array) return enc_array(e, idx, (lua_Integer)lua_rawlen(L, idx));
     if (is_object) return enc_object(e, idx, 0);
   }
-  /* No array part: an object, checked while it is written (one traversal, not two). */
-  if (!e->lenient && lua_rawlen(L, idx) == 0) return enc_object(e, idx, 1);
+  /* No array part: an object, checked while it is written (one traversal, not two). In lenient
+   * sorted mode a key that is not a string fails the object whatever its shape, so the shape
+   * pass is skipped there too. */
+  if (lua_rawlen(L, idx) == 0) {
+    if (!e->lenient) return enc_object(e, idx, 1);
+    if (e->sort_keys) return enc_object(e, idx, 0);
+  }
   int bad = 0;
   lua_Integer n = table_shape(e, idx, &bad);
   if (bad && e->lenient) return enc_object(e, idx, 0); /* keys become strings */
@@ -1002,11 +1125,7 @@ static int enc_value(encoder *e, int idx) {
     break;
   case LUA_TTABLE:
     if (!lua_getmetatable(L, idx)) return enc_table(e, idx);
-    if (lua_rawequal(L, -1, e->array_mt) || lua_rawequal(L, -1, e->object_mt)) {
-      lua_pop(L, 1);
-      return enc_table(e, idx);
-    }
-    lua_pop(L, 1);
+    if (marker_of(e) < 2) return enc_table(e, idx);
     __attribute__((fallthrough)); /* another metatable may have __tojson */
   case LUA_TUSERDATA:
     if (luaL_getmetafield(L, idx, "__tojson") != LUA_TNIL) {
@@ -1034,12 +1153,41 @@ static int enc_value(encoder *e, int idx) {
   return enc_bad(e, what, ph);
 }
 
+/* Runs the encoder on the value at idx, appending to out. On failure out->n is restored and the
+ * message is pushed (returns 0, or -1 for the size limit); on success the stack is as it was. */
+static int run_encoder(lua_State *L, int idx, cl_buf *out, int pretty, int sort_keys, int max_depth,
+                       size_t max_size, size_t lenient_max_string, const char *const *skip,
+                       long *replaced) {
+  idx = lua_absindex(L, idx);
+  int base = lua_gettop(L);
+  size_t start = out->n;
+  encoder e;
+  memset(&e, 0, offsetof(encoder, errbuf)); /* the path (1.5 kB) is written before it is read */
+  e.L = L;
+  e.b = out;
+  e.pretty = pretty;
+  e.sort_keys = sort_keys;
+  e.max_depth = max_depth;
+  e.max_size = max_size;
+  e.lim = out->cap < max_size ? out->cap : max_size;
+  e.lenient = lenient_max_string > 0;
+  e.max_string = lenient_max_string == (size_t)-1 ? 0 : lenient_max_string;
+  e.skip = skip;
+  int ok = enc_value(&e, idx);
+  if (replaced) *replaced = e.replaced;
+  lua_settop(L, base);
+  if (!ok) {
+    out->n = start;
+    lua_pushfstring(L, "json: %s", e.err ? e.err : "encoding failed");
+    return e.too_large ? -1 : 0;
+  }
+  return 1;
+}
+
 /* Encodes the value at idx; on success pushes the string, else pushes nil + message. */
 static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max_depth,
-                       size_t max_size, size_t lenient_max_string, long *replaced) {
+                       size_t max_size) {
   idx = lua_absindex(L, idx);
-  luaL_getmetatable(L, ARRAY_MT);
-  luaL_getmetatable(L, OBJECT_MT);
   /* Reuse the state's scratch buffer (no malloc per call), unless a nested encode holds it. */
   lua_rawgetp(L, LUA_REGISTRYINDEX, &SCRATCH_KEY);
   strbuf *b = lua_touserdata(L, -1);
@@ -1050,49 +1198,29 @@ static int encode_with(lua_State *L, int idx, int pretty, int sort_keys, int max
     luaL_setmetatable(L, BUF_MT);
   }
   b->busy = 1;
-  b->n = 0;
-  int bi = lua_gettop(L);
-  encoder e;
-  memset(&e, 0, sizeof e);
-  e.L = L;
-  e.b = b;
-  e.pretty = pretty;
-  e.sort_keys = sort_keys;
-  e.max_depth = max_depth;
-  e.max_size = max_size;
-  e.lim = b->cap < max_size ? b->cap : max_size;
-  e.array_mt = bi - 2;
-  e.object_mt = bi - 1;
-  e.lenient = lenient_max_string > 0;
-  e.max_string = lenient_max_string == (size_t)-1 ? 0 : lenient_max_string;
-  int ok = enc_value(&e, idx);
-  if (replaced) *replaced = e.replaced;
+  b->buf.n = 0;
+  int ok = run_encoder(L, idx, &b->buf, pretty, sort_keys, max_depth, max_size, 0, NULL, NULL) > 0;
   b->busy = 0;
-  if (!ok) {
-    if (b->cap > SCRATCH_KEEP) {
-      free(b->p);
-      b->p = NULL;
-      b->cap = 0;
-    }
-    lua_settop(L, bi - 3);
+  if (ok)
+    lua_pushlstring(L, b->buf.p ? b->buf.p : "", b->buf.n);
+  else
     lua_pushnil(L);
-    lua_pushfstring(L, "json: %s", e.err ? e.err : "encoding failed");
-    return 0;
+  if (b->buf.cap > SCRATCH_KEEP) {
+    free(b->buf.p);
+    b->buf.p = NULL;
+    b->buf.cap = 0;
   }
-  lua_settop(L, bi);
-  lua_pushlstring(L, b->p ? b->p : "", b->n);
-  lua_replace(L, bi - 2);
-  lua_settop(L, bi - 2);
-  if (b->cap > SCRATCH_KEEP) {
-    free(b->p);
-    b->p = NULL;
-    b->cap = 0;
+  /* [buffer, message] or [buffer, string] -> [nil, message] or [string] */
+  if (ok) {
+    lua_remove(L, -2);
+    return 1;
   }
-  return 1;
+  lua_replace(L, -3);
+  return 0;
 }
 
 const char *cl_json_encode(lua_State *L, int idx, size_t *len) {
-  if (!encode_with(L, idx, 0, 0, DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE, 0, NULL)) {
+  if (!encode_with(L, idx, 0, 0, DEFAULT_MAX_DEPTH, DEFAULT_MAX_SIZE)) {
     lua_remove(L, -2); /* leave just the message */
     return NULL;
   }
@@ -1112,7 +1240,7 @@ static int l_encode(lua_State *L) {
     sort_keys = cl_opt_boolean(L, 2, "sort_keys", 0);
   }
   read_limits(L, 2, &max_depth, &max_size);
-  return encode_with(L, 1, pretty, sort_keys, max_depth, max_size, 0, NULL) ? 1 : 2;
+  return encode_with(L, 1, pretty, sort_keys, max_depth, max_size) ? 1 : 2;
 }
 
 static int mark(lua_State *L, const char *mt) {
@@ -1126,16 +1254,40 @@ static int mark(lua_State *L, const char *mt) {
   return 1;
 }
 
-const char *cl_json_encode_lenient(lua_State *L, int idx, size_t max_string, int max_depth,
-                                   int sort_keys, size_t *len, long *replaced) {
+int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_lenient *opts,
+                           long *replaced) {
   long r = 0;
-  if (!encode_with(L, idx, 0, sort_keys, max_depth, DEFAULT_MAX_SIZE,
-                   max_string ? max_string : (size_t)-1, &r)) {
-    lua_remove(L, -2);
-    return NULL; /* only when out of memory or over the size limit */
+  size_t max_string = opts->max_string ? opts->max_string : (size_t)-1;
+  size_t max_size = opts->max_size ? out->n + opts->max_size : DEFAULT_MAX_SIZE;
+  int ok = run_encoder(L, idx, out, 0, opts->sort_keys, opts->max_depth, max_size, max_string,
+                       opts->skip, &r);
+  if (ok == 0 && opts->skip && lua_istable(L, idx)) {
+    /* Lifting keys out of a table the encoder could not take whole (mixed keys, say): encode a
+     * shallow copy without them instead, as if the caller had made it. */
+    lua_pop(L, 1);
+    idx = lua_absindex(L, idx);
+    lua_newtable(L);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      size_t kl;
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kl) : NULL;
+      int skip = 0;
+      for (const char *const *p = opts->skip; k && *p && !skip; p++)
+        skip = strlen(*p) == kl && memcmp(*p, k, kl) == 0;
+      if (skip) {
+        lua_pop(L, 1);
+        continue;
+      }
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, -4);
+    }
+    ok = run_encoder(L, -1, out, 0, opts->sort_keys, opts->max_depth, max_size, max_string, NULL,
+                     &r);
+    lua_remove(L, ok > 0 ? -1 : -2);
   }
   if (replaced) *replaced = r;
-  return lua_tolstring(L, -1, len);
+  return ok;
 }
 
 /* Lua: json.array([t]) / json.object([t]) mark t (or a new table) as a JSON array / object. */
@@ -1167,11 +1319,11 @@ int luaopen_clawlua_json(lua_State *L) {
   luaL_newmetatable(L, ARRAY_MT);
   lua_pushliteral(L, "json.array");
   lua_setfield(L, -2, "__name");
-  lua_pop(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &ARRAY_KEY);
   luaL_newmetatable(L, OBJECT_MT);
   lua_pushliteral(L, "json.object");
   lua_setfield(L, -2, "__name");
-  lua_pop(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &OBJECT_KEY);
   luaL_newmetatable(L, BUF_MT);
   lua_pushcfunction(L, strbuf_gc);
   lua_setfield(L, -2, "__gc");

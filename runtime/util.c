@@ -1,4 +1,5 @@
-/* Shared helpers: error results, option-table checks, argv vectors, signals, fd flags. */
+/* Shared helpers: error results, option-table checks, argv vectors, signals, fd flags, byte
+ * buffers. */
 #include "clawlua.h"
 
 #include <errno.h>
@@ -6,6 +7,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -204,4 +206,31 @@ int cl_set_nonblock(int fd, int on) {
   int nfl = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
   if (nfl != fl && fcntl(fd, F_SETFL, nfl) < 0) return errno;
   return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Byte buffers                                                                               */
+
+int cl_buf_reserve(cl_buf *b, size_t more) {
+  if (b->n + more <= b->cap) return 1;
+  size_t cap = b->cap ? b->cap : 512;
+  while (cap < b->n + more) cap *= 2;
+  char *p = realloc(b->p, cap);
+  if (!p) return 0;
+  b->p = p;
+  b->cap = cap;
+  return 1;
+}
+
+int cl_buf_add(cl_buf *b, const void *p, size_t n) {
+  if (!cl_buf_reserve(b, n)) return 0;
+  memcpy(b->p + b->n, p, n);
+  b->n += n;
+  return 1;
+}
+
+void cl_buf_free(cl_buf *b) {
+  free(b->p);
+  b->p = NULL;
+  b->n = b->cap = 0;
 }

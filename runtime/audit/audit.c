@@ -38,6 +38,7 @@
 #define PID_GONE_TTL_NS (10ull * 1000000000ull)
 #define PID_GONE_MAX    1024
 #define ANCESTOR_DEPTH  32
+#define ENC_KEEP        (64u << 10) /* larger record scratch buffers are freed after the emit */
 
 int cl_entry_redirect(lua_State *L, const char *name);
 
@@ -176,7 +177,10 @@ static size_t put_json_string(char *o, size_t room, const char *s) {
   o[n++] = '"';
   for (const unsigned char *p = (const unsigned char *)s; *p && n + 8 < room;) {
     unsigned c = *p;
-    if (c == '"' || c == '\\') {
+    if (c > 0x20 && c < 0x7f && c != '"' && c != '\\') { /* the common case first */
+      o[n++] = (char)c;
+      p++;
+    } else if (c == '"' || c == '\\') {
       o[n++] = '\\';
       o[n++] = (char)c;
       p++;
@@ -210,81 +214,158 @@ static size_t put_json_string(char *o, size_t room, const char *s) {
   return n;
 }
 
+static const char digit_pairs[201] = "00010203040506070809101112131415161718192021222324"
+                                     "25262728293031323334353637383940414243444546474849"
+                                     "50515253545556575859606162636465666768697071727374"
+                                     "75767778798081828384858687888990919293949596979899";
+
+/* Two digits per division: numbers are a fifth of a record's tail. */
 static size_t put_u64(char *o, uint64_t v) {
-  char tmp[24];
-  size_t n = 0;
-  do {
-    tmp[n++] = (char)('0' + v % 10);
-    v /= 10;
-  } while (v);
-  for (size_t i = 0; i < n; i++) o[i] = tmp[n - 1 - i];
+  char tmp[24], *q = tmp + sizeof tmp;
+  while (v >= 100) {
+    q -= 2;
+    memcpy(q, digit_pairs + (v % 100) * 2, 2);
+    v /= 100;
+  }
+  if (v >= 10) {
+    q -= 2;
+    memcpy(q, digit_pairs + v * 2, 2);
+  } else {
+    *--q = (char)('0' + v);
+  }
+  size_t n = (size_t)(tmp + sizeof tmp - q);
+  memcpy(o, q, n);
   return n;
 }
 
 /* ns as seconds with 6 decimals ("12.000345"): what %.6f printed, without formatting a double
- * (which cost a quarter of an emit). */
-static size_t put_seconds(char *o, uint64_t ns) {
-  size_t n = put_u64(o, ns / 1000000000u);
+ * (which cost a quarter of an emit). The whole seconds change once a second: their digits are
+ * kept in c. */
+static size_t put_seconds(char *o, uint64_t ns, audit_secs *c) {
+  uint64_t sec = ns / 1000000000u;
+  if (sec != c->sec || !c->len) {
+    c->sec = sec;
+    c->len = (uint8_t)put_u64(c->digits, sec);
+  }
+  memcpy(o, c->digits, sizeof c->digits);
+  size_t n = c->len;
   uint32_t us = (uint32_t)(ns % 1000000000u / 1000u);
   o[n++] = '.';
-  for (int i = 5; i >= 0; i--, us /= 10) o[n + (size_t)i] = (char)('0' + us % 10);
+  for (int i = 4; i >= 0; i -= 2, us /= 100) memcpy(o + n + i, digit_pairs + (us % 100) * 2, 2);
   return n + 6;
 }
 
-static size_t put_lit(char *o, const char *s) {
-  size_t n = 0;
-  while (s[n]) {
-    o[n] = s[n];
-    n++;
-  }
-  return n;
-}
+/* A string literal (its length known when compiled). */
+#define PUT_LIT(o, lit) (memcpy((o), lit, sizeof lit - 1), sizeof lit - 1)
 
 /* The fields after "detail", up to but without the closing brace (and "truncated"). */
-static size_t build_tail(const slot *s, char *tail, size_t room) {
+static size_t build_tail(audit *a, const slot *s, char *tail, size_t room) {
   size_t tn = 0;
-  tn += put_lit(tail + tn, ",\"kind\":");
-  tn += put_json_string(tail + tn, room - tn - 200, s->kind);
-  tn += put_lit(tail + tn, ",\"mono\":");
-  tn += put_seconds(tail + tn, s->mono_ns);
+  tn += PUT_LIT(tail + tn, ",\"kind\":");
+  if (strcmp(a->kind_cache, s->kind) != 0) { /* a run of events of one kind is common */
+    a->kind_json_len = put_json_string(a->kind_json, sizeof a->kind_json, s->kind);
+    memcpy(a->kind_cache, s->kind, sizeof a->kind_cache);
+  }
+  memcpy(tail + tn, a->kind_json, a->kind_json_len);
+  tn += a->kind_json_len;
+  tn += PUT_LIT(tail + tn, ",\"mono\":");
+  tn += put_seconds(tail + tn, s->mono_ns, &a->mono_secs);
   if (s->pid > 0) {
-    tn += put_lit(tail + tn, ",\"pid\":");
+    tn += PUT_LIT(tail + tn, ",\"pid\":");
     tn += put_u64(tail + tn, (uint64_t)s->pid);
   }
   if (s->sandbox[0]) {
-    tn += put_lit(tail + tn, ",\"sandbox\":");
+    tn += PUT_LIT(tail + tn, ",\"sandbox\":");
     tn += put_json_string(tail + tn, room - tn - 100, s->sandbox);
   }
-  tn += put_lit(tail + tn, ",\"seq\":");
+  tn += PUT_LIT(tail + tn, ",\"seq\":");
   tn += put_u64(tail + tn, s->seq);
-  tn += put_lit(tail + tn, ",\"time\":");
-  tn += put_seconds(tail + tn, s->wall_ns > 0 ? (uint64_t)s->wall_ns : 0);
+  tn += PUT_LIT(tail + tn, ",\"time\":");
+  tn += put_seconds(tail + tn, s->wall_ns > 0 ? (uint64_t)s->wall_ns : 0, &a->wall_secs);
   return tn;
 }
 
 #define TAIL_MAX 1536 /* kind and sandbox at 8 bytes per character escaped, and numbers */
+
+static void buf_put(cl_buf *b, const char *s, size_t n) { /* room was reserved */
+  memcpy(b->p + b->n, s, n);
+  b->n += n;
+}
+
+/* Copies the record built in b into slot s (at most event_cap bytes). */
+static int store_built(audit *a, slot *s, const cl_buf *b) {
+  if (b->n > a->event_cap) return 0;
+  if (b->n > s->cap) {
+    char *r = realloc(s->rec, b->n);
+    if (!r) return 0;
+    a->bytes += b->n - s->cap;
+    s->rec = r;
+    s->cap = (uint32_t)b->n;
+  }
+  memcpy(s->rec, b->p, b->n);
+  s->len = (uint32_t)b->n;
+  return 1;
+}
 
 /* Builds the record for slot s from the detail JSON d (len dl) and the tail into s->rec. */
 static int store_record(audit *a, slot *s, const char *d, size_t dl, const char *tail, size_t tn,
                         int cut) {
   static const char head[] = "{\"detail\":";
   static const char trunc[] = ",\"truncated\":true}";
-  size_t hn = sizeof head - 1, en = cut ? sizeof trunc - 1 : 1;
-  size_t need = hn + dl + tn + en;
-  if (need > a->event_cap) return 0;
-  if (need > s->cap) {
-    char *r = realloc(s->rec, need);
-    if (!r) return 0;
-    a->bytes += need - s->cap;
-    s->rec = r;
-    s->cap = (uint32_t)need;
+  cl_buf *b = &a->enc;
+  b->n = 0;
+  if (!cl_buf_reserve(b, sizeof head + dl + tn + sizeof trunc)) return 0;
+  buf_put(b, head, sizeof head - 1);
+  buf_put(b, d, dl);
+  buf_put(b, tail, tn);
+  if (cut)
+    buf_put(b, trunc, sizeof trunc - 1);
+  else
+    buf_put(b, "}", 1);
+  return store_built(a, s, b);
+}
+
+/* Builds the record with the detail table at stack index detail, whose strings are cut at
+ * max_string bytes (0: not cut), straight into the scratch buffer. Returns 0 when it does not
+ * fit event_cap (or memory ran out); *cut is set when something had to be replaced or cut. */
+static int store_detail(lua_State *L, audit *a, slot *s, int detail, const char *const *skip,
+                        size_t max_string, const char *tail, size_t tn, int *cut) {
+  static const char head[] = "{\"detail\":";
+  static const char trunc[] = ",\"truncated\":true}";
+  cl_buf *b = &a->enc;
+  b->n = 0;
+  size_t fixed = sizeof head + tn + sizeof trunc;
+  if (fixed >= a->event_cap || !cl_buf_reserve(b, fixed + 256)) return 0;
+  buf_put(b, head, sizeof head - 1);
+  cl_json_lenient o = {.max_string = max_string,
+                       .max_depth = 16,
+                       .max_size = a->event_cap - fixed,
+                       .sort_keys = 1,
+                       .skip = skip};
+  long replaced = 0;
+  int r = cl_json_encode_lenient(L, detail, b, &o, &replaced);
+  if (r <= 0) lua_pop(L, 1);
+  if (r < 0) {
+    *cut = 1;
+    return 0; /* too large: the caller cuts harder */
   }
-  memcpy(s->rec, head, hn);
-  memcpy(s->rec + hn, d, dl);
-  memcpy(s->rec + hn + dl, tail, tn);
-  memcpy(s->rec + hn + dl + tn, cut ? trunc : "}", en);
-  s->len = (uint32_t)need;
-  return 1;
+  if (r == 0 || replaced) *cut = 1;
+  if (r == 0) buf_put(b, "{}", 2); /* unencodable: an empty detail (room was reserved) */
+  if (!cl_buf_reserve(b, tn + sizeof trunc)) return 0;
+  buf_put(b, tail, tn);
+  if (*cut)
+    buf_put(b, trunc, sizeof trunc - 1);
+  else
+    buf_put(b, "}", 1);
+  return store_built(a, s, b);
+}
+
+/* strlcpy: the kind and the sandbox id into their slot fields (snprintf cost an eighth of an
+ * emit). */
+static void copy_id(char *dst, size_t size, const char *src) {
+  size_t n = strnlen(src, size - 1);
+  memcpy(dst, src, n);
+  dst[n] = 0;
 }
 
 /* Sinks' post-emit work (rotation, reports of errors and drops) emits events of its own, so it
@@ -306,7 +387,7 @@ static void run_pending(lua_State *L, audit *a) {
 }
 
 uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
-                    int detail) {
+                    int detail, const char *const *skip) {
   if (a->emitting) return 0; /* a __tojson that emits: dropped rather than recursing */
   a->emitting = 1;
   slot *s;
@@ -324,32 +405,20 @@ uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbo
   s->wall_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
   s->wall = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
   s->pid = pid > 0 ? pid : 0;
-  snprintf(s->kind, sizeof s->kind, "%s", kind);
+  copy_id(s->kind, sizeof s->kind, kind);
   if (!sandbox && pid > 0) sandbox = audit_attribute(a, pid, 0);
-  snprintf(s->sandbox, sizeof s->sandbox, "%s", sandbox ? sandbox : "");
+  copy_id(s->sandbox, sizeof s->sandbox, sandbox ? sandbox : "");
   s->mono_ns = cl_now_ns();
   char tail[TAIL_MAX];
-  size_t tn = build_tail(s, tail, sizeof tail);
+  size_t tn = build_tail(a, s, tail, sizeof tail);
 
   /* The detail, cut harder until the record fits. */
   int top = lua_gettop(L);
   static const size_t cuts[] = {0, 1024, 256, 64};
   int stored = 0, cut = 0;
+  if (!detail) stored = store_record(a, s, "{}", 2, tail, tn, 0);
   for (size_t i = 0; i < CL_ARRAY_LEN(cuts) && !stored; i++) {
-    size_t dl = 2;
-    const char *d = "{}";
-    if (detail) {
-      size_t max_string = cuts[i] ? cuts[i] : a->event_cap;
-      long replaced = 0;
-      d = cl_json_encode_lenient(L, detail, max_string, 16, 1, &dl, &replaced);
-      if (!d) {
-        d = "{}";
-        dl = 2;
-        cut = 1;
-      }
-      if (replaced) cut = 1;
-    }
-    stored = store_record(a, s, d, dl, tail, tn, cut);
+    stored = store_detail(L, a, s, detail, skip, cuts[i] ? cuts[i] : a->event_cap, tail, tn, &cut);
     lua_settop(L, top);
     if (!stored) cut = 1;
   }
@@ -363,6 +432,9 @@ uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbo
   for (asink *k = a->sinks; k && s->len; k = k->next)
     if (k->active && (k->force_seq == s->seq || audit_slot_matches(&k->filter, s)))
       k->write(a, k, s);
+  if (a->enc.cap > ENC_KEEP) { /* a large record: give its scratch space back */
+    cl_buf_free(&a->enc);
+  }
   a->emitting = 0;
   uint64_t seq = s->seq;
   cl_waitq_wake_all(&a->waiters, 0);
@@ -374,7 +446,7 @@ void cl_audit_emit(lua_State *L, const char *kind, const char *sandbox, pid_t pi
   audit *a = audit_get(L);
   if (!a) return;
   if (detail) detail = lua_absindex(L, detail);
-  audit_emit(L, a, kind, sandbox, pid, detail);
+  audit_emit(L, a, kind, sandbox, pid, detail, NULL);
 }
 
 void audit_add_sink(audit *a, asink *s) {
@@ -412,53 +484,46 @@ static int valid_kind(const char *k) {
 /* Lua: audit.emit(kind, [fields]) -> seq. fields.sandbox (or .vm) and fields.pid are the
  * event's attribution; everything else is its detail. */
 static int l_emit(lua_State *L) {
-  audit *a = audit_get(L);
+  audit *a = lua_touserdata(L, lua_upvalueindex(1));
   const char *kind = luaL_checkstring(L, 1);
-  if (!valid_kind(kind))
-    return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
+  if (!lua_rawequal(L, 1, lua_upvalueindex(5))) { /* upvalue 5: the last kind found valid */
+    if (!valid_kind(kind))
+      return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
+    lua_pushvalue(L, 1);
+    lua_replace(L, lua_upvalueindex(5));
+  }
   const char *sandbox = NULL;
   lua_Integer pid = 0;
   int detail = 0;
+  static const char *const lifted[] = {"sandbox", "vm", "pid", NULL};
+  const char *const *skip = NULL;
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    int has_sb = lua_getfield(L, 2, "sandbox") != LUA_TNIL;
+    /* The keys are upvalues: lua_getfield would intern its C string on every call. */
+    lua_pushvalue(L, lua_upvalueindex(2));
+    int has_sb = lua_gettable(L, 2) != LUA_TNIL;
     if (!has_sb) {
       lua_pop(L, 1);
-      has_sb = lua_getfield(L, 2, "vm") != LUA_TNIL;
+      lua_pushvalue(L, lua_upvalueindex(3));
+      has_sb = lua_gettable(L, 2) != LUA_TNIL;
     }
     if (has_sb) {
       if (lua_type(L, -1) != LUA_TSTRING) cl_field_error(L, "sandbox", "string expected");
       sandbox = lua_tostring(L, -1); /* anchored at index 3 */
     }
-    int has_pid = lua_getfield(L, 2, "pid") != LUA_TNIL;
+    lua_pushvalue(L, lua_upvalueindex(4));
+    int has_pid = lua_gettable(L, 2) != LUA_TNIL;
     if (has_pid) {
       int ok;
       pid = lua_tointegerx(L, -1, &ok);
       if (!ok) cl_field_error(L, "pid", "integer expected");
     }
     lua_pop(L, 1);
-    if (has_sb || has_pid) { /* a shallow copy without the lifted keys */
-      lua_newtable(L);
-      lua_pushnil(L);
-      while (lua_next(L, 2)) {
-        if (lua_type(L, -2) == LUA_TSTRING) {
-          const char *k = lua_tostring(L, -2);
-          if (strcmp(k, "sandbox") == 0 || strcmp(k, "vm") == 0 || strcmp(k, "pid") == 0) {
-            lua_pop(L, 1);
-            continue;
-          }
-        }
-        lua_pushvalue(L, -2);
-        lua_insert(L, -2);
-        lua_rawset(L, -4);
-      }
-      detail = lua_gettop(L);
-    } else {
-      detail = 2;
-    }
+    detail = 2;
+    if (has_sb || has_pid) skip = lifted; /* the detail is the table without them */
   }
-  uint64_t seq = audit_emit(L, a, kind, sandbox, (pid_t)pid, detail);
+  uint64_t seq = audit_emit(L, a, kind, sandbox, (pid_t)pid, detail, skip);
   lua_pushinteger(L, (lua_Integer)seq); /* 0: dropped (emitted from inside an emit) */
   return 1;
 }
@@ -646,7 +711,7 @@ static int l_configure(lua_State *L) {
     s->rec = NULL;
     s->cap = 0;
     char tail[TAIL_MAX];
-    size_t tn = build_tail(s, tail, sizeof tail);
+    size_t tn = build_tail(a, s, tail, sizeof tail);
     if (!store_record(a, s, note, strlen(note), tail, tn, 1)) s->len = 0;
   }
   if ((size_t)cap != a->capacity && resize(a, (size_t)cap) != 0)
@@ -729,6 +794,7 @@ static int audit_gc(lua_State *L) {
   audit_sinks_close_all(a);
   audit_kernel_stop(a);
   free_ring(a);
+  cl_buf_free(&a->enc);
   for (int i = 0; i < PID_BUCKETS; i++) {
     while (a->pids[i]) {
       pident *e = a->pids[i];
@@ -740,7 +806,6 @@ static int audit_gc(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-    {"emit", l_emit},
     {"events", l_events},
     {"query", l_query},
     {"wait", l_wait},
@@ -769,6 +834,7 @@ int luaopen_clawlua_audit(lua_State *L) {
     memset(a, 0, sizeof *a);
     a->event_cap = DEFAULT_EVENT_CAP;
     a->capacity = DEFAULT_CAPACITY;
+    a->kind_json_len = put_json_string(a->kind_json, sizeof a->kind_json, a->kind_cache);
     a->ring = calloc(a->capacity, sizeof *a->ring);
     if (!a->ring) return luaL_error(L, "audit: out of memory");
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
@@ -784,5 +850,12 @@ int luaopen_clawlua_audit(lua_State *L) {
     audit_chain_register(L);
   }
   luaL_newlib(L, funcs);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
+  lua_pushliteral(L, "sandbox");
+  lua_pushliteral(L, "vm");
+  lua_pushliteral(L, "pid");
+  lua_pushliteral(L, "");
+  lua_pushcclosure(L, l_emit, 5);
+  lua_setfield(L, -2, "emit");
   return 1;
 }

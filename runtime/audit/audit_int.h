@@ -24,6 +24,12 @@
 #define AUDIT_MAX_LINE (AUDIT_MAX_EVENT_CAP + AUDIT_CHAIN_SUFFIX + 64)
 
 typedef struct audit audit;
+/* The digits of a whole number of seconds, kept while it stays the same. */
+typedef struct audit_secs {
+  uint64_t sec;
+  char digits[24];
+  uint8_t len; /* 0: none yet */
+} audit_secs;
 typedef struct asink asink;
 typedef struct ksource ksource;
 
@@ -75,6 +81,11 @@ struct audit {
   ksource *kernel;
   int kernel_disabled; /* audit.kernel_source{enable=false}: no automatic start */
   lua_State *L;        /* main thread, for work started outside any Lua call */
+  cl_buf enc;          /* where a record is built before it is copied into its slot */
+  char kind_cache[AUDIT_KIND_MAX + 1]; /* the kind of the last record, and as JSON: */
+  char kind_json[8 * AUDIT_KIND_MAX + 16];
+  size_t kind_json_len;
+  audit_secs mono_secs, wall_secs;
 };
 
 /* Sinks: what every sink has; the type-specific part follows in sink.c. */
@@ -90,10 +101,11 @@ struct asink {
 
 /* audit.c */
 audit *audit_get(lua_State *L);
-/* Emits an event with the detail table at stack index detail (0: none); returns its seq (0 when
- * dropped: emitted from inside an emit). */
+/* Emits an event with the detail table at stack index detail (0: none), without its keys in
+ * skip (NULL-terminated, or NULL); returns its seq (0 when dropped: emitted from inside an
+ * emit). */
 uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
-                    int detail);
+                    int detail, const char *const *skip);
 /* Reads a filter table at idx; `fields` restricts the accepted keys (NULL: all). */
 void audit_read_filter(lua_State *L, int idx, afilter *f, const char *const *fields);
 int audit_kind_matches(const afilter *f, const char *kind, size_t kind_len);

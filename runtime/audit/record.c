@@ -439,8 +439,13 @@ int audit_l_format(lua_State *L) {
   size_t n;
   const char *s;
   if (lua_type(L, 1) == LUA_TTABLE) {
-    s = cl_json_encode_lenient(L, 1, 0, 16, 1, &n, NULL);
-    if (!s) return lua_error(L);
+    cl_buf b = {0};
+    cl_json_lenient o = {.max_depth = 16, .sort_keys = 1};
+    int r = cl_json_encode_lenient(L, 1, &b, &o, NULL);
+    if (r > 0) lua_pushlstring(L, b.p ? b.p : "", b.n);
+    free(b.p);
+    if (r <= 0) return lua_error(L);
+    s = lua_tolstring(L, -1, &n);
   } else {
     s = luaL_checklstring(L, 1, &n);
   }

@@ -608,7 +608,7 @@ static void emit_anchor(lua_State *L, audit *a, sink *s) {
   lua_pushinteger(L, 1);
   lua_setfield(L, -2, "version");
   s->base.force_seq = s->anchor_seq = a->seq + 1;
-  audit_emit(L, a, "audit.anchor", NULL, 0, lua_gettop(L));
+  audit_emit(L, a, "audit.anchor", NULL, 0, lua_gettop(L), NULL);
   s->base.force_seq = s->anchor_seq = 0;
   lua_settop(L, top);
 }
@@ -641,7 +641,7 @@ static int emit_report(lua_State *L, audit *a, sink *s, const char *kind, int er
   }
   uint64_t seq = a->seq + 1;
   s->base.force_seq = seq;
-  audit_emit(L, a, kind, NULL, 0, lua_gettop(L));
+  audit_emit(L, a, kind, NULL, 0, lua_gettop(L), NULL);
   s->base.force_seq = 0;
   lua_settop(L, top);
   return s->last_seq == seq;
