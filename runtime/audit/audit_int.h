@@ -1,8 +1,21 @@
 /*
- * Private header of the audit primitive (runtime/audit/): the ring and its state are shared by
- * the core (audit.c), the sinks (sink.c), the record scanner, formatter and file reader
- * (record.c), the hash chain and its verifier (chain.c) and the kernel audit source (kernel.c).
- * Nothing here is visible outside runtime/audit/.
+ * Private header of the audit primitive (runtime/audit/). Nothing here is visible outside
+ * runtime/audit/; other primitives use the C API in clawlua.h (cl_audit_emit, cl_audit_*_pid).
+ *
+ * One-way flow (a file calls only files below it; upward calls go through function pointers):
+ *
+ *   audit.c    Lua binding: the module table, audit.emit/events/query/wait/configure/stats
+ *     |
+ *   sink.c     JSONL file and stderr sinks (audit.sink), each an asink the ring calls back
+ *   kernel.c   the kernel audit source (netlink; kernel-facing), cl_audit_track_pid
+ *     |
+ *   chain.c    the hash chain of files and its verifier
+ *     |
+ *   record.c   record scanner, one-line formatter, JSONL file reader
+ *     |
+ *   ring.c     the core: ring, emission (cl_audit_emit), filters, pid table
+ *
+ * The core calls sinks only through asink.write/.pending, so it depends on nothing above it.
  */
 #ifndef CLAWLUA_AUDIT_INT_H
 #define CLAWLUA_AUDIT_INT_H
@@ -88,7 +101,8 @@ struct audit {
   audit_secs mono_secs, wall_secs;
 };
 
-/* Sinks: what every sink has; the type-specific part follows in sink.c. */
+/* Sinks: what every sink has; the type-specific part follows in sink.c. The ring calls write for
+ * each record the filter passes, and pending after the event is complete. */
 struct asink {
   asink *next;
   int active;
@@ -99,8 +113,18 @@ struct asink {
   void (*pending)(lua_State *L, audit *a, asink *s);
 };
 
-/* audit.c */
+/* ring.c: the core */
 audit *audit_get(lua_State *L);
+/* Registers the audit userdata on top of the stack (popped) as the state's ring. */
+void audit_set(lua_State *L);
+/* A zeroed ring with the default capacity and event cap; ENOMEM or 0. */
+int audit_init(audit *a, lua_State *L);
+/* Frees what audit_init and the events made (sinks and the kernel source are their owners'). */
+void audit_release(audit *a);
+int audit_resize(audit *a, size_t capacity);    /* keeps the newest events; ENOMEM or 0 */
+void audit_set_event_cap(audit *a, size_t cap); /* records over it lose their detail */
+/* Attributes pid to sandbox (1), or 0 when it cannot (bad arguments, out of memory). */
+int audit_track_pid(audit *a, pid_t pid, const char *sandbox);
 /* Emits an event with the detail table at stack index detail (0: none), without its keys in
  * skip (NULL-terminated, or NULL); returns its seq (0 when dropped: emitted from inside an
  * emit). */

@@ -569,3 +569,11 @@ int audit_l_parse_kernel(lua_State *L) {
   lua_pushinteger(L, pid);
   return 3;
 }
+
+/* The C API's pid tracking: the ring core keeps the table; the first sandboxed process is what
+ * makes kernel records worth reading, so it starts this source. */
+void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox) {
+  audit *a = audit_get(L);
+  if (!a || !audit_track_pid(a, pid, sandbox)) return;
+  if (!a->kernel && !a->kernel_disabled) audit_kernel_start(L, a, 0, 0);
+}
