@@ -329,6 +329,9 @@ int cl_buf_reserve(cl_buf *b, size_t more);
 int cl_buf_add(cl_buf *b, const void *p, size_t n);
 /* Releases the bytes; b is empty and reusable. */
 void cl_buf_free(cl_buf *b);
+/* Parses "aa:bb:cc:dd:ee:ff" exactly (hex digits of either case); 1, or 0 for anything else.
+ * A unicast address has (mac[0] & 1) == 0. */
+int cl_parse_mac(const char *s, uint8_t mac[6]);
 /* Options of the lenient encoder. */
 typedef struct cl_json_lenient {
   size_t max_string;       /* strings over this many bytes are cut (0: no cut) */

@@ -234,3 +234,23 @@ void cl_buf_free(cl_buf *b) {
   b->p = NULL;
   b->n = b->cap = 0;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* MAC addresses                                                                              */
+
+static int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+int cl_parse_mac(const char *s, uint8_t mac[6]) {
+  if (!s || strlen(s) != 17) return 0;
+  for (int i = 0; i < 6; i++) {
+    int hi = hex_digit(s[3 * i]), lo = hex_digit(s[3 * i + 1]);
+    if (hi < 0 || lo < 0 || (i < 5 && s[3 * i + 2] != ':')) return 0;
+    mac[i] = (uint8_t)(hi << 4 | lo);
+  }
+  return 1;
+}

@@ -380,24 +380,6 @@ static void valid_iface(lua_State *L, const char *s) {
       bad(L, "iface", "invalid interface name '%s'", s);
 }
 
-static int hexval(char c) {
-  return c >= '0' && c <= '9'   ? c - '0'
-         : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                : -1;
-}
-
-/* aa:bb:cc:dd:ee:ff, exactly. */
-static int parse_mac(const char *s, uint8_t *mac) {
-  if (strlen(s) != 17) return 0;
-  for (int i = 0; i < 6; i++) {
-    int hi = hexval(s[3 * i]), lo = hexval(s[3 * i + 1]);
-    if (hi < 0 || lo < 0 || (i < 5 && s[3 * i + 2] != ':')) return 0;
-    mac[i] = (uint8_t)(hi << 4 | lo);
-  }
-  return 1;
-}
-
 /* Validates the spec at idx into a plan, held by a box pushed on the stack (freed by the GC
  * if anything raises). */
 fw_plan *cl_fw_parse_spec(lua_State *L, int idx, fw *f) {
@@ -417,7 +399,7 @@ fw_plan *cl_fw_parse_spec(lua_State *L, int idx, fw *f) {
   lua_pop(L, 1);
 
   if (lua_getfield(L, idx, "mac") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TSTRING || !parse_mac(lua_tostring(L, -1), p->mac))
+    if (lua_type(L, -1) != LUA_TSTRING || !cl_parse_mac(lua_tostring(L, -1), p->mac))
       bad(L, "mac", "invalid MAC address '%s' (aa:bb:cc:dd:ee:ff)", luaL_tolstring(L, -1, NULL));
     p->has_mac = 1;
   }
