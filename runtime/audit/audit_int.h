@@ -6,7 +6,8 @@
  *
  *   audit.c    Lua binding: the module table, audit.emit/events/query/wait/configure/stats
  *     |
- *   sink.c     JSONL file and stderr sinks (audit.sink), each an asink the ring calls back
+ *   sink.c     audit.sink{} and the stderr sink; sink_file.c the JSONL file sink, sink_sync.c
+ *              its fsync worker (sink_int.h); each sink is an asink the ring calls back
  *   kernel.c   the kernel audit source (netlink; kernel-facing), cl_audit_track_pid
  *     |
  *   chain.c    the hash chain of files and its verifier
