@@ -323,6 +323,25 @@ typedef struct cl_buf {
   char *p;
   size_t n, cap;
 } cl_buf;
+/* A class of Lua handles (full userdata). The metatable is named `name` ("clawlua.<type>",
+ * also its __name); `methods` is its __index table; `close` releases everything the handle
+ * owns and serves as both __gc and __close, so it must be idempotent (a second call does
+ * nothing); `meta` adds metamethods (__tostring, __len, ...). Any of the last three may be
+ * NULL. */
+typedef struct cl_class {
+  const char *name;
+  const luaL_Reg *methods;
+  lua_CFunction close;
+  const luaL_Reg *meta;
+} cl_class;
+/* Creates the metatable of c, once per state (a later call leaves it as it is). */
+void cl_class_register(lua_State *L, const cl_class *c);
+/* The handle of class mt at idx; raises "attempt to use a closed <what>" when the int at
+ * closed_offset in it is non-zero. Use CL_CHECK_OPEN, which computes the offset. */
+void *cl_check_open(lua_State *L, int idx, const char *mt, size_t closed_offset, const char *what);
+#define CL_CHECK_OPEN(L, idx, type, closed_field, mt, what)                                        \
+  ((type *)cl_check_open((L), (idx), (mt), offsetof(type, closed_field), (what)))
+
 /* Makes room for `more` bytes after b->n (doubling from 512); 0 when out of memory. */
 int cl_buf_reserve(cl_buf *b, size_t more);
 /* Appends n bytes; 0 (b unchanged) when out of memory. */

@@ -769,10 +769,8 @@ void cl_json_encoder_register(lua_State *L) {
   lua_pushliteral(L, "json.object");
   lua_setfield(L, -2, "__name");
   lua_rawsetp(L, LUA_REGISTRYINDEX, &OBJECT_KEY);
-  luaL_newmetatable(L, BUF_MT);
-  lua_pushcfunction(L, strbuf_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const cl_class cls = {BUF_MT, NULL, strbuf_gc, NULL};
+  cl_class_register(L, &cls);
   strbuf *scratch = lua_newuserdatauv(L, sizeof *scratch, 0);
   memset(scratch, 0, sizeof *scratch);
   luaL_setmetatable(L, BUF_MT);

@@ -664,10 +664,9 @@ void cl_loop_create(lua_State *L) {
   lua_setiuservalue(L, -2, 1);
   lua_newtable(L); /* shutdown handlers */
   lua_setiuservalue(L, -2, 2);
-  luaL_newmetatable(L, LOOP_MT);
-  lua_pushcfunction(L, loop_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
+  static const cl_class cls = {LOOP_MT, NULL, loop_gc, NULL};
+  cl_class_register(L, &cls);
+  luaL_setmetatable(L, LOOP_MT);
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   lp->L = lua_tothread(L, -1);

@@ -425,40 +425,21 @@ static const luaL_Reg loop_funcs[] = {
     {NULL, NULL},
 };
 
-static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
-                      lua_CFunction tostr) {
-  luaL_newmetatable(L, name);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  if (gc) {
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  if (tostr) {
-    lua_pushcfunction(L, tostr);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-}
-
 int luaopen_clawlua_loop(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
   int exists = !lua_isnil(L, -1);
   lua_pop(L, 1);
   if (!exists) {
     cl_loop_create(L);
-    new_class(L, TASK_MT, task_methods, NULL, l_task_tostring);
-    new_class(L, EVENT_MT, cl_loop_event_methods, cl_loop_event_gc, NULL);
-    new_class(L, CHANNEL_MT, cl_loop_channel_methods, NULL, NULL);
-    luaL_getmetatable(L, CHANNEL_MT);
-    lua_pushcfunction(L, cl_loop_channel_len);
-    lua_setfield(L, -2, "__len");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, WAIT_MT);
-    lua_pushcfunction(L, cl_loop_wait_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    static const luaL_Reg task_meta[] = {{"__tostring", l_task_tostring}, {NULL, NULL}};
+    static const luaL_Reg channel_meta[] = {{"__len", cl_loop_channel_len}, {NULL, NULL}};
+    static const cl_class classes[] = {
+        {TASK_MT, task_methods, NULL, task_meta},
+        {EVENT_MT, cl_loop_event_methods, cl_loop_event_gc, NULL},
+        {CHANNEL_MT, cl_loop_channel_methods, NULL, channel_meta},
+        {WAIT_MT, NULL, cl_loop_wait_gc, NULL},
+    };
+    for (size_t i = 0; i < CL_ARRAY_LEN(classes); i++) cl_class_register(L, &classes[i]);
   }
   luaL_newlib(L, loop_funcs);
   cl_loop_push_cancelled(L);

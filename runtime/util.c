@@ -254,3 +254,34 @@ int cl_parse_mac(const char *s, uint8_t mac[6]) {
   }
   return 1;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Classes of handles                                                                         */
+
+void cl_class_register(lua_State *L, const cl_class *c) {
+  if (!luaL_newmetatable(L, c->name)) { /* sets __name */
+    lua_pop(L, 1);
+    return;
+  }
+  if (c->methods) {
+    lua_newtable(L);
+    luaL_setfuncs(L, c->methods, 0);
+    lua_setfield(L, -2, "__index");
+  }
+  if (c->close) {
+    lua_pushcfunction(L, c->close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, c->close);
+    lua_setfield(L, -2, "__close");
+  }
+  if (c->meta) luaL_setfuncs(L, c->meta, 0);
+  lua_pop(L, 1);
+}
+
+void *cl_check_open(lua_State *L, int idx, const char *mt, size_t closed_offset, const char *what) {
+  char *h = luaL_checkudata(L, idx, mt);
+  int closed;
+  memcpy(&closed, h + closed_offset, sizeof closed);
+  if (closed) luaL_error(L, "attempt to use a closed %s", what);
+  return h;
+}

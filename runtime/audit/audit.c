@@ -286,10 +286,9 @@ int luaopen_clawlua_audit(lua_State *L) {
   if (!audit_get(L)) {
     audit *a = lua_newuserdatauv(L, sizeof *a, 0);
     if (audit_init(a, L) != 0) return luaL_error(L, "audit: out of memory");
-    luaL_newmetatable(L, AUDIT_MT);
-    lua_pushcfunction(L, audit_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
+    static const cl_class cls = {AUDIT_MT, NULL, audit_gc, NULL};
+    cl_class_register(L, &cls);
+    luaL_setmetatable(L, AUDIT_MT);
     audit_set(L);
     audit_sink_register(L);
     audit_record_register(L);

@@ -479,9 +479,7 @@ typedef struct reader {
 } reader;
 
 static reader *check_reader(lua_State *L) {
-  reader *r = luaL_checkudata(L, 1, READER_MT);
-  if (r->closed) luaL_error(L, "attempt to use a closed audit_reader");
-  return r;
+  return CL_CHECK_OPEN(L, 1, reader, closed, READER_MT, "audit_reader");
 }
 
 static void reader_release(reader *r) {
@@ -491,11 +489,6 @@ static void reader_release(reader *r) {
   r->fd = -1;
   free(r->buf);
   r->buf = NULL;
-}
-
-static int reader_gc(lua_State *L) {
-  reader_release(luaL_checkudata(L, 1, READER_MT));
-  return 0;
 }
 
 static int reader_close(lua_State *L) {
@@ -792,12 +785,6 @@ void audit_record_register(lua_State *L) {
       {"close", reader_close},
       {NULL, NULL},
   };
-  luaL_newmetatable(L, READER_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, reader_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, reader_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pop(L, 1);
+  static const cl_class cls = {READER_MT, methods, reader_close, NULL};
+  cl_class_register(L, &cls);
 }

@@ -567,6 +567,7 @@ int audit_init(audit *a, lua_State *L) {
 }
 
 void audit_release(audit *a) {
+  if (!a->ring) return; /* released already */
   free_ring(a);
   cl_buf_free(&a->enc);
   for (int i = 0; i < PID_BUCKETS; i++) {

@@ -117,9 +117,7 @@ static void stderr_pending(lua_State *L, audit *a, asink *base) {}
 /* Lua API                                                                                    */
 
 static sink *check_sink(lua_State *L) {
-  sink *s = luaL_checkudata(L, 1, SINK_MT);
-  if (s->closed) luaL_error(L, "attempt to use a closed audit_sink");
-  return s;
+  return CL_CHECK_OPEN(L, 1, sink, closed, SINK_MT, "audit_sink");
 }
 
 static void sink_release(sink *s) {
@@ -175,11 +173,6 @@ static void anchor(lua_State *L, audit *a, int idx) {
   lua_pushboolean(L, 1);
   lua_rawset(L, -3);
   lua_pop(L, 1);
-}
-
-static int sink_gc(lua_State *L) {
-  sink_release(luaL_checkudata(L, 1, SINK_MT));
-  return 0;
 }
 
 static int sink_close(lua_State *L) {
@@ -526,12 +519,6 @@ void audit_sink_register(lua_State *L) {
       {"close", sink_close},   {"stats", sink_stats}, {"sync", sink_sync},
       {"rotate", sink_rotate}, {NULL, NULL},
   };
-  luaL_newmetatable(L, SINK_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, sink_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, sink_close);
-  lua_setfield(L, -2, "__close");
-  lua_pop(L, 1);
+  static const cl_class cls = {SINK_MT, methods, sink_close, NULL};
+  cl_class_register(L, &cls);
 }

@@ -516,12 +516,6 @@ static int fw_release(lua_State *L, fw *f) {
   return 0;
 }
 
-static int fw_gc(lua_State *L) {
-  fw *f = luaL_checkudata(L, 1, FW_MT);
-  fw_release(L, f);
-  return 0;
-}
-
 static int l_close(lua_State *L) {
   fw *f = luaL_checkudata(L, 1, FW_MT);
   fw_release(L, f);
@@ -603,18 +597,13 @@ int luaopen_clawlua_firewall(lua_State *L) {
   cl_fw_spec_register(L);
   cl_fw_txn_register(L);
 
-  luaL_newmetatable(L, FW_MT);
-  lua_newtable(L);
-  luaL_setfuncs(L, fw_methods, 0);
+  static const luaL_Reg fw_meta[] = {{"__tostring", l_tostring}, {NULL, NULL}};
+  static const cl_class cls = {FW_MT, fw_methods, l_close, fw_meta};
+  cl_class_register(L, &cls);
+  luaL_getmetatable(L, FW_MT);
+  lua_getfield(L, -1, "__index");
   cl_fw_ops_register(L, -1);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, fw_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, fw_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  lua_pop(L, 2);
 
   lua_newtable(L);
   lua_pushcfunction(L, l_open);

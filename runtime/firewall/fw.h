@@ -12,7 +12,8 @@
  *   spec.c       a Lua spec table validated into a fw_plan
  *   vms.c        the registry of VMs and their sets; DNS refresh of their domain names
  *     |
- *   ruleset.c    plans as nf_tables messages (libnftnl)
+ *   ruleset_vm.c a VM's chains and rules from its plan
+ *   ruleset.c    names, nf_tables expressions and messages, sets, the base ruleset (libnftnl)
  *     |
  *   netlink.c    nf_tables batches and dumps over netlink     } kernel- and network-facing
  *   nflog.c      the drop log (NFLOG group)                   }
@@ -276,9 +277,7 @@ static inline __attribute__((noreturn)) void cl_fw_oom(lua_State *L) {
 }
 
 static inline fw *cl_fw_check(lua_State *L) {
-  fw *f = luaL_checkudata(L, 1, FW_MT);
-  if (f->closed) luaL_error(L, "attempt to use a closed firewall");
-  return f;
+  return CL_CHECK_OPEN(L, 1, fw, closed, FW_MT, "firewall");
 }
 
 #endif

@@ -304,11 +304,9 @@ int cl_fw_nflog_start(fw *f, int fd, int group, char *err, size_t errlen) {
   fw_nflog *n = lua_newuserdatauv(L, sizeof *n, 0);
   memset(n, 0, sizeof *n);
   n->fd = -1;
-  if (luaL_newmetatable(L, NFLOG_MT)) {
-    lua_pushcfunction(L, nflog_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
+  static const cl_class cls = {NFLOG_MT, NULL, nflog_gc, NULL};
+  cl_class_register(L, &cls);
+  luaL_setmetatable(L, NFLOG_MT);
   n->ring = calloc(QUEUE_CAP, sizeof *n->ring);
   if (!n->ring) {
     lua_pop(L, 1);

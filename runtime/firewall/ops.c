@@ -458,10 +458,8 @@ static const luaL_Reg ops_methods[] = {
 
 void cl_fw_ops_register(lua_State *L, int methods) {
   methods = lua_absindex(L, methods);
-  luaL_newmetatable(L, RBOX_MT);
-  lua_pushcfunction(L, rbox_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const cl_class cls = {RBOX_MT, NULL, rbox_gc, NULL};
+  cl_class_register(L, &cls);
   lua_pushvalue(L, methods);
   luaL_setfuncs(L, ops_methods, 0);
   lua_pushboolean(L, 0);

@@ -476,8 +476,6 @@ const char *cl_fw_check_id(lua_State *L, int arg) {
 }
 
 void cl_fw_spec_register(lua_State *L) {
-  luaL_newmetatable(L, PBOX_MT);
-  lua_pushcfunction(L, pbox_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const cl_class cls = {PBOX_MT, NULL, pbox_gc, NULL};
+  cl_class_register(L, &cls);
 }

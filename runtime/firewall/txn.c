@@ -195,8 +195,6 @@ void cl_fw_finish_batch(lua_State *L, fw *f, fw_txn *t, int err) {
 /* ------------------------------------------------------------------------------------------ */
 
 void cl_fw_txn_register(lua_State *L) {
-  luaL_newmetatable(L, TBOX_MT);
-  lua_pushcfunction(L, tbox_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const cl_class cls = {TBOX_MT, NULL, tbox_gc, NULL};
+  cl_class_register(L, &cls);
 }
