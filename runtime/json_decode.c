@@ -90,6 +90,35 @@ static size_t put_utf8(char *o, unsigned cp) {
   return 4;
 }
 
+/* Decodes the escape at *qp (a backslash with at least one byte after it) into b and moves *qp
+ * past it. Returns NULL, or what is wrong with the escape (which starts at the old *qp). */
+static const char *dec_escape(luaL_Buffer *b, const char **qp, const char *e) {
+  static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+  const char *q = *qp;
+  const char *k = memchr(from, q[1], sizeof from - 1);
+  if (k) {
+    luaL_addchar(b, to[k - from]);
+    *qp = q + 2;
+    return NULL;
+  }
+  if (q[1] != 'u') return "invalid escape in string";
+  unsigned cp, lo;
+  if (e - q < 6 || !hex4(q + 2, &cp)) return "invalid \\u escape";
+  q += 6;
+  if (cp >= 0xD800 && cp <= 0xDBFF) {
+    if (e - q < 6 || q[0] != '\\' || q[1] != 'u' || !hex4(q + 2, &lo) || lo < 0xDC00 || lo > 0xDFFF)
+      return "invalid UTF-16 surrogate pair in \\u escape";
+    q += 6;
+    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+  } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+    return "lone UTF-16 surrogate in \\u escape";
+  }
+  char out[4];
+  luaL_addlstring(b, out, put_utf8(out, cp));
+  *qp = q;
+  return NULL;
+}
+
 /* Parses the string whose opening quote is at d->p and pushes it. */
 static int dec_string(decoder *d) {
   const char *p = d->p + 1, *e = d->end;
@@ -131,72 +160,13 @@ static int dec_string(decoder *d) {
     }
     if (c == '\\') {
       if (q + 1 >= e) break;
-      char esc = q[1];
-      char out[4];
-      switch (esc) {
-      case '"':
-        luaL_addchar(&b, '"');
-        q += 2;
-        continue;
-      case '\\':
-        luaL_addchar(&b, '\\');
-        q += 2;
-        continue;
-      case '/':
-        luaL_addchar(&b, '/');
-        q += 2;
-        continue;
-      case 'b':
-        luaL_addchar(&b, '\b');
-        q += 2;
-        continue;
-      case 'f':
-        luaL_addchar(&b, '\f');
-        q += 2;
-        continue;
-      case 'n':
-        luaL_addchar(&b, '\n');
-        q += 2;
-        continue;
-      case 'r':
-        luaL_addchar(&b, '\r');
-        q += 2;
-        continue;
-      case 't':
-        luaL_addchar(&b, '\t');
-        q += 2;
-        continue;
-      case 'u': {
-        unsigned cp, lo;
-        if (e - q < 6 || !hex4(q + 2, &cp)) {
-          luaL_pushresult(&b);
-          lua_pop(d->L, 1);
-          return dec_fail(d, q, "invalid \\u escape");
-        }
-        const char *at = q;
-        q += 6;
-        if (cp >= 0xD800 && cp <= 0xDBFF) {
-          if (e - q < 6 || q[0] != '\\' || q[1] != 'u' || !hex4(q + 2, &lo) || lo < 0xDC00 ||
-              lo > 0xDFFF) {
-            luaL_pushresult(&b);
-            lua_pop(d->L, 1);
-            return dec_fail(d, at, "invalid UTF-16 surrogate pair in \\u escape");
-          }
-          q += 6;
-          cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-        } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
-          luaL_pushresult(&b);
-          lua_pop(d->L, 1);
-          return dec_fail(d, at, "lone UTF-16 surrogate in \\u escape");
-        }
-        luaL_addlstring(&b, out, put_utf8(out, cp));
-        continue;
-      }
-      default:
+      const char *at = q, *err = dec_escape(&b, &q, e);
+      if (err) {
         luaL_pushresult(&b);
         lua_pop(d->L, 1);
-        return dec_fail(d, q, "invalid escape in string");
+        return dec_fail(d, at, err);
       }
+      continue;
     }
     if (c < 0x80) {
       luaL_addchar(&b, (char)c);
