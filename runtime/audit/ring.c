@@ -173,10 +173,7 @@ static size_t put_json_string(char *o, size_t room, const char *s) {
   o[n++] = '"';
   for (const unsigned char *p = (const unsigned char *)s; *p && n + 8 < room;) {
     unsigned c = *p;
-    if (c > 0x20 && c < 0x7f && c != '"' && c != '\\') { /* the common case first */
-      o[n++] = (char)c;
-      p++;
-    } else if (c == '"' || c == '\\') {
+    if (c == '"' || c == '\\') {
       o[n++] = '\\';
       o[n++] = (char)c;
       p++;
@@ -252,7 +249,7 @@ static size_t put_seconds(char *o, uint64_t ns, audit_secs *c) {
 }
 
 /* A string literal (its length known when compiled). */
-#define PUT_LIT(o, lit) (memcpy((o), lit, sizeof lit - 1), sizeof lit - 1)
+#define PUT_LIT(o, lit) (memcpy((o), (lit), sizeof(lit) - 1), sizeof(lit) - 1)
 
 /* The fields after "detail", up to but without the closing brace (and "truncated"). */
 static size_t build_tail(audit *a, const slot *s, char *tail, size_t room) {
@@ -290,8 +287,8 @@ static void buf_put(cl_buf *b, const char *s, size_t n) { /* room was reserved *
 
 /* Copies the record built in b into slot s (at most event_cap bytes). */
 static int store_built(audit *a, slot *s, const cl_buf *b) {
-  if (b->n > a->event_cap) return 0;
-  if (b->n > s->cap) {
+  if (!b->p || !b->n || b->n > a->event_cap) return 0;
+  if (b->n > s->cap || !s->rec) {
     char *r = realloc(s->rec, b->n);
     if (!r) return 0;
     a->bytes += b->n - s->cap;
