@@ -64,6 +64,11 @@ int cl_fail(lua_State *L, const char *what, int err);
 int cl_failf(lua_State *L, int code, const char *fmt, ...);
 /* Raises "bad field 'name' (unknown field)" for keys of table idx not in the NULL-ended list. */
 void cl_check_fields(lua_State *L, int idx, const char *const known[]);
+/* The same for a nested table at `path` ("egress.rate"): "bad field 'egress.rate.x' (unknown
+ * field)"; every key must be a string ("bad field '<path>' (string keys expected)", with
+ * `whole` as the name when path is ""). */
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *whole,
+                        const char *const known[]);
 /* Field readers for option tables: absent or nil gives the default, a wrong type raises
  * "bad field 'name' (integer expected, got string)". */
 const char *cl_opt_string(lua_State *L, int idx, const char *name, const char *def);

@@ -33,25 +33,38 @@ int cl_field_error(lua_State *L, const char *name, const char *msg) {
   __builtin_unreachable(); /* luaL_error does not return */
 }
 
-void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
+/* The one unknown-field checker: path NULL for a top-level options table (integer keys are its
+ * positional part), else the nested table's path ("" for the whole of it, named `whole`). */
+static void check_fields(lua_State *L, int idx, const char *path, const char *whole,
+                         const char *const known[]) {
   idx = lua_absindex(L, idx);
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     lua_pop(L, 1);
     if (lua_type(L, -1) != LUA_TSTRING) {
       /* Integer keys are the positional part of argv-style tables; the caller checks them. */
+      if (path) cl_field_error(L, *path ? path : whole, "string keys expected");
       if (lua_isinteger(L, -1)) continue;
       luaL_error(L, "bad field of type %s (string keys expected)", luaL_typename(L, -1));
     }
     const char *k = lua_tostring(L, -1);
     int ok = 0;
-    for (const char *const *p = known; *p; p++)
-      if (strcmp(*p, k) == 0) {
-        ok = 1;
-        break;
-      }
-    if (!ok) luaL_error(L, "bad field '%s' (unknown field)", k);
+    for (const char *const *p = known; *p && !ok; p++) ok = strcmp(*p, k) == 0;
+    if (ok) continue;
+    if (!path || !*path) cl_field_error(L, k, "unknown field");
+    char name[160];
+    snprintf(name, sizeof name, "%s.%s", path, k);
+    cl_field_error(L, name, "unknown field");
   }
+}
+
+void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
+  check_fields(L, idx, NULL, NULL, known);
+}
+
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *whole,
+                        const char *const known[]) {
+  check_fields(L, idx, path, whole, known);
 }
 
 static int get_field(lua_State *L, int idx, const char *name) {

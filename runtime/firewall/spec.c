@@ -112,27 +112,6 @@ static const char *const LOG_FIELDS[] = {"rate", "burst", NULL};
 static const char *const SPEC_FIELDS[] = {"iface",   "mac", "ip",  "ip6", "egress",
                                           "ingress", "dns", "log", NULL};
 
-/* Like cl_check_fields, naming the nested path of the table. */
-static void check_fields(lua_State *L, int idx, const char *path, const char *const known[]) {
-  idx = lua_absindex(L, idx);
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    lua_pop(L, 1);
-    const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-    int ok = 0;
-    for (const char *const *p = known; k && *p; p++)
-      if (strcmp(*p, k) == 0) ok = 1;
-    if (!ok) {
-      char name[160];
-      if (k)
-        snprintf(name, sizeof name, "%s%s%s", path, *path ? "." : "", k);
-      else
-        snprintf(name, sizeof name, "%s", *path ? path : "spec");
-      cl_field_error(L, name, k ? "unknown field" : "string keys expected");
-    }
-  }
-}
-
 typedef struct addr_acc {
   size_t total;
 } addr_acc;
@@ -249,7 +228,7 @@ static void read_entry(lua_State *L, int idx, const char *path, fw_plan *p, int 
   }
   if (lua_type(L, idx) != LUA_TTABLE)
     bad(L, path, "table or string expected, got %s", luaL_typename(L, idx));
-  check_fields(L, idx, path, ENTRY_FIELDS);
+  cl_check_fields_at(L, idx, path, "spec", ENTRY_FIELDS);
   if (lua_getfield(L, idx, "cidr") != LUA_TNIL) {
     snprintf(fpath, sizeof fpath, "%s.cidr", path);
     read_addrs(L, -1, fpath, e, 0, acc, hosts);
@@ -332,7 +311,7 @@ static void read_dir(lua_State *L, int idx, const char *name, fw_plan *p, int di
   }
   int t = lua_gettop(L);
   if (lua_type(L, t) != LUA_TTABLE) bad(L, name, "table expected, got %s", luaL_typename(L, t));
-  check_fields(L, t, name, DIR_FIELDS);
+  cl_check_fields_at(L, t, name, "spec", DIR_FIELDS);
   char path[64];
   if (lua_getfield(L, t, "policy") != LUA_TNIL) {
     snprintf(path, sizeof path, "%s.policy", name);
@@ -355,7 +334,7 @@ static void read_dir(lua_State *L, int idx, const char *name, fw_plan *p, int di
   if (lua_getfield(L, t, "rate") != LUA_TNIL) {
     snprintf(path, sizeof path, "%s.rate", name);
     if (lua_type(L, -1) != LUA_TTABLE) bad(L, path, "table expected, got %s", luaL_typename(L, -1));
-    check_fields(L, -1, path, RATE_FIELDS);
+    cl_check_fields_at(L, -1, path, "spec", RATE_FIELDS);
     p->rate[dir].packets = read_count(L, lua_gettop(L), "packets", path);
     p->rate[dir].bytes = read_count(L, lua_gettop(L), "bytes", path);
     p->rate[dir].burst = read_count(L, lua_gettop(L), "burst", path);
@@ -390,7 +369,7 @@ fw_plan *cl_fw_parse_spec(lua_State *L, int idx, fw *f) {
   luaL_setmetatable(L, PBOX_MT);
   fw_plan *p = box->p = calloc(1, sizeof *p);
   if (!p) cl_fw_oom(L);
-  check_fields(L, idx, "", SPEC_FIELDS);
+  cl_check_fields_at(L, idx, "", "spec", SPEC_FIELDS);
 
   if (lua_getfield(L, idx, "iface") != LUA_TSTRING)
     bad(L, "iface", "string expected, got %s", luaL_typename(L, -1));
@@ -442,7 +421,7 @@ fw_plan *cl_fw_parse_spec(lua_State *L, int idx, fw *f) {
   if (lt == LUA_TBOOLEAN) {
     p->log = lua_toboolean(L, -1);
   } else if (lt == LUA_TTABLE) {
-    check_fields(L, -1, "log", LOG_FIELDS);
+    cl_check_fields_at(L, -1, "log", "spec", LOG_FIELDS);
     p->log = 1;
     p->log_rate = (uint32_t)read_count(L, lua_gettop(L), "rate", "log");
     p->log_burst = (uint32_t)read_count(L, lua_gettop(L), "burst", "log");
