@@ -367,8 +367,9 @@ typedef struct cl_json_lenient {
 /* Encodes the value at idx, appending to out, without failing on content: functions, cycles,
  * NaN and bad keys become "<placeholder>" strings, invalid UTF-8 becomes U+FFFD, long strings
  * end in "...[truncated N bytes]"; *replaced counts such changes. Returns 1 with the stack
- * unchanged; on failure out->n is unchanged and a message pushed: -1 over max_size, 0 out of
- * memory or a table whose keys cannot be sorted. */
+ * unchanged; on failure out->n is unchanged: -1 over max_size (nothing pushed: a caller that
+ * retries with smaller cuts makes no garbage), 0 out of memory or a table whose keys cannot be
+ * sorted (a message pushed). */
 int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_lenient *opts,
                            long *replaced);
 

@@ -651,10 +651,12 @@ static int enc_value(encoder *e, int idx) {
 }
 
 /* Runs the encoder on the value at idx, appending to out. On failure out->n is restored and the
- * message is pushed (returns 0, or -1 for the size limit); on success the stack is as it was. */
+ * message is pushed (returns 0), or for the size limit -1 with the message pushed unless
+ * quiet_size (a caller that retries smaller makes no garbage per attempt); on success the stack
+ * is as it was. */
 static int run_encoder(lua_State *L, int idx, cl_buf *out, int pretty, int sort_keys, int max_depth,
                        size_t max_size, size_t lenient_max_string, const char *const *skip,
-                       long *replaced) {
+                       long *replaced, int quiet_size) {
   idx = lua_absindex(L, idx);
   int base = lua_gettop(L);
   size_t start = out->n;
@@ -675,6 +677,7 @@ static int run_encoder(lua_State *L, int idx, cl_buf *out, int pretty, int sort_
   lua_settop(L, base);
   if (!ok) {
     out->n = start;
+    if (e.too_large && quiet_size) return -1;
     lua_pushfstring(L, "json: %s", e.err ? e.err : "encoding failed");
     return e.too_large ? -1 : 0;
   }
@@ -696,7 +699,8 @@ int cl_json_encode_with(lua_State *L, int idx, int pretty, int sort_keys, int ma
   }
   b->busy = 1;
   b->buf.n = 0;
-  int ok = run_encoder(L, idx, &b->buf, pretty, sort_keys, max_depth, max_size, 0, NULL, NULL) > 0;
+  int ok =
+      run_encoder(L, idx, &b->buf, pretty, sort_keys, max_depth, max_size, 0, NULL, NULL, 0) > 0;
   b->busy = 0;
   if (ok)
     lua_pushlstring(L, b->buf.p ? b->buf.p : "", b->buf.n);
@@ -730,7 +734,7 @@ int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_len
   size_t max_string = opts->max_string ? opts->max_string : (size_t)-1;
   size_t max_size = opts->max_size ? out->n + opts->max_size : DEFAULT_MAX_SIZE;
   int ok = run_encoder(L, idx, out, 0, opts->sort_keys, opts->max_depth, max_size, max_string,
-                       opts->skip, &r);
+                       opts->skip, &r, 1);
   if (ok == 0 && opts->skip && lua_istable(L, idx)) {
     /* Lifting keys out of a table the encoder could not take whole (mixed keys, say): encode a
      * shallow copy without them instead, as if the caller had made it. */
@@ -753,8 +757,8 @@ int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_len
       lua_rawset(L, -4);
     }
     ok = run_encoder(L, -1, out, 0, opts->sort_keys, opts->max_depth, max_size, max_string, NULL,
-                     &r);
-    lua_remove(L, ok > 0 ? -1 : -2);
+                     &r, 1);
+    lua_remove(L, ok == 0 ? -2 : -1); /* the copy (a message, if any, stays) */
   }
   if (replaced) *replaced = r;
   return ok;

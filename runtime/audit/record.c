@@ -444,6 +444,7 @@ int audit_l_format(lua_State *L) {
     int r = cl_json_encode_lenient(L, 1, &b, &o, NULL);
     if (r > 0) lua_pushlstring(L, b.p ? b.p : "", b.n);
     free(b.p);
+    if (r < 0) lua_pushliteral(L, "json: output larger than the limit");
     if (r <= 0) return lua_error(L);
     s = lua_tolstring(L, -1, &n);
   } else {

@@ -289,11 +289,15 @@ static void buf_put(cl_buf *b, const char *s, size_t n) { /* room was reserved *
 static int store_built(audit *a, slot *s, const cl_buf *b) {
   if (!b->p || !b->n || b->n > a->event_cap) return 0;
   if (b->n > s->cap || !s->rec) {
-    char *r = realloc(s->rec, b->n);
+    /* Rounded up, so that a record a few bytes longer than the slot's last one (a sequence
+     * number gaining a digit) does not reallocate: the ring's allocations stay flat. */
+    size_t cap = (b->n + 63) & ~(size_t)63;
+    if (cap > a->event_cap) cap = a->event_cap;
+    char *r = realloc(s->rec, cap);
     if (!r) return 0;
-    a->bytes += b->n - s->cap;
+    a->bytes += cap - s->cap;
     s->rec = r;
-    s->cap = (uint32_t)b->n;
+    s->cap = (uint32_t)cap;
   }
   memcpy(s->rec, b->p, b->n);
   s->len = (uint32_t)b->n;
@@ -337,7 +341,7 @@ static int store_detail(lua_State *L, audit *a, slot *s, int detail, const char 
                        .skip = skip};
   long replaced = 0;
   int r = cl_json_encode_lenient(L, detail, b, &o, &replaced);
-  if (r <= 0) lua_pop(L, 1);
+  if (r == 0) lua_pop(L, 1); /* the message */
   if (r < 0) {
     *cut = 1;
     return 0; /* too large: the caller cuts harder */
