@@ -69,8 +69,11 @@ int cl_call_lua(lua_State *L, const char *module, const char *fn);
 int cl_timed_out(lua_State *L);
 /* Raises "bad field 'name' (unknown field)" for keys of table idx not in the NULL-ended list. */
 void cl_check_fields(lua_State *L, int idx, const char *const known[]);
-/* The same for a nested table: "bad field '<path>.name' (unknown field)". */
-void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *const known[]);
+/* The same for a nested table at `path` ("egress.rate"): "bad field 'egress.rate.x' (unknown
+ * field)"; every key must be a string ("bad field '<path>' (string keys expected)", with
+ * `whole` as the name when path is ""). */
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *whole,
+                        const char *const known[]);
 /* Runs fn(L, idx, ud) protected on the value at idx (a nested option table, or a whole one).
  * Returns 0, or 1 with the error message on top, its field path prefixed with path
  * ("bad field 'cgroup.memory' (...)" read under "jail" becomes "bad field 'jail.cgroup.memory'
@@ -336,12 +339,55 @@ int cl_seccomp_firecracker_file(lua_State *L);
 const char *cl_json_encode(lua_State *L, int idx, size_t *len);
 /* Decodes s; pushes the value, or nil + message (returns 0). */
 int cl_json_decode(lua_State *L, const char *s, size_t len);
-/* Encodes without failing on content: functions, cycles, NaN and bad keys become
- * "<placeholder>" strings, invalid UTF-8 becomes U+FFFD, strings over max_string bytes (0: no
- * cut) end in "...[truncated N bytes]"; *replaced counts such changes. Pushes the string;
- * NULL (and a message) only when out of memory. */
-const char *cl_json_encode_lenient(lua_State *L, int idx, size_t max_string, int max_depth,
-                                   int sort_keys, size_t *len, long *replaced);
+/* A growable byte buffer owned by C code (free(p) releases it). */
+typedef struct cl_buf {
+  char *p;
+  size_t n, cap;
+} cl_buf;
+/* A class of Lua handles (full userdata). The metatable is named `name` ("clawlua.<type>",
+ * also its __name); `methods` is its __index table; `close` releases everything the handle
+ * owns and serves as both __gc and __close, so it must be idempotent (a second call does
+ * nothing); `meta` adds metamethods (__tostring, __len, ...). Any of the last three may be
+ * NULL. */
+typedef struct cl_class {
+  const char *name;
+  const luaL_Reg *methods;
+  lua_CFunction close;
+  const luaL_Reg *meta;
+} cl_class;
+/* Creates the metatable of c, once per state (a later call leaves it as it is). */
+void cl_class_register(lua_State *L, const cl_class *c);
+/* The handle of class mt at idx; raises "attempt to use a closed <what>" when the int at
+ * closed_offset in it is non-zero. Use CL_CHECK_OPEN, which computes the offset. */
+void *cl_check_open(lua_State *L, int idx, const char *mt, size_t closed_offset, const char *what);
+#define CL_CHECK_OPEN(L, idx, type, closed_field, mt, what)                                        \
+  ((type *)cl_check_open((L), (idx), (mt), offsetof(type, closed_field), (what)))
+
+/* Makes room for `more` bytes after b->n (doubling from 512); 0 when out of memory. */
+int cl_buf_reserve(cl_buf *b, size_t more);
+/* Appends n bytes; 0 (b unchanged) when out of memory. */
+int cl_buf_add(cl_buf *b, const void *p, size_t n);
+/* Releases the bytes; b is empty and reusable. */
+void cl_buf_free(cl_buf *b);
+/* Parses "aa:bb:cc:dd:ee:ff" exactly (hex digits of either case); 1, or 0 for anything else.
+ * A unicast address has (mac[0] & 1) == 0. */
+int cl_parse_mac(const char *s, uint8_t mac[6]);
+/* Options of the lenient encoder. */
+typedef struct cl_json_lenient {
+  size_t max_string;       /* strings over this many bytes are cut (0: no cut) */
+  int max_depth;           /* deeper tables become "<too deep>" */
+  size_t max_size;         /* fail once the output passes this many bytes (0: json.max_size) */
+  int sort_keys;           /* object keys in bytewise order */
+  const char *const *skip; /* NULL-terminated keys left out of the outermost object, or NULL */
+} cl_json_lenient;
+/* Encodes the value at idx, appending to out, without failing on content: functions, cycles,
+ * NaN and bad keys become "<placeholder>" strings, invalid UTF-8 becomes U+FFFD, long strings
+ * end in "...[truncated N bytes]"; *replaced counts such changes. Returns 1 with the stack
+ * unchanged; on failure out->n is unchanged: -1 over max_size (nothing pushed: a caller that
+ * retries with smaller cuts makes no garbage), 0 out of memory or a table whose keys cannot be
+ * sorted (a message pushed). */
+int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_lenient *opts,
+                           long *replaced);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Audit (audit.c)                                                                            */

@@ -235,7 +235,7 @@ static int parse_namespaces(lua_State *L, int opts, jail_cfg *c) {
   if (lua_getfield(L, opts, "namespaces") != LUA_TNIL) {
     if (!lua_istable(L, -1)) cl_field_error(L, "namespaces", "table expected");
     static const char *const nf[] = {"user", "pid", "mount", "net", "ipc", "uts", "cgroup", NULL};
-    cl_check_fields_at(L, -1, "namespaces", nf);
+    cl_check_fields_at(L, -1, "namespaces", NULL, nf);
     nt = lua_gettop(L);
   }
   c->userns = ns_flag(L, nt, "user", userns_available());
@@ -364,7 +364,7 @@ static void parse_cgroup(lua_State *L, int opts, cg_spec *cg) {
     if (ct != LUA_TTABLE) cl_field_error(L, "cgroup", "table or false expected");
     cg->has = 1;
     static const char *const cf[] = {"memory", "pids", "cpu", "version", NULL};
-    cl_check_fields_at(L, -1, "cgroup", cf);
+    cl_check_fields_at(L, -1, "cgroup", NULL, cf);
     int t = lua_gettop(L);
     if (lua_getfield(L, t, "memory") != LUA_TNIL) {
       cg->memory = parse_size(L, -1);

@@ -1,4 +1,5 @@
-/* Shared helpers: error results, option-table checks, argv vectors, signals, fd flags. */
+/* Shared helpers: error results, option-table checks, argv vectors, signals, fd flags, byte
+ * buffers. */
 #include "clawlua.h"
 
 #include <errno.h>
@@ -6,6 +7,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -58,35 +60,38 @@ int cl_field_error(lua_State *L, const char *name, const char *msg) {
   __builtin_unreachable(); /* luaL_error does not return */
 }
 
-void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *const known[]) {
+/* The one unknown-field checker: path NULL for a top-level options table (integer keys are its
+ * positional part), else the nested table's path ("" for the whole of it, named `whole`). */
+static void check_fields(lua_State *L, int idx, const char *path, const char *whole,
+                         const char *const known[]) {
   idx = lua_absindex(L, idx);
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     lua_pop(L, 1);
     if (lua_type(L, -1) != LUA_TSTRING) {
       /* Integer keys are the positional part of argv-style tables; the caller checks them. */
+      if (path) cl_field_error(L, *path ? path : whole, "string keys expected");
       if (lua_isinteger(L, -1)) continue;
-      if (path)
-        luaL_error(L, "bad field '%s' (a key of type %s, string keys expected)", path,
-                   luaL_typename(L, -1));
       luaL_error(L, "bad field of type %s (string keys expected)", luaL_typename(L, -1));
     }
     const char *k = lua_tostring(L, -1);
     int ok = 0;
-    for (const char *const *p = known; *p; p++)
-      if (strcmp(*p, k) == 0) {
-        ok = 1;
-        break;
-      }
-    if (!ok) {
-      if (path) luaL_error(L, "bad field '%s.%s' (unknown field)", path, k);
-      luaL_error(L, "bad field '%s' (unknown field)", k);
-    }
+    for (const char *const *p = known; *p && !ok; p++) ok = strcmp(*p, k) == 0;
+    if (ok) continue;
+    if (!path || !*path) cl_field_error(L, k, "unknown field");
+    char name[160];
+    snprintf(name, sizeof name, "%s.%s", path, k);
+    cl_field_error(L, name, "unknown field");
   }
 }
 
 void cl_check_fields(lua_State *L, int idx, const char *const known[]) {
-  cl_check_fields_at(L, idx, NULL, known);
+  check_fields(L, idx, NULL, NULL, known);
+}
+
+void cl_check_fields_at(lua_State *L, int idx, const char *path, const char *whole,
+                        const char *const known[]) {
+  check_fields(L, idx, path, whole, known);
 }
 
 typedef struct nested_call {
@@ -281,4 +286,82 @@ int cl_set_nonblock(int fd, int on) {
   int nfl = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
   if (nfl != fl && fcntl(fd, F_SETFL, nfl) < 0) return errno;
   return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Byte buffers                                                                               */
+
+int cl_buf_reserve(cl_buf *b, size_t more) {
+  if (b->n + more <= b->cap) return 1;
+  size_t cap = b->cap ? b->cap : 512;
+  while (cap < b->n + more) cap *= 2;
+  char *p = realloc(b->p, cap);
+  if (!p) return 0;
+  b->p = p;
+  b->cap = cap;
+  return 1;
+}
+
+int cl_buf_add(cl_buf *b, const void *p, size_t n) {
+  if (!cl_buf_reserve(b, n)) return 0;
+  memcpy(b->p + b->n, p, n);
+  b->n += n;
+  return 1;
+}
+
+void cl_buf_free(cl_buf *b) {
+  free(b->p);
+  b->p = NULL;
+  b->n = b->cap = 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* MAC addresses                                                                              */
+
+static int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+int cl_parse_mac(const char *s, uint8_t mac[6]) {
+  if (!s || strlen(s) != 17) return 0;
+  for (int i = 0; i < 6; i++) {
+    int hi = hex_digit(s[3 * i]), lo = hex_digit(s[3 * i + 1]);
+    if (hi < 0 || lo < 0 || (i < 5 && s[3 * i + 2] != ':')) return 0;
+    mac[i] = (uint8_t)(hi << 4 | lo);
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Classes of handles                                                                         */
+
+void cl_class_register(lua_State *L, const cl_class *c) {
+  if (!luaL_newmetatable(L, c->name)) { /* sets __name */
+    lua_pop(L, 1);
+    return;
+  }
+  if (c->methods) {
+    lua_newtable(L);
+    luaL_setfuncs(L, c->methods, 0);
+    lua_setfield(L, -2, "__index");
+  }
+  if (c->close) {
+    lua_pushcfunction(L, c->close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, c->close);
+    lua_setfield(L, -2, "__close");
+  }
+  if (c->meta) luaL_setfuncs(L, c->meta, 0);
+  lua_pop(L, 1);
+}
+
+void *cl_check_open(lua_State *L, int idx, const char *mt, size_t closed_offset, const char *what) {
+  char *h = luaL_checkudata(L, idx, mt);
+  int closed;
+  memcpy(&closed, h + closed_offset, sizeof closed);
+  if (closed) luaL_error(L, "attempt to use a closed %s", what);
+  return h;
 }

@@ -1,401 +1,22 @@
 /*
- * clawlua.audit: a bounded, structured log that every primitive writes to. This file is the
- * core: the ring, emission from C and Lua, queries, the pid table; sink.c writes JSONL files
- * and stderr, chain.c hashes and verifies files, record.c scans, formats and reads records,
- * kernel.c reads seccomp records from the kernel audit stream.
- *
- * Events live in a ring of `capacity` slots. Each event is serialised once, at emission, into
- * a compact JSON record of at most `event_cap` bytes (long fields are cut with a marker and, if
- * the record is still too large, its detail is replaced by a note of its size), so the memory
- * the ring can hold is bounded by capacity x event_cap whatever is emitted. Appending is O(1);
- * when the ring is full the oldest event is evicted and counted. Sinks get each record as it is
- * stored, in the emitting call; what sinks do in response (rotate, report an error) runs after
- * the event is complete, as events of their own.
- *
- * Record (keys sorted, one line): {"detail":{...},"kind":"vm.start","mono":12.5,"pid":42,
- * "sandbox":"vm-1","seq":17,"time":1764390000.25} -- "pid"/"sandbox" only when known,
- * "truncated":true when the record had to be cut.
+ * clawlua.audit, the Lua binding: the module table (audit.emit, events, query, wait,
+ * configure, stats, the pid table, and the constructors of sinks, readers, the verifier and the
+ * kernel source from the files below). The ring itself is ring.c; the layers are described in
+ * audit_int.h.
  */
 #include "audit_int.h"
 
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#define AUDIT_MT          "clawlua.audit"
-#define DEFAULT_CAPACITY  10000
-#define DEFAULT_EVENT_CAP 4096
-#define MIN_EVENT_CAP     AUDIT_MIN_EVENT_CAP
-#define MAX_EVENT_CAP     AUDIT_MAX_EVENT_CAP
-#define MAX_CAPACITY      (1 << 24)
-#define KIND_MAX          AUDIT_KIND_MAX
-#define SANDBOX_MAX       AUDIT_SANDBOX_MAX
-#define PID_BUCKETS       AUDIT_PID_BUCKETS
-/* Forgotten pids stay attributable this long: the kernel's audit records reach us through
- * kauditd, often after the loop has reaped the process that caused them. */
-#define PID_GONE_TTL_NS (10ull * 1000000000ull)
-#define PID_GONE_MAX    1024
-#define ANCESTOR_DEPTH  32
+#define AUDIT_MT      "clawlua.audit"
+#define MIN_EVENT_CAP AUDIT_MIN_EVENT_CAP
+#define MAX_EVENT_CAP AUDIT_MAX_EVENT_CAP
+#define MAX_CAPACITY  (1 << 24)
+#define KIND_MAX      AUDIT_KIND_MAX
 
 int cl_entry_redirect(lua_State *L, const char *name);
-
-static const char AUDIT_KEY = 'A';
-
-audit *audit_get(lua_State *L) {
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
-  audit *a = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return a;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* pid -> sandbox                                                                             */
-
-static pident **pid_find(audit *a, pid_t pid) {
-  pident **p = &a->pids[(unsigned)pid % PID_BUCKETS];
-  while (*p && (*p)->pid != pid) p = &(*p)->next;
-  return p;
-}
-
-/* Drops forgotten entries past their time (all of them when `all`). */
-static void pid_sweep(audit *a, int all) {
-  uint64_t now = cl_now_ns();
-  for (int i = 0; i < PID_BUCKETS; i++) {
-    pident **p = &a->pids[i];
-    while (*p) {
-      pident *e = *p;
-      if (e->gone && (all || now - e->gone > PID_GONE_TTL_NS)) {
-        *p = e->next;
-        free(e);
-        a->npids--;
-        a->ngone--;
-      } else {
-        p = &e->next;
-      }
-    }
-  }
-}
-
-void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox) {
-  audit *a = audit_get(L);
-  if (!a || pid <= 0 || !sandbox) return;
-  pident **p = pid_find(a, pid);
-  if (!*p) {
-    *p = calloc(1, sizeof **p);
-    if (!*p) return;
-    (*p)->pid = pid;
-    a->npids++;
-  } else if ((*p)->gone) { /* the pid was reused */
-    (*p)->gone = 0;
-    a->ngone--;
-  }
-  snprintf((*p)->sandbox, sizeof(*p)->sandbox, "%s", sandbox);
-  /* Sandboxed processes exist from now on: their seccomp denials come from the kernel. */
-  if (!a->kernel && !a->kernel_disabled) audit_kernel_start(L, a, 0, 0);
-}
-
-void cl_audit_forget_pid(lua_State *L, pid_t pid) {
-  audit *a = audit_get(L);
-  if (!a) return;
-  pident *e = *pid_find(a, pid);
-  if (e && !e->gone) {
-    e->gone = cl_now_ns();
-    a->ngone++;
-    if (a->ngone > PID_GONE_MAX) pid_sweep(a, 0);
-    if (a->ngone > PID_GONE_MAX) pid_sweep(a, 1);
-  }
-}
-
-const char *cl_audit_sandbox_of(lua_State *L, pid_t pid) {
-  audit *a = audit_get(L);
-  if (!a) return NULL;
-  pident *e = *pid_find(a, pid);
-  return e && !e->gone ? e->sandbox : NULL;
-}
-
-/* The parent of pid from /proc (works for zombies too), or 0. */
-static pid_t parent_of(pid_t pid) {
-  char path[64], buf[512];
-  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-  FILE *f = fopen(path, "re");
-  if (!f) return 0;
-  size_t n = fread(buf, 1, sizeof buf - 1, f);
-  fclose(f);
-  buf[n] = 0;
-  const char *rp = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
-  if (!rp || rp[1] != ' ' || !rp[2] || rp[3] != ' ') return 0; /* ") S 123 ..." */
-  char *end;
-  long ppid = strtol(rp + 4, &end, 10);
-  if (end == rp + 4 || ppid < 0 || ppid > INT32_MAX) return 0;
-  return (pid_t)ppid;
-}
-
-const char *audit_attribute(audit *a, pid_t pid, int walk_ancestors) {
-  if (pid <= 0) return NULL;
-  pident *e = *pid_find(a, pid);
-  if (e && (!e->gone || cl_now_ns() - e->gone <= PID_GONE_TTL_NS)) return e->sandbox;
-  if (!walk_ancestors || a->npids == 0) return NULL;
-  pid_t p = pid;
-  for (int depth = 0; depth < ANCESTOR_DEPTH; depth++) {
-    p = parent_of(p);
-    if (p <= 1) return NULL;
-    e = *pid_find(a, p);
-    if (e && !e->gone) return e->sandbox;
-  }
-  return NULL;
-}
-
-void audit_bump_seq(audit *a, uint64_t seq) {
-  if (seq > a->seq) a->seq = seq;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Records                                                                                    */
-
-/* Length of the valid UTF-8 sequence at p (0: invalid). */
-static size_t utf8_seq(const unsigned char *p) {
-  unsigned c = p[0];
-  size_t n = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 ? 2 : 0;
-  if (!n || c > 0xf4) return 0;
-  for (size_t i = 1; i < n; i++)
-    if ((p[i] & 0xc0) != 0x80) return 0; /* also stops at the terminating NUL */
-  if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) || (c == 0xf0 && p[1] < 0x90) ||
-      (c == 0xf4 && p[1] > 0x8f))
-    return 0; /* overlong, surrogate, beyond U+10FFFF */
-  return n;
-}
-
-/* Appends s as a JSON string (s is short and from C: ids and kinds). Valid UTF-8 passes
- * through; control characters are escaped and invalid bytes become U+FFFD. */
-static size_t put_json_string(char *o, size_t room, const char *s) {
-  static const char hex[] = "0123456789abcdef";
-  size_t n = 0;
-  if (room < 3) return 0;
-  o[n++] = '"';
-  for (const unsigned char *p = (const unsigned char *)s; *p && n + 8 < room;) {
-    unsigned c = *p;
-    if (c == '"' || c == '\\') {
-      o[n++] = '\\';
-      o[n++] = (char)c;
-      p++;
-    } else if (c < 0x20 || c == 0x7f) {
-      o[n] = '\\';
-      o[n + 1] = 'u';
-      o[n + 2] = '0';
-      o[n + 3] = '0';
-      o[n + 4] = hex[c >> 4];
-      o[n + 5] = hex[c & 15];
-      n += 6;
-      p++;
-    } else if (c < 0x80) {
-      o[n++] = (char)c;
-      p++;
-    } else {
-      size_t k = utf8_seq(p);
-      if (k) {
-        memcpy(o + n, p, k);
-        n += k;
-        p += k;
-      } else {
-        static const char repl[6] = {'\\', 'u', 'f', 'f', 'f', 'd'};
-        memcpy(o + n, repl, sizeof repl);
-        n += 6;
-        p++;
-      }
-    }
-  }
-  o[n++] = '"';
-  return n;
-}
-
-static size_t put_u64(char *o, uint64_t v) {
-  char tmp[24];
-  size_t n = 0;
-  do {
-    tmp[n++] = (char)('0' + v % 10);
-    v /= 10;
-  } while (v);
-  for (size_t i = 0; i < n; i++) o[i] = tmp[n - 1 - i];
-  return n;
-}
-
-/* ns as seconds with 6 decimals ("12.000345"): what %.6f printed, without formatting a double
- * (which cost a quarter of an emit). */
-static size_t put_seconds(char *o, uint64_t ns) {
-  size_t n = put_u64(o, ns / 1000000000u);
-  uint32_t us = (uint32_t)(ns % 1000000000u / 1000u);
-  o[n++] = '.';
-  for (int i = 5; i >= 0; i--, us /= 10) o[n + (size_t)i] = (char)('0' + us % 10);
-  return n + 6;
-}
-
-static size_t put_lit(char *o, const char *s) {
-  size_t n = 0;
-  while (s[n]) {
-    o[n] = s[n];
-    n++;
-  }
-  return n;
-}
-
-/* The fields after "detail", up to but without the closing brace (and "truncated"). */
-static size_t build_tail(const slot *s, char *tail, size_t room) {
-  size_t tn = 0;
-  tn += put_lit(tail + tn, ",\"kind\":");
-  tn += put_json_string(tail + tn, room - tn - 200, s->kind);
-  tn += put_lit(tail + tn, ",\"mono\":");
-  tn += put_seconds(tail + tn, s->mono_ns);
-  if (s->pid > 0) {
-    tn += put_lit(tail + tn, ",\"pid\":");
-    tn += put_u64(tail + tn, (uint64_t)s->pid);
-  }
-  if (s->sandbox[0]) {
-    tn += put_lit(tail + tn, ",\"sandbox\":");
-    tn += put_json_string(tail + tn, room - tn - 100, s->sandbox);
-  }
-  tn += put_lit(tail + tn, ",\"seq\":");
-  tn += put_u64(tail + tn, s->seq);
-  tn += put_lit(tail + tn, ",\"time\":");
-  tn += put_seconds(tail + tn, s->wall_ns > 0 ? (uint64_t)s->wall_ns : 0);
-  return tn;
-}
-
-#define TAIL_MAX 1536 /* kind and sandbox at 8 bytes per character escaped, and numbers */
-
-/* Builds the record for slot s from the detail JSON d (len dl) and the tail into s->rec. */
-static int store_record(audit *a, slot *s, const char *d, size_t dl, const char *tail, size_t tn,
-                        int cut) {
-  static const char head[] = "{\"detail\":";
-  static const char trunc[] = ",\"truncated\":true}";
-  size_t hn = sizeof head - 1, en = cut ? sizeof trunc - 1 : 1;
-  size_t need = hn + dl + tn + en;
-  if (need > a->event_cap) return 0;
-  if (need > s->cap) {
-    char *r = realloc(s->rec, need);
-    if (!r) return 0;
-    a->bytes += need - s->cap;
-    s->rec = r;
-    s->cap = (uint32_t)need;
-  }
-  memcpy(s->rec, head, hn);
-  memcpy(s->rec + hn, d, dl);
-  memcpy(s->rec + hn + dl, tail, tn);
-  memcpy(s->rec + hn + dl + tn, cut ? trunc : "}", en);
-  s->len = (uint32_t)need;
-  return 1;
-}
-
-/* Sinks' post-emit work (rotation, reports of errors and drops) emits events of its own, so it
- * runs after the event that caused it is complete, never nested inside it. */
-static void run_pending(lua_State *L, audit *a) {
-  if (a->in_pending) return; /* the outer call's loop picks up what this emit queued */
-  a->in_pending = 1;
-  for (int round = 0; round < 64; round++) {
-    int any = 0;
-    for (asink *s = a->sinks; s; s = s->next) {
-      if (!s->has_pending || !s->active) continue;
-      s->has_pending = 0;
-      any = 1;
-      s->pending(L, a, s);
-    }
-    if (!any) break;
-  }
-  a->in_pending = 0;
-}
-
-uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
-                    int detail) {
-  if (a->emitting) return 0; /* a __tojson that emits: dropped rather than recursing */
-  a->emitting = 1;
-  slot *s;
-  if (a->count == a->capacity) { /* evict the oldest */
-    s = &a->ring[a->head];
-    a->head = (a->head + 1) % a->capacity;
-    a->count--;
-    a->evicted++;
-  } else {
-    s = &a->ring[(a->head + a->count) % a->capacity];
-  }
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  s->seq = ++a->seq;
-  s->wall_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-  s->wall = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-  s->pid = pid > 0 ? pid : 0;
-  snprintf(s->kind, sizeof s->kind, "%s", kind);
-  if (!sandbox && pid > 0) sandbox = audit_attribute(a, pid, 0);
-  snprintf(s->sandbox, sizeof s->sandbox, "%s", sandbox ? sandbox : "");
-  s->mono_ns = cl_now_ns();
-  char tail[TAIL_MAX];
-  size_t tn = build_tail(s, tail, sizeof tail);
-
-  /* The detail, cut harder until the record fits. */
-  int top = lua_gettop(L);
-  static const size_t cuts[] = {0, 1024, 256, 64};
-  int stored = 0, cut = 0;
-  for (size_t i = 0; i < CL_ARRAY_LEN(cuts) && !stored; i++) {
-    size_t dl = 2;
-    const char *d = "{}";
-    if (detail) {
-      size_t max_string = cuts[i] ? cuts[i] : a->event_cap;
-      long replaced = 0;
-      d = cl_json_encode_lenient(L, detail, max_string, 16, 1, &dl, &replaced);
-      if (!d) {
-        d = "{}";
-        dl = 2;
-        cut = 1;
-      }
-      if (replaced) cut = 1;
-    }
-    stored = store_record(a, s, d, dl, tail, tn, cut);
-    lua_settop(L, top);
-    if (!stored) cut = 1;
-  }
-  if (!stored) {
-    char note[80];
-    int n = snprintf(note, sizeof note, "{\"_dropped_detail\":true}");
-    if (!store_record(a, s, note, (size_t)n, tail, tn, 1)) s->len = 0; /* out of memory */
-  }
-  if (cut) a->truncated++;
-  a->count++;
-  for (asink *k = a->sinks; k && s->len; k = k->next)
-    if (k->active && (k->force_seq == s->seq || audit_slot_matches(&k->filter, s)))
-      k->write(a, k, s);
-  a->emitting = 0;
-  uint64_t seq = s->seq;
-  cl_waitq_wake_all(&a->waiters, 0);
-  run_pending(L, a);
-  return seq;
-}
-
-void cl_audit_emit(lua_State *L, const char *kind, const char *sandbox, pid_t pid, int detail) {
-  audit *a = audit_get(L);
-  if (!a) return;
-  if (detail) detail = lua_absindex(L, detail);
-  audit_emit(L, a, kind, sandbox, pid, detail);
-}
-
-void audit_add_sink(audit *a, asink *s) {
-  asink **p = &a->sinks;
-  while (*p) p = &(*p)->next;
-  s->next = NULL;
-  *p = s;
-}
-
-void audit_remove_sink(audit *a, asink *s) {
-  for (asink **p = &a->sinks; *p; p = &(*p)->next) {
-    if (*p == s) {
-      *p = s->next;
-      s->next = NULL;
-      return;
-    }
-  }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Lua API                                                                                    */
 
 static int valid_kind(const char *k) {
   size_t n = strlen(k);
@@ -412,95 +33,47 @@ static int valid_kind(const char *k) {
 /* Lua: audit.emit(kind, [fields]) -> seq. fields.sandbox (or .vm) and fields.pid are the
  * event's attribution; everything else is its detail. */
 static int l_emit(lua_State *L) {
-  audit *a = audit_get(L);
+  audit *a = lua_touserdata(L, lua_upvalueindex(1));
   const char *kind = luaL_checkstring(L, 1);
-  if (!valid_kind(kind))
-    return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
+  if (!lua_rawequal(L, 1, lua_upvalueindex(5))) { /* upvalue 5: the last kind found valid */
+    if (!valid_kind(kind))
+      return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
+    lua_pushvalue(L, 1);
+    lua_replace(L, lua_upvalueindex(5));
+  }
   const char *sandbox = NULL;
   lua_Integer pid = 0;
   int detail = 0;
+  static const char *const lifted[] = {"sandbox", "vm", "pid", NULL};
+  const char *const *skip = NULL;
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    int has_sb = lua_getfield(L, 2, "sandbox") != LUA_TNIL;
+    /* The keys are upvalues: lua_getfield would intern its C string on every call. */
+    lua_pushvalue(L, lua_upvalueindex(2));
+    int has_sb = lua_gettable(L, 2) != LUA_TNIL;
     if (!has_sb) {
       lua_pop(L, 1);
-      has_sb = lua_getfield(L, 2, "vm") != LUA_TNIL;
+      lua_pushvalue(L, lua_upvalueindex(3));
+      has_sb = lua_gettable(L, 2) != LUA_TNIL;
     }
     if (has_sb) {
       if (lua_type(L, -1) != LUA_TSTRING) cl_field_error(L, "sandbox", "string expected");
       sandbox = lua_tostring(L, -1); /* anchored at index 3 */
     }
-    int has_pid = lua_getfield(L, 2, "pid") != LUA_TNIL;
+    lua_pushvalue(L, lua_upvalueindex(4));
+    int has_pid = lua_gettable(L, 2) != LUA_TNIL;
     if (has_pid) {
       int ok;
       pid = lua_tointegerx(L, -1, &ok);
       if (!ok) cl_field_error(L, "pid", "integer expected");
     }
     lua_pop(L, 1);
-    if (has_sb || has_pid) { /* a shallow copy without the lifted keys */
-      lua_newtable(L);
-      lua_pushnil(L);
-      while (lua_next(L, 2)) {
-        if (lua_type(L, -2) == LUA_TSTRING) {
-          const char *k = lua_tostring(L, -2);
-          if (strcmp(k, "sandbox") == 0 || strcmp(k, "vm") == 0 || strcmp(k, "pid") == 0) {
-            lua_pop(L, 1);
-            continue;
-          }
-        }
-        lua_pushvalue(L, -2);
-        lua_insert(L, -2);
-        lua_rawset(L, -4);
-      }
-      detail = lua_gettop(L);
-    } else {
-      detail = 2;
-    }
+    detail = 2;
+    if (has_sb || has_pid) skip = lifted; /* the detail is the table without them */
   }
-  uint64_t seq = audit_emit(L, a, kind, sandbox, (pid_t)pid, detail);
+  uint64_t seq = audit_emit(L, a, kind, sandbox, (pid_t)pid, detail, skip);
   lua_pushinteger(L, (lua_Integer)seq); /* 0: dropped (emitted from inside an emit) */
-  return 1;
-}
-
-static const char *const filter_fields[] = {"kind",  "sandbox",   "vm",    "pid", "since",
-                                            "until", "after_seq", "limit", NULL};
-
-void audit_read_filter(lua_State *L, int idx, afilter *f, const char *const *fields) {
-  memset(f, 0, sizeof *f);
-  f->since = -1;
-  f->until = -1;
-  if (lua_isnoneornil(L, idx)) return;
-  idx = lua_absindex(L, idx);
-  luaL_checktype(L, idx, LUA_TTABLE);
-  cl_check_fields(L, idx, fields ? fields : filter_fields);
-  f->kind = cl_opt_string(L, idx, "kind", NULL);
-  if (f->kind) f->kind_len = strlen(f->kind);
-  f->sandbox = cl_opt_string(L, idx, "sandbox", cl_opt_string(L, idx, "vm", NULL));
-  f->pid = cl_opt_integer(L, idx, "pid", 0);
-  f->since = cl_opt_number(L, idx, "since", -1);
-  f->until = cl_opt_number(L, idx, "until", -1);
-  lua_Integer after = cl_opt_integer(L, idx, "after_seq", 0);
-  if (after < 0) cl_field_error(L, "after_seq", "must not be negative");
-  f->after_seq = (uint64_t)after;
-  f->limit = cl_opt_integer(L, idx, "limit", 0);
-  if (f->limit < 0) cl_field_error(L, "limit", "must not be negative");
-}
-
-/* kind "vm" matches "vm" and "vm.start", not "vmx". */
-int audit_kind_matches(const afilter *f, const char *kind, size_t kind_len) {
-  if (!f->kind) return 1;
-  return kind_len >= f->kind_len && memcmp(kind, f->kind, f->kind_len) == 0 &&
-         (kind_len == f->kind_len || kind[f->kind_len] == '.');
-}
-
-int audit_slot_matches(const afilter *f, const slot *s) {
-  if (s->seq <= f->after_seq) return 0;
-  if (!audit_kind_matches(f, s->kind, strlen(s->kind))) return 0;
-  if (f->sandbox && strcmp(f->sandbox, s->sandbox) != 0) return 0;
-  if (f->pid && f->pid != s->pid) return 0;
-  if (f->since >= 0 && s->wall < f->since) return 0;
-  if (f->until >= 0 && s->wall > f->until) return 0;
   return 1;
 }
 
@@ -591,39 +164,6 @@ static int l_wait(lua_State *L) {
   return cl_wait_suspend(L, w, wait_k, lua_gettop(L));
 }
 
-static void free_ring(audit *a) {
-  for (size_t i = 0; i < a->capacity; i++) free(a->ring[i].rec);
-  free(a->ring);
-  a->ring = NULL;
-  a->bytes = 0;
-}
-
-/* Re-creates the ring with a new capacity, keeping the newest events that fit. */
-static int resize(audit *a, size_t capacity) {
-  slot *ring = calloc(capacity, sizeof *ring);
-  if (!ring) return ENOMEM;
-  size_t keep = a->count < capacity ? a->count : capacity;
-  size_t skip = a->count - keep, bytes = 0;
-  for (size_t i = 0; i < a->count; i++) {
-    slot *s = &a->ring[(a->head + i) % a->capacity];
-    if (i < skip) {
-      free(s->rec);
-      a->evicted++;
-    } else {
-      ring[i - skip] = *s;
-      bytes += s->cap;
-    }
-    s->rec = NULL;
-  }
-  free_ring(a);
-  a->ring = ring;
-  a->capacity = capacity;
-  a->head = 0;
-  a->count = keep;
-  a->bytes = bytes;
-  return 0;
-}
-
 /* Lua: audit.configure{capacity=, event_cap=} -> true */
 static int l_configure(lua_State *L) {
   static const char *const fields[] = {"capacity", "event_cap", NULL};
@@ -635,21 +175,8 @@ static int l_configure(lua_State *L) {
   if (cap < 1 || cap > MAX_CAPACITY) cl_field_error(L, "capacity", "must be 1..16777216");
   if (ecap < MIN_EVENT_CAP || ecap > MAX_EVENT_CAP)
     cl_field_error(L, "event_cap", "must be 256..1048576 bytes");
-  a->event_cap = (size_t)ecap;
-  /* Records over a lowered cap lose their detail: the memory bound must hold at once. */
-  for (size_t i = 0; i < a->count; i++) {
-    slot *s = &a->ring[(a->head + i) % a->capacity];
-    if (s->cap <= a->event_cap) continue;
-    const char *note = "{\"_dropped_detail\":true}";
-    free(s->rec);
-    a->bytes -= s->cap;
-    s->rec = NULL;
-    s->cap = 0;
-    char tail[TAIL_MAX];
-    size_t tn = build_tail(s, tail, sizeof tail);
-    if (!store_record(a, s, note, strlen(note), tail, tn, 1)) s->len = 0;
-  }
-  if ((size_t)cap != a->capacity && resize(a, (size_t)cap) != 0)
+  audit_set_event_cap(a, (size_t)ecap);
+  if ((size_t)cap != a->capacity && audit_resize(a, (size_t)cap) != 0)
     return cl_fail(L, "audit.configure", ENOMEM);
   lua_pushboolean(L, 1);
   return 1;
@@ -728,19 +255,11 @@ static int audit_gc(lua_State *L) {
   audit *a = lua_touserdata(L, 1);
   audit_sinks_close_all(a);
   audit_kernel_stop(a);
-  free_ring(a);
-  for (int i = 0; i < PID_BUCKETS; i++) {
-    while (a->pids[i]) {
-      pident *e = a->pids[i];
-      a->pids[i] = e->next;
-      free(e);
-    }
-  }
+  audit_release(a);
   return 0;
 }
 
 static const luaL_Reg funcs[] = {
-    {"emit", l_emit},
     {"events", l_events},
     {"query", l_query},
     {"wait", l_wait},
@@ -766,23 +285,22 @@ int luaopen_clawlua_audit(lua_State *L) {
   if (cl_entry_redirect(L, "audit")) return 1;
   if (!audit_get(L)) {
     audit *a = lua_newuserdatauv(L, sizeof *a, 0);
-    memset(a, 0, sizeof *a);
-    a->event_cap = DEFAULT_EVENT_CAP;
-    a->capacity = DEFAULT_CAPACITY;
-    a->ring = calloc(a->capacity, sizeof *a->ring);
-    if (!a->ring) return luaL_error(L, "audit: out of memory");
-    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
-    a->L = lua_tothread(L, -1);
-    lua_pop(L, 1);
-    luaL_newmetatable(L, AUDIT_MT);
-    lua_pushcfunction(L, audit_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_setmetatable(L, -2);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &AUDIT_KEY);
+    if (audit_init(a, L) != 0) return luaL_error(L, "audit: out of memory");
+    static const cl_class cls = {AUDIT_MT, NULL, audit_gc, NULL};
+    cl_class_register(L, &cls);
+    luaL_setmetatable(L, AUDIT_MT);
+    audit_set(L);
     audit_sink_register(L);
     audit_record_register(L);
     audit_chain_register(L);
   }
   luaL_newlib(L, funcs);
+  lua_pushlightuserdata(L, audit_get(L));
+  lua_pushliteral(L, "sandbox");
+  lua_pushliteral(L, "vm");
+  lua_pushliteral(L, "pid");
+  lua_pushliteral(L, "");
+  lua_pushcclosure(L, l_emit, 5);
+  lua_setfield(L, -2, "emit");
   return 1;
 }

@@ -1,8 +1,22 @@
 /*
- * Private header of the audit primitive (runtime/audit/): the ring and its state are shared by
- * the core (audit.c), the sinks (sink.c), the record scanner, formatter and file reader
- * (record.c), the hash chain and its verifier (chain.c) and the kernel audit source (kernel.c).
- * Nothing here is visible outside runtime/audit/.
+ * Private header of the audit primitive (runtime/audit/). Nothing here is visible outside
+ * runtime/audit/; other primitives use the C API in clawlua.h (cl_audit_emit, cl_audit_*_pid).
+ *
+ * One-way flow (a file calls only files below it; upward calls go through function pointers):
+ *
+ *   audit.c    Lua binding: the module table, audit.emit/events/query/wait/configure/stats
+ *     |
+ *   sink.c     audit.sink{} and the stderr sink; sink_file.c the JSONL file sink, sink_sync.c
+ *              its fsync worker (sink_int.h); each sink is an asink the ring calls back
+ *   kernel.c   the kernel audit source (netlink; kernel-facing), cl_audit_track_pid
+ *     |
+ *   chain.c    the hash chain of files and its verifier
+ *     |
+ *   record.c   record scanner, one-line formatter, JSONL file reader
+ *     |
+ *   ring.c     the core: ring, emission (cl_audit_emit), filters, pid table
+ *
+ * The core calls sinks only through asink.write/.pending, so it depends on nothing above it.
  */
 #ifndef CLAWLUA_AUDIT_INT_H
 #define CLAWLUA_AUDIT_INT_H
@@ -24,6 +38,12 @@
 #define AUDIT_MAX_LINE (AUDIT_MAX_EVENT_CAP + AUDIT_CHAIN_SUFFIX + 64)
 
 typedef struct audit audit;
+/* The digits of a whole number of seconds, kept while it stays the same. */
+typedef struct audit_secs {
+  uint64_t sec;
+  char digits[24];
+  uint8_t len; /* 0: none yet */
+} audit_secs;
 typedef struct asink asink;
 typedef struct ksource ksource;
 
@@ -75,9 +95,15 @@ struct audit {
   ksource *kernel;
   int kernel_disabled; /* audit.kernel_source{enable=false}: no automatic start */
   lua_State *L;        /* main thread, for work started outside any Lua call */
+  cl_buf enc;          /* where a record is built before it is copied into its slot */
+  char kind_cache[AUDIT_KIND_MAX + 1]; /* the kind of the last record, and as JSON: */
+  char kind_json[8 * AUDIT_KIND_MAX + 16];
+  size_t kind_json_len;
+  audit_secs mono_secs, wall_secs;
 };
 
-/* Sinks: what every sink has; the type-specific part follows in sink.c. */
+/* Sinks: what every sink has; the type-specific part follows in sink.c. The ring calls write for
+ * each record the filter passes, and pending after the event is complete. */
 struct asink {
   asink *next;
   int active;
@@ -88,12 +114,23 @@ struct asink {
   void (*pending)(lua_State *L, audit *a, asink *s);
 };
 
-/* audit.c */
+/* ring.c: the core */
 audit *audit_get(lua_State *L);
-/* Emits an event with the detail table at stack index detail (0: none); returns its seq (0 when
- * dropped: emitted from inside an emit). */
+/* Registers the audit userdata on top of the stack (popped) as the state's ring. */
+void audit_set(lua_State *L);
+/* A zeroed ring with the default capacity and event cap; ENOMEM or 0. */
+int audit_init(audit *a, lua_State *L);
+/* Frees what audit_init and the events made (sinks and the kernel source are their owners'). */
+void audit_release(audit *a);
+int audit_resize(audit *a, size_t capacity);    /* keeps the newest events; ENOMEM or 0 */
+void audit_set_event_cap(audit *a, size_t cap); /* records over it lose their detail */
+/* Attributes pid to sandbox (1), or 0 when it cannot (bad arguments, out of memory). */
+int audit_track_pid(audit *a, pid_t pid, const char *sandbox);
+/* Emits an event with the detail table at stack index detail (0: none), without its keys in
+ * skip (NULL-terminated, or NULL); returns its seq (0 when dropped: emitted from inside an
+ * emit). */
 uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbox, pid_t pid,
-                    int detail);
+                    int detail, const char *const *skip);
 /* Reads a filter table at idx; `fields` restricts the accepted keys (NULL: all). */
 void audit_read_filter(lua_State *L, int idx, afilter *f, const char *const *fields);
 int audit_kind_matches(const afilter *f, const char *kind, size_t kind_len);

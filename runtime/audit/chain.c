@@ -365,9 +365,7 @@ static void take_line(verifier *v, const char *line, size_t n, int malformed) {
 }
 
 static verifier *check_verifier(lua_State *L) {
-  verifier *v = luaL_checkudata(L, 1, VERIFIER_MT);
-  if (v->closed) luaL_error(L, "attempt to use a closed audit_verifier");
-  return v;
+  return CL_CHECK_OPEN(L, 1, verifier, closed, VERIFIER_MT, "audit_verifier");
 }
 
 static void verifier_release(verifier *v) {
@@ -379,11 +377,6 @@ static void verifier_release(verifier *v) {
   v->buf = NULL;
   free(v->issues);
   v->issues = NULL;
-}
-
-static int verifier_gc(lua_State *L) {
-  verifier_release(luaL_checkudata(L, 1, VERIFIER_MT));
-  return 0;
 }
 
 /* Lua: verifier:step([max_lines]) -> true when the whole file is done, false to call again;
@@ -643,12 +636,6 @@ void audit_chain_register(lua_State *L) {
       {"close", verifier_close},
       {NULL, NULL},
   };
-  luaL_newmetatable(L, VERIFIER_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, verifier_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, verifier_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pop(L, 1);
+  static const cl_class cls = {VERIFIER_MT, methods, verifier_close, NULL};
+  cl_class_register(L, &cls);
 }

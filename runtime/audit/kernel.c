@@ -323,7 +323,7 @@ static void handle_record(ksource *k, const char *text, size_t n) {
     return;
   }
   k->events++;
-  audit_emit(L, a, kind, sb, pid, lua_gettop(L));
+  audit_emit(L, a, kind, sb, pid, lua_gettop(L), NULL);
   lua_settop(L, top);
 }
 
@@ -342,7 +342,7 @@ static void report_overruns(ksource *k) {
   lua_setfield(L, -2, "overruns");
   k->overruns_reported = k->overruns;
   k->last_overrun_report = now;
-  audit_emit(L, k->a, "audit.source.overrun", NULL, 0, lua_gettop(L));
+  audit_emit(L, k->a, "audit.source.overrun", NULL, 0, lua_gettop(L), NULL);
   lua_settop(L, top);
 }
 
@@ -392,7 +392,7 @@ static void set_unavailable(lua_State *L, audit *a, ksource *k, const char *why,
     lua_pushinteger(L, err);
     lua_setfield(L, -2, "errno");
   }
-  audit_emit(L, a, "audit.source.unavailable", NULL, 0, lua_gettop(L));
+  audit_emit(L, a, "audit.source.unavailable", NULL, 0, lua_gettop(L), NULL);
   lua_settop(L, top);
 }
 
@@ -568,4 +568,12 @@ int audit_l_parse_kernel(lua_State *L) {
   lua_insert(L, -2);
   lua_pushinteger(L, pid);
   return 3;
+}
+
+/* The C API's pid tracking: the ring core keeps the table; the first sandboxed process is what
+ * makes kernel records worth reading, so it starts this source. */
+void cl_audit_track_pid(lua_State *L, pid_t pid, const char *sandbox) {
+  audit *a = audit_get(L);
+  if (!a || !audit_track_pid(a, pid, sandbox)) return;
+  if (!a->kernel && !a->kernel_disabled) audit_kernel_start(L, a, 0, 0);
 }

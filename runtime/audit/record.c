@@ -439,8 +439,14 @@ int audit_l_format(lua_State *L) {
   size_t n;
   const char *s;
   if (lua_type(L, 1) == LUA_TTABLE) {
-    s = cl_json_encode_lenient(L, 1, 0, 16, 1, &n, NULL);
-    if (!s) return lua_error(L);
+    cl_buf b = {0};
+    cl_json_lenient o = {.max_depth = 16, .sort_keys = 1};
+    int r = cl_json_encode_lenient(L, 1, &b, &o, NULL);
+    if (r > 0) lua_pushlstring(L, b.p ? b.p : "", b.n);
+    free(b.p);
+    if (r < 0) lua_pushliteral(L, "json: output larger than the limit");
+    if (r <= 0) return lua_error(L);
+    s = lua_tolstring(L, -1, &n);
   } else {
     s = luaL_checklstring(L, 1, &n);
   }
@@ -474,9 +480,7 @@ typedef struct reader {
 } reader;
 
 static reader *check_reader(lua_State *L) {
-  reader *r = luaL_checkudata(L, 1, READER_MT);
-  if (r->closed) luaL_error(L, "attempt to use a closed audit_reader");
-  return r;
+  return CL_CHECK_OPEN(L, 1, reader, closed, READER_MT, "audit_reader");
 }
 
 static void reader_release(reader *r) {
@@ -486,11 +490,6 @@ static void reader_release(reader *r) {
   r->fd = -1;
   free(r->buf);
   r->buf = NULL;
-}
-
-static int reader_gc(lua_State *L) {
-  reader_release(luaL_checkudata(L, 1, READER_MT));
-  return 0;
 }
 
 static int reader_close(lua_State *L) {
@@ -787,12 +786,6 @@ void audit_record_register(lua_State *L) {
       {"close", reader_close},
       {NULL, NULL},
   };
-  luaL_newmetatable(L, READER_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, reader_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, reader_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pop(L, 1);
+  static const cl_class cls = {READER_MT, methods, reader_close, NULL};
+  cl_class_register(L, &cls);
 }

@@ -1,7 +1,23 @@
 /*
- * Private header of the firewall primitive (the files of runtime/firewall). It is large enough
- * to be split by concern (netlink transport, ruleset messages, drop log, DNS, Lua API); what
- * these files share stays here rather than in clawlua.h, which is for what other primitives use.
+ * Private header of the firewall primitive (the files of runtime/firewall); what these files
+ * share stays here rather than in clawlua.h, which is for what other primitives use.
+ *
+ * One-way flow (a file calls only files below it; the one upward need, nflog.c naming the VM of
+ * a drop, goes through the fw.vm_id_of function pointer the handle sets):
+ *
+ *   firewall.c   Lua binding: firewall.open, the handle (close, destroy, list, counters, stats)
+ *   ops.c        Lua binding: fw:attach/update/attach_many/detach/detach_many/reconcile
+ *     |
+ *   txn.c        a transaction run from a Lua call; applies the kernel's answer to the registry
+ *   spec.c       a Lua spec table validated into a fw_plan
+ *   vms.c        the registry of VMs and their sets; DNS refresh of their domain names
+ *     |
+ *   ruleset_vm.c a VM's chains and rules from its plan
+ *   ruleset.c    names, nf_tables expressions and messages, sets, the base ruleset (libnftnl)
+ *     |
+ *   netlink.c    nf_tables batches and dumps over netlink     } kernel- and network-facing
+ *   nflog.c      the drop log (NFLOG group)                   }
+ *   dns.c        the stub resolver (and fw:resolve)           }
  */
 #ifndef CLAWLUA_FW_H
 #define CLAWLUA_FW_H
@@ -156,6 +172,9 @@ struct fw {
   size_t nbuckets, nvms;
   /* drop log */
   fw_nflog *nflog;
+  /* Names the VM of a hash key (NULL: unknown): the registry's lookup, handed down to nflog.c
+   * so that the kernel-facing layer calls nothing above it. */
+  const char *(*vm_id_of)(fw *f, const char *key);
   int log_group; /* -1: none */
   /* DNS */
   fw_dns *dns;
@@ -208,8 +227,57 @@ void cl_fw_dns_stop(fw *f);
 int cl_fw_dns_query(fw *f, const char *name, fw_dns_cb cb, void *arg);
 void cl_fw_dns_cancel(fw *f, void *arg);
 
-/* firewall.c */
+/* vms.c: the registry of VMs, their sets, the DNS refresh of their names */
 fw_vm *cl_fw_find_key(fw *f, const char *key);
+fw_vm *cl_fw_find_iface(fw *f, const char *iface);
+const char *cl_fw_vm_id_of(fw *f, const char *key);
+int cl_fw_reg_insert(fw *f, fw_vm *v); /* ENOMEM or 0 */
+void cl_fw_reg_remove(fw *f, fw_vm *v);
+fw_vm *cl_fw_vm_new(const char *id);
+void cl_fw_vm_free(fw *f, fw_vm *v); /* also stops its refresh timers */
+int cl_fw_vm_add_set(fw_vm *v, const char *name);
+int cl_fw_vm_plan_sets(fw_vm *v); /* the names of the sets its plan creates */
 void cl_fw_emit(fw *f, const char *kind, const char *vm, int detail);
+void cl_fw_push_addr_list(lua_State *L, const fw_addr *a, size_t n);
+void cl_fw_emit_resolve(fw *f, const char *vm, const char *name, const fw_addr *a, size_t n,
+                        uint32_t ttl, const char *err, int changed);
+int cl_fw_set_host_addrs(fw_host *h, const fw_addr *a, size_t n, uint32_t ttl);
+void cl_fw_refresh_start(fw *f, fw_vm *v); /* arms the timers of a VM just attached/updated */
+
+/* spec.c: Lua spec table -> fw_plan */
+typedef struct pbox { /* a userdata owning a plan while it is being parsed and used */
+  fw_plan *p;
+} pbox;
+/* Validates the spec at idx completely (raises "bad field '...'"); pushes its pbox. */
+fw_plan *cl_fw_parse_spec(lua_State *L, int idx, fw *f);
+const char *cl_fw_check_id(lua_State *L, int arg);
+void cl_fw_spec_register(lua_State *L);
+
+/* txn.c: a transaction run from a Lua call */
+enum { OP_BASE, OP_ATTACH, OP_UPDATE, OP_DETACH, OP_DESTROY, OP_REFRESH, OP_DUMP };
+typedef struct tbox { /* a userdata owning a transaction until the kernel answered */
+  fw_txn *t;
+} tbox;
+tbox *cl_fw_push_tbox(lua_State *L, fw_txn *t);
+int cl_fw_run_txn(lua_State *L, fw *f, int bidx, lua_KFunction k);
+fw_txn *cl_fw_resumed_txn(lua_State *L, lua_KContext ctx, int bidx);
+int cl_fw_txn_result(lua_State *L, fw *f, fw_txn *t, const char *op, const char *id);
+fw_txn *cl_fw_new_batch(lua_State *L, fw *f, int kind);
+void cl_fw_ctx_add(lua_State *L, fw_txn *t, fw_vm *v);
+void cl_fw_finish_batch(lua_State *L, fw *f, fw_txn *t, int err);
+void cl_fw_txn_register(lua_State *L);
+
+/* ops.c: attach, update, attach_many, detach, detach_many, reconcile into the methods table */
+void cl_fw_ops_register(lua_State *L, int methods);
+
+/* luaL_error does not return; saying so lets the analyzers follow the error paths. */
+static inline __attribute__((noreturn)) void cl_fw_oom(lua_State *L) {
+  luaL_error(L, "firewall: out of memory");
+  __builtin_unreachable();
+}
+
+static inline fw *cl_fw_check(lua_State *L) {
+  return CL_CHECK_OPEN(L, 1, fw, closed, FW_MT, "firewall");
+}
 
 #endif

@@ -140,8 +140,7 @@ static int next_event(lua_State *L) {
     return 0;
   }
   drop_ev *ev = &n->ring[n->head];
-  fw_vm *v = cl_fw_find_key(n->f, ev->key);
-  push_event(L, ev, v ? v->id : NULL);
+  push_event(L, ev, n->f->vm_id_of(n->f, ev->key));
   n->head = (n->head + 1) % QUEUE_CAP;
   n->count--;
   return 1;
@@ -192,12 +191,11 @@ static void handle_packet(fw_nflog *n, const struct nlmsghdr *nlh) {
                hw->hw_addr[1], hw->hw_addr[2], hw->hw_addr[3], hw->hw_addr[4], hw->hw_addr[5]);
   }
   fw *f = n->f;
-  fw_vm *v = cl_fw_find_key(f, ev.key);
   lua_State *L = f->L;
   if (L) {
     int top = lua_gettop(L);
     push_event(L, &ev, NULL);
-    cl_fw_emit(f, "fw.drop", v ? v->id : NULL, lua_gettop(L));
+    cl_audit_emit(L, "fw.drop", f->vm_id_of(f, ev.key), 0, lua_gettop(L));
     lua_settop(L, top);
   }
   if (!n->has_cb) return;
@@ -306,11 +304,9 @@ int cl_fw_nflog_start(fw *f, int fd, int group, char *err, size_t errlen) {
   fw_nflog *n = lua_newuserdatauv(L, sizeof *n, 0);
   memset(n, 0, sizeof *n);
   n->fd = -1;
-  if (luaL_newmetatable(L, NFLOG_MT)) {
-    lua_pushcfunction(L, nflog_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
+  static const cl_class cls = {NFLOG_MT, NULL, nflog_gc, NULL};
+  cl_class_register(L, &cls);
+  luaL_setmetatable(L, NFLOG_MT);
   n->ring = calloc(QUEUE_CAP, sizeof *n->ring);
   if (!n->ring) {
     lua_pop(L, 1);

@@ -193,6 +193,18 @@ static void test_cancel_after_wake(lua_State *L) {
   lua_pop(L, 3);
 }
 
+static void test_parse_mac(void) {
+  uint8_t m[6];
+  CHECK(cl_parse_mac("02:aB:0c:D0:e1:Ff", m));
+  CHECK(m[0] == 0x02 && m[1] == 0xab && m[2] == 0x0c && m[3] == 0xd0 && m[4] == 0xe1 &&
+        m[5] == 0xff);
+  CHECK(!cl_parse_mac("02:ab:0c:d0:e1", m));     /* short */
+  CHECK(!cl_parse_mac("02:ab:0c:d0:e1:ff:", m)); /* long */
+  CHECK(!cl_parse_mac("02-ab-0c-d0-e1-ff", m));  /* separators */
+  CHECK(!cl_parse_mac("02:ab:0c:d0:e1:fg", m));  /* not hex */
+  CHECK(!cl_parse_mac(NULL, m));
+}
+
 int main(void) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
@@ -201,6 +213,7 @@ int main(void) {
   int top = lua_gettop(L);
   test_timers(L);
   test_spawn();
+  test_parse_mac();
   test_spawn_fork_path();
   test_json(L);
   test_cancel_after_wake(L);

@@ -5,6 +5,19 @@ local audit = claw.audit
 describe("audit ring", function()
   before_each(function() audit.configure { capacity = 10000, event_cap = 4096 } end)
 
+  it("lifts attribution out of the detail, whatever the table's shape", function()
+    local seq = audit.emit("vm.list", { 1, 2, pid = 3, vm = "vm-c" })
+    local e = audit.events { after_seq = seq - 1 }[1]
+    assert.are.same({ 1, 2 }, e.detail)
+    assert.are.equal(3, e.pid)
+    assert.are.equal("vm-c", e.sandbox)
+    seq = audit.emit("vm.list", { sandbox = "vm-d", b = "x", a = { z = 1, y = 2 } })
+    local line = audit.format(audit.events { after_seq = seq - 1 }[1])
+    assert.truthy(line:find("vm-d", 1, true))
+    e = audit.events { after_seq = seq - 1 }[1]
+    assert.are.same({ b = "x", a = { z = 1, y = 2 } }, e.detail)
+  end)
+
   it("records structured events with attribution and filters them", function()
     local first = audit.stats().last_seq
     audit.emit("vm.start", { sandbox = "vm-a", image = "debian" })

@@ -103,6 +103,19 @@ describe("json.decode", function()
     assert.are.equal('{"a":[],"o":{}}', json.encode(v, { sort_keys = true }))
   end)
 
+  it("sorts keys bytewise in small and large objects alike", function()
+    local small, large, want = { b = 1, a = 2, ab = 3 }, {}, {}
+    for i = 1, 100 do
+      large[("k%03d"):format(101 - i)] = i
+      want[#want + 1] = ('"k%03d":%d'):format(i, 101 - i)
+    end
+    assert.are.equal('{"a":2,"ab":3,"b":1}', json.encode(small, { sort_keys = true }))
+    assert.are.equal("{" .. table.concat(want, ",") .. "}", json.encode(large, { sort_keys = true }))
+    local v, err = json.encode({ a = { b = { [true] = 1 } } }, { sort_keys = true })
+    assert.is_nil(v)
+    assert.are.equal("json: cannot sort a boolean key (sort_keys needs string keys) at $.a.b[0]", err)
+  end)
+
   it("raises on misuse: bad option fields", function()
     assert.has_error(function() json.decode("1", { depth = 3 }) end, "bad field 'depth' (unknown field)")
     assert.has_error(function() json.decode("1", { max_depth = "x" }) end,

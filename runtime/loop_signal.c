@@ -1,0 +1,142 @@
+/*
+ * SIGINT/SIGTERM through a signalfd and the orderly shutdown they start, the reaping of
+ * children nobody waits for, and the closers run when the loop goes away.
+ */
+#include "loop_int.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/signalfd.h>
+#include <sys/syscall.h>
+#include <sys/timerfd.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* Signals and orderly shutdown                                                               */
+
+static void start_shutdown(cl_loop *lp, int sig) {
+  lua_State *L = lp->L;
+  lp->stopping = sig;
+  lp->grace_end = cl_deadline(lp->grace);
+  fprintf(stderr, "clawlua: %s received, shutting down (send it again to exit at once)\n",
+          cl_signal_name(sig));
+  fflush(stderr);
+  /* Cancel every task: each unwinds through its <close> variables and pcall handlers. */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
+  lua_getiuservalue(L, -1, 1);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    lua_pop(L, 1);
+    cl_loop_task_cancel(L, lua_touserdata(L, -1));
+  }
+  lua_pop(L, 1);
+  /* In the host, callers running the loop themselves (the main chunk) unwind too. A script
+   * under stock lua5.4 keeps its main chunk waiting while the loop finishes the shutdown. */
+  if (cl_host_mode)
+    for (int i = 0; i < lp->depth; i++)
+      cl_loop_wait_finish(lp->blocking[i], CL_WAIT_CANCELLED, ECANCELED);
+  /* Shutdown handlers, most recently registered first, each as a task. */
+  lua_getiuservalue(L, -1, 2);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  for (lua_Integer i = n; i >= 1; i--) {
+    if (lua_rawgeti(L, -1, i) == LUA_TFUNCTION) {
+      lua_pushinteger(L, sig);
+      cl_task_spawn(L, 1);
+      lua_pop(L, 1);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 2);
+}
+
+void cl_loop_check_shutdown(cl_loop *lp) {
+  if (!lp->stopping || lp->shutdown_done) return;
+  if (lp->ntasks > 0 && cl_now_ns() < lp->grace_end) return;
+  if (lp->ntasks > 0)
+    fprintf(stderr, "clawlua: shutdown grace period over with %zu task(s) still running\n",
+            lp->ntasks);
+  lp->shutdown_done = 1;
+  if (!cl_host_mode) {
+    /* Under a foreign interpreter there is no host to return to: the shutdown was orderly,
+     * now exit with the conventional status. */
+    fflush(NULL);
+    exit(128 + lp->stopping);
+  }
+}
+
+void cl_loop_on_signalfd(cl_watch *w, uint32_t events) {
+  cl_loop *lp = w->data;
+  struct signalfd_siginfo si;
+  while (read(lp->sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+    int sig = (int)si.ssi_signo;
+    if (lp->stopping) {
+      fprintf(stderr, "clawlua: %s again, exiting now\n", cl_signal_name(sig));
+      fflush(NULL);
+      _exit(128 + sig);
+    }
+    start_shutdown(lp, sig);
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Reaping dropped children                                                                   */
+
+static void on_reap(cl_watch *w, uint32_t events) {
+  reap *r = w->data;
+  siginfo_t si;
+  memset(&si, 0, sizeof si);
+  if (waitid((idtype_t)P_PIDFD, (id_t)r->pidfd, &si, WEXITED | WNOHANG) < 0 && errno != ECHILD)
+    return;
+  if (errno != ECHILD && si.si_pid == 0) return; /* not yet */
+  cl_loop *lp = w->loop;
+  cl_watch_stop(w);
+  close(r->pidfd);
+  for (reap **p = &lp->reaps; *p; p = &(*p)->next)
+    if (*p == r) {
+      *p = r->next;
+      break;
+    }
+  if (r->done) r->done(r->arg);
+  free(r);
+}
+
+void cl_reap_later(cl_loop *lp, pid_t pid, int pidfd) {
+  cl_reap_later_then(lp, pid, pidfd, NULL, NULL);
+}
+
+void cl_reap_later_then(cl_loop *lp, pid_t pid, int pidfd, void (*done)(void *), void *arg) {
+  reap *r = calloc(1, sizeof *r);
+  if (!r || cl_watch_start(lp, &r->watch, pidfd, EPOLLIN, on_reap) != 0) {
+    /* Out of memory or epoll refused: the child was killed, reap it now. */
+    siginfo_t si;
+    waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED);
+    close(pidfd);
+    free(r);
+    if (done) done(arg);
+    return;
+  }
+  r->done = done;
+  r->arg = arg;
+  r->pid = pid;
+  r->pidfd = pidfd;
+  r->watch.data = r;
+  r->next = lp->reaps;
+  lp->reaps = r;
+}
+
+void cl_loop_atclose(cl_loop *lp, void (*fn)(void *), void *arg) {
+  closer *c = malloc(sizeof *c);
+  if (!c) abort();
+  c->fn = fn;
+  c->arg = arg;
+  c->next = lp->closers;
+  lp->closers = c;
+}
