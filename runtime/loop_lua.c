@@ -57,9 +57,7 @@ static int join_k(lua_State *L, int status, lua_KContext ctx) {
   if (t->state < T_DONE) {
     if (w->state == CL_WAIT_TIMEOUT) {
       t->joined = 0;
-      lua_pushnil(L);
-      lua_pushliteral(L, "timeout");
-      return 2;
+      return cl_timed_out(L);
     }
     cl_waitq_add(&t->joiners, w);
     return cl_wait_suspend(L, w, join_k, ctx);
@@ -68,7 +66,7 @@ static int join_k(lua_State *L, int status, lua_KContext ctx) {
 }
 
 /* Lua: task:join([timeout]) -> results...; re-raises the task's error; nil, "cancelled" /
- * nil, "timeout" */
+ * nil, "timeout", "ETIMEDOUT" */
 static int l_task_join(lua_State *L) {
   cl_task *t = cl_loop_check_task(L, 1);
   double timeout = luaL_optnumber(L, 2, -1);
@@ -264,15 +262,13 @@ static int poll_k(lua_State *L, int status, lua_KContext ctx) {
   close(p->fd);
   p->fd = -1;
   if (timedout) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
+    return cl_timed_out(L);
   }
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* Lua: clawlua.loop.poll(fd, "r"|"w", [timeout]) -> true | nil, "timeout" */
+/* Lua: clawlua.loop.poll(fd, "r"|"w", [timeout]) -> true | nil, "timeout", "ETIMEDOUT" */
 static int l_poll(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   static const char *const modes[] = {"r", "w", NULL};

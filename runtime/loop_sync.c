@@ -56,15 +56,13 @@ static int l_event_is_set(lua_State *L) {
 static int event_wait_k(lua_State *L, int status, lua_KContext ctx) {
   cl_wait *w = cl_wait_resumed(L, ctx);
   if (w->state == CL_WAIT_TIMEOUT) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
+    return cl_timed_out(L);
   }
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* Lua: ev:wait([timeout]) -> true | nil, "timeout" */
+/* Lua: ev:wait([timeout]) -> true | nil, "timeout", "ETIMEDOUT" */
 static int l_event_wait(lua_State *L) {
   event *e = luaL_checkudata(L, 1, EVENT_MT);
   double timeout = luaL_optnumber(L, 2, -1);
@@ -135,9 +133,7 @@ static int channel_send_k(lua_State *L, int status, lua_KContext ctx) {
   int n = channel_try_send(L, c);
   if (n >= 0) return n;
   if (w->state == CL_WAIT_TIMEOUT) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
+    return cl_timed_out(L);
   }
   cl_waitq_add(&c->senders, w);
   return cl_wait_suspend(L, w, channel_send_k, ctx);
@@ -182,15 +178,13 @@ static int channel_recv_k(lua_State *L, int status, lua_KContext ctx) {
   int n = channel_try_recv(L, c);
   if (n >= 0) return n;
   if (w->state == CL_WAIT_TIMEOUT) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
+    return cl_timed_out(L);
   }
   cl_waitq_add(&c->receivers, w);
   return cl_wait_suspend(L, w, channel_recv_k, ctx);
 }
 
-/* Lua: ch:recv([timeout]) -> value | nil, "closed" | nil, "timeout" */
+/* Lua: ch:recv([timeout]) -> value | nil, "closed" | nil, "timeout", "ETIMEDOUT" */
 static int l_channel_recv(lua_State *L) {
   channel *c = check_channel(L);
   double timeout = luaL_optnumber(L, 2, -1);
