@@ -1,7 +1,8 @@
 /*
  * luaopen_clawlua: builds the clawlua namespace from the primitives, registers the embedded Lua
- * libraries in package.preload under their real chunk names, and runs lua/clawlua/prelude.lua,
- * which adds the parts of the API written in Lua.
+ * libraries in package.preload under their real chunk names. Parts of a primitive written in
+ * Lua (proc.run, the seccomp profile loaders, audit's file functions) are C exports that load
+ * their Lua module on first use (cl_call_lua): nothing patches a C module after the fact.
  *
  * The same code runs inside the clawlua host (preloaded) and inside stock lua5.4 (clawlua.so).
  */
@@ -32,12 +33,6 @@ static const char *const loop_aliases[] = {
     "spawn", "sleep",   "yield",       "now",          "time",      "current",
     "event", "channel", "on_shutdown", "is_cancelled", "cancelled", NULL,
 };
-
-static int embedded_index(const char *module) {
-  for (int i = 0; cl_embedded_modules[i].module; i++)
-    if (strcmp(cl_embedded_modules[i].module, module) == 0) return i;
-  return -1;
-}
 
 /* Loads embedded module idx: from $CLAWLUA_LUA_DIR/<path> when that is set and the file
  * exists (development), else from the bytes compiled in. Leaves the chunk on the stack. */
@@ -104,7 +99,7 @@ int luaopen_clawlua(lua_State *L) {
 
   lua_newtable(L);
   int ns = lua_gettop(L);
-  /* Registered first, so that primitives and the prelude that require "clawlua" get this
+  /* Registered first, so that primitives and libraries that require "clawlua" get this
    * table instead of recursing. */
   lua_pushvalue(L, ns);
   lua_setfield(L, loaded, "clawlua");
@@ -144,13 +139,6 @@ int luaopen_clawlua(lua_State *L) {
   }
   lua_pop(L, 2);
 
-  /* The part of the namespace written in Lua. */
-  int prelude = embedded_index("clawlua.prelude");
-  if (prelude >= 0) {
-    load_embedded(L, prelude);
-    lua_pushvalue(L, ns);
-    lua_call(L, 1, 0);
-  }
   lua_settop(L, ns);
   return 1;
 }

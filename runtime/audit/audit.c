@@ -259,8 +259,18 @@ static int audit_gc(lua_State *L) {
   return 0;
 }
 
+/* The functions written in Lua (lua/clawlua/audit_log.lua), loaded on first use. */
+static int l_subscribe(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "subscribe"); }
+static int l_log_files(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "log_files"); }
+static int l_read_file(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "read_file"); }
+static int l_verify(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "verify"); }
+
 static const luaL_Reg funcs[] = {
     {"events", l_events},
+    {"subscribe", l_subscribe},
+    {"log_files", l_log_files},
+    {"read_file", l_read_file},
+    {"verify", l_verify},
     {"query", l_query},
     {"wait", l_wait},
     {"configure", l_configure},
@@ -274,12 +284,24 @@ static const luaL_Reg funcs[] = {
     {"kernel_source", audit_l_kernel_source},
     {"_verifier", audit_verifier_open},
     {"_file_head", audit_l_head},
-    {"_bench_emit", l_bench_emit},
-    {"_bench_sink", audit_bench_sink},
-    {"_bench_write", audit_bench_write},
     {"_parse_kernel", audit_l_parse_kernel},
     {NULL, NULL},
 };
+
+/* Benchmark hooks, kept off the public module: require "clawlua.audit_bench" (tests/bench). */
+static const luaL_Reg bench_funcs[] = {
+    {"emit", l_bench_emit},
+    {"sink", audit_bench_sink},
+    {"write", audit_bench_write},
+    {NULL, NULL},
+};
+
+static int open_bench(lua_State *L) {
+  cl_push_namespace(L); /* the ring those hooks use */
+  lua_pop(L, 1);
+  luaL_newlib(L, bench_funcs);
+  return 1;
+}
 
 int luaopen_clawlua_audit(lua_State *L) {
   if (cl_entry_redirect(L, "audit")) return 1;
@@ -293,6 +315,10 @@ int luaopen_clawlua_audit(lua_State *L) {
     audit_sink_register(L);
     audit_record_register(L);
     audit_chain_register(L);
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+    lua_pushcfunction(L, open_bench);
+    lua_setfield(L, -2, "clawlua.audit_bench");
+    lua_pop(L, 1);
   }
   luaL_newlib(L, funcs);
   lua_pushlightuserdata(L, audit_get(L));

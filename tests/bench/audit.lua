@@ -6,6 +6,7 @@
 --   build/bin/clawlua tests/bench/audit.lua [scale=1] [dir=/tmp]
 local claw = require "clawlua"
 local audit = claw.audit
+local bench = require "clawlua.audit_bench" -- benchmark hooks, not part of the public module
 local cjson = require "cjson"
 
 local scale = tonumber(arg and arg[1]) or 1
@@ -46,7 +47,7 @@ local kinds = { "seccomp.kill", "fw.drop", "vm.exec" }
 -- 1. Ring appends ----------------------------------------------------------------------------
 audit.configure { capacity = 10000, event_cap = 4096 }
 local N = math.floor(300000 * scale)
-local c_time = best(3, function() audit._bench_emit(N, "seccomp.kill", details[1]) end)
+local c_time = best(3, function() bench.emit(N, "seccomp.kill", details[1]) end)
 local lua_time = best(3, function()
   local emit, d = audit.emit, details[1]
   for _ = 1, N do emit("seccomp.kill", d) end
@@ -84,7 +85,7 @@ local ROUNDS = 5
 local src = dir .. "/src.jsonl"
 do
   local s = assert(audit.sink { path = src, max_bytes = 0, fsync = "never" })
-  audit._bench_sink(s, M)
+  bench.sink(s, M)
   s:close()
 end
 -- The machine is shared: runs alternate between peer and sink, and the best of each counts.
@@ -93,11 +94,11 @@ for _, policy in ipairs { "never", "interval", "always" } do
   local raw, t, st, drain
   for _ = 1, ROUNDS do
     local rawpath = dir .. "/raw.jsonl"
-    raw = fastest(raw, audit._bench_write(src, rawpath, M + 1))
+    raw = fastest(raw, bench.write(src, rawpath, M + 1))
     os.remove(rawpath)
     local path = dir .. "/sink-" .. policy .. ".jsonl"
     local s = assert(audit.sink { path = path, max_bytes = 0, fsync = policy, fsync_interval = 1 })
-    local r = audit._bench_sink(s, M)
+    local r = bench.sink(s, M)
     local t0 = claw.now()
     assert(s:sync(60))
     local d = claw.now() - t0
@@ -122,9 +123,9 @@ local SYNC_N = math.floor(2000 * scale)
 do
   local path = dir .. "/src.jsonl"
   local s = assert(audit.sink { path = path, max_bytes = 0, fsync = "never" })
-  audit._bench_sink(s, SYNC_N)
+  bench.sink(s, SYNC_N)
   s:close()
-  local naive = audit._bench_write(path, dir .. "/naive.jsonl", SYNC_N, true)
+  local naive = bench.write(path, dir .. "/naive.jsonl", SYNC_N, true)
   row("jsonl sink always", "peer: write+fdatasync on the loop", fmt_rate(SYNC_N / naive.seconds),
     ("p50 %.0f p99 %.0f max %.0f us held per record"):format(naive.p50_us, naive.p99_us, naive.max_us))
   os.remove(path)
@@ -181,7 +182,7 @@ row("query 10k ring", "audit.events{kind=, limit=10}", ("%.3f ms"):format(ring_l
 local qpath = dir .. "/query.jsonl"
 do
   local s = assert(audit.sink { path = qpath, max_bytes = 0 })
-  audit._bench_sink(s, 10000)
+  bench.sink(s, 10000)
   s:close()
 end
 local file_q = best(5, function()

@@ -118,11 +118,12 @@ describe("clawlua script.lua", function()
 
   it("loads the Lua libraries from CLAWLUA_LUA_DIR when set", function()
     H.sh(("cp -r '%s/lua' '%s/lua'"):format(H.src, dir))
-    local path = dir .. "/lua/clawlua/prelude.lua"
+    local path = dir .. "/lua/clawlua/proc_run.lua"
     H.write_file(path, "io.stdout:write('from disk\\n')\n" .. H.read_file(path))
-    local r = H.clawlua({ "-e", "" }, { env = { CLAWLUA_LUA_DIR = dir .. "/lua" } })
+    local chunk = "require('clawlua').proc.run { 'true' }"
+    local r = H.clawlua({ "-e", chunk }, { env = { CLAWLUA_LUA_DIR = dir .. "/lua" } })
     assert.are.equal("from disk\n", r.stdout)
-    r = H.clawlua { "-e", "" }
+    r = H.clawlua { "-e", chunk }
     assert.are.equal("", r.stdout)
   end)
 end)

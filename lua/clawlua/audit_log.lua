@@ -1,17 +1,16 @@
--- The parts of the clawlua namespace written in Lua. Run once by luaopen_clawlua with the
--- namespace table; everything here builds on the C primitives.
-local claw = ...
--- `require "clawlua.prelude"` (by name) finds the work done already: the namespace is the answer.
-if type(claw) ~= "table" then return require "clawlua" end
+-- The parts of clawlua.audit written in Lua: subscribe, log_files, read_file and verify. The C
+-- module exports each of them and loads this file on first use (they need the loop's tasks).
+local claw = require "clawlua"
 
 local audit = claw.audit
+local M = {}
 
 --- Calls fn(event) on the loop for every event emitted from now on that matches filter
 --- ({kind=, sandbox=, pid=}). Returns a handle: handle:close() stops it; handle.missed counts
 --- events evicted from the ring before this subscriber saw them (it fell too far behind).
 ---@param fn fun(event: table)
 ---@param filter table|nil
-function audit.subscribe(fn, filter)
+function M.subscribe(fn, filter)
   if type(fn) ~= "function" then
     error("bad argument #1 to 'subscribe' (function expected, got " .. type(fn) .. ")", 2)
   end
@@ -54,7 +53,7 @@ local VERIFY_LINES = 20000
 --- The files of a rotated log, oldest first: path.N, ..., path.1, path (those that exist).
 ---@param path string
 ---@return string[]
-function audit.log_files(path)
+function M.log_files(path)
   local files = {}
   local function exists(p)
     local f = io.open(p, "r")
@@ -76,7 +75,7 @@ end
 ---@param filter table|nil
 ---@return function|nil iterator
 ---@return string|nil err
-function audit.read_file(path, filter)
+function M.read_file(path, filter)
   local f, limit = {}, nil
   for k, v in pairs(filter or {}) do
     if k == "limit" then limit = v else f[k] = v end
@@ -136,7 +135,7 @@ end
 --- and has .error.
 ---@param paths string|string[]
 ---@return table report
-function audit.verify(paths)
+function M.verify(paths)
   if type(paths) == "string" then paths = { paths } end
   if type(paths) ~= "table" then
     error("bad argument #1 to 'verify' (file path or list of paths expected)", 2)
@@ -182,4 +181,4 @@ function audit.verify(paths)
   return report
 end
 
-return claw
+return M
