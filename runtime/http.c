@@ -582,10 +582,9 @@ int luaopen_clawlua_http(lua_State *L) {
       return luaL_error(L, "http: curl_global_init failed");
     inited = 1;
   }
-  luaL_newmetatable(L, REQ_MT);
-  lua_pushcfunction(L, req_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__gc", req_gc}, {NULL, NULL}};
+  static const cl_class cls = {REQ_MT, NULL, NULL, meta};
+  cl_class_register(L, &cls);
   luaL_newlib(L, funcs);
   lua_pushstring(L, curl_version_info(CURLVERSION_NOW)->version);
   lua_setfield(L, -2, "curl_version");

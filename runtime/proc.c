@@ -736,17 +736,14 @@ static const luaL_Reg funcs[] = {
 
 int luaopen_clawlua_proc(lua_State *L) {
   if (cl_entry_redirect(L, "proc")) return 1;
-  luaL_newmetatable(L, PROC_MT);
+  /* __index is a function: the read-only identity fields, then the methods kept in the
+   * metatable's "methods" table. */
+  static const luaL_Reg meta[] = {{"__index", l_index}, {"__tostring", l_tostring}, {NULL, NULL}};
+  static const cl_class cls = {PROC_MT, NULL, l_gc, meta};
+  cl_class_register(L, &cls);
+  luaL_getmetatable(L, PROC_MT);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "methods");
-  lua_pushcfunction(L, l_index);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
   luaL_newlib(L, funcs);
   return 1;

@@ -506,16 +506,9 @@ static const luaL_Reg funcs[] = {
 
 int luaopen_clawlua_seccomp(lua_State *L) {
   if (cl_entry_redirect(L, "seccomp")) return 1;
-  luaL_newmetatable(L, FILTER_MT);
-  luaL_newlib(L, filter_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, filter_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, filter_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_filter_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__tostring", l_filter_tostring}, {NULL, NULL}};
+  static const cl_class cls = {FILTER_MT, filter_methods, filter_gc, meta};
+  cl_class_register(L, &cls);
   cl_seccomp_open_supervisor(L);
   luaL_newlib(L, funcs);
   lua_pushinteger(L, (lua_Integer)seccomp_api_get());

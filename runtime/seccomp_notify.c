@@ -669,18 +669,14 @@ static const luaL_Reg sv_methods[] = {
 };
 
 void cl_seccomp_open_supervisor(lua_State *L) {
-  luaL_newmetatable(L, PREP_MT);
-  lua_pushcfunction(L, cl_seccomp_prep_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-  luaL_newmetatable(L, SUPER_MT);
-  luaL_newlib(L, sv_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, supervisor_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_sv_close);
-  lua_setfield(L, -2, "__close");
-  lua_pop(L, 1);
+  static const luaL_Reg prep_meta[] = {{"__gc", cl_seccomp_prep_gc}, {NULL, NULL}};
+  static const cl_class prep = {PREP_MT, NULL, NULL, prep_meta};
+  cl_class_register(L, &prep);
+  /* __gc and __close differ: a supervisor being finalized stops without touching Lua state */
+  static const luaL_Reg sv_meta[] = {
+      {"__gc", supervisor_gc}, {"__close", l_sv_close}, {NULL, NULL}};
+  static const cl_class sv = {SUPER_MT, sv_methods, NULL, sv_meta};
+  cl_class_register(L, &sv);
   /* supervisor pointer -> userdata, weak values */
   lua_newtable(L);
   lua_createtable(L, 0, 1);

@@ -609,16 +609,9 @@ static const luaL_Reg funcs[] = {
 
 int luaopen_clawlua_stream(lua_State *L) {
   if (cl_entry_redirect(L, "stream")) return 1;
-  luaL_newmetatable(L, STREAM_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__tostring", l_tostring}, {NULL, NULL}};
+  static const cl_class cls = {STREAM_MT, methods, l_gc, meta};
+  cl_class_register(L, &cls);
   luaL_newlib(L, funcs);
   lua_newtable(L); /* the stdio streams, by fd */
   lua_pushvalue(L, -1);

@@ -246,16 +246,9 @@ static const luaL_Reg funcs[] = {
 
 int luaopen_clawlua_udp(lua_State *L) {
   if (cl_entry_redirect(L, "udp")) return 1;
-  luaL_newmetatable(L, UDP_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_close);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__tostring", l_tostring}, {NULL, NULL}};
+  static const cl_class cls = {UDP_MT, methods, l_close, meta};
+  cl_class_register(L, &cls);
   luaL_newlib(L, funcs);
   lua_pushinteger(L, MAX_DGRAM);
   lua_setfield(L, -2, "max_datagram");

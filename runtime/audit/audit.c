@@ -260,10 +260,18 @@ static int audit_gc(lua_State *L) {
 }
 
 /* The functions written in Lua (lua/clawlua/audit_log.lua), loaded on first use. */
-static int l_subscribe(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "subscribe"); }
-static int l_log_files(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "log_files"); }
-static int l_read_file(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "read_file"); }
-static int l_verify(lua_State *L) { return cl_call_lua(L, "clawlua.audit_log", "verify"); }
+static int l_subscribe(lua_State *L) {
+  return cl_call_lua(L, "clawlua.audit_log", "subscribe");
+}
+static int l_log_files(lua_State *L) {
+  return cl_call_lua(L, "clawlua.audit_log", "log_files");
+}
+static int l_read_file(lua_State *L) {
+  return cl_call_lua(L, "clawlua.audit_log", "read_file");
+}
+static int l_verify(lua_State *L) {
+  return cl_call_lua(L, "clawlua.audit_log", "verify");
+}
 
 static const luaL_Reg funcs[] = {
     {"events", l_events},

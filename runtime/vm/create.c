@@ -50,13 +50,6 @@ static int valid_id(const char *s) {
   return s[0] != '.';
 }
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
 static void release_driver(vm *v, const char *why) {
   cl_chan_close(v, why);
   if (v->backend == VM_QEMU)
@@ -67,12 +60,10 @@ static void release_driver(vm *v, const char *why) {
 
 static const vm_ops driver_ops = {release_driver, cl_chan_release};
 
-/* "xx:xx:xx:xx:xx:xx", unicast (the group bit of the first byte clear). */
+/* "xx:xx:xx:xx:xx:xx" (util.c's parser), unicast (the group bit of the first byte clear). */
 static int valid_mac(const char *s) {
-  if (strlen(s) != 17) return 0;
-  for (int i = 0; i < 17; i++)
-    if ((i % 3 == 2) ? s[i] != ':' : hexval(s[i]) < 0) return 0;
-  return !(hexval(s[1]) & 1);
+  uint8_t m[6];
+  return cl_parse_mac(s, m) && !(m[0] & 1);
 }
 
 static const char *const create_fields[] = {

@@ -486,9 +486,8 @@ static const luaL_Reg chan_methods[] = {
 };
 int cl_chan_open_methods(lua_State *L) {
   luaL_setfuncs(L, chan_methods, 0);
-  luaL_newmetatable(L, REQ_MT);
-  lua_pushcfunction(L, cl_chan_req_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {{"__gc", cl_chan_req_gc}, {NULL, NULL}};
+  static const cl_class cls = {REQ_MT, NULL, NULL, meta};
+  cl_class_register(L, &cls);
   return 0;
 }

@@ -448,18 +448,15 @@ int luaopen_clawlua_vm(lua_State *L) {
   if (cl_entry_redirect(L, "vm")) return 1;
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &cl_vm_ids_key);
-  luaL_newmetatable(L, VM_MT);
+  /* __index is a function: the read-only identity fields, then the methods kept in the
+   * metatable's "methods" table (the channel's exec and file methods among them). */
+  static const luaL_Reg meta[] = {{"__index", l_index}, {"__tostring", l_tostring}, {NULL, NULL}};
+  static const cl_class cls = {VM_MT, NULL, l_gc, meta};
+  cl_class_register(L, &cls);
+  luaL_getmetatable(L, VM_MT);
   luaL_newlib(L, methods);
   cl_chan_open_methods(L);
   lua_setfield(L, -2, "methods");
-  lua_pushcfunction(L, l_index);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
   luaL_newlib(L, funcs);
   return 1;
