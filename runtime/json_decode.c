@@ -243,6 +243,9 @@ static int dec_number(decoder *d) {
   buf[len] = 0;
   double v = strtod_l(buf, NULL, c_locale());
   if (buf != tmp) free(buf);
+  /* Beyond the double range (1e400): no value stands for it, and infinity would not encode
+   * back (found by fuzz_json). Underflow to 0 or a subnormal keeps the nearest value. */
+  if (isinf(v)) return dec_fail(d, s, "number out of range");
   lua_pushnumber(d->L, v);
   return 1;
 }

@@ -24,6 +24,15 @@ describe("json.decode", function()
     assert.are.equal(1.2345678901234567e19, v[4])
   end)
 
+  it("refuses numbers beyond the double range (they could not be encoded back)", function()
+    local v, err = json.decode("[1, 1e400]")
+    assert.is_nil(v)
+    assert.are.equal("json: number out of range at byte 5", err)
+    assert.is_nil(json.decode("-1e309"))
+    assert.is_nil(json.decode(("9"):rep(400)))
+    assert.are.equal(0.0, json.decode("1e-400")) -- underflow keeps the nearest value
+  end)
+
   it("keeps floats floats, including integral ones", function()
     local v = assert(json.decode("[1.0, 1e3, -0.5, 1E-2]"))
     assert.are.equal("float", math.type(v[1]))
