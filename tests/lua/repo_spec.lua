@@ -20,6 +20,41 @@ describe("the repository", function()
     assert.are.same(words(deps), words(listed))
   end)
 
+  it("has Lua libraries whose requires flow one way (no module reaches back to one that needs it)", function()
+    -- Every string literal in code that names a clawlua module (require "x", pcall(require,
+    -- "x"), a table of modules loaded by name later) is an edge; a cycle means a folder whose
+    -- files call each other in a circle.
+    local files = H.sh(("cd '%s' && find lua/clawlua -name '*.lua'"):format(H.src))
+    local edges = {}
+    for f in files:gmatch("[^\n]+") do
+      local mod = f:gsub("^lua/", ""):gsub("/init%.lua$", ""):gsub("%.lua$", ""):gsub("/", ".")
+      edges[mod] = {}
+      for line in H.read_file(H.src .. "/" .. f):gmatch("[^\n]*") do
+        local code = line:gsub("%-%-.*$", "")
+        for dep in code:gmatch('"(clawlua%.[%w_.]+)"') do
+          if dep ~= mod then edges[mod][dep] = true end
+        end
+      end
+    end
+    for _, deps in pairs(edges) do
+      for dep in pairs(deps) do
+        if not edges[dep] then deps[dep] = nil end -- a C module, or not a module at all
+      end
+    end
+    local state, path = {}, {}
+    local function visit(m)
+      if state[m] == "done" then return end
+      assert(state[m] ~= "open", "require cycle: " .. table.concat(path, " -> ") .. " -> " .. m)
+      state[m] = "open"
+      path[#path + 1] = m
+      for dep in pairs(edges[m] or {}) do visit(dep) end
+      path[#path] = nil
+      state[m] = "done"
+    end
+    for m in pairs(edges) do visit(m) end
+    assert.is_truthy(edges["clawlua.sandbox"]["clawlua.policy"]) -- the scan sees requires
+  end)
+
   it("has the two README commands, executable, and CI runs the test command", function()
     assert.matches("%./scripts/run ", readme)
     assert.matches("%./scripts/test ", readme)

@@ -47,7 +47,7 @@ local function fail(msg, code)
 end
 
 local function parse(args)
-  return require("clawlua.cli").parse_options(args, SPEC)
+  return require("clawlua.cli.options").parse(args, SPEC)
 end
 
 local function number_opt(opts, name, integer)

@@ -27,8 +27,8 @@ local function usage_error(msg)
   return 2
 end
 
--- Options and operands, as every subcommand splits them (clawlua.cli).
-local parse = require("clawlua.cli").parse_options
+-- Options and operands, as every subcommand splits them (clawlua.cli.options).
+local parse = require("clawlua.cli.options").parse
 
 local function out_stream()
   local ok, s = pcall(claw.stream.stdout)

@@ -1,7 +1,7 @@
 -- The Anthropic Messages API wire format: neutral messages and tools to a request body
 -- (tool_use / tool_result blocks), and responses (whole or streamed events) back.
 local json = require "clawlua.json"
-local llm_util = require "clawlua.llm"
+local llm_util = require "clawlua.llm.message"
 
 local M = {}
 

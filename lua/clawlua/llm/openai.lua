@@ -1,7 +1,7 @@
 -- The OpenAI-compatible chat completions wire format (OpenAI, Ollama, vLLM, llama.cpp, ...):
 -- neutral messages and tools to a request body, and responses (whole or streamed) back.
 local json = require "clawlua.json"
-local llm_util = require "clawlua.llm"
+local llm_util = require "clawlua.llm.message"
 
 local M = {}
 
