@@ -8,8 +8,8 @@
  */
 #include "clawlua.h"
 
+#include "curl_lazy.h"
 #include <ctype.h>
-#include <curl/curl.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -173,6 +173,8 @@ static http_ctx *get_ctx(lua_State *L) {
   http_ctx *ctx = lua_touserdata(L, -1);
   lua_pop(L, 1);
   if (ctx) return ctx;
+  char err[256];
+  if (cl_curl_load(err, sizeof err)) return (luaL_error(L, "http: %s", err), NULL);
   ctx = calloc(1, sizeof *ctx);
   if (!ctx) return (luaL_error(L, "http: out of memory"), NULL);
   ctx->loop = cl_loop_get(L);
@@ -561,6 +563,8 @@ void cl_http_remove(lua_State *L, void *easy) {
 static int l_escape(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
+  char err[256];
+  if (cl_curl_load(err, sizeof err)) return luaL_error(L, "http: %s", err);
   char *out = curl_easy_escape(NULL, s, (int)n);
   if (!out) return luaL_error(L, "http: out of memory");
   lua_pushstring(L, out);
@@ -574,19 +578,22 @@ static const luaL_Reg funcs[] = {
     {NULL, NULL},
 };
 
+/* Lua: http.curl_version() -> the version of libcurl (loads it) | nil, err */
+static int l_curl_version(lua_State *L) {
+  char err[256];
+  if (cl_curl_load(err, sizeof err)) return cl_failf(L, ENOENT, "http: %s", err);
+  lua_pushstring(L, curl_version_info(CURLVERSION_NOW)->version);
+  return 1;
+}
+
 int luaopen_clawlua_http(lua_State *L) {
   if (cl_entry_redirect(L, "http")) return 1;
-  static int inited;
-  if (!inited) {
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-      return luaL_error(L, "http: curl_global_init failed");
-    inited = 1;
-  }
+  /* libcurl is loaded by the first request (curl_lazy.h), not here. */
   static const luaL_Reg meta[] = {{"__gc", req_gc}, {NULL, NULL}};
   static const cl_class cls = {REQ_MT, NULL, NULL, meta};
   cl_class_register(L, &cls);
   luaL_newlib(L, funcs);
-  lua_pushstring(L, curl_version_info(CURLVERSION_NOW)->version);
+  lua_pushcfunction(L, l_curl_version);
   lua_setfield(L, -2, "curl_version");
   return 1;
 }

@@ -86,7 +86,7 @@ function M.usage()
 end
 
 local function version_line()
-  return ("clawlua %s (%s, libcurl %s)"):format(claw.version, _VERSION, claw.http.curl_version)
+  return ("clawlua %s (%s, libcurl %s)"):format(claw.version, _VERSION, claw.http.curl_version() or "not loadable")
 end
 
 local function errmsg(e)

@@ -81,6 +81,7 @@ typedef struct afilter {
 struct audit {
   slot *ring;
   size_t capacity, head, count; /* head: index of the oldest event */
+  size_t used;                  /* slots [0, used) may hold a record buffer */
   size_t event_cap;
   uint64_t seq; /* last sequence number handed out */
   uint64_t evicted, truncated;

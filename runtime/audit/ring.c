@@ -396,6 +396,8 @@ uint64_t audit_emit(lua_State *L, audit *a, const char *kind, const char *sandbo
   } else {
     s = &a->ring[(a->head + a->count) % a->capacity];
   }
+  size_t idx = (size_t)(s - a->ring);
+  if (idx >= a->used) a->used = idx + 1;
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   s->seq = ++a->seq;
@@ -505,7 +507,10 @@ int audit_slot_matches(const afilter *f, const slot *s) {
 }
 
 static void free_ring(audit *a) {
-  for (size_t i = 0; i < a->capacity; i++) free(a->ring[i].rec);
+  /* Only slots below `used` ever held a record: the rest of a large, freshly calloc'ed ring is
+   * never touched (a short-lived process pays no page faults for it). */
+  for (size_t i = 0; i < a->used; i++) free(a->ring[i].rec);
+  a->used = 0;
   free(a->ring);
   a->ring = NULL;
   a->bytes = 0;
@@ -533,6 +538,7 @@ int audit_resize(audit *a, size_t capacity) {
   a->capacity = capacity;
   a->head = 0;
   a->count = keep;
+  a->used = keep;
   a->bytes = bytes;
   return 0;
 }

@@ -18,8 +18,8 @@
 
 #include "../guest/proto.h"
 
+#include "curl_lazy.h"
 #include <cjson/cJSON.h>
-#include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -89,6 +89,9 @@ static void on_done(void *arg, int code) {
 static int api_call(vm *v, const char *method, const char *path, const char *body) {
   vm_api *a = &v->api;
   cl_fc_release_api(v);
+  char why[256]; /* the caller reports the errno (libcurl missing: ENOENT) */
+  int le = cl_curl_load(why, sizeof why);
+  if (le) return le;
   CURL *e = curl_easy_init();
   if (!e) return ENOMEM;
   a->easy = e;
