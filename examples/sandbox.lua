@@ -176,10 +176,20 @@ EOF]]):gsub("%$H", host):gsub("%$I", inet):gsub("%$D", dir))
        host, inet)
 
   -- 2. This script again, in the host namespace (`nsenter --net` keeps the mounts, so the
-  --    VMM's cgroups work as anywhere else).
-  r = check(proc.run { "nsenter", "--net=/run/netns/" .. host, build .. "/bin/clawlua", script, "--inside", dir,
-                       stdout = "inherit", stderr = "inherit", timeout = 900 })
-  if r.code ~= 0 then error("the sandbox part failed: " .. (r.code or r.signal_name), 0) end
+  --    VMM's cgroups work as anywhere else). If we are stopped (Ctrl-C, SIGTERM), it gets the
+  --    signal too and is given the time to destroy its sandbox before the namespaces go.
+  local child = check(proc.spawn { "nsenter", "--net=/run/netns/" .. host, build .. "/bin/clawlua", script,
+                                   "--inside", dir, stdout = "inherit", stderr = "inherit" })
+  local _ <close> = defer(function()
+    if child:running() then
+      child:kill("TERM")
+      if not child:wait(30) then child:kill("KILL") end
+    end
+    child:wait(5)
+    child:close()
+  end)
+  local st = check(child:wait())
+  if st.code ~= 0 then error("the sandbox part failed: " .. (st.code or st.signal_name), 0) end
 
   -- 3. The upstream's side: what the demo DNS server was asked.
   claw.sleep(0.1)
