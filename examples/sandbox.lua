@@ -1,15 +1,24 @@
--- The four primitives together, for real: a microVM booted from the guest image, its tap
--- isolated in nftables, a host command confined by a seccomp filter, and every step read back
--- from a hash-chained audit log. Needs root (taps, nftables) and qemu-system-x86_64.
+-- The main job: a sandbox made from a policy file, whose guest really uses the network through
+-- clawlua's firewall and DNS forwarder, and what was allowed and denied, read back from the audit.
+-- Needs root (namespaces, taps, nftables) and qemu-system-x86_64.
 --
 --   build/bin/clawlua examples/sandbox.lua          (scripts/run does this by default)
 --
--- The guest image is built on first use by scripts/build-guest-image (Debian's kernel and
--- busybox-static, fetched with apt, plus clawlua's guest agent) and cached in build/guest.
+-- It never sends a packet outside namespaces it makes. It builds a small "internet" of two:
+--   host  (clawlua runs here, under `nsenter --net`: this namespace's routes are the uplink)
+--         up0 10.77.0.1/24, default route via inet
+--   inet  eth0 10.77.0.2/24; on lo: 203.0.113.10 and .11 (HTTP, port 80), 203.0.113.53 (a DNS
+--         server answering allowed.example -> .10 and blocked.example -> .11, logging every
+--         query), and 169.254.169.254 (the cloud metadata address)
+-- and then, inside host, runs examples/policies/demo-egress.lua's sandbox: a QEMU microVM that
+-- may reach allowed.example:80 and nothing else. The guest image is built on first use by
+-- scripts/build-guest-image (Debian's kernel and busybox-static, fetched with apt, plus clawlua's
+-- guest agent) and cached in build/guest. examples/primitives.lua drives the primitives alone.
 local claw = require "clawlua"
-local audit, firewall, proc, seccomp, vm = claw.audit, claw.firewall, claw.proc, claw.seccomp, claw.vm
+local audit, proc = claw.audit, claw.proc
 
 local build = os.getenv("CLAWLUA_BUILD") or "build"
+local script = arg[0]
 
 local function check(ok, err, ...)
   if not ok then error(err, 2) end
@@ -24,92 +33,170 @@ local function step(fmt, ...)
   io.stdout:flush()
 end
 
-claw.run(function()
-  local dir = check(proc.run { "mktemp", "-d", "/tmp/clawlua-sandbox.XXXXXX" }).stdout:gsub("%s+$", "")
-  local _ <close> = defer(function() proc.run { "rm", "-rf", dir } end)
+local function sh(cmd)
+  local r = check(proc.run { "sh", "-c", "set -e\n" .. cmd, timeout = 30 })
+  if r.code ~= 0 then error(("%s: %s"):format(cmd:match("^[^\n]*"), r.stderr), 2) end
+  return r.stdout
+end
 
-  -- 1. Every primitive writes to the audit; this sink keeps it in a hash-chained JSONL file.
+-- -------------------------------------------------------------------------------------------
+-- Inside the host namespace: the sandbox, its guest's traffic, the audit.
+
+local function inside(dir)
+  local policy, sandbox = require "clawlua.policy", require "clawlua.sandbox"
   local log_path = dir .. "/audit.jsonl"
   local sink = check(audit.sink { path = log_path, fsync = "never" })
 
-  -- 2. The guest image (cached: a no-op when its inputs did not change).
+  local p = check(policy.load "examples/policies/demo-egress.lua")
+  local sb <close> = check(sandbox.create(p, { id = "demo" }))
+  local info = sb:info()
+  local vm = info.backend_info
+  step("sandbox %s from policy %s: %s backend (%s, %s), started from %s in %.2f s; guest %s, gateway %s",
+       sb.id, p.name, sb.backend, vm.vm.backend, vm.vm.accel, vm.from, vm.boot_seconds,
+       info.network.address, info.network.gateway)
+
+  local function guest(what, cmd, timeout)
+    local r = check(sb:exec { "sh", "-c", cmd .. " 2>&1", timeout = timeout })
+    local out = r.stdout:gsub("%s+$", ""):gsub("\n", " | ")
+    local status = r.code and ("exit " .. r.code) or ("signal " .. tostring(r.signal))
+    step("guest: %-34s -> %s", what, r.timed_out and "no answer (timed out)" or ("%s: %s"):format(status, out))
+  end
+  guest("wget http://allowed.example/", "busybox wget -q -O - http://allowed.example/", 30)
+  guest("wget http://blocked.example/", "busybox wget -q -O - http://blocked.example/", 30)
+  guest("wget http://203.0.113.11/ (direct)", "busybox wget -q -O - http://203.0.113.11/", 4)
+  guest("wget http://169.254.169.254/", "busybox wget -q -O - http://169.254.169.254/", 4)
+
+  -- The firewall's drops reach the audit through NFLOG: give the last ones a moment.
+  for _ = 1, 20 do
+    if #audit.events { kind = "fw.drop", sandbox = sb.id } >= 2 then break end
+    claw.sleep(0.1)
+  end
+  sb:destroy()
+  step("sandbox destroyed")
+  sink:close()
+
+  -- What was allowed and denied, read back from the hash-chained log on disk.
+  local qtypes = { [1] = "A", [28] = "AAAA" }
+  local lines, other = {}, {}
+  local function add(fmt, ...)
+    local line = fmt:format(...)
+    if not lines[line] then lines[#lines + 1], lines[line] = line, true end
+  end
+  for ev in audit.read_file(log_path) do
+    local d = ev.detail or {}
+    local qtype = qtypes[d.qtype] or tostring(d.qtype)
+    if ev.sandbox ~= "demo" then
+      goto next
+    elseif ev.kind == "dns.allow" then
+      add("allowed  DNS %-4s %s -> %s", qtype, d.name,
+          #(d.addrs or {}) > 0 and table.concat(d.addrs, ", ") .. " (pinned into the firewall)" or "no address")
+    elseif ev.kind == "dns.deny" then
+      add("denied   DNS %-4s %s: NXDOMAIN, not forwarded", qtype, d.name)
+    elseif ev.kind == "fw.drop" and tostring(d.rule):match("^egress") then
+      add("dropped  %s %s -> %s:%s (rule %s)", d.proto, d.src, d.dst, d.dport, d.rule)
+    elseif ev.kind == "fw.drop" then -- e.g. the guest kernel's IPv6 chatter before its set-up
+      other[tostring(d.rule)] = (other[tostring(d.rule)] or 0) + 1
+    end
+    ::next::
+  end
+  for rule, n in pairs(other) do add("dropped  %d other packet(s) (rule %s)", n, rule) end
+  step("audit of sandbox demo:")
+  for _, line in ipairs(lines) do io.stdout:write("      ", line, "\n") end
+  local verdict = audit.verify(audit.log_files(log_path))
+  step("audit chain verified: %s", verdict.ok and "intact" or "BROKEN")
+end
+
+-- -------------------------------------------------------------------------------------------
+-- Outside: the guest image, the demo internet, then this script again inside it.
+
+local function outside()
+  local ok_root = check(proc.run { "id", "-u" }).stdout:match("^0%s") ~= nil
+  if not ok_root then error("examples/sandbox.lua needs root (network namespaces, taps, nftables)", 0) end
+
   step("guest image in %s/guest", build)
   local r = check(proc.run { "scripts/build-guest-image", "--out", build .. "/guest",
-                             "--agent", build .. "/bin/clawlua-agent", "--rootfs", -- as the tests build it
+                             "--agent", build .. "/bin/clawlua-agent", "--rootfs", -- as the sandbox's backend builds it
                              stdout = "inherit", stderr = "inherit", timeout = 1800 })
   if r.code ~= 0 then error("scripts/build-guest-image failed: " .. (r.code or r.signal_name)) end
 
-  -- 3. A VM with a tap of its own. `backend = "auto"` says which VMM and accelerator it took.
-  local v <close> = check(vm.create { kernel = build .. "/guest/vmlinux", initrd = build .. "/guest/initrd.img",
-                                      net = true, mem_mib = 128, id = "example-vm" })
-  local info = v:info()
-  step("vm %s: %s, tap %s", v.id, info.why, v.tap)
+  local dir = sh("mktemp -d /tmp/clawlua-sandbox.XXXXXX"):gsub("%s+$", "")
+  local _ <close> = defer(function() proc.run { "rm", "-rf", dir } end)
 
-  -- 4. Its tap isolated before the guest runs: no egress but DNS to one resolver and HTTPS to
-  --    one network; ingress only SSH from the operators' network; spoofed sources dropped.
-  local fw = check(firewall.open { table = "clawlua_example", log_group = 17 }) -- drops -> fw.drop events
-  local _ <close> = defer(function() fw:destroy() end) -- also when something below fails
-  check(fw:attach(v.id, {
-    iface = v.tap, ip = "10.200.0.2", mac = info.mac, dns = { "10.200.0.1" },
-    egress = { policy = "drop", allow = { { cidr = "10.201.0.0/16", proto = "tcp", port = 443 } } },
-    ingress = { allow = { { cidr = "10.202.0.0/24", proto = "tcp", port = 22 } } },
-    log = true,
-  }))
-  local rules = 0
-  for _ in pairs(check(fw:counters(v.id))) do rules = rules + 1 end
-  step("firewall: chain %s with %d counted rules, linked through the table's verdict maps",
-       fw:list()[1].chain, rules)
+  -- 1. The demo internet. Every namespace is removed on the way out, whatever happens.
+  local tag = "cldemo" .. dir:match("[^.]+$") -- mktemp's random part
+  local host, inet = tag .. "h", tag .. "i"
+  local _ <close> = defer(function()
+    proc.run { "sh", "-c", ("ip netns del %s 2>/dev/null; ip netns del %s 2>/dev/null; true"):format(host, inet) }
+  end)
+  sh(([[
+ip netns add $H; ip netns add $I
+ip -n $H link set lo up; ip -n $I link set lo up
+ip -n $H link add up0 type veth peer name eth0 netns $I
+ip -n $H addr add 10.77.0.1/24 dev up0; ip -n $H link set up0 up
+ip -n $I addr add 10.77.0.2/24 dev eth0; ip -n $I link set eth0 up
+for a in 203.0.113.10 203.0.113.11 203.0.113.53 169.254.169.254; do ip -n $I addr add $a/32 dev lo; done
+ip -n $H route add default via 10.77.0.2
+mkdir "$D/www"; echo "hello from allowed.example" > "$D/www/index.html"
+cat > "$D/zone.json" <<EOF
+{"allowed.example": {"a": ["203.0.113.10"], "ttl": 30}, "blocked.example": {"a": ["203.0.113.11"], "ttl": 30}}
+EOF]]):gsub("%$H", host):gsub("%$I", inet):gsub("%$D", dir))
 
-  -- 5. Boot to the guest agent, then run commands and move a file through it.
-  check(v:start())
-  step("guest agent ready after %.2f s (VMM pid %d, jailed, under seccomp)", v:info().boot_seconds, v:pid())
-  r = check(v:exec { "uname", "-sr", timeout = 30 })
-  step("guest: %s", r.stdout:gsub("%s+$", ""))
-  r = check(v:exec { "sh", "-c", "tr a-z A-Z; exit 3", stdin = "untrusted work\n", timeout = 30 })
-  step("guest: stdin -> %s, exit code %d", r.stdout:gsub("\n", "\\n"), r.code)
-  r = check(v:exec { "sleep", "60", timeout = 1 })
-  step("guest: a command past its timeout was killed (timed_out=%s), the VM lives: %s",
-       tostring(r.timed_out), check(v:exec { "echo", "still here" }).stdout:gsub("%s+$", ""))
-  local data = {}
-  for i = 1, 4096 do data[i] = string.char(i % 256) .. ("x"):rep(63) end
-  data = table.concat(data)
-  check(v:write_file("/tmp/blob", data, { mode = "0600" }))
-  local back = check(v:read_file("/tmp/blob"))
-  r = check(v:exec { "sha256sum", "/tmp/blob" })
-  local host_sum = check(proc.run { "sha256sum", stdin = data }).stdout:match("%x+")
-  step("file of %d bytes round-tripped: %s; guest sha256 %s host",
-       #data, back == data and "identical" or "DIFFERENT",
-       r.stdout:match("%x+") == host_sum and "matches" or "DIFFERS FROM")
-
-  -- 6. A host-side tool call confined by seccomp: socket(AF_INET) fails with EPERM.
-  local filter = seccomp.filter { default = "allow", rules = {
-    { syscall = "socket", action = { errno = 1 }, args = { { 0, "==", 2 } } } } }
-  r = check(proc.run { "python3", "-c", [[
-import socket
-try:
-    socket.socket(socket.AF_INET); print("inet socket made")
-except OSError as e:
-    print("inet socket refused:", e.strerror)
-socket.socket(socket.AF_UNIX); print("unix socket made")]], seccomp = filter, timeout = 30 })
-  step("seccomp: %s", r.stdout:gsub("\n$", ""):gsub("\n", "; "))
-
-  -- 7. Shut down: the agent powers the guest off; the tap, sockets and run directory go.
-  local st = check(v:shutdown { timeout = 20 })
-  step("shutdown: graceful=%s", tostring(st.graceful))
-  check(fw:detach(v.id))
-  v:close()
-
-  -- 8. What the audit saw, read back from the file, and its hash chain verified.
-  sink:close()
-  local kinds, n = {}, 0
-  for ev in audit.read_file(log_path) do
-    n = n + 1
-    kinds[ev.kind] = (kinds[ev.kind] or 0) + 1
+  local servers = {}
+  local _ <close> = defer(function()
+    for _, s in ipairs(servers) do
+      if s:running() then s:kill("KILL", "group") end
+      s:wait(5)
+      s:close()
+    end
+  end)
+  servers[1] = check(proc.spawn { "ip", "netns", "exec", inet, "python3", "-m", "http.server", "--bind",
+                                  "0.0.0.0", "80", "--directory", dir .. "/www", stdout = "null", stderr = "null" })
+  local dnsd = check(proc.spawn { "ip", "netns", "exec", inet, "python3", "tests/integration/dnsd.py",
+                                  "203.0.113.53", "53", dir .. "/zone.json", stdout = "pipe", stderr = "inherit" })
+  servers[2] = dnsd
+  dnsd.stdout:set_timeout(15)
+  if dnsd.stdout:read_line() ~= "ready" then error("the demo DNS server did not start") end
+  dnsd.stdout:set_timeout(-1)
+  local queries = {}
+  local reader = claw.spawn(function()
+    for line in function() return dnsd.stdout:read_line() end do
+      local name = line:match("^query (%S+)")
+      if name then queries[name] = (queries[name] or 0) + 1 end
+    end
+  end)
+  reader:set_daemon(true)
+  local up
+  for _ = 1, 50 do
+    up = proc.run { "ip", "netns", "exec", inet, "busybox", "wget", "-q", "-O", "/dev/null", "http://203.0.113.10/" }
+    if up and up.code == 0 then break end
+    claw.sleep(0.1)
   end
-  local names = {}
-  for k, c in pairs(kinds) do names[#names + 1] = ("%s×%d"):format(k, c) end
-  table.sort(names)
-  step("audit: %d records: %s", n, table.concat(names, " "))
-  local verdict = audit.verify(audit.log_files(log_path))
-  step("audit chain verified: %s", verdict.ok and "intact" or "BROKEN")
+  if not (up and up.code == 0) then error("the demo web server did not start") end
+  step("demo internet: namespaces %s (uplink) and %s (HTTP on 203.0.113.10/.11, DNS on .53, 169.254.169.254)",
+       host, inet)
+
+  -- 2. This script again, in the host namespace (`nsenter --net` keeps the mounts, so the
+  --    VMM's cgroups work as anywhere else). If we are stopped (Ctrl-C, SIGTERM), it gets the
+  --    signal too and is given the time to destroy its sandbox before the namespaces go.
+  local child = check(proc.spawn { "nsenter", "--net=/run/netns/" .. host, build .. "/bin/clawlua", script,
+                                   "--inside", dir, stdout = "inherit", stderr = "inherit" })
+  local _ <close> = defer(function()
+    if child:running() then
+      child:kill("TERM")
+      if not child:wait(30) then child:kill("KILL") end
+    end
+    child:wait(5)
+    child:close()
+  end)
+  local st = check(child:wait())
+  if st.code ~= 0 then error("the sandbox part failed: " .. (st.code or st.signal_name), 0) end
+
+  -- 3. The upstream's side: what the demo DNS server was asked.
+  claw.sleep(0.1)
+  step("upstream DNS server saw: allowed.example %d time(s), blocked.example %d time(s)",
+       queries["allowed.example"] or 0, queries["blocked.example"] or 0)
+end
+
+claw.run(function()
+  if arg[1] == "--inside" then inside(arg[2]) else outside() end
 end)

@@ -260,7 +260,7 @@ describe("policy", function()
   end)
 
   describe("examples/policies", function()
-    for _, name in ipairs { "untrusted", "pypi", "vm", "read-only-analysis", "ci-runner" } do
+    for _, name in ipairs { "untrusted", "pypi", "vm", "read-only-analysis", "ci-runner", "demo-egress" } do
       it(name .. ".lua loads", function()
         local p, err = policy.load(H.src .. "/examples/policies/" .. name .. ".lua")
         assert.truthy(p, err)
