@@ -187,7 +187,7 @@ static int exec_parse(uint32_t id, const unsigned char *p, uint32_t len, exec_re
 }
 
 void cl_handle_exec(uint32_t id, const unsigned char *p, uint32_t len) {
-  exec_req rq;
+  exec_req rq = {.strs = NULL}; /* zeroed: cppcheck cannot follow exec_parse filling it */
   if (!exec_parse(id, p, len, &rq)) return;
   char **argv = rq.argv, **envp = rq.envp, *strs = rq.strs;
   const char *cwd = rq.cwd;
