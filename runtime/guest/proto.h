@@ -1,6 +1,6 @@
 /*
- * The host <-> guest agent protocol, shared by the agent (runtime/guest/agent.c, a static
- * program in the guest) and the host side (runtime/vm/channel.c). Plain C, no runtime headers.
+ * The host <-> guest agent protocol, shared by the agent (runtime/guest/, a static program
+ * in the guest) and the host side (runtime/vm/channel.c). Plain C, no runtime headers.
  *
  * A byte stream (virtio-serial port, vsock connection, or a socketpair in tests) carries frames:
  *
