@@ -260,7 +260,7 @@ describe("policy", function()
   end)
 
   describe("examples/policies", function()
-    for _, name in ipairs { "untrusted", "pypi", "vm", "read-only-analysis", "ci-runner" } do
+    for _, name in ipairs { "untrusted-code", "pip-install", "vm", "read-only-analysis", "ci-runner" } do
       it(name .. ".lua loads", function()
         local p, err = policy.load(H.src .. "/examples/policies/" .. name .. ".lua")
         assert.truthy(p, err)
@@ -271,10 +271,10 @@ describe("policy", function()
 
   describe("clawlua policy check", function()
     it("prints the effective policy as JSON", function()
-      local r = H.clawlua { "policy", "check", H.src .. "/examples/policies/pypi.lua" }
+      local r = H.clawlua { "policy", "check", H.src .. "/examples/policies/pip-install.lua" }
       assert.equal(0, r.code, r.stderr)
       local d = assert(claw.json.decode(r.stdout))
-      assert.equal("pypi", d.name)
+      assert.equal("pip-install", d.name)
       assert.equal(16 << 20, d.resources.max_output)
     end)
 

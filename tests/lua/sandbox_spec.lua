@@ -247,11 +247,11 @@ describe("sandbox (jail backend)", function()
   end)
 
   it("asks the policy's hooks and audits a denial (created from a policy file's path)", function()
-    local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/untrusted.lua"))
+    local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/untrusted-code.lua"))
     local r, err, code = sb:exec { "rm", "-rf", "/" }
     assert.is_nil(r)
     assert.equal("EPERM", code)
-    assert.truthy(err:find("denied by policy untrusted: rm -rf /", 1, true), err)
+    assert.truthy(err:find("denied by policy untrusted-code: rm -rf /", 1, true), err)
     local evs = claw.audit.events { kind = "policy.deny", sandbox = sb.id }
     assert.equal(1, #evs)
   end)
