@@ -30,6 +30,8 @@ describe("policy", function()
       assert.equal("docker-default", p.seccomp)
       assert.same({ vcpus = 1, memory_mib = 256, pids = 256, cpu = 1.0, lifetime_s = 600,
         max_output = 16 << 20 }, p.resources)
+      assert.same({ max_sandboxes = 32, max_execs = 64, memory_mib = 16384 }, p.quota)
+      assert.same(p.quota, policy.describe(p).quota)
       assert.equal("/work", p.files.workdir)
       assert.is_true(policy.is_policy(p))
       assert.is_false(policy.is_policy({}))
@@ -95,6 +97,12 @@ describe("policy", function()
       { "return { resources = { max_output = '2G' } }", "resources.max_output: 1 to 1073741824 bytes expected" },
       { "return { resources = { lifetime_s = -1 } }", "resources.lifetime_s: 0.001 to 604800 expected" },
       { "return { resources = { disk = 1 } }", "resources.disk: unknown field" },
+      { "return {\n quota = {\n  max_sandboxes = 0 } }", "p.lua:3: quota.max_sandboxes: 1 to 4096 expected, got 0" },
+      { "return { quota = { max_execs = 1.5 } }", "quota.max_execs: integer expected, got float" },
+      { "return { quota = { memory_mib = '1G' }, resources = { memory_mib = 2048 } }",
+        "quota.memory_mib: at least resources.memory_mib (2048) expected, got 1024" },
+      { "return { quota = { disks = 1 } }", "quota.disks: unknown field" },
+      { "return { quota = 8 }", "quota: table expected, got integer" },
       { "return {\n network = {\n  allow = { 'a.org:443',\n 42 } } }",
         "p.lua:3: network.allow[2]: expected \"host:port/proto\" or {host=, port=, proto=}" },
       { "return { network = { allow = { 'a.org:99999' } } }",

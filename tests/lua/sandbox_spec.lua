@@ -123,6 +123,52 @@ describe("sandbox (jail backend)", function()
     assert.equal(0, sb:info().backend_info.running)
   end)
 
+  it("quotas across sandboxes: max_sandboxes, memory_mib, max_execs; refusals audited", function()
+    collectgarbage()
+    collectgarbage()
+    local u = sandbox.usage()
+    local seq = claw.audit.stats().last_seq or 0
+    local p = assert(policy.from_table({ resources = { memory_mib = 64 },
+      quota = { max_sandboxes = u.sandboxes + 2, max_execs = u.execs + 1 } }, "q"))
+    local a <close> = assert(sandbox.create(p))
+    local b = assert(sandbox.create(p))
+    local n = u.sandboxes + 2
+    local c, err, code = sandbox.create(p)
+    assert.is_nil(c)
+    assert.equal("EDQUOT", code)
+    assert.equal(("sandbox.create: quota: %d sandboxes live (max_sandboxes = %d)"):format(n, n), err)
+    assert.is_true(b:destroy())
+    local c2 <close> = assert(sandbox.create(p))
+    -- memory: the total over live sandboxes, this one included
+    local m = sandbox.usage().memory_mib
+    local big = assert(policy.from_table({ resources = { memory_mib = 300 },
+      quota = { memory_mib = m + 500 } }, "big"))
+    local d <close> = assert(sandbox.create(big))
+    c, err, code = sandbox.create(big)
+    assert.is_nil(c)
+    assert.equal("EDQUOT", code)
+    assert.truthy(err:find(("quota: %d MiB of memory live + 300 MiB asked > memory_mib = %d")
+      :format(m + 300, m + 500), 1, true), err)
+    -- concurrent execs: the second waits for nothing, it is refused while the first runs
+    local t = claw.spawn(function() return a:exec { "sleep", "0.5" } end)
+    claw.sleep(0.1)
+    local r
+    r, err, code = c2:exec { "true" }
+    assert.is_nil(r)
+    assert.equal("EDQUOT", code)
+    assert.equal(("exec: quota: %d commands running (max_execs = %d)"):format(u.execs + 1, u.execs + 1), err)
+    assert.equal(0, assert(t:join(5)).code)
+    assert.equal(0, assert(c2:exec { "true" }).code)
+    local evs = claw.audit.events { kind = "sandbox.quota", after_seq = seq }
+    local fields = {}
+    for _, ev in ipairs(evs) do fields[#fields + 1] = ev.detail.field end
+    assert.same({ "max_sandboxes", "memory_mib", "max_execs" }, fields)
+    a:destroy()
+    c2:destroy()
+    d:destroy()
+    assert.same(u, sandbox.usage())
+  end)
+
   it("keeps files between execs; write_file, read_file, list_dir", function()
     local sb <close> = make()
     assert(sb:exec { "sh", "-c", "echo one > /work/a.txt; mkdir d; ln -s a.txt l; echo t > /tmp/t" })
