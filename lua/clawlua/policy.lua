@@ -491,11 +491,7 @@ local function run_budgeted(what, fn, ...)
   return true, table.unpack(res, 2, res.n)
 end
 
---- Loads a policy file (Lua source returning a table).
----@param path string
----@return clawlua.policy|nil, string|nil
-function M.load(path)
-  if type(path) ~= "string" then error("bad argument #1 to 'load' (string expected)", 2) end
+local function load_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, ("policy %s: %s"):format(path, err) end
   local src = f:read(M.max_source + 1)
@@ -515,6 +511,65 @@ function M.load(path)
     return nil, ("%s: the policy file must return a table, got %s"):format(path, type(t))
   end
   return run_validation(t, name, dir, path, src)
+end
+
+-- Policies loaded from files (SIGHUP reloads each), and what a reload tells (clawlua.sandbox).
+local loaded = setmetatable({}, { __mode = "k" })
+local reloaders = {}
+local hup_handler
+
+--- Loads a policy file (Lua source returning a table). Once one is loaded, SIGHUP reloads every
+--- loaded policy (policy.reload).
+---@param path string
+---@return clawlua.policy|nil, string|nil
+function M.load(path)
+  if type(path) ~= "string" then error("bad argument #1 to 'load' (string expected)", 2) end
+  local p, err = load_file(path)
+  if not p then return nil, err end
+  loaded[p] = true
+  if not hup_handler and claw.on_signal then
+    hup_handler = claw.on_signal("HUP", function()
+      local all = {}
+      for q in pairs(loaded) do all[#all + 1] = q end
+      for _, q in ipairs(all) do M.reload(q) end
+    end)
+  end
+  return p
+end
+
+--- Registers fn(p) -> {updated = {ids}, failed = {{id=, error=}}}, called after a policy is
+--- reloaded to apply what changes live (clawlua.sandbox registers one).
+function M.on_reload(fn)
+  reloaders[#reloaders + 1] = fn
+end
+
+--- Re-reads the file a policy came from and validates it; on success the policy table takes
+--- the new fields in place (new sandboxes get all of them) and every live sandbox created from
+--- it gets what changes live (network, hooks, quota). A bad file changes nothing.
+---@param p clawlua.policy
+---@return {updated: string[], failed: table[]}|nil report, string|nil err, string|nil code
+function M.reload(p)
+  if not validated[p] then error("bad argument #1 to 'reload' (policy expected)", 2) end
+  if not p.source then
+    return nil, ("policy.reload: policy %s was not loaded from a file"):format(p.name), "EINVAL"
+  end
+  local new, err = load_file(p.source)
+  if not new then
+    claw.audit.emit("policy.reload_failed", { policy = p.name, source = p.source, error = err })
+    return nil, "policy.reload: " .. err, "EINVAL"
+  end
+  validated[new] = nil
+  for k in pairs(p) do p[k] = nil end
+  for k, v in pairs(new) do p[k] = v end
+  local report = { updated = {}, failed = {} }
+  for _, fn in ipairs(reloaders) do
+    local r = fn(p)
+    for _, id in ipairs(r.updated) do report.updated[#report.updated + 1] = id end
+    for _, f in ipairs(r.failed) do report.failed[#report.failed + 1] = f end
+  end
+  claw.audit.emit("policy.reload", { policy = p.name, source = p.source,
+    updated = #report.updated, failed = #report.failed })
+  return report
 end
 
 --- Re-validates a network table (for update_policy).

@@ -170,10 +170,11 @@ function M.create(p, opts)
   if backend_name ~= "jail" and backend_name ~= "vm" then bad_field("backend", "\"jail\" or \"vm\" expected") end
   local mine = {} -- this sandbox's copy: update_policy replaces its network, not the caller's
   for k, v in pairs(p) do mine[k] = v end
+  local origin = p -- policy.reload(origin) reaches this sandbox
   p = mine
   local self = setmetatable({}, SB)
-  local priv = { id = id, backend = backend_name, policy = p, created = claw.loop.time(),
-    state_name = "creating" }
+  local priv = { id = id, backend = backend_name, policy = p, origin = origin,
+    created = claw.loop.time(), state_name = "creating" }
   local ok, qerr, qcode = reserve(priv, p)
   if not ok then return nil, qerr, qcode end
   privs[self] = priv
@@ -486,6 +487,31 @@ SB.__gc = function(self)
     pcall(audit.emit, "sandbox.destroy", { sandbox = self.id, reason = "collected" })
   end
 end
+
+-- policy.reload(p): every live sandbox created from p takes its hooks and quota, and its
+-- network through update_policy (one atomic firewall batch each); a sandbox whose update fails
+-- keeps its network, and the failure is reported and audited.
+policy.on_reload(function(p)
+  local r = { updated = {}, failed = {} }
+  local ids = {}
+  for id in pairs(registry) do ids[#ids + 1] = id end
+  table.sort(ids)
+  for _, id in ipairs(ids) do
+    local sb = registry[id]
+    local priv = sb and privs[sb]
+    if priv and priv.origin == p and priv.state_name ~= "destroyed" then
+      priv.policy.hooks, priv.policy.quota = p.hooks, p.quota
+      local ok, err = sb:update_policy { network = p.network }
+      if ok then
+        r.updated[#r.updated + 1] = id
+      else
+        r.failed[#r.failed + 1] = { id = id, error = err }
+        emit(sb, "policy.reload_failed", { policy = p.name, error = err })
+      end
+    end
+  end
+  return r
+end)
 
 --- info() of every live sandbox of this runtime.
 function M.list()

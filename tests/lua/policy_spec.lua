@@ -267,6 +267,70 @@ describe("policy", function()
     end)
   end)
 
+  describe("reload", function()
+    local v1 = [[return { network = { egress = "deny", allow = { "a.test:80" }, resolvers = { "192.0.2.53" } },
+      hooks = { on_exec = function() return true end } }]]
+    local v2 = [[return { backend = "vm", network = { egress = "deny", allow = { "a.test:80", "b.test:443" } },
+      resources = { memory_mib = 512 }, hooks = { on_exec = function() return false, "v2" end } }]]
+
+    it("re-reads the file and takes the new fields in place; a bad file changes nothing", function()
+      local path = file("rl.lua", v1)
+      local p = assert(policy.load(path))
+      H.write_file(path, v2)
+      local seq = claw.audit.stats().last_seq or 0
+      local r = assert(policy.reload(p))
+      assert.same({ updated = {}, failed = {} }, r)
+      assert.equal("vm", p.backend)
+      assert.equal(512, p.resources.memory_mib)
+      assert.equal("b.test", p.network.allow[2].host)
+      assert.same({ false, "v2" }, { policy.call_hook(p, "on_exec", { "ls" }) })
+      assert.is_true(policy.is_policy(p))
+      assert.equal(1, #claw.audit.events { kind = "policy.reload", after_seq = seq })
+      -- a bad file: an error naming file:line and field, audited, p as it was
+      H.write_file(path, "return {\n network = { egress = 'maybe' } }")
+      local before = policy.describe(p)
+      local ok, err, code = policy.reload(p)
+      assert.is_nil(ok)
+      assert.equal("EINVAL", code)
+      assert.truthy(err:find(path .. ":2: network.egress", 1, true), err)
+      assert.same(before, policy.describe(p))
+      local evs = claw.audit.events { kind = "policy.reload_failed", after_seq = seq }
+      assert.equal(1, #evs)
+      assert.equal(path, evs[1].detail.source)
+      H.write_file(path, "return {")
+      assert.is_nil(policy.reload(p))
+      assert.same(before, policy.describe(p))
+      local ok2, err2, code2 = policy.reload(policy.default())
+      assert.is_nil(ok2)
+      assert.equal("EINVAL", code2)
+      assert.truthy(err2:find("not loaded from a file", 1, true))
+      assert.has_error(function() policy.reload({}) end)
+    end)
+
+    it("SIGHUP reloads the policies a clawlua process loaded", function()
+      local path = file("hup.lua", v1)
+      local script = file("hup-child.lua", [[
+        local claw = require "clawlua"
+        local policy = require "clawlua.policy"
+        local p = assert(policy.load(...))
+        io.stdout:write("ready\n"); io.stdout:flush()
+        claw.run(function()
+          while #p.network.allow < 2 do claw.sleep(0.02) end
+        end)
+        io.stdout:write(p.backend, " ", p.network.allow[2].host, "\n")
+      ]])
+      local pr = assert(claw.proc.spawn { H.bin, script, path, stdout = "pipe", stderr = "pipe",
+        env = H.lua_env() })
+      pr.stdout:set_timeout(20)
+      assert.equal("ready", pr.stdout:read_line())
+      H.write_file(path, v2)
+      assert(pr:kill("HUP"))
+      assert.equal("vm b.test", pr.stdout:read_line())
+      assert.equal(0, assert(pr:wait(20)).code)
+      pr:close()
+    end)
+  end)
+
   describe("examples/policies", function()
     for _, name in ipairs { "untrusted-code", "pip-install", "vm", "read-only-analysis", "ci-runner" } do
       it(name .. ".lua loads", function()

@@ -169,6 +169,37 @@ describe("sandbox (jail backend)", function()
     assert.same(u, sandbox.usage())
   end)
 
+  it("policy.reload: live sandboxes from the policy take hooks and network; resources wait", function()
+    local path = base .. "/reload.lua"
+    H.write_file(path, "return { resources = { memory_mib = 128 } }")
+    local p = assert(policy.load(path))
+    local sb <close> = assert(sandbox.create(p))
+    local other <close> = make()
+    H.write_file(path, [[return { resources = { memory_mib = 200 },
+      hooks = { on_exec = function() return false, "reloaded" end } }]])
+    local r = assert(policy.reload(p))
+    assert.same({ sb.id }, r.updated)
+    local _, err = sb:exec { "true" }
+    assert.truthy(err:find("denied by policy reload: reloaded", 1, true), err)
+    assert.equal(0, assert(other:exec { "true" }).code)
+    assert.equal(128, sb:info().policy.resources.memory_mib) -- new sandboxes only
+    local sb2 <close> = assert(sandbox.create(p))
+    assert.equal(200, sb2:info().policy.resources.memory_mib)
+    -- a sandbox made without network cannot take egress live: reported and audited, kept as is
+    H.write_file(path, "return { network = { egress = 'allow' } }")
+    local seq = claw.audit.stats().last_seq or 0
+    r = assert(policy.reload(p))
+    assert.same({}, r.updated)
+    local ids = { sb.id, sb2.id }
+    table.sort(ids) -- reported in id order
+    assert.same(ids, { r.failed[1].id, r.failed[2].id })
+    assert.truthy(r.failed[1].error:find("has no network", 1, true))
+    assert.equal("deny", sb:info().policy.network.egress)
+    local evs = claw.audit.events { kind = "policy.reload_failed", after_seq = seq }
+    assert.equal(2, #evs)
+    assert.same(ids, { evs[1].sandbox, evs[2].sandbox })
+  end)
+
   it("keeps files between execs; write_file, read_file, list_dir", function()
     local sb <close> = make()
     assert(sb:exec { "sh", "-c", "echo one > /work/a.txt; mkdir d; ln -s a.txt l; echo t > /tmp/t" })
