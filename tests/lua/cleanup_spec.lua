@@ -83,6 +83,9 @@ describe("clawlua cleanup", function()
     assert.equal("jail", states["child-exec"].backend)
     assert.equal("default", states["child-exec"].policy)
     assert.equal("running", states["live-one"].state)
+    -- memory: the running exec's cgroup charges something; an idle jail runs nothing
+    assert.is_true(states["child-exec"].memory > 0, tostring(states["child-exec"].memory))
+    assert.equal(0, states["child-idle"].memory)
     assert.is_not.equal("", sleepers())
     child:kill("KILL")
     child:wait()
@@ -94,7 +97,9 @@ describe("clawlua cleanup", function()
     assert.truthy(io.open(base .. "/sandboxes/child-exec/owner"))
     assert.truthy(io.open(base .. "/sandboxes/child-idle/owner"))
     ps = H.clawlua { "ps", "--state-dir", base }
-    assert.truthy(ps.stdout:find("child%-idle%s+jail%s+orphaned%s+default"), ps.stdout)
+    -- orphaned, nothing of it runs any more: uptime, then no memory ("-")
+    assert.truthy(ps.stdout:find("child%-idle%s+jail%s+orphaned%s+default%s+[%d.]+s%s+%-%s"), ps.stdout)
+    assert.truthy(ps.stdout:find("MEMORY", 1, true), ps.stdout)
     assert.truthy(ps.stdout:find("live%-one%s+jail%s+running"), ps.stdout)
 
     -- a sandbox record whose pid runs but started at another time is not ours: never killed
