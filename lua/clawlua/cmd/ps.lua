@@ -13,13 +13,7 @@ M.usage = [[clawlua ps [--json] [--state-dir DIR]
 Lists the sandboxes recorded in the state dir as a table, or one JSON array with --json.
 "orphaned" sandboxes belong to a runtime that is gone (reclaim them with clawlua cleanup).]]
 
-local function read(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read = state.read_file
 
 -- Where the memory controller is mounted: {v1 = dir, v2 = dir} (either may be nil).
 local function memory_mounts()
