@@ -5,7 +5,6 @@
 -- sandbox_net_spec) has the same links, addresses, routes and nft ruleset as before, `ip netns
 -- list` is the same, and no cgroup, mount, process or state dir of the runtime is left.
 local claw = require "clawlua"
-local json = require "clawlua.json"
 local H = require "helper"
 local N = require "netns"
 
@@ -60,25 +59,8 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
   end
 
   local function run_child(plan)
-    local p = assert(claw.proc.spawn { "ip", "netns", "exec", w.host, H.bin,
-      H.src .. "/tests/integration/sandbox_kill_child.lua", json.encode(plan),
-      stdout = "pipe", stderr = "pipe", env = { CLAWLUA_STATE_DIR = base, PATH = os.getenv("PATH") } })
-    p.stdout:set_timeout(60)
-    local lines = {}
-    while true do
-      local line = p.stdout:read_line()
-      if not line then break end
-      local t = json.decode(line)
-      lines[#lines + 1] = t
-      if t.op == "hang" then break end
-    end
-    local pid = p:pid()
-    p:kill("KILL", "group")
-    p:wait(30)
-    local err = p.stderr:read_all() or ""
-    p:close()
-    assert.equal("hang", lines[#lines] and lines[#lines].op, "the child did not get there: " .. err)
-    return lines, pid
+    return W.child(w, plan, { script = "sandbox_kill_child.lua", until_op = "hang",
+                              env = { CLAWLUA_STATE_DIR = base } })
   end
 
   local function cleanup()
