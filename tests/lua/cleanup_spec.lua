@@ -185,6 +185,19 @@ print(a.id, b.id)
     H.sh(("rm -rf '%s'"):format(d))
   end)
 
+  it("says so when a recorded cgroup's hierarchy is not mounted here (never 'nothing left')", function()
+    local d = base .. "/sandboxes/unmounted-cg"
+    H.sh(("mkdir -p '%s'"):format(d))
+    H.write_file(d .. "/owner", "999999999 1\n")
+    H.write_file(d .. "/objects", "+ cgroup /nonexistent-cgroup-root/memory/clawlua-999999999-\n")
+    local r = cleanup()
+    assert.equal(1, r.code)
+    assert.truthy(r.stderr:find("no cgroup hierarchy is mounted over /nonexistent-cgroup-root/memory here",
+      1, true), r.stderr)
+    assert.truthy(io.open(d .. "/owner")) -- kept for a cleanup that can see it
+    H.sh(("rm -rf '%s'"):format(d))
+  end)
+
   it("takes over what a live runtime failed to release", function()
     local rec = assert(state.open("unreleased"))
     H.sh("mkdir -p '" .. rec.dir .. "/left'")

@@ -64,7 +64,8 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
   end
 
   local function cleanup()
-    return H.sh(("ip netns exec %s %s cleanup --state-dir %s"):format(w.host, H.bin, base),
+    -- in the namespace's network, but the host's mounts (the cgroup hierarchies, /run/netns)
+    return H.sh(("nsenter --net=/run/netns/%s %s cleanup --state-dir %s"):format(w.host, H.bin, base),
       { may_fail = true })
   end
 
@@ -85,15 +86,20 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
     out, r = cleanup()
     assert.equal(0, r.code, out)
     assert.are.same(before, host_state(pid))
+    return lines
   end
 
-  local network = { egress = "deny", allow = { "allowed.test:80" }, resolvers = { "203.0.113.53" } }
+  local policies = H.src .. "/examples/policies/"
+  local resolvers = { "203.0.113.53" }
 
-  it("mid-create (the network half made)", function()
-    check({ id = "sbkill-c", network = network, hang_at = "fw" }, { "netns", "link", "addr", "fw" })
+  it("mid-create (the network half made), under examples/policies/pip-install.lua", function()
+    check({ id = "sbkill-c", policy = policies .. "pip-install.lua", resolvers = resolvers, hang_at = "fw" },
+      { "netns", "link", "addr", "fw" })
   end)
 
-  it("mid-exec (a command running in the sandbox's network)", function()
-    check({ id = "sbkill-e", network = network }, { "netns", "link", "addr", "fw" })
+  it("mid-exec (a command running in the sandbox's network), under examples/policies/ci-runner.lua", function()
+    local lines = check({ id = "sbkill-e", policy = policies .. "ci-runner.lua", resolvers = resolvers },
+      { "netns", "link", "addr", "fw" })
+    assert.equal("true\n", W.find(lines, "exec").stdout) -- the policy's env
   end)
 end)

@@ -65,6 +65,17 @@ local function cgroup_dirs(prefix)
   return out
 end
 
+-- Whether a cgroup filesystem is mounted at path or above it (then a missing path is gone).
+local function cgroup_mounted(path)
+  for line in (read("/proc/self/mountinfo") or ""):gmatch("[^\n]+") do
+    local mnt, fstype = line:match("^%S+ %S+ %S+ %S+ (%S+) .- %- (%S+)")
+    if (fstype == "cgroup" or fstype == "cgroup2") and (path == mnt or path:sub(1, #mnt + 1) == mnt .. "/") then
+      return true
+    end
+  end
+  return false
+end
+
 local reclaim = {}
 
 function reclaim.pid(name, dry)
@@ -81,6 +92,13 @@ function reclaim.cgroup(prefix, dry)
   -- the prefix names the runtime's pid: a live process with that pid may own such cgroups now
   local pid = tonumber(prefix:match("clawlua%-(%d+)%-$"))
   if pid and state.alive(pid) then return {} end
+  local parent = prefix:match("^(.*)/[^/]*$") or ""
+  if not exists(parent) and not cgroup_mounted(parent) then
+    -- e.g. cleanup under `ip netns exec`, whose sysfs has no /sys/fs/cgroup: saying "nothing
+    -- left" would be a lie
+    return nil, ("cgroup %s: no cgroup hierarchy is mounted over %s here (run clawlua cleanup "
+      .. "in the mount namespace the runtime ran in)"):format(prefix, parent)
+  end
   local done = {}
   for _, d in ipairs(cgroup_dirs(prefix)) do
     if not dry then
