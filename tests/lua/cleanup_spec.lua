@@ -172,30 +172,29 @@ print(a.id, b.id)
     p:close()
   end)
 
-  it("keeps the records it could not reclaim and exits 1", function()
-    if pcall(require, "clawlua.sandbox.net") then return end -- then netns records are reclaimable
-    local d = base .. "/sandboxes/netless"
+  -- A dead runtime's sandbox with one object cleanup cannot reclaim: exit 1, the error, the
+  -- records kept.
+  local function unreclaimable(id, object, want)
+    local d = base .. "/sandboxes/" .. id
     H.sh(("mkdir -p '%s'"):format(d))
     H.write_file(d .. "/owner", "999999999 1\n")
-    H.write_file(d .. "/objects", "+ netns clawlua-spec-none\n")
+    H.write_file(d .. "/objects", "+ " .. object .. "\n")
     local r = cleanup()
     assert.equal(1, r.code)
-    assert.truthy(r.stderr:find("netns clawlua-spec-none: clawlua.sandbox.net is not available", 1, true), r.stderr)
+    assert.truthy(r.stderr:find(want, 1, true), r.stderr)
     assert.truthy(io.open(d .. "/owner"))
     H.sh(("rm -rf '%s'"):format(d))
+  end
+
+  it("keeps the records it could not reclaim and exits 1", function()
+    if pcall(require, "clawlua.sandbox.net") then return end -- then netns records are reclaimable
+    unreclaimable("netless", "netns clawlua-spec-none",
+      "netns clawlua-spec-none: clawlua.sandbox.net is not available")
   end)
 
   it("says so when a recorded cgroup's hierarchy is not mounted here (never 'nothing left')", function()
-    local d = base .. "/sandboxes/unmounted-cg"
-    H.sh(("mkdir -p '%s'"):format(d))
-    H.write_file(d .. "/owner", "999999999 1\n")
-    H.write_file(d .. "/objects", "+ cgroup /nonexistent-cgroup-root/memory/clawlua-999999999-\n")
-    local r = cleanup()
-    assert.equal(1, r.code)
-    assert.truthy(r.stderr:find("no cgroup hierarchy is mounted over /nonexistent-cgroup-root/memory here",
-      1, true), r.stderr)
-    assert.truthy(io.open(d .. "/owner")) -- kept for a cleanup that can see it
-    H.sh(("rm -rf '%s'"):format(d))
+    unreclaimable("unmounted-cg", "cgroup /nonexistent-cgroup-root/memory/clawlua-999999999-",
+      "no cgroup hierarchy is mounted over /nonexistent-cgroup-root/memory here")
   end)
 
   it("takes over what a live runtime failed to release", function()
