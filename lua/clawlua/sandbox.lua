@@ -175,8 +175,8 @@ function M.create(p, opts)
   local self = setmetatable({}, SB)
   local priv = { id = id, backend = backend_name, policy = p, origin = origin,
     created = claw.loop.time(), state_name = "creating" }
-  local ok, qerr, qcode = reserve(priv, p)
-  if not ok then return nil, qerr, qcode end
+  local reserved, qerr, qcode = reserve(priv, p)
+  if not reserved then return nil, qerr, qcode end
   privs[self] = priv
   emit(self, "sandbox.create", { policy = p.name, backend = backend_name })
   local function fail(msg, code)
