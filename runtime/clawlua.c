@@ -30,8 +30,8 @@ static const struct {
 
 /* Loop functions that are also part of the top-level namespace. */
 static const char *const loop_aliases[] = {
-    "spawn", "sleep",   "yield",       "now",          "time",      "current",
-    "event", "channel", "on_shutdown", "is_cancelled", "cancelled", NULL,
+    "spawn",   "sleep",       "yield",     "now",          "time",      "current", "event",
+    "channel", "on_shutdown", "on_signal", "is_cancelled", "cancelled", NULL,
 };
 
 /* Loads embedded module idx: from $CLAWLUA_LUA_DIR/<path> when that is set and the file

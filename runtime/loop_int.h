@@ -113,5 +113,8 @@ extern const luaL_Reg cl_loop_event_methods[];
 extern const luaL_Reg cl_loop_channel_methods[];
 void cl_loop_check_shutdown(cl_loop *lp);
 void cl_loop_on_signalfd(cl_watch *w, uint32_t events);
+/* Adds the function at stack index fn to SIGHUP's handlers (the first one routes SIGHUP to the
+ * signalfd). 0, or -1 with errno. */
+int cl_loop_on_hup(lua_State *L, cl_loop *lp, int fn);
 
 #endif

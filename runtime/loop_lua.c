@@ -372,6 +372,19 @@ static int l_on_shutdown(lua_State *L) {
   return 1;
 }
 
+/* Lua: clawlua.on_signal("HUP", fn) registers a handler run (as a task, with the signal number)
+ * at every SIGHUP; until one is registered SIGHUP keeps its default action. Returns fn. */
+static int l_on_signal(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  luaL_argcheck(L, strcmp(name, "HUP") == 0 || strcmp(name, "SIGHUP") == 0, 1,
+                "\"HUP\" expected (SIGINT/SIGTERM: on_shutdown)");
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  cl_loop *lp = cl_loop_get(L);
+  if (cl_loop_on_hup(L, lp, 2) != 0) return luaL_error(L, "on_signal: %s", strerror(errno));
+  lua_settop(L, 2);
+  return 1;
+}
+
 static int l_now(lua_State *L) {
   lua_pushnumber(L, cl_now());
   return 1;
@@ -416,6 +429,7 @@ static const luaL_Reg loop_funcs[] = {
     {"stopping", l_loop_stopping},
     {"shutdown_grace", l_loop_grace},
     {"on_shutdown", l_on_shutdown},
+    {"on_signal", l_on_signal},
     {"is_cancelled", l_is_cancelled},
     {"run_task", l_run},
     {NULL, NULL},

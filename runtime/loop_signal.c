@@ -1,6 +1,7 @@
 /*
- * SIGINT/SIGTERM through a signalfd and the orderly shutdown they start, the reaping of
- * children nobody waits for, and the closers run when the loop goes away.
+ * SIGINT/SIGTERM through a signalfd and the orderly shutdown they start, SIGHUP's handlers
+ * (once one is registered), the reaping of children nobody waits for, and the closers run when
+ * the loop goes away.
  */
 #include "loop_int.h"
 
@@ -72,11 +73,57 @@ void cl_loop_check_shutdown(cl_loop *lp) {
   }
 }
 
+/* The SIGHUP handlers (a table in the registry), each run as a task with the signal number. */
+static char HUP_KEY;
+
+static void run_hup_handlers(cl_loop *lp) {
+  lua_State *L = lp->L;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &HUP_KEY) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    lua_pushinteger(L, SIGHUP);
+    cl_task_spawn(L, 1);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+int cl_loop_on_hup(lua_State *L, cl_loop *lp, int fn) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &HUP_KEY) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    /* the first handler: SIGHUP joins SIGINT/SIGTERM on the signalfd */
+    sigset_t hup, ss;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    sigprocmask(SIG_BLOCK, &hup, NULL);
+    sigemptyset(&ss);
+    sigaddset(&ss, SIGINT);
+    sigaddset(&ss, SIGTERM);
+    sigaddset(&ss, SIGHUP);
+    if (signalfd(lp->sfd, &ss, SFD_NONBLOCK | SFD_CLOEXEC) < 0) return -1;
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &HUP_KEY);
+  }
+  lua_pushvalue(L, fn);
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  lua_pop(L, 1);
+  return 0;
+}
+
 void cl_loop_on_signalfd(cl_watch *w, uint32_t events) {
   cl_loop *lp = w->data;
   struct signalfd_siginfo si;
   while (read(lp->sfd, &si, sizeof si) == (ssize_t)sizeof si) {
     int sig = (int)si.ssi_signo;
+    if (sig == SIGHUP) {
+      if (!lp->stopping) run_hup_handlers(lp);
+      continue;
+    }
     if (lp->stopping) {
       fprintf(stderr, "clawlua: %s again, exiting now\n", cl_signal_name(sig));
       fflush(NULL);

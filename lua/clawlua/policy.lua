@@ -20,6 +20,7 @@ M.max_memory = 64 << 20
 ---@field backend "jail"|"vm"
 ---@field resources {vcpus: integer, memory_mib: integer, pids: integer, cpu: number,
 ---  lifetime_s: number, max_output: integer}
+---@field quota {max_sandboxes: integer, max_execs: integer, memory_mib: integer}
 ---@field network {egress: "deny"|"allow", allow: table[], resolvers: string[]}
 ---@field seccomp string
 ---@field files {readonly: {src: string, dst: string}[], workdir: string}
@@ -33,6 +34,9 @@ local HOOKS = { on_tool_call = true, on_exec = true, on_file = true, on_denied =
 local DEFAULTS = {
   resources = { vcpus = 1, memory_mib = 256, pids = 256, cpu = 1.0, lifetime_s = 600,
     max_output = 16 << 20 },
+  -- process-wide: counted over every live sandbox of the runtime, checked against the policy of
+  -- the sandbox being created (or exec'd in)
+  quota = { max_sandboxes = 32, max_execs = 64, memory_mib = 16384 },
 }
 
 -- A validation failure: raised inside validate() and turned into `nil, msg` by its callers.
@@ -114,6 +118,11 @@ local function absolute_path(v, path)
   return (#v > 1 and v:gsub("/+$", "") or v)
 end
 
+local function memory_field(v, path, min_mib, max_mib)
+  if type(v) == "string" then return size_field(v, path, min_mib << 20, max_mib << 20) >> 20 end
+  return number_field(v, path, min_mib, max_mib, true)
+end
+
 local function resources(t, path)
   check_type(t, "table", path)
   check_keys(t, { vcpus = 1, memory_mib = 1, pids = 1, cpu = 1, lifetime_s = 1, max_output = 1 },
@@ -121,13 +130,8 @@ local function resources(t, path)
   local d = DEFAULTS.resources
   local r = {}
   r.vcpus = t.vcpus == nil and d.vcpus or number_field(t.vcpus, join(path, "vcpus"), 1, 64, true)
-  if t.memory_mib == nil then
-    r.memory_mib = d.memory_mib
-  elseif type(t.memory_mib) == "string" then
-    r.memory_mib = size_field(t.memory_mib, join(path, "memory_mib"), 16 << 20, 1 << 40) >> 20
-  else
-    r.memory_mib = number_field(t.memory_mib, join(path, "memory_mib"), 16, 1 << 20, true)
-  end
+  r.memory_mib = t.memory_mib == nil and d.memory_mib
+    or memory_field(t.memory_mib, join(path, "memory_mib"), 16, 1 << 20)
   r.pids = t.pids == nil and d.pids or number_field(t.pids, join(path, "pids"), 1, 4194304, true)
   r.cpu = t.cpu == nil and d.cpu or number_field(t.cpu, join(path, "cpu"), 0.01, 1024)
   r.lifetime_s = t.lifetime_s == nil and d.lifetime_s
@@ -135,6 +139,24 @@ local function resources(t, path)
   r.max_output = t.max_output == nil and d.max_output
     or size_field(t.max_output, join(path, "max_output"), 1, 1 << 30)
   return r
+end
+
+local function quota(t, path, res)
+  check_type(t, "table", path)
+  check_keys(t, { max_sandboxes = 1, max_execs = 1, memory_mib = 1 }, path)
+  local d = DEFAULTS.quota
+  local q = {}
+  q.max_sandboxes = t.max_sandboxes == nil and d.max_sandboxes
+    or number_field(t.max_sandboxes, join(path, "max_sandboxes"), 1, 4096, true)
+  q.max_execs = t.max_execs == nil and d.max_execs
+    or number_field(t.max_execs, join(path, "max_execs"), 1, 65536, true)
+  q.memory_mib = t.memory_mib == nil and math.max(d.memory_mib, res.memory_mib)
+    or memory_field(t.memory_mib, join(path, "memory_mib"), 16, 1 << 24)
+  if q.memory_mib < res.memory_mib then
+    invalid(join(path, "memory_mib"), "at least resources.memory_mib (%d) expected, got %d",
+      res.memory_mib, q.memory_mib)
+  end
+  return q
 end
 
 local PROTOS = { tcp = true, udp = true }
@@ -292,7 +314,7 @@ end
 local function validate(t, name, dir)
   check_type(t, "table", "")
   check_keys(t, { name = 1, backend = 1, resources = 1, network = 1, seccomp = 1, files = 1,
-    env = 1, hooks = 1, vm = 1 }, "")
+    env = 1, hooks = 1, vm = 1, quota = 1 }, "")
   local p = {}
   p.name = t.name == nil and name or check_type(t.name, "string", "name")
   p.backend = t.backend == nil and "jail" or check_type(t.backend, "string", "backend")
@@ -300,6 +322,7 @@ local function validate(t, name, dir)
     invalid("backend", "\"jail\" or \"vm\" expected, got %q", p.backend)
   end
   p.resources = resources(t.resources or {}, "resources")
+  p.quota = quota(t.quota or {}, "quota", p.resources)
   p.network = network(t.network or {}, "network")
   p.seccomp = t.seccomp == nil and "docker-default" or seccomp_field(t.seccomp, "seccomp", dir)
   p.files = files(t.files or {}, "files")
@@ -468,11 +491,7 @@ local function run_budgeted(what, fn, ...)
   return true, table.unpack(res, 2, res.n)
 end
 
---- Loads a policy file (Lua source returning a table).
----@param path string
----@return clawlua.policy|nil, string|nil
-function M.load(path)
-  if type(path) ~= "string" then error("bad argument #1 to 'load' (string expected)", 2) end
+local function load_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, ("policy %s: %s"):format(path, err) end
   local src = f:read(M.max_source + 1)
@@ -492,6 +511,65 @@ function M.load(path)
     return nil, ("%s: the policy file must return a table, got %s"):format(path, type(t))
   end
   return run_validation(t, name, dir, path, src)
+end
+
+-- Policies loaded from files (SIGHUP reloads each), and what a reload tells (clawlua.sandbox).
+local loaded = setmetatable({}, { __mode = "k" })
+local reloaders = {}
+local hup_handler
+
+--- Loads a policy file (Lua source returning a table). Once one is loaded, SIGHUP reloads every
+--- loaded policy (policy.reload).
+---@param path string
+---@return clawlua.policy|nil, string|nil
+function M.load(path)
+  if type(path) ~= "string" then error("bad argument #1 to 'load' (string expected)", 2) end
+  local p, err = load_file(path)
+  if not p then return nil, err end
+  loaded[p] = true
+  if not hup_handler and claw.on_signal then
+    hup_handler = claw.on_signal("HUP", function()
+      local all = {}
+      for q in pairs(loaded) do all[#all + 1] = q end
+      for _, q in ipairs(all) do M.reload(q) end
+    end)
+  end
+  return p
+end
+
+--- Registers fn(p) -> {updated = {ids}, failed = {{id=, error=}}}, called after a policy is
+--- reloaded to apply what changes live (clawlua.sandbox registers one).
+function M.on_reload(fn)
+  reloaders[#reloaders + 1] = fn
+end
+
+--- Re-reads the file a policy came from and validates it; on success the policy table takes
+--- the new fields in place (new sandboxes get all of them) and every live sandbox created from
+--- it gets what changes live (network, hooks, quota). A bad file changes nothing.
+---@param p clawlua.policy
+---@return {updated: string[], failed: table[]}|nil report, string|nil err, string|nil code
+function M.reload(p)
+  if not validated[p] then error("bad argument #1 to 'reload' (policy expected)", 2) end
+  if not p.source then
+    return nil, ("policy.reload: policy %s was not loaded from a file"):format(p.name), "EINVAL"
+  end
+  local new, err = load_file(p.source)
+  if not new then
+    claw.audit.emit("policy.reload_failed", { policy = p.name, source = p.source, error = err })
+    return nil, "policy.reload: " .. err, "EINVAL"
+  end
+  validated[new] = nil
+  for k in pairs(p) do p[k] = nil end
+  for k, v in pairs(new) do p[k] = v end
+  local report = { updated = {}, failed = {} }
+  for _, fn in ipairs(reloaders) do
+    local r = fn(p)
+    for _, id in ipairs(r.updated) do report.updated[#report.updated + 1] = id end
+    for _, f in ipairs(r.failed) do report.failed[#report.failed + 1] = f end
+  end
+  claw.audit.emit("policy.reload", { policy = p.name, source = p.source,
+    updated = #report.updated, failed = #report.failed })
+  return report
 end
 
 --- Re-validates a network table (for update_policy).
@@ -537,6 +615,8 @@ function M.describe(p)
     name = p.name, backend = p.backend, source = p.source,
     resources = { vcpus = r.vcpus, memory_mib = r.memory_mib, pids = r.pids, cpu = r.cpu,
       lifetime_s = r.lifetime_s, max_output = r.max_output },
+    quota = { max_sandboxes = p.quota.max_sandboxes, max_execs = p.quota.max_execs,
+      memory_mib = p.quota.memory_mib },
     network = { egress = p.network.egress, allow = arr(allow), resolvers = arr({ table.unpack(p.network.resolvers) }) },
     seccomp = p.seccomp, files = { readonly = arr(ro), workdir = p.files.workdir },
     env = json.object(env), hooks = arr(hooks),

@@ -39,6 +39,44 @@ end
 ---@field backend string
 local SB = {}
 
+-- Process-wide use, held against the quota of the policy a sandbox is created (or exec'd) under:
+-- sandboxes being created or live, their memory, commands running.
+local usage = { sandboxes = 0, memory_mib = 0, execs = 0 }
+
+local function over_quota(what, q, fields)
+  audit.emit("sandbox.quota", fields)
+  return nil, ("%s: quota: %s"):format(what, q), "EDQUOT"
+end
+
+-- Reserves a sandbox's share of the quota (released by teardown); nil, msg, "EDQUOT" if over.
+local function reserve(priv, p)
+  local q = p.quota
+  if usage.sandboxes >= q.max_sandboxes then
+    return over_quota("sandbox.create", ("%d sandboxes live (max_sandboxes = %d)")
+      :format(usage.sandboxes, q.max_sandboxes), { sandbox = priv.id, policy = p.name,
+      field = "max_sandboxes", used = usage.sandboxes, limit = q.max_sandboxes })
+  end
+  local mem = p.resources.memory_mib
+  if usage.memory_mib + mem > q.memory_mib then
+    return over_quota("sandbox.create", ("%d MiB of memory live + %d MiB asked > memory_mib = %d")
+      :format(usage.memory_mib, mem, q.memory_mib), { sandbox = priv.id, policy = p.name,
+      field = "memory_mib", used = usage.memory_mib, asked = mem, limit = q.memory_mib })
+  end
+  usage.sandboxes, usage.memory_mib = usage.sandboxes + 1, usage.memory_mib + mem
+  priv.reserved = mem
+  return true
+end
+
+local function release(priv)
+  if priv.reserved then
+    usage.sandboxes, usage.memory_mib = usage.sandboxes - 1, usage.memory_mib - priv.reserved
+    priv.reserved = nil
+  end
+end
+
+--- What the live sandboxes of this runtime use of the quotas: {sandboxes, memory_mib, execs}.
+function M.usage() return { sandboxes = usage.sandboxes, memory_mib = usage.memory_mib, execs = usage.execs } end
+
 local function emit(self, kind, fields)
   fields = fields or {}
   fields.sandbox = self.id
@@ -47,6 +85,7 @@ end
 
 -- Releases what the sandbox owns, in reverse order of creation. sync: from __gc (no yield).
 local function teardown(priv, sync)
+  release(priv)
   if priv.timer then
     priv.timer:cancel()
     priv.timer = nil
@@ -131,10 +170,13 @@ function M.create(p, opts)
   if backend_name ~= "jail" and backend_name ~= "vm" then bad_field("backend", "\"jail\" or \"vm\" expected") end
   local mine = {} -- this sandbox's copy: update_policy replaces its network, not the caller's
   for k, v in pairs(p) do mine[k] = v end
+  local origin = p -- policy.reload(origin) reaches this sandbox
   p = mine
   local self = setmetatable({}, SB)
-  local priv = { id = id, backend = backend_name, policy = p, created = claw.loop.time(),
-    state_name = "creating" }
+  local priv = { id = id, backend = backend_name, policy = p, origin = origin,
+    created = claw.loop.time(), state_name = "creating" }
+  local reserved, qerr, qcode = reserve(priv, p)
+  if not reserved then return nil, qerr, qcode end
   privs[self] = priv
   emit(self, "sandbox.create", { policy = p.name, backend = backend_name })
   local function fail(msg, code)
@@ -242,6 +284,14 @@ function SB:exec(o)
     denied(self, priv, { hook = "on_exec", argv = argv, reason = reason })
     return nil, ("exec: denied by policy %s: %s"):format(priv.policy.name, reason), "EPERM"
   end
+  local q = priv.policy.quota
+  if usage.execs >= q.max_execs then
+    return over_quota("exec", ("%d commands running (max_execs = %d)"):format(usage.execs, q.max_execs),
+      { sandbox = self.id, policy = priv.policy.name, field = "max_execs", used = usage.execs,
+        limit = q.max_execs })
+  end
+  usage.execs = usage.execs + 1
+  local _ <close> = setmetatable({}, { __close = function() usage.execs = usage.execs - 1 end })
   emit(self, "sandbox.exec", { argv = argv, cwd = o.cwd })
   local r, rerr, rcode = run(self, priv, o)
   if not r then
@@ -437,6 +487,31 @@ SB.__gc = function(self)
     pcall(audit.emit, "sandbox.destroy", { sandbox = self.id, reason = "collected" })
   end
 end
+
+-- policy.reload(p): every live sandbox created from p takes its hooks and quota, and its
+-- network through update_policy (one atomic firewall batch each); a sandbox whose update fails
+-- keeps its network, and the failure is reported and audited.
+policy.on_reload(function(p)
+  local r = { updated = {}, failed = {} }
+  local ids = {}
+  for id in pairs(registry) do ids[#ids + 1] = id end
+  table.sort(ids)
+  for _, id in ipairs(ids) do
+    local sb = registry[id]
+    local priv = sb and privs[sb]
+    if priv and priv.origin == p and priv.state_name ~= "destroyed" then
+      priv.policy.hooks, priv.policy.quota = p.hooks, p.quota
+      local ok, err = sb:update_policy { network = p.network }
+      if ok then
+        r.updated[#r.updated + 1] = id
+      else
+        r.failed[#r.failed + 1] = { id = id, error = err }
+        emit(sb, "policy.reload_failed", { policy = p.name, error = err })
+      end
+    end
+  end
+  return r
+end)
 
 --- info() of every live sandbox of this runtime.
 function M.list()

@@ -83,6 +83,9 @@ describe("clawlua cleanup", function()
     assert.equal("jail", states["child-exec"].backend)
     assert.equal("default", states["child-exec"].policy)
     assert.equal("running", states["live-one"].state)
+    -- memory: the running exec's cgroup charges something; an idle jail runs nothing
+    assert.is_true(states["child-exec"].memory > 0, tostring(states["child-exec"].memory))
+    assert.equal(0, states["child-idle"].memory)
     assert.is_not.equal("", sleepers())
     child:kill("KILL")
     child:wait()
@@ -94,7 +97,9 @@ describe("clawlua cleanup", function()
     assert.truthy(io.open(base .. "/sandboxes/child-exec/owner"))
     assert.truthy(io.open(base .. "/sandboxes/child-idle/owner"))
     ps = H.clawlua { "ps", "--state-dir", base }
-    assert.truthy(ps.stdout:find("child%-idle%s+jail%s+orphaned%s+default"), ps.stdout)
+    -- orphaned, nothing of it runs any more: uptime, then no memory ("-")
+    assert.truthy(ps.stdout:find("child%-idle%s+jail%s+orphaned%s+default%s+[%d.]+s%s+%-%s"), ps.stdout)
+    assert.truthy(ps.stdout:find("MEMORY", 1, true), ps.stdout)
     assert.truthy(ps.stdout:find("live%-one%s+jail%s+running"), ps.stdout)
 
     -- a sandbox record whose pid runs but started at another time is not ours: never killed
@@ -167,17 +172,29 @@ print(a.id, b.id)
     p:close()
   end)
 
-  it("keeps the records it could not reclaim and exits 1", function()
-    if pcall(require, "clawlua.sandbox.net") then return end -- then netns records are reclaimable
-    local d = base .. "/sandboxes/netless"
+  -- A dead runtime's sandbox with one object cleanup cannot reclaim: exit 1, the error, the
+  -- records kept.
+  local function unreclaimable(id, object, want)
+    local d = base .. "/sandboxes/" .. id
     H.sh(("mkdir -p '%s'"):format(d))
     H.write_file(d .. "/owner", "999999999 1\n")
-    H.write_file(d .. "/objects", "+ netns clawlua-spec-none\n")
+    H.write_file(d .. "/objects", "+ " .. object .. "\n")
     local r = cleanup()
     assert.equal(1, r.code)
-    assert.truthy(r.stderr:find("netns clawlua-spec-none: clawlua.sandbox.net is not available", 1, true), r.stderr)
+    assert.truthy(r.stderr:find(want, 1, true), r.stderr)
     assert.truthy(io.open(d .. "/owner"))
     H.sh(("rm -rf '%s'"):format(d))
+  end
+
+  it("keeps the records it could not reclaim and exits 1", function()
+    if pcall(require, "clawlua.sandbox.net") then return end -- then netns records are reclaimable
+    unreclaimable("netless", "netns clawlua-spec-none",
+      "netns clawlua-spec-none: clawlua.sandbox.net is not available")
+  end)
+
+  it("says so when a recorded cgroup's hierarchy is not mounted here (never 'nothing left')", function()
+    unreclaimable("unmounted-cg", "cgroup /nonexistent-cgroup-root/memory/clawlua-999999999-",
+      "no cgroup hierarchy is mounted over /nonexistent-cgroup-root/memory here")
   end)
 
   it("takes over what a live runtime failed to release", function()

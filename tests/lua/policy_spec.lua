@@ -30,6 +30,8 @@ describe("policy", function()
       assert.equal("docker-default", p.seccomp)
       assert.same({ vcpus = 1, memory_mib = 256, pids = 256, cpu = 1.0, lifetime_s = 600,
         max_output = 16 << 20 }, p.resources)
+      assert.same({ max_sandboxes = 32, max_execs = 64, memory_mib = 16384 }, p.quota)
+      assert.same(p.quota, policy.describe(p).quota)
       assert.equal("/work", p.files.workdir)
       assert.is_true(policy.is_policy(p))
       assert.is_false(policy.is_policy({}))
@@ -95,6 +97,12 @@ describe("policy", function()
       { "return { resources = { max_output = '2G' } }", "resources.max_output: 1 to 1073741824 bytes expected" },
       { "return { resources = { lifetime_s = -1 } }", "resources.lifetime_s: 0.001 to 604800 expected" },
       { "return { resources = { disk = 1 } }", "resources.disk: unknown field" },
+      { "return {\n quota = {\n  max_sandboxes = 0 } }", "p.lua:3: quota.max_sandboxes: 1 to 4096 expected, got 0" },
+      { "return { quota = { max_execs = 1.5 } }", "quota.max_execs: integer expected, got float" },
+      { "return { quota = { memory_mib = '1G' }, resources = { memory_mib = 2048 } }",
+        "quota.memory_mib: at least resources.memory_mib (2048) expected, got 1024" },
+      { "return { quota = { disks = 1 } }", "quota.disks: unknown field" },
+      { "return { quota = 8 }", "quota: table expected, got integer" },
       { "return {\n network = {\n  allow = { 'a.org:443',\n 42 } } }",
         "p.lua:3: network.allow[2]: expected \"host:port/proto\" or {host=, port=, proto=}" },
       { "return { network = { allow = { 'a.org:99999' } } }",
@@ -259,8 +267,72 @@ describe("policy", function()
     end)
   end)
 
+  describe("reload", function()
+    local v1 = [[return { network = { egress = "deny", allow = { "a.test:80" }, resolvers = { "192.0.2.53" } },
+      hooks = { on_exec = function() return true end } }]]
+    local v2 = [[return { backend = "vm", network = { egress = "deny", allow = { "a.test:80", "b.test:443" } },
+      resources = { memory_mib = 512 }, hooks = { on_exec = function() return false, "v2" end } }]]
+
+    it("re-reads the file and takes the new fields in place; a bad file changes nothing", function()
+      local path = file("rl.lua", v1)
+      local p = assert(policy.load(path))
+      H.write_file(path, v2)
+      local seq = claw.audit.stats().last_seq or 0
+      local r = assert(policy.reload(p))
+      assert.same({ updated = {}, failed = {} }, r)
+      assert.equal("vm", p.backend)
+      assert.equal(512, p.resources.memory_mib)
+      assert.equal("b.test", p.network.allow[2].host)
+      assert.same({ false, "v2" }, { policy.call_hook(p, "on_exec", { "ls" }) })
+      assert.is_true(policy.is_policy(p))
+      assert.equal(1, #claw.audit.events { kind = "policy.reload", after_seq = seq })
+      -- a bad file: an error naming file:line and field, audited, p as it was
+      H.write_file(path, "return {\n network = { egress = 'maybe' } }")
+      local before = policy.describe(p)
+      local ok, err, code = policy.reload(p)
+      assert.is_nil(ok)
+      assert.equal("EINVAL", code)
+      assert.truthy(err:find(path .. ":2: network.egress", 1, true), err)
+      assert.same(before, policy.describe(p))
+      local evs = claw.audit.events { kind = "policy.reload_failed", after_seq = seq }
+      assert.equal(1, #evs)
+      assert.equal(path, evs[1].detail.source)
+      H.write_file(path, "return {")
+      assert.is_nil(policy.reload(p))
+      assert.same(before, policy.describe(p))
+      local ok2, err2, code2 = policy.reload(policy.default())
+      assert.is_nil(ok2)
+      assert.equal("EINVAL", code2)
+      assert.truthy(err2:find("not loaded from a file", 1, true))
+      assert.has_error(function() policy.reload({}) end)
+    end)
+
+    it("SIGHUP reloads the policies a clawlua process loaded", function()
+      local path = file("hup.lua", v1)
+      local script = file("hup-child.lua", [[
+        local claw = require "clawlua"
+        local policy = require "clawlua.policy"
+        local p = assert(policy.load(...))
+        io.stdout:write("ready\n"); io.stdout:flush()
+        claw.run(function()
+          while #p.network.allow < 2 do claw.sleep(0.02) end
+        end)
+        io.stdout:write(p.backend, " ", p.network.allow[2].host, "\n")
+      ]])
+      local pr = assert(claw.proc.spawn { H.bin, script, path, stdout = "pipe", stderr = "pipe",
+        env = H.lua_env() })
+      pr.stdout:set_timeout(20)
+      assert.equal("ready", pr.stdout:read_line())
+      H.write_file(path, v2)
+      assert(pr:kill("HUP"))
+      assert.equal("vm b.test", pr.stdout:read_line())
+      assert.equal(0, assert(pr:wait(20)).code)
+      pr:close()
+    end)
+  end)
+
   describe("examples/policies", function()
-    for _, name in ipairs { "untrusted", "pypi", "vm", "read-only-analysis", "ci-runner", "demo-egress" } do
+    for _, name in ipairs { "untrusted-code", "pip-install", "vm", "read-only-analysis", "ci-runner", "demo-egress" } do
       it(name .. ".lua loads", function()
         local p, err = policy.load(H.src .. "/examples/policies/" .. name .. ".lua")
         assert.truthy(p, err)
@@ -271,10 +343,10 @@ describe("policy", function()
 
   describe("clawlua policy check", function()
     it("prints the effective policy as JSON", function()
-      local r = H.clawlua { "policy", "check", H.src .. "/examples/policies/pypi.lua" }
+      local r = H.clawlua { "policy", "check", H.src .. "/examples/policies/pip-install.lua" }
       assert.equal(0, r.code, r.stderr)
       local d = assert(claw.json.decode(r.stdout))
-      assert.equal("pypi", d.name)
+      assert.equal("pip-install", d.name)
       assert.equal(16 << 20, d.resources.max_output)
     end)
 

@@ -123,6 +123,83 @@ describe("sandbox (jail backend)", function()
     assert.equal(0, sb:info().backend_info.running)
   end)
 
+  it("quotas across sandboxes: max_sandboxes, memory_mib, max_execs; refusals audited", function()
+    collectgarbage()
+    collectgarbage()
+    local u = sandbox.usage()
+    local seq = claw.audit.stats().last_seq or 0
+    local p = assert(policy.from_table({ resources = { memory_mib = 64 },
+      quota = { max_sandboxes = u.sandboxes + 2, max_execs = u.execs + 1 } }, "q"))
+    local a <close> = assert(sandbox.create(p))
+    local b = assert(sandbox.create(p))
+    local n = u.sandboxes + 2
+    local c, err, code = sandbox.create(p)
+    assert.is_nil(c)
+    assert.equal("EDQUOT", code)
+    assert.equal(("sandbox.create: quota: %d sandboxes live (max_sandboxes = %d)"):format(n, n), err)
+    assert.is_true(b:destroy())
+    local c2 <close> = assert(sandbox.create(p))
+    -- memory: the total over live sandboxes, this one included
+    local m = sandbox.usage().memory_mib
+    local big = assert(policy.from_table({ resources = { memory_mib = 300 },
+      quota = { memory_mib = m + 500 } }, "big"))
+    local d <close> = assert(sandbox.create(big))
+    c, err, code = sandbox.create(big)
+    assert.is_nil(c)
+    assert.equal("EDQUOT", code)
+    assert.truthy(err:find(("quota: %d MiB of memory live + 300 MiB asked > memory_mib = %d")
+      :format(m + 300, m + 500), 1, true), err)
+    -- concurrent execs: the second waits for nothing, it is refused while the first runs
+    local t = claw.spawn(function() return a:exec { "sleep", "0.5" } end)
+    claw.sleep(0.1)
+    local r
+    r, err, code = c2:exec { "true" }
+    assert.is_nil(r)
+    assert.equal("EDQUOT", code)
+    assert.equal(("exec: quota: %d commands running (max_execs = %d)"):format(u.execs + 1, u.execs + 1), err)
+    assert.equal(0, assert(t:join(5)).code)
+    assert.equal(0, assert(c2:exec { "true" }).code)
+    local evs = claw.audit.events { kind = "sandbox.quota", after_seq = seq }
+    local fields = {}
+    for _, ev in ipairs(evs) do fields[#fields + 1] = ev.detail.field end
+    assert.same({ "max_sandboxes", "memory_mib", "max_execs" }, fields)
+    a:destroy()
+    c2:destroy()
+    d:destroy()
+    assert.same(u, sandbox.usage())
+  end)
+
+  it("policy.reload: live sandboxes from the policy take hooks and network; resources wait", function()
+    local path = base .. "/reload.lua"
+    H.write_file(path, "return { resources = { memory_mib = 128 } }")
+    local p = assert(policy.load(path))
+    local sb <close> = assert(sandbox.create(p))
+    local other <close> = make()
+    H.write_file(path, [[return { resources = { memory_mib = 200 },
+      hooks = { on_exec = function() return false, "reloaded" end } }]])
+    local r = assert(policy.reload(p))
+    assert.same({ sb.id }, r.updated)
+    local _, err = sb:exec { "true" }
+    assert.truthy(err:find("denied by policy reload: reloaded", 1, true), err)
+    assert.equal(0, assert(other:exec { "true" }).code)
+    assert.equal(128, sb:info().policy.resources.memory_mib) -- new sandboxes only
+    local sb2 <close> = assert(sandbox.create(p))
+    assert.equal(200, sb2:info().policy.resources.memory_mib)
+    -- a sandbox made without network cannot take egress live: reported and audited, kept as is
+    H.write_file(path, "return { network = { egress = 'allow' } }")
+    local seq = claw.audit.stats().last_seq or 0
+    r = assert(policy.reload(p))
+    assert.same({}, r.updated)
+    local ids = { sb.id, sb2.id }
+    table.sort(ids) -- reported in id order
+    assert.same(ids, { r.failed[1].id, r.failed[2].id })
+    assert.truthy(r.failed[1].error:find("has no network", 1, true))
+    assert.equal("deny", sb:info().policy.network.egress)
+    local evs = claw.audit.events { kind = "policy.reload_failed", after_seq = seq }
+    assert.equal(2, #evs)
+    assert.same(ids, { evs[1].sandbox, evs[2].sandbox })
+  end)
+
   it("keeps files between execs; write_file, read_file, list_dir", function()
     local sb <close> = make()
     assert(sb:exec { "sh", "-c", "echo one > /work/a.txt; mkdir d; ln -s a.txt l; echo t > /tmp/t" })
@@ -247,11 +324,11 @@ describe("sandbox (jail backend)", function()
   end)
 
   it("asks the policy's hooks and audits a denial (created from a policy file's path)", function()
-    local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/untrusted.lua"))
+    local sb <close> = assert(sandbox.create(H.src .. "/examples/policies/untrusted-code.lua"))
     local r, err, code = sb:exec { "rm", "-rf", "/" }
     assert.is_nil(r)
     assert.equal("EPERM", code)
-    assert.truthy(err:find("denied by policy untrusted: rm -rf /", 1, true), err)
+    assert.truthy(err:find("denied by policy untrusted-code: rm -rf /", 1, true), err)
     local evs = claw.audit.events { kind = "policy.deny", sandbox = sb.id }
     assert.equal(1, #evs)
   end)

@@ -95,12 +95,15 @@ function W.queried(w, name)
 end
 
 -- Runs the child script in the host namespace with a plan; returns its output lines (decoded).
--- opts.until_op: kill -9 the child once it printed a line with that op.
+-- opts.until_op: kill -9 the child once it printed a line with that op; opts.script: another
+-- child script (tests/integration/...); opts.env: added to the child's environment. Returns the
+-- lines and the child's pid.
 function W.child(w, plan, opts)
   opts = opts or {}
   local p = assert(claw.proc.spawn { "ip", "netns", "exec", w.host, H.bin,
-                                     H.src .. "/tests/integration/sandbox_net_child.lua",
-                                     json.encode(plan), stdout = "pipe", stderr = "pipe" })
+                                     H.src .. "/tests/integration/" .. (opts.script or "sandbox_net_child.lua"),
+                                     json.encode(plan), stdout = "pipe", stderr = "pipe", env = opts.env })
+  local pid = p:pid()
   p.stdout:set_timeout(90)
   local lines = {}
   while true do
@@ -117,7 +120,11 @@ function W.child(w, plan, opts)
   local st = p:wait(30)
   p:close()
   if not opts.until_op then assert(st and st.code == 0, "child failed: " .. err) end
-  return lines
+  if opts.until_op then
+    local last = lines[#lines]
+    assert(last and last.op == opts.until_op, "the child stopped before " .. opts.until_op .. ": " .. err)
+  end
+  return lines, pid
 end
 
 --- The n-th (default first) output line of the child with that op.

@@ -65,6 +65,17 @@ local function cgroup_dirs(prefix)
   return out
 end
 
+-- Whether a cgroup filesystem is mounted at path or above it (then a missing path is gone).
+local function cgroup_mounted(path)
+  for line in (read("/proc/self/mountinfo") or ""):gmatch("[^\n]+") do
+    local mnt, fstype = line:match("^%S+ %S+ %S+ %S+ (%S+) .- %- (%S+)")
+    if (fstype == "cgroup" or fstype == "cgroup2") and (path == mnt or path:sub(1, #mnt + 1) == mnt .. "/") then
+      return true
+    end
+  end
+  return false
+end
+
 local reclaim = {}
 
 function reclaim.pid(name, dry)
@@ -81,6 +92,13 @@ function reclaim.cgroup(prefix, dry)
   -- the prefix names the runtime's pid: a live process with that pid may own such cgroups now
   local pid = tonumber(prefix:match("clawlua%-(%d+)%-$"))
   if pid and state.alive(pid) then return {} end
+  local parent = prefix:match("^(.*)/[^/]*$") or ""
+  if not exists(parent) and not cgroup_mounted(parent) then
+    -- e.g. cleanup under `ip netns exec`, whose sysfs has no /sys/fs/cgroup: saying "nothing
+    -- left" would be a lie
+    return nil, ("cgroup %s: no cgroup hierarchy is mounted over %s here (run clawlua cleanup "
+      .. "in the mount namespace the runtime ran in)"):format(prefix, parent)
+  end
   local done = {}
   for _, d in ipairs(cgroup_dirs(prefix)) do
     if not dry then
@@ -128,11 +146,13 @@ function M.cleanup(opts)
   opts = opts or {}
   local say = opts.say or function() end
   local res = { reclaimed = {}, live = {}, objects = 0, errors = {} }
+  local fw_reclaimed, fw_live = false, false
   for _, sb in ipairs(state.list(opts.base)) do
     if sb.id:match("^%.spare%-") then -- a spare state dir (no objects): not a sandbox
       if not sb.alive and not opts.dry_run then bb { "rm", "-rf", sb.dir } end
     elseif sb.alive then
       res.live[#res.live + 1] = sb.id
+      for _, o in ipairs(sb.objects) do fw_live = fw_live or o.kind == "fw" end
       say(("%s: owner %d is running, left alone"):format(sb.id, sb.pid))
     else
       local failed = false
@@ -150,6 +170,7 @@ function M.cleanup(opts)
           res.errors[#res.errors + 1] = sb.id .. ": " .. err
           say(("%s: could not reclaim %s"):format(sb.id, err))
         else
+          fw_reclaimed = fw_reclaimed or (o.kind == "fw" and #done > 0)
           for _, what in ipairs(done) do
             res.objects = res.objects + 1
             say(("%s: %s %s"):format(sb.id, opts.dry_run and "would remove" or "removed", what))
@@ -168,6 +189,15 @@ function M.cleanup(opts)
           opts.dry_run and "would remove" or "removed", sb.dir, tostring(sb.pid)))
       end
       if not failed then res.reclaimed[#res.reclaimed + 1] = sb.id end
+    end
+  end
+  -- the shared firewall tables a dead runtime made go too, once no VM of anyone uses them
+  if fw_reclaimed and not fw_live and not opts.dry_run then
+    local ok, dropped = require("clawlua.sandbox.net").drop_idle_firewall()
+    if not ok then
+      res.errors[#res.errors + 1] = "firewall tables: " .. tostring(dropped)
+    elseif dropped then
+      say("removed the firewall's tables (no VM attached any more)")
     end
   end
   return res

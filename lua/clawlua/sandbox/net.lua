@@ -783,6 +783,21 @@ function M.cleanup(kind, name)
   return nil, err
 end
 
+--- After `clawlua cleanup` reclaimed a dead runtime's firewall objects: deletes the shared
+--- firewall tables (inet and arp `config.table`) when no VM of any runtime is attached to them
+--- (the kernel's view: adopted chains count), so the namespace's ruleset is as before the
+--- runtime. Returns true and whether they were deleted, or nil, err.
+---@return true|nil ok, boolean|string deleted_or_err
+function M.drop_idle_firewall()
+  local fw, err = firewall()
+  if not fw then return nil, err end
+  if #fw:list() > 0 then return true, false end
+  local ok, derr = fw:destroy()
+  fw_handle = nil
+  if not ok then return nil, derr end
+  return true, true
+end
+
 --- The firewall handle the sandboxes share (opened on first use).
 ---@return table|nil fw, string|nil err
 function M.firewall() return firewall() end

@@ -14,13 +14,17 @@ local claw = require "clawlua"
 
 local M = {}
 
-local function read_file(path)
+--- A whole file's text, or nil when it cannot be read.
+---@param path string
+---@return string|nil
+function M.read_file(path)
   local f = io.open(path, "rb")
   if not f then return nil end
   local s = f:read("a")
   f:close()
   return s
 end
+local read_file = M.read_file
 
 --- The start time (clock ticks since boot) of a process, or nil when it does not exist (or is
 --- a zombie: it has exited).

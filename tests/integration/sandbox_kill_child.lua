@@ -1,0 +1,68 @@
+-- Runs in a test network namespace ("ip netns exec H clawlua this.lua JSON", with
+-- CLAWLUA_STATE_DIR set): creates a sandbox with a network through clawlua.sandbox and prints
+-- one JSON line per object the network module records. JSON: {id=, policy=path, resolvers=,
+-- hang_at=kind}: the policy file with its upstream resolvers replaced (the test's DNS server);
+-- with hang_at it stops for good inside sandbox.create once an object of that kind is recorded
+-- (mid-create); without, it creates the sandbox and starts a command that hangs (mid-exec). It
+-- prints {op="hang"} when the test may SIGKILL it.
+local claw = require "clawlua"
+local json = require "clawlua.json"
+local net = require "clawlua.sandbox.net"
+local sandbox = require "clawlua.sandbox"
+local policy = require "clawlua.policy"
+
+local function out(t)
+  io.stdout:write(json.encode(t), "\n")
+  io.stdout:flush()
+end
+
+local plan = json.decode(arg[1])
+
+-- `ip netns exec` gave this process a mount namespace with a sysfs of the network namespace,
+-- without /sys/fs/cgroup: mount the host's cgroup hierarchies again (here only), as a runtime
+-- outside a test namespace sees them, so that the jails get their cgroups.
+local function mount_cgroups()
+  local f = assert(io.open("/proc/self/cgroup"))
+  local lines = f:read("a")
+  f:close()
+  local cmds = { "set -e", "mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup" }
+  for ctrls in lines:gmatch("%d+:([^:\n]+):") do
+    if not ctrls:find("=", 1, true) then
+      cmds[#cmds + 1] = ("mkdir -p /sys/fs/cgroup/%s && mount -t cgroup -o %s cgroup /sys/fs/cgroup/%s")
+        :format(ctrls, ctrls, ctrls)
+    end
+  end
+  if lines:find("\n0::") or lines:find("^0::") then
+    cmds[#cmds + 1] = "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified"
+  end
+  assert(claw.proc.run { "sh", "-c", table.concat(cmds, "\n") }.code == 0, "mounting the cgroups failed")
+end
+
+local create = net.create
+net.create = function(o)
+  local record = o.record
+  o.record = function(kind, name)
+    record(kind, name)
+    out { op = "record", kind = kind, name = name }
+    if kind == plan.hang_at then
+      out { op = "hang" }
+      claw.sleep(3600)
+    end
+  end
+  return create(o)
+end
+
+claw.run(function()
+  mount_cgroups()
+  local p = assert(policy.load(plan.policy))
+  p.network.resolvers = plan.resolvers
+  local sb = assert(sandbox.create(p, { id = plan.id }))
+  out { op = "create", info = sb:info().network }
+  local r = assert(sb:exec { "sh", "-c", "echo $CI" })
+  out { op = "exec", stdout = r.stdout }
+  claw.spawn(function() sb:exec { "sleep", "41.42" } end)
+  claw.sleep(0.5)
+  out { op = "running", info = sb:info().backend_info }
+  out { op = "hang" }
+  claw.sleep(3600)
+end)

@@ -1,0 +1,105 @@
+-- labels: root netns
+-- timeout: 600
+-- kill -9 of a runtime mid-create and mid-exec of a sandbox with a network, then `clawlua
+-- cleanup`: the namespace the runtime ran in (a test namespace: `ip netns exec`, as in
+-- sandbox_net_spec) has the same links, addresses, routes and nft ruleset as before, `ip netns
+-- list` is the same, and no cgroup, mount, process or state dir of the runtime is left.
+local claw = require "clawlua"
+local H = require "helper"
+local N = require "netns"
+
+local available, why = N.available()
+local W = require "sbnet"
+
+describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
+  if not available then
+    pending("sandbox_kill tests skipped: " .. why)
+    return
+  end
+  local w, base
+  setup(function()
+    w = W.make()
+    base = H.tmpdir("sbkill")
+    -- the uplink's IPv6 link-local address settles (DAD) before anything is compared
+    assert(H.eventually(function()
+      return not H.sh("ip -n " .. w.host .. " addr show"):find("tentative", 1, true)
+    end, 10), "duplicate address detection did not finish")
+  end)
+  teardown(function()
+    if w then W.destroy(w) end
+    H.rm_rf(base)
+    assert.are.same({}, N.leftovers(W.prefix))
+  end)
+
+  local function sh(c) return (H.sh(c, { may_fail = true })) end
+
+  -- Everything of the host (namespace) a sandbox could leave. pid: the killed runtime's.
+  local function host_state(pid)
+    local info = claw.jail.cgroup_info()
+    local cg = {}
+    for _, d in pairs(info.v1 or {}) do cg[#cg + 1] = d end
+    if info.v2 then cg[#cg + 1] = info.v2 end
+    local cgroups = {}
+    for _, d in ipairs(cg) do
+      cgroups[#cgroups + 1] = sh(("ls -d '%s'/clawlua-%d-* 2>/dev/null || true"):format(d, pid or 0))
+    end
+    local ns = "ip netns exec " .. w.host .. " "
+    return {
+      links = sh("ip -n " .. w.host .. " -o link show | sed 's/^[0-9]*: //; s/ state.*//'"),
+      addrs = sh("ip -n " .. w.host .. " -o addr show"),
+      routes = sh("ip -n " .. w.host .. " route show table all"),
+      ruleset = sh(ns .. "nft list ruleset"),
+      netns = sh("ip netns list"),
+      cgroups = table.concat(cgroups),
+      mounts = sh("grep -E ' (" .. base .. "[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*|/run/netns/clw-[^ ]*) ' "
+        .. "/proc/self/mountinfo || true"),
+      procs = sh("pgrep -f '^sleep 41.42$' || true") .. (pid and sh("ps -o pid= -p " .. pid .. " || true") or ""),
+      sandboxes = sh("ls -A " .. base .. "/sandboxes 2>/dev/null | grep -v '^\\.spare' || true"),
+    }
+  end
+
+  local function run_child(plan)
+    return W.child(w, plan, { script = "sandbox_kill_child.lua", until_op = "hang",
+                              env = { CLAWLUA_STATE_DIR = base } })
+  end
+
+  local function cleanup()
+    -- in the namespace's network, but the host's mounts (the cgroup hierarchies, /run/netns)
+    return H.sh(("nsenter --net=/run/netns/%s %s cleanup --state-dir %s"):format(w.host, H.bin, base),
+      { may_fail = true })
+  end
+
+  local function check(plan, made)
+    local before = host_state(nil)
+    local lines, pid = run_child(plan)
+    local kinds = {}
+    for _, l in ipairs(lines) do if l.op == "record" then kinds[l.kind] = true end end
+    for _, k in ipairs(made) do assert.is_true(kinds[k] == true, "nothing of kind " .. k .. " recorded") end
+    -- the runtime is gone and left things behind (or the test would prove nothing)
+    local mid = host_state(pid)
+    assert.are_not.same(before, mid)
+    local out, r = cleanup()
+    assert.equal(0, r.code, out .. (r.stderr or ""))
+    local after = host_state(pid)
+    assert.are.same(before, after)
+    -- idempotent: a second run finds nothing
+    out, r = cleanup()
+    assert.equal(0, r.code, out)
+    assert.are.same(before, host_state(pid))
+    return lines
+  end
+
+  local policies = H.src .. "/examples/policies/"
+  local resolvers = { "203.0.113.53" }
+
+  it("mid-create (the network half made), under examples/policies/pip-install.lua", function()
+    check({ id = "sbkill-c", policy = policies .. "pip-install.lua", resolvers = resolvers, hang_at = "fw" },
+      { "netns", "link", "addr", "fw" })
+  end)
+
+  it("mid-exec (a command running in the sandbox's network), under examples/policies/ci-runner.lua", function()
+    local lines = check({ id = "sbkill-e", policy = policies .. "ci-runner.lua", resolvers = resolvers },
+      { "netns", "link", "addr", "fw" })
+    assert.equal("true\n", W.find(lines, "exec").stdout) -- the policy's env
+  end)
+end)
