@@ -726,8 +726,23 @@ static int l_diagnostics(lua_State *L) {
   return 1;
 }
 
+/* Lua: proc.namespace(kind) -> "net:[4026531840]" (this process's namespace of that kind, as
+ * /proc/self/ns/<kind> names it) | nil, err, errno. kind: net, mnt, pid, user, uts, ipc, cgroup */
+static int l_namespace(lua_State *L) {
+  static const char *const kinds[] = {"net", "mnt", "pid", "user", "uts", "ipc", "cgroup", NULL};
+  const char *kind = kinds[luaL_checkoption(L, 1, NULL, kinds)];
+  char path[64], target[128];
+  snprintf(path, sizeof path, "/proc/self/ns/%s", kind);
+  ssize_t n = readlink(path, target, sizeof target - 1);
+  if (n < 0) return cl_fail(L, path, errno);
+  target[n] = 0;
+  lua_pushstring(L, target);
+  return 1;
+}
+
 static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},
+    {"namespace", l_namespace},
     {"run", l_run},
     {"find_executable", l_find_executable},
     {"diagnostics", l_diagnostics},

@@ -172,6 +172,39 @@ print(a.id, b.id)
     p:close()
   end)
 
+  it("leaves the network objects of a runtime that ran in another network namespace to it", function()
+    local forward = H.read_file("/proc/sys/net/ipv4/ip_forward")
+    -- a namespace that is gone: its objects went with it (the host's forwarding stays as it is)
+    local d = base .. "/sandboxes/other-ns-gone"
+    H.sh(("mkdir -p '%s'"):format(d))
+    H.write_file(d .. "/owner", "999999999 1 net:[1]\n")
+    H.write_file(d .. "/objects", "+ sysctl net.ipv4.ip_forward\n+ addr lo 127.7.7.7/32\n")
+    local r = cleanup()
+    assert.equal(0, r.code, r.stdout .. r.stderr)
+    local want = "other-ns-gone: sysctl net.ipv4.ip_forward went with its network namespace net:[1]"
+    assert.truthy(r.stdout:find(want, 1, true), r.stdout)
+    assert.equal(forward, H.read_file("/proc/sys/net/ipv4/ip_forward"))
+    assert.is_nil(io.open(d .. "/owner"))
+    -- a namespace that is still there: cleanup says where to run, and keeps the records
+    local ns = "clcu" .. H.sh("echo $$"):match("%d+")
+    H.sh("ip netns add " .. ns)
+    local ok, err = pcall(function()
+      local ino = H.sh("stat -L -c %i /run/netns/" .. ns):match("%d+")
+      d = base .. "/sandboxes/other-ns-live"
+      H.sh(("mkdir -p '%s'"):format(d))
+      H.write_file(d .. "/owner", ("999999999 1 net:[%s]\n"):format(ino))
+      H.write_file(d .. "/objects", "+ sysctl net.ipv4.ip_forward\n")
+      r = cleanup()
+      assert.equal(1, r.code)
+      assert.truthy(r.stderr:find("nsenter --net=/run/netns/" .. ns .. " clawlua cleanup", 1, true), r.stderr)
+      assert.truthy(io.open(d .. "/owner"))
+      assert.equal(forward, H.read_file("/proc/sys/net/ipv4/ip_forward"))
+      H.sh("rm -rf '" .. d .. "'")
+    end)
+    H.sh("ip netns del " .. ns)
+    assert(ok, err)
+  end)
+
   -- A dead runtime's sandbox with one object cleanup cannot reclaim: exit 1, the error, the
   -- records kept.
   local function unreclaimable(id, object, want)

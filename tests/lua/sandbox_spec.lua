@@ -426,7 +426,7 @@ describe("sandbox (jail backend)", function()
     assert.truthy(claw.json.encode(info))
     local owner = H.read_file(info.state_dir .. "/owner")
     local pid, start = state.self()
-    assert.equal(("%d %d\n"):format(pid, start), owner)
+    assert.equal(("%d %d %s\n"):format(pid, start, claw.proc.namespace("net")), owner)
     assert.is_false(pcall(function() a.id = "x" end))
   end)
 

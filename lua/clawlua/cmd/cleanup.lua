@@ -19,7 +19,7 @@ to reclaim; 1: something could not be reclaimed (printed); 2: usage.]]
 local function bb(args)
   local argv = { "/bin/busybox" }
   table.move(args, 1, #args, 2, argv)
-  argv.timeout, argv.stdin = 30, "null"
+  argv.timeout = 30
   local r, err = claw.proc.run(argv)
   if not r then return nil, err end
   if r.code ~= 0 then return nil, (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", "") end
@@ -140,6 +140,20 @@ local function reclaim_other(kind, name, dry)
   return { kind .. " " .. name }
 end
 
+-- Objects that live in the network namespace of the runtime that made them.
+local NET_KINDS = { link = true, addr = true, sysctl = true, nft = true, fw = true }
+
+-- The name under /run/netns of the namespace "net:[N]", if one is there.
+local function netns_name(ns)
+  local ino = ns:match("^net:%[(%d+)%]$")
+  local names = ino and bb { "ls", "-1A", "/run/netns" }
+  for name in (names or ""):gmatch("[^\n]+") do
+    local i = bb { "stat", "-L", "-c", "%i", "/run/netns/" .. name }
+    if i and i:match("%d+") == ino then return name end
+  end
+  return nil
+end
+
 --- Reclaims the sandboxes of dead runtimes. opts: {dry_run=, base=, say=fn(line)}.
 --- Returns {reclaimed = {ids}, live = {ids}, objects = n, errors = {msgs}}.
 function M.cleanup(opts)
@@ -156,11 +170,24 @@ function M.cleanup(opts)
       say(("%s: owner %d is running, left alone"):format(sb.id, sb.pid))
     else
       local failed = false
+      -- Network objects of a runtime that ran in another network namespace are that namespace's:
+      -- touching the same names here would remove this namespace's (the host's forwarding
+      -- switch, say). Still there: say where to run cleanup. Gone: they went with it.
+      local away, away_name = sb.netns and sb.netns ~= state.netns() and sb.netns, nil
+      if away then away_name = netns_name(away) end
       for i = #sb.objects, 1, -1 do -- reverse order of creation
         local o = sb.objects[i]
         local fn = reclaim[o.kind]
         local done, err
-        if fn then
+        if away and NET_KINDS[o.kind] then
+          if away_name then
+            err = ("%s %s: in network namespace %s (%s); run `nsenter --net=/run/netns/%s clawlua cleanup`")
+              :format(o.kind, o.name, away_name, away, away_name)
+          else
+            done = {}
+            say(("%s: %s %s went with its network namespace %s"):format(sb.id, o.kind, o.name, away))
+          end
+        elseif fn then
           done, err = fn(o.name, opts.dry_run)
         else
           done, err = reclaim_other(o.kind, o.name, opts.dry_run)

@@ -1,7 +1,8 @@
 -- The state dir: what every sandbox owns, written down before it is made, so that a runtime
 -- that dies (kill -9) leaves a list `clawlua cleanup` can reclaim.
 --
---   <base>/sandboxes/<id>/owner     "pid starttime\n" of the runtime that owns the sandbox
+--   <base>/sandboxes/<id>/owner     "pid starttime netns\n" of the runtime that owns the sandbox
+--                                   (netns: the network namespace its network objects live in)
 --   <base>/sandboxes/<id>/objects   append-only log: "+ kind name\n" before an object is made,
 --                                   "- kind name\n" once it is released
 --   <base>/sandboxes/<id>/...       the sandbox's own files (scratch dirs)
@@ -53,6 +54,15 @@ function M.self()
     self_start = M.start_time(self_pid)
   end
   return self_pid, self_start
+end
+
+local self_netns
+--- This process's network namespace ("net:[4026531840]"): the namespace a sandbox's addresses,
+--- links and nft tables live in.
+---@return string
+function M.netns()
+  if not self_netns then self_netns = claw.proc.namespace("net") or "net:[?]" end
+  return self_netns
 end
 
 --- Whether the process pid with that start time still runs.
@@ -119,7 +129,7 @@ local function write_owner(dir)
   local pid, start = M.self()
   local f = io.open(dir .. "/owner", "wb")
   if not f then return nil, "state dir " .. dir .. ": cannot write owner" end
-  f:write(("%d %d\n"):format(pid, start))
+  f:write(("%d %d %s\n"):format(pid, start, M.netns()))
   f:close()
   return true
 end
@@ -231,7 +241,7 @@ function Record:close()
     table.sort(left)
     local f = io.open(self.dir .. "/owner", "wb")
     if f then
-      f:write("0 0\n")
+      f:write(("0 0 %s\n"):format(M.netns()))
       f:close()
     end
     return nil, ("state dir %s kept for clawlua cleanup: %s not released"):format(self.dir,
@@ -270,11 +280,12 @@ function M.list(base)
   for id in r.stdout:gmatch("[^\n]+") do
     local d = dir .. "/" .. id
     local owner = read_file(d .. "/owner") or ""
-    local pid, start = owner:match("^(%d+) (%d+)")
+    local pid, start, netns = owner:match("^(%d+) (%d+) ?(%S*)")
     pid, start = math.tointeger(tonumber(pid)), math.tointeger(tonumber(start))
     local meta = read_file(d .. "/meta")
     meta = meta and claw.json.decode(meta) or {}
     out[#out + 1] = { id = id, dir = d, pid = pid, start = start, meta = meta,
+      netns = netns ~= "" and netns or nil,
       alive = pid ~= nil and M.alive(pid, start), objects = M.replay(read_file(d .. "/objects")) }
   end
   return out
