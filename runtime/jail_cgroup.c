@@ -310,7 +310,16 @@ static int cg_create_v1(jail_ext *x, const char *name, const int want[], long lo
     if (!want[c]) continue;
     char mp[256], self[512];
     if (!find_mount(cg_names[c], mp, sizeof mp) || !self_cgroup(cg_names[c], self, sizeof self)) {
-      snprintf(err, errlen, "cgroup: no '%s' controller in cgroup v1 or v2", cg_names[c]);
+      char any[256];
+      if (!find_mount(NULL, any, sizeof any) && !find_mount("memory", any, sizeof any) &&
+          !find_mount("pids", any, sizeof any) && !find_mount("cpu", any, sizeof any))
+        /* `ip netns exec` remounts /sys in a mount namespace of its own, without cgroups. */
+        snprintf(err, errlen,
+                 "cgroup: no cgroup hierarchy is mounted here (under `ip netns exec`, /sys has no "
+                 "/sys/fs/cgroup: enter the namespace with `nsenter --net=/run/netns/NAME` "
+                 "instead, or set cgroup = false)");
+      else
+        snprintf(err, errlen, "cgroup: no '%s' controller in cgroup v1 or v2", cg_names[c]);
       return EOPNOTSUPP;
     }
     cgdir *d = &x->dirs[x->ndirs++];
