@@ -50,6 +50,12 @@ static void load_embedded(lua_State *L, int idx) {
     }
     lua_pop(L, 1);
   }
+  /* The build's bytecode when this Lua accepts it (the same 5.4 it was made by), else the
+   * source: a header mismatch is refused by the loader before anything runs. */
+  if (m->code &&
+      luaL_loadbufferx(L, (const char *)m->code, m->code_size, m->chunkname, "b") == LUA_OK)
+    return;
+  if (m->code) lua_pop(L, 1);
   if (luaL_loadbufferx(L, (const char *)m->data, m->size, m->chunkname, "t") != LUA_OK)
     lua_error(L);
 }
