@@ -243,6 +243,8 @@ function M.oci_table(doc, opts)
     -- The filter names the architecture by its index in arches: give the profile's JSON path.
     local i, why = tostring(f):match("bad field 'arches%[(%d+)%]' %((.*)%)$")
     if i and arch_paths[tonumber(i)] then fail(arch_paths[tonumber(i)], why) end
+    why = tostring(f):match("bad field 'arches' %((.*)%)$") -- e.g. too many of them
+    if why then fail(doc.archMap ~= nil and doc.archMap ~= json.null and "$.archMap" or "$.architectures", why) end
     error(f, 0)
   end
   return f, skipped

@@ -270,6 +270,9 @@ describe("seccomp profiles", function()
     -- an unknown architecture names where the profile gave it (found by fuzz_lua_seccomp_profiles)
     assert.matches("^seccomp profile profile: %$%.architectures%[1%]: unknown architecture 'SCMP_ARCH_NOPE'",
       load '{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_NOPE"]}')
+    assert.matches("^seccomp profile profile: %$%.architectures: 1 to 4 architectures expected",
+      load('{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86","SCMP_ARCH_X32",'
+        .. '"SCMP_ARCH_ARM","SCMP_ARCH_AARCH64","SCMP_ARCH_PPC64LE"]}'))
     assert.matches("^seccomp profile profile: %$%.archMap%[0%]%.subArchitectures%[0%]: unknown architecture",
       load('{"defaultAction":"SCMP_ACT_ERRNO","archMap":[{"architecture":"SCMP_ARCH_'
         .. seccomp.native_arch:upper() .. '","subArchitectures":["SCMP_ARCH_NOPE"]}]}'))
