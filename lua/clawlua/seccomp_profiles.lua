@@ -123,6 +123,7 @@ function M.oci_table(doc, opts)
 
   -- Architectures: the native one and its sub-architectures from archMap (or "architectures").
   local arches = { native }
+  local arch_paths = { "arch" } -- where each entry of arches came from, for errors
   local scmp_native = "SCMP_ARCH_" .. native:upper()
   if doc.archMap ~= nil and doc.archMap ~= json.null then
     expect(doc.archMap, "array", "$.archMap")
@@ -132,15 +133,21 @@ function M.oci_table(doc, opts)
       if expect(m.architecture, "string", p .. ".architecture") == scmp_native then
         if m.subArchitectures ~= nil and m.subArchitectures ~= json.null then
           for k, sub in ipairs(expect(m.subArchitectures, "array", p .. ".subArchitectures")) do
-            arches[#arches + 1] = expect(sub, "string", ("%s.subArchitectures[%d]"):format(p, k - 1))
+            local sp = ("%s.subArchitectures[%d]"):format(p, k - 1)
+            arches[#arches + 1] = expect(sub, "string", sp)
+            arch_paths[#arches] = sp
           end
         end
       end
     end
   elseif doc.architectures ~= nil and doc.architectures ~= json.null then
     for k, a in ipairs(expect(doc.architectures, "array", "$.architectures")) do
-      a = expect(a, "string", ("$.architectures[%d]"):format(k - 1))
-      if a ~= scmp_native then arches[#arches + 1] = a end
+      local ap = ("$.architectures[%d]"):format(k - 1)
+      a = expect(a, "string", ap)
+      if a ~= scmp_native then
+        arches[#arches + 1] = a
+        arch_paths[#arches] = ap
+      end
     end
   end
 
@@ -227,11 +234,19 @@ function M.oci_table(doc, opts)
       skipped[#skipped + 1] = p
     end
   end
-  local f = seccomp.filter {
+  local ok, f = pcall(seccomp.filter, {
     default = default, arches = arches, rules = rules, strict = false,
     optimize = opts.optimize, log = opts.log, handler = opts.handler,
     notify_timeout = opts.notify_timeout,
-  }
+  })
+  if not ok then
+    -- The filter names the architecture by its index in arches: give the profile's JSON path.
+    local i, why = tostring(f):match("bad field 'arches%[(%d+)%]' %((.*)%)$")
+    if i and arch_paths[tonumber(i)] then fail(arch_paths[tonumber(i)], why) end
+    why = tostring(f):match("bad field 'arches' %((.*)%)$") -- e.g. too many of them
+    if why then fail(doc.archMap ~= nil and doc.archMap ~= json.null and "$.archMap" or "$.architectures", why) end
+    error(f, 0)
+  end
   return f, skipped
 end
 

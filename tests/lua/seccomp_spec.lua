@@ -267,6 +267,15 @@ describe("seccomp profiles", function()
       load(head .. '},{"names":["write"],"action":"SCMP_ACT_MAYBE"}]}'))
     assert.matches("%$%.syscalls%[0%]%.args%[0%]%.op: unknown operator",
       load(head .. ',"args":[{"index":0,"value":1,"op":"SCMP_CMP_LIKE"}]}]}'))
+    -- an unknown architecture names where the profile gave it (found by fuzz_lua_seccomp_profiles)
+    assert.matches("^seccomp profile profile: %$%.architectures%[1%]: unknown architecture 'SCMP_ARCH_NOPE'",
+      load '{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_NOPE"]}')
+    assert.matches("^seccomp profile profile: %$%.architectures: 1 to 4 architectures expected",
+      load('{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86","SCMP_ARCH_X32",'
+        .. '"SCMP_ARCH_ARM","SCMP_ARCH_AARCH64","SCMP_ARCH_PPC64LE"]}'))
+    assert.matches("^seccomp profile profile: %$%.archMap%[0%]%.subArchitectures%[0%]: unknown architecture",
+      load('{"defaultAction":"SCMP_ACT_ERRNO","archMap":[{"architecture":"SCMP_ARCH_'
+        .. seccomp.native_arch:upper() .. '","subArchitectures":["SCMP_ARCH_NOPE"]}]}'))
     assert.matches("json: .* at byte %d+", load '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [')
     assert.matches("No such file", select(2, seccomp.load_oci("/nonexistent/profile.json")))
     local _, e = seccomp.load_firecracker('{"vmm":{"default_action":"trap","filter_action":"allow",'
