@@ -84,14 +84,21 @@ static int add_rules(const filter *f, scmp_filter_ctx ctx, int extras, size_t *b
   return 0;
 }
 
-static scmp_filter_ctx new_ctx(const filter *f, const uint32_t *arches, int narch) {
+/* A context for the given architectures; NULL on failure, with *bad_arch set to the one
+ * libseccomp refused (mixed endianness, say), else 0. */
+static scmp_filter_ctx new_ctx(const filter *f, const uint32_t *arches, int narch,
+                               uint32_t *bad_arch) {
+  *bad_arch = 0;
   scmp_filter_ctx ctx = seccomp_init(f->def);
   if (!ctx) return NULL;
   uint32_t native = seccomp_arch_native();
   int keep_native = 0;
   for (int i = 0; i < narch; i++) keep_native |= arches[i] == native;
   for (int i = 0; i < narch; i++)
-    if (arches[i] != native && seccomp_arch_add(ctx, arches[i]) < 0) goto fail;
+    if (arches[i] != native && seccomp_arch_add(ctx, arches[i]) < 0) {
+      *bad_arch = arches[i];
+      goto fail;
+    }
   if (!keep_native && seccomp_arch_remove(ctx, native) < 0) goto fail;
   /* We set no_new_privs ourselves, before the filter, in the child. */
   if (seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0) < 0) goto fail;
@@ -101,6 +108,19 @@ static scmp_filter_ctx new_ctx(const filter *f, const uint32_t *arches, int narc
 fail:
   seccomp_release(ctx);
   return NULL;
+}
+
+/* The message for a context that could not be made: which of f's architectures was refused. */
+static void ctx_error(const filter *f, uint32_t bad_arch, char *err, size_t errlen) {
+  for (int i = 0; bad_arch && i < f->narch; i++)
+    if (f->arches[i] == bad_arch) {
+      snprintf(err, errlen,
+               "bad field 'arches[%d]' (libseccomp cannot combine it with the filter's other "
+               "architectures)",
+               i + 1);
+      return;
+    }
+  snprintf(err, errlen, "libseccomp: cannot set up the filter");
 }
 
 /* Builds the libseccomp context for f. Rules that use clawlua's own syscall numbers need a
@@ -121,9 +141,10 @@ static scmp_filter_ctx build_ctx(const filter *f, char *err, size_t errlen) {
   size_t bad = 0;
   int rc;
   if (!has_extra || !with_native || nothers == 0) {
-    scmp_filter_ctx ctx = new_ctx(f, f->arches, f->narch);
+    uint32_t bad_arch;
+    scmp_filter_ctx ctx = new_ctx(f, f->arches, f->narch, &bad_arch);
     if (!ctx) {
-      snprintf(err, errlen, "libseccomp: cannot set up the filter");
+      ctx_error(f, bad_arch, err, errlen);
       return NULL;
     }
     rc = add_rules(f, ctx, has_extra && with_native, &bad);
@@ -133,11 +154,12 @@ static scmp_filter_ctx build_ctx(const filter *f, char *err, size_t errlen) {
     seccomp_release(ctx);
     goto rule_fail;
   }
-  scmp_filter_ctx a = new_ctx(f, &native, 1), b = new_ctx(f, others, nothers);
+  uint32_t bad_a, bad_b;
+  scmp_filter_ctx a = new_ctx(f, &native, 1, &bad_a), b = new_ctx(f, others, nothers, &bad_b);
   if (!a || !b) {
     if (a) seccomp_release(a);
     if (b) seccomp_release(b);
-    snprintf(err, errlen, "libseccomp: cannot set up the filter");
+    ctx_error(f, bad_a ? bad_a : bad_b, err, errlen);
     return NULL;
   }
   rc = add_rules(f, a, 1, &bad);

@@ -276,6 +276,10 @@ describe("seccomp profiles", function()
     assert.matches("^seccomp profile profile: %$%.archMap%[0%]%.subArchitectures%[0%]: unknown architecture",
       load('{"defaultAction":"SCMP_ACT_ERRNO","archMap":[{"architecture":"SCMP_ARCH_'
         .. seccomp.native_arch:upper() .. '","subArchitectures":["SCMP_ARCH_NOPE"]}]}'))
+    -- one libseccomp cannot combine with the native one (endianness) is named too
+    assert.matches("^seccomp profile profile: %$%.archMap%[0%]%.subArchitectures%[0%]: libseccomp cannot combine",
+      load('{"defaultAction":"SCMP_ACT_ERRNO","archMap":[{"architecture":"SCMP_ARCH_X86_64",'
+        .. '"subArchitectures":["SCMP_ARCH_MIPS"]}]}'))
     assert.matches("json: .* at byte %d+", load '{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [')
     assert.matches("No such file", select(2, seccomp.load_oci("/nonexistent/profile.json")))
     local _, e = seccomp.load_firecracker('{"vmm":{"default_action":"trap","filter_action":"allow",'
