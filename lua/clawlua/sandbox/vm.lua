@@ -214,7 +214,7 @@ end
 --- Copies the paths into <dir>/stage/<i> and makes <dir>/files.ext4 of them.
 ---@return string|nil dir the directory holding the disk (removed at close)
 ---@return string disk path, or the error
-local function readonly_disk(paths)
+local function readonly_disk(paths, id)
   for i, p in ipairs(paths) do
     if type(p) ~= "string" or p:sub(1, 1) ~= "/" or p:find("[%z\n]") or p:match("/%.%.?/") or p:match("/%.%.?$") then
       error(("bad field 'files.readonly[%d]' (an absolute path without . or .. expected)"):format(i), 4)
@@ -222,7 +222,8 @@ local function readonly_disk(paths)
     if not exists(p) then return nil, ("files.readonly[%d]: %s: No such file or directory"):format(i, p) end
   end
   local base = runtime_dir()
-  local dir, err = run { "sh", "-c", 'mkdir -p "$1" && mktemp -d "$1/files.XXXXXX"', "sh", base }
+  -- named after the sandbox, so that what a sandbox left is told from another's
+  local dir, err = run { "sh", "-c", 'mkdir -p "$1" && mktemp -d "$1/files.$2.XXXXXX"', "sh", base, id }
   if not dir then return nil, "files.readonly: " .. err end
   dir = dir:gsub("%s+$", "")
   local argv = { "sh", "-c", [[
@@ -776,7 +777,7 @@ function B.start(opts)
     if spec.rootfs then error("bad field 'files.readonly' (the VM's one disk is policy.vm.rootfs already)", 2) end
     -- a disk of this sandbox's own: no template or pool VM has it
     local disk
-    files_dir, disk = readonly_disk(ro_src)
+    files_dir, disk = readonly_disk(ro_src, id)
     if not files_dir then
       emit("sandbox.vm.error", id, { error = disk })
       return nil, disk
