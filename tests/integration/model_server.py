@@ -20,7 +20,8 @@ gets a 500. A TURN is one of
   {"status": 429, "headers": {"Retry-After": "1"}, "error": "message", "error_type": "..."}
   {"raw": "text sent as the body as it is"}       (malformed JSON; streamed: as an event's data)
 "{{sandbox}}" anywhere in a turn becomes the id that the request's first user message names as
-"sandbox ID" (the examples create a sandbox and name it in the task).
+"sandbox ID" (the examples create a sandbox and name it in the task), else the last sandbox id
+("sb-...") a tool result in the request carries (the model created it with sandbox_create).
 """
 import json
 import re
@@ -58,9 +59,14 @@ def first_user_text(req):
 def substitute(t, req):
     """Replaces {{sandbox}} in a turn by the id the task names ("sandbox ID")."""
     m = re.search(r"sandbox ([A-Za-z0-9_.:-]+)", first_user_text(req))
-    if not m:
-        return t
-    return json.loads(json.dumps(t).replace("{{sandbox}}", m.group(1)))
+    if m:
+        sid = m.group(1)
+    else:
+        found = re.findall(r"\b(sb-[0-9a-f]{8,})\b", json.dumps(req.get("messages", [])))
+        if not found:
+            return t
+        sid = found[-1]
+    return json.loads(json.dumps(t).replace("{{sandbox}}", sid))
 
 
 def call_id(n, i, call):

@@ -55,6 +55,40 @@ describe("clawlua agent", function()
   end)
 
   for _, provider in ipairs { "openai", "anthropic" } do
+    it(provider .. ": runs the model's tool calls in a sandbox under the operator's policy", function()
+      if not (pcall(require, "clawlua.mcp.tools") and H.is_root()) then
+        pending("the sandbox tool set needs clawlua.mcp.tools and root")
+        return
+      end
+      srv.script { turns = {
+        { tool_calls = { { id = "c1", name = "sandbox_create", arguments = {} } } },
+        { tool_calls = { { id = "c2", name = "sandbox_exec", arguments = { id = "{{sandbox}}",
+          command = { "sh", "-c", "echo from-sandbox-$((6*7)); cat /etc/hostname; id -u" } } } } },
+        { text = "The sandbox said from-sandbox-42." } } }
+      local transcript = dir .. "/sb-" .. provider .. ".jsonl"
+      local r = agent { "--provider", provider, "--model", "scripted", "--base-url", srv.base,
+                        "--policy", H.src .. "/examples/policies/untrusted-code.lua",
+                        "--transcript", transcript, "run a script somewhere safe" }
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("The sandbox said from-sandbox-42.\n", r.stdout)
+      -- what the model was fed back: the command's output from inside the jail
+      local reqs = srv.requests()
+      assert.are.equal(3, #reqs)
+      local id = U.tool_results(reqs[2])[1].content:match("created sandbox (sb%-%x+)")
+      assert.truthy(id, U.tool_results(reqs[2])[1].content)
+      local ran = U.tool_results(reqs[3])[2]
+      assert.is_falsy(ran.is_error)
+      assert.matches("from%-sandbox%-42\n", ran.content)
+      -- every tool call is in the transcript, and the key is nowhere
+      local t = H.read_file(transcript)
+      assert.truthy(t:find('"sandbox_create"', 1, true))
+      assert.truthy(t:find('"sandbox_exec"', 1, true))
+      assert.is_nil(t:find(KEY, 1, true))
+      assert.is_nil((r.stdout .. r.stderr):find(KEY, 1, true))
+      -- the tool set destroyed its sandbox when the agent finished
+      assert.is_nil(io.open("/run/clawlua/sandboxes/" .. id .. "/owner"))
+    end)
+
     it(provider .. ": answers a task with an MCP server's tools, transcript and progress", function()
       if not everything then
         pending(why)
