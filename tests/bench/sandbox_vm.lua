@@ -26,49 +26,14 @@ local function median(t)
   return n % 2 == 1 and s[(n + 1) // 2] or (s[n // 2] + s[n // 2 + 1]) / 2
 end
 
-local khz = 0
-for line in io.lines("/proc/cpuinfo") do
-  local mhz = line:match("^cpu MHz%s*:%s*([%d.]+)")
-  if mhz then
-    khz = math.floor(tonumber(mhz) * 1000 + 0.5)
-    break
-  end
-end
-
 local tmp = assert(proc.run { "mktemp", "-d", "/tmp/clawlua-bench.XXXXXX" }).stdout:gsub("%s+$", "")
 B.configure { template_dir = tmp .. "/templates" }
 
--- The peer: the same kernel and initrd, the agent's port on a socket path; the clock stops at
--- the agent's READY frame.
+-- The peer: a plain QEMU booting the same kernel and initrd to the agent's READY
+-- (tests/bench/qemu_peer.lua).
+local peer = dofile((debug.getinfo(1, "S").source:match("^@(.*)/") or ".") .. "/qemu_peer.lua")
 local function plain_qemu()
-  local sock = tmp .. "/agent.sock"
-  os.remove(sock)
-  local t0 = claw.now()
-  local p = assert(proc.spawn { "qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-no-user-config",
-    "-display", "none", "-accel", "tcg", "-cpu", "max", "-m", "128", "-smp", "1", "-no-reboot",
-    "-kernel", kernel, "-initrd", initrd, "-append",
-    ("console=ttyS0 quiet panic=1 pci=off reboot=k tsc_early_khz=%d tsc=reliable clawlua.channel=serial"):format(khz),
-    "-serial", "null", "-device", "virtio-serial-device",
-    "-chardev", "socket,id=agent,path=" .. sock .. ",server=on,wait=off",
-    "-device", "virtserialport,chardev=agent,name=org.clawlua.agent",
-    stdin = "null", stdout = "null", stderr = "null" })
-  local s
-  for _ = 1, 5000 do
-    s = claw.stream.connect_unix(sock, 1)
-    if s then break end
-    claw.sleep(0.001)
-  end
-  assert(s, "cannot connect to the plain QEMU's agent socket")
-  s:set_timeout(60)
-  local hdr = assert(s:read(12), "no READY from the plain QEMU")
-  local magic, kind = string.unpack("<I2I2", hdr)
-  assert(magic == 0xC1A7 and kind == 64)
-  local dt = claw.now() - t0
-  s:close()
-  p:kill("KILL")
-  p:wait()
-  p:close()
-  return dt
+  return peer.boot { kernel = kernel, initrd = initrd, sock = tmp .. "/agent.sock" }
 end
 
 local policy = { resources = { vcpus = 1, memory_mib = 128 } }

@@ -47,49 +47,14 @@ local function proc_cpu(pid) -- utime + stime of a live process, seconds
 end
 
 -- 1. create -> ready ------------------------------------------------------------------------
-local khz = 0
-for line in io.lines("/proc/cpuinfo") do
-  local mhz = line:match("^cpu MHz%s*:%s*([%d.]+)")
-  if mhz then khz = math.floor(tonumber(mhz) * 1000 + 0.5) break end
-end
-
--- The plain QEMU: clawlua's own command line (the same machine, devices, boot arguments and
--- -sandbox), with the console in a file and the agent's port on a Unix socket path instead of
--- inherited fds; the bench connects as soon as the socket exists (long before the guest writes)
--- and stops the clock at the READY frame. No jail, no QMP client, no tap.
+-- The peer: a plain QEMU booting the same kernel to the agent's READY (tests/bench/qemu_peer.lua),
+-- with QEMU's own -sandbox as clawlua runs it and the console in a file.
+local peer = dofile((debug.getinfo(1, "S").source:match("^@(.*)/") or ".") .. "/qemu_peer.lua")
 local console_log = os.tmpname()
 local agent_sock = os.tmpname() .. ".sock"
 
 local function plain_qemu()
-  os.remove(agent_sock)
-  local t0 = claw.now()
-  local p = assert(proc.spawn { "qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-no-user-config",
-    "-display", "none", "-accel", "tcg", "-cpu", "max", "-m", "128", "-smp", "1", "-no-reboot",
-    "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-    "-kernel", kernel, "-initrd", initrd, "-append",
-    ("console=ttyS0 quiet panic=1 pci=off reboot=k tsc_early_khz=%d tsc=reliable clawlua.channel=serial"):format(khz),
-    "-chardev", "file,id=con,path=" .. console_log, "-serial", "chardev:con",
-    "-device", "virtio-serial-device",
-    "-chardev", "socket,id=agent,path=" .. agent_sock .. ",server=on,wait=off",
-    "-device", "virtserialport,chardev=agent,name=org.clawlua.agent",
-    stdin = "null", stdout = "null", stderr = "null" })
-  local s
-  for _ = 1, 5000 do
-    s = claw.stream.connect_unix(agent_sock, 1)
-    if s then break end
-    claw.sleep(0.001)
-  end
-  assert(s, "cannot connect to the plain QEMU's agent socket")
-  s:set_timeout(60)
-  local hdr = assert(s:read(12), "no READY from the plain QEMU")
-  local magic, kind = string.unpack("<I2I2", hdr)
-  assert(magic == 0xC1A7 and kind == 64)
-  local dt = claw.now() - t0
-  s:close()
-  p:kill("KILL")
-  p:wait()
-  p:close()
-  return dt
+  return peer.boot { kernel = kernel, initrd = initrd, sock = agent_sock, console = console_log, sandbox = true }
 end
 
 local vmm_cpu, self_cpu, rss_deltas = 0, 0, {}

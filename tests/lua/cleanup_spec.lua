@@ -23,18 +23,7 @@ io.stdout:flush()
 claw.sleep(60)
 ]]
 
-local function cgroups_of(pid)
-  local info = claw.jail.cgroup_info()
-  local dirs = {}
-  for _, d in pairs(info.v1 or {}) do dirs[#dirs + 1] = d end
-  if info.v2 then dirs[#dirs + 1] = info.v2 end
-  local found = {}
-  for _, d in ipairs(dirs) do
-    local out = H.sh(("ls -d '%s'/clawlua-%d-* 2>/dev/null || true"):format(d, pid))
-    for line in out:gmatch("[^\n]+") do found[#found + 1] = line end
-  end
-  return found
-end
+local cgroups_of = H.cgroups_of
 
 local function sleepers()
   return H.sh("pgrep -f '^sleep 41.41$' || true")

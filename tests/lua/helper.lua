@@ -64,6 +64,21 @@ end
 
 function H.fds() return claw.proc.diagnostics().fds end
 
+--- The cgroup directories (every hierarchy clawlua uses) that process pid's jails made.
+function H.cgroups_of(pid)
+  local info = claw.jail.cgroup_info()
+  local dirs = {}
+  for _, d in pairs(info.v1 or {}) do dirs[#dirs + 1] = d end
+  if info.v2 then dirs[#dirs + 1] = info.v2 end
+  local found = {}
+  for _, d in ipairs(dirs) do
+    local out = H.sh(("ls -d '%s'/clawlua-%d-* 2>/dev/null || true"):format(d, pid))
+    for line in out:gmatch("[^\n]+") do found[#found + 1] = line end
+  end
+  return found
+end
+
+
 function H.children() return #claw.proc.diagnostics().children end
 
 --- Waits until pred() is true or the timeout passes; returns pred()'s last value.

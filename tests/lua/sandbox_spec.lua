@@ -12,18 +12,7 @@ local state = require "clawlua.sandbox.state"
 
 local base, me
 
-local function our_cgroups()
-  local info = claw.jail.cgroup_info()
-  local dirs = {}
-  for _, d in pairs(info.v1 or {}) do dirs[#dirs + 1] = d end
-  if info.v2 then dirs[#dirs + 1] = info.v2 end
-  local found = {}
-  for _, d in ipairs(dirs) do
-    local out = H.sh(("ls -d '%s'/clawlua-%d-* 2>/dev/null || true"):format(d, me))
-    for line in out:gmatch("[^\n]+") do found[#found + 1] = line end
-  end
-  return found
-end
+local function our_cgroups() return H.cgroups_of(me) end
 
 local function sandbox_dirs()
   local out = H.sh("ls -1 '" .. base .. "/sandboxes' 2>/dev/null || true")
