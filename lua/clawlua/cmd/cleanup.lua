@@ -232,32 +232,22 @@ end
 
 ---@param args string[]
 ---@return integer
+local SPEC = { ["--dry-run"] = "flag", ["-n"] = "flag", ["-q"] = "flag", ["--quiet"] = "flag",
+  ["--state-dir"] = "value", ["-h"] = "flag", ["--help"] = "flag" }
+
 function M.run(args)
-  local opts = {}
-  local quiet = false
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "--dry-run" or a == "-n" then
-      opts.dry_run = true
-    elseif a == "-q" or a == "--quiet" then
-      quiet = true
-    elseif a == "--state-dir" then
-      i = i + 1
-      opts.base = args[i]
-      if not opts.base then
-        io.stderr:write("clawlua cleanup: option '--state-dir' needs a value\n", M.usage, "\n")
-        return 2
-      end
-    elseif a == "-h" or a == "--help" then
-      io.stdout:write("usage: ", M.usage, "\n")
-      return 0
-    else
-      io.stderr:write(("clawlua cleanup: unknown argument '%s'\n"):format(a), M.usage, "\n")
-      return 2
-    end
-    i = i + 1
+  local o, rest = require("clawlua.cli.options").parse(args, SPEC)
+  if o and #rest > 0 then o, rest = nil, ("unknown argument '%s'"):format(rest[1]) end
+  if not o then
+    io.stderr:write("clawlua cleanup: ", rest, "\n", M.usage, "\n")
+    return 2
   end
+  if o["-h"] or o["--help"] then
+    io.stdout:write("usage: ", M.usage, "\n")
+    return 0
+  end
+  local opts = { dry_run = o["--dry-run"] or o["-n"], base = o["--state-dir"] }
+  local quiet = o["-q"] or o["--quiet"]
   opts.say = function(line) if not quiet then print(line) end end
   local res = M.cleanup(opts)
   if not quiet then

@@ -94,24 +94,18 @@ end
 ---@param args string[]
 ---@return integer
 function M.run(args)
-  local json, base = false, nil
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "--json" then
-      json = true
-    elseif a == "--state-dir" and args[i + 1] then
-      base = args[i + 1]
-      i = i + 1
-    elseif a == "-h" or a == "--help" then
-      io.stdout:write("usage: ", M.usage, "\n")
-      return 0
-    else
-      io.stderr:write(("clawlua ps: unknown argument '%s'\n"):format(a), M.usage, "\n")
-      return 2
-    end
-    i = i + 1
+  local o, rest = require("clawlua.cli.options").parse(args, {
+    ["--json"] = "flag", ["--state-dir"] = "value", ["-h"] = "flag", ["--help"] = "flag" })
+  if o and #rest > 0 then o, rest = nil, ("unknown argument '%s'"):format(rest[1]) end
+  if not o then
+    io.stderr:write("clawlua ps: ", rest, "\n", M.usage, "\n")
+    return 2
   end
+  if o["-h"] or o["--help"] then
+    io.stdout:write("usage: ", M.usage, "\n")
+    return 0
+  end
+  local json, base = o["--json"], o["--state-dir"]
   local rows = M.rows(base)
   if json then
     io.stdout:write(claw.json.encode(claw.json.array(rows)), "\n")
