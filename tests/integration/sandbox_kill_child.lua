@@ -60,7 +60,8 @@ claw.run(function()
   out { op = "create", info = sb:info().network }
   local r = assert(sb:exec { "sh", "-c", "echo $CI" })
   out { op = "exec", stdout = r.stdout }
-  claw.spawn(function() sb:exec { "sleep", "41.42" } end)
+  -- a duration of the spec's own, so that it finds this command and not another run's
+  claw.spawn(function() sb:exec { "sleep", os.getenv("CLAWLUA_KILL_SLEEP") or "41.42" } end)
   claw.sleep(0.5)
   out { op = "running", info = sb:info().backend_info }
   out { op = "hang" }

@@ -32,6 +32,9 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
   end)
 
   local function sh(c) return (H.sh(c, { may_fail = true })) end
+  -- The host and stock runs of this spec (and other specs) run side by side: what is compared is
+  -- this run's own (its namespaces, its sleep), never the whole host's list.
+  local SLEEP = ("41.%d"):format(1000 + tonumber(N.pid) % 9000)
 
   -- Everything of the host (namespace) a sandbox could leave. pid: the killed runtime's.
   local function host_state(pid)
@@ -49,18 +52,19 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
       addrs = sh("ip -n " .. w.host .. " -o addr show"),
       routes = sh("ip -n " .. w.host .. " route show table all"),
       ruleset = sh(ns .. "nft list ruleset"),
-      netns = sh("ip netns list"),
+      netns = sh("ip netns list | grep '^" .. W.prefix .. "' || true"),
       cgroups = table.concat(cgroups),
       mounts = sh("grep -E ' (" .. base .. "[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*|/run/netns/clw-[^ ]*) ' "
         .. "/proc/self/mountinfo || true"),
-      procs = sh("pgrep -f '^sleep 41.42$' || true") .. (pid and sh("ps -o pid= -p " .. pid .. " || true") or ""),
+      procs = sh("pgrep -f '^sleep " .. SLEEP .. "$' || true")
+        .. (pid and sh("ps -o pid= -p " .. pid .. " || true") or ""),
       sandboxes = sh("ls -A " .. base .. "/sandboxes 2>/dev/null | grep -v '^\\.spare' || true"),
     }
   end
 
   local function run_child(plan)
     return W.child(w, plan, { script = "sandbox_kill_child.lua", until_op = "hang",
-                              env = { CLAWLUA_STATE_DIR = base } })
+                              env = { CLAWLUA_STATE_DIR = base, CLAWLUA_KILL_SLEEP = SLEEP } })
   end
 
   local function cleanup()
@@ -82,6 +86,13 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
     assert.equal(0, r.code, out .. (r.stderr or ""))
     local after = host_state(pid)
     assert.are.same(before, after)
+    -- the sandbox's own namespaces (named at random) are gone too
+    local names = sh("ip netns list")
+    for _, l in ipairs(lines) do
+      if l.op == "record" and l.kind == "netns" then
+        assert.is_nil(names:find(l.name, 1, true), "netns " .. l.name .. " left")
+      end
+    end
     -- idempotent: a second run finds nothing
     out, r = cleanup()
     assert.equal(0, r.code, out)
