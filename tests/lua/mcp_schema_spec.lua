@@ -1,3 +1,4 @@
+-- labels: nogc
 -- The JSON Schema validator of the MCP server (clawlua.mcp.schema) against the official JSON
 -- Schema Test Suite as Debian packages it (json-schema-test-suite), and against MCP's own
 -- schemas.

@@ -1,3 +1,4 @@
+-- timeout: 600
 -- clawlua.policy: policy files loaded as text in an allow-listed environment under an
 -- instruction budget; every validation error names the file, the line and the field path;
 -- normalization and defaults; the example policies; `clawlua policy check`.
