@@ -1,4 +1,4 @@
--- labels: root
+-- labels: root nolauncher
 -- timeout: 300
 -- clawlua.sandbox with the jail backend: exec (stdin, env, cwd, timeout, max_output,
 -- cancellation), files, list_dir, the busybox root, no network, seccomp, lifetime, pause,
