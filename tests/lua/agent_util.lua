@@ -40,13 +40,18 @@ local ENTRY = NPM_DIR .. "/node_modules/@modelcontextprotocol/server-everything/
 --- The official MCP reference server, installed from npm into build/npm on first use. Returns
 --- its command (argv), or nil and npm's error when npm cannot install it.
 function U.everything()
-  local f = io.open(ENTRY)
+  -- Done once, under a lock: the host and stock runs of a spec install at the same time, and
+  -- one must not start a half-extracted package of the other's (the marker is written last).
+  local marker = NPM_DIR .. "/.everything-installed"
+  local f = io.open(marker)
   if f then
     f:close()
     return { "node", ENTRY, "stdio" }
   end
-  local r = claw.proc.run { "npm", "install", "--no-audit", "--no-fund", "--prefix", NPM_DIR,
-                            "@modelcontextprotocol/server-everything", timeout = 300 }
+  local r = claw.proc.run { "sh", "-c", [[mkdir -p "$1" && exec flock "$1/.lock" sh -c '
+    [ -f "$1/.everything-installed" ] && exit 0
+    npm install --no-audit --no-fund --prefix "$1" @modelcontextprotocol/server-everything &&
+      touch "$1/.everything-installed"' sh "$1"]], "sh", NPM_DIR, timeout = 300 }
   if not r or r.code ~= 0 then
     return nil, "npm cannot install @modelcontextprotocol/server-everything: " .. (r and r.stderr or "npm failed")
   end

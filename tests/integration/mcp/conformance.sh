@@ -16,11 +16,17 @@ shift 2 2>/dev/null || shift $#
 command -v npm >/dev/null || { echo "conformance.sh: npm is not installed" >&2; exit 3; }
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-if [ ! -x "$dir/node_modules/.bin/node" ] || ! cmp -s "$here/conformance/package.json" "$dir/package.json"; then
+# One install at a time (the host and stock runs start together); "done" once npm finished.
+exec 9>"$dir/.lock"
+flock 9
+if [ ! -f "$dir/.installed" ] || ! cmp -s "$here/conformance/package.json" "$dir/package.json"; then
+  rm -f "$dir/.installed"
   cp "$here/conformance/package.json" "$dir/"
   (cd "$dir" && npm install --no-audit --no-fund --loglevel=error >&2) ||
     { echo "conformance.sh: npm could not install the conformance suite, node 22 and supergateway" >&2; exit 3; }
+  touch "$dir/.installed"
 fi
+exec 9>&-
 node22="$dir/node_modules/.bin/node"
 ns="clawlua-mcpconf-$$"
 port=38123
