@@ -44,4 +44,23 @@ function M.parse(args, spec)
   return opts, files
 end
 
+
+--- parse for a subcommand that takes no operands and answers -h/--help: the options, or the
+--- exit status once usage was printed (0 for help, 2 for a bad argument, on stderr).
+---@return table|integer
+function M.command(name, usage, args, spec)
+  spec["-h"], spec["--help"] = "flag", "flag"
+  local o, rest = M.parse(args, spec)
+  if o and #rest > 0 then o, rest = nil, ("unknown argument '%s'"):format(rest[1]) end
+  if not o then
+    io.stderr:write("clawlua ", name, ": ", rest, "\n", usage, "\n")
+    return 2
+  end
+  if o["-h"] or o["--help"] then
+    io.stdout:write("usage: ", usage, "\n")
+    return 0
+  end
+  return o
+end
+
 return M

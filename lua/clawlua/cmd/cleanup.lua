@@ -16,15 +16,7 @@ mounts, directories, network namespaces, links and firewall objects. Sandboxes o
 runtime are left alone. --dry-run prints what would be removed. Exit status 0: nothing left
 to reclaim; 1: something could not be reclaimed (printed); 2: usage.]]
 
-local function bb(args)
-  local argv = { "/bin/busybox" }
-  table.move(args, 1, #args, 2, argv)
-  argv.timeout = 30
-  local r, err = claw.proc.run(argv)
-  if not r then return nil, err end
-  if r.code ~= 0 then return nil, (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", "") end
-  return r.stdout
-end
+local bb = state.busybox
 
 local function exists(path)
   return bb { "test", "-e", path } ~= nil
@@ -232,20 +224,10 @@ end
 
 ---@param args string[]
 ---@return integer
-local SPEC = { ["--dry-run"] = "flag", ["-n"] = "flag", ["-q"] = "flag", ["--quiet"] = "flag",
-  ["--state-dir"] = "value", ["-h"] = "flag", ["--help"] = "flag" }
-
 function M.run(args)
-  local o, rest = require("clawlua.cli.options").parse(args, SPEC)
-  if o and #rest > 0 then o, rest = nil, ("unknown argument '%s'"):format(rest[1]) end
-  if not o then
-    io.stderr:write("clawlua cleanup: ", rest, "\n", M.usage, "\n")
-    return 2
-  end
-  if o["-h"] or o["--help"] then
-    io.stdout:write("usage: ", M.usage, "\n")
-    return 0
-  end
+  local o = require("clawlua.cli.options").command("cleanup", M.usage, args, { ["--dry-run"] = "flag",
+    ["-n"] = "flag", ["-q"] = "flag", ["--quiet"] = "flag", ["--state-dir"] = "value" })
+  if type(o) == "number" then return o end
   local opts = { dry_run = o["--dry-run"] or o["-n"], base = o["--state-dir"] }
   local quiet = o["-q"] or o["--quiet"]
   opts.say = function(line) if not quiet then print(line) end end

@@ -94,17 +94,9 @@ end
 ---@param args string[]
 ---@return integer
 function M.run(args)
-  local o, rest = require("clawlua.cli.options").parse(args, {
-    ["--json"] = "flag", ["--state-dir"] = "value", ["-h"] = "flag", ["--help"] = "flag" })
-  if o and #rest > 0 then o, rest = nil, ("unknown argument '%s'"):format(rest[1]) end
-  if not o then
-    io.stderr:write("clawlua ps: ", rest, "\n", M.usage, "\n")
-    return 2
-  end
-  if o["-h"] or o["--help"] then
-    io.stdout:write("usage: ", M.usage, "\n")
-    return 0
-  end
+  local o = require("clawlua.cli.options").command("ps", M.usage, args,
+    { ["--json"] = "flag", ["--state-dir"] = "value" })
+  if type(o) == "number" then return o end
   local json, base = o["--json"], o["--state-dir"]
   local rows = M.rows(base)
   if json then

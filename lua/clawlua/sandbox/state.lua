@@ -97,17 +97,16 @@ local function sandboxes_dir(base) return (base or M.base()) .. "/sandboxes" end
 local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 M.shell_quote = shell_quote
 
---- Runs busybox (static, so it starts fast) with args; true or nil, msg.
+--- Runs busybox (static, so it starts fast) with args; its stdout, or nil and the message
+--- (prefixed with `what` when given).
 function M.busybox(args, what)
   local argv = { "/bin/busybox" }
   for i, a in ipairs(args) do argv[i + 1] = a end
   argv.timeout = 30
   local r, err = claw.proc.run(argv)
-  if not r then return nil, ("%s: %s"):format(what, err) end
-  if r.code ~= 0 then
-    return nil, ("%s: %s"):format(what, (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", ""))
-  end
-  return true
+  if r and r.code ~= 0 then err = (r.stderr ~= "" and r.stderr or r.stdout):gsub("%s+$", "") end
+  if not r or r.code ~= 0 then return nil, what and ("%s: %s"):format(what, err) or err end
+  return r.stdout
 end
 
 ---@class clawlua.sandbox.state
