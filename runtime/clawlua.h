@@ -375,6 +375,20 @@ void cl_buf_free(cl_buf *b);
 /* Parses "aa:bb:cc:dd:ee:ff" exactly (hex digits of either case); 1, or 0 for anything else.
  * A unicast address has (mac[0] & 1) == 0. */
 int cl_parse_mac(const char *s, uint8_t mac[6]);
+/* The JSON form ("key":) of object keys met before, found by the address of the Lua string
+ * (each key is kept alive, while it is cached, in a registry table keyed by the cache's address,
+ * so its address cannot be taken by another string). For encoders that meet the same few keys
+ * over and over (audit records). Zeroed is empty. */
+#define CL_JSON_KEYS    256
+#define CL_JSON_KEY_MAX 40 /* longer keys (not interned by Lua anyway) are not cached */
+typedef struct cl_json_key {
+  const char *p; /* the Lua string's bytes */
+  uint8_t n, jl;
+  char json[CL_JSON_KEY_MAX + 4];
+} cl_json_key;
+typedef struct cl_json_keys {
+  cl_json_key e[CL_JSON_KEYS];
+} cl_json_keys;
 /* Options of the lenient encoder. */
 typedef struct cl_json_lenient {
   size_t max_string;       /* strings over this many bytes are cut (0: no cut) */
@@ -382,6 +396,7 @@ typedef struct cl_json_lenient {
   size_t max_size;         /* fail once the output passes this many bytes (0: json.max_size) */
   int sort_keys;           /* object keys in bytewise order */
   const char *const *skip; /* NULL-terminated keys left out of the outermost object, or NULL */
+  cl_json_keys *keys;      /* keys of the outermost object are taken from and added here (NULL) */
 } cl_json_lenient;
 /* Encodes the value at idx, appending to out, without failing on content: functions, cycles,
  * NaN and bad keys become "<placeholder>" strings, invalid UTF-8 becomes U+FFFD, long strings

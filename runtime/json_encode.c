@@ -48,6 +48,7 @@ typedef struct encoder {
   size_t max_string;
   long replaced;           /* placeholders and cuts made in lenient mode */
   const char *const *skip; /* keys of the outermost object left out (NULL: none) */
+  cl_json_keys *keys;      /* cached JSON of the outermost object's keys (NULL: none) */
   int too_large;           /* failed for the size limit */
   int path_hi;             /* path[0 .. path_hi-1] have been written (the rest reads as [0]) */
   const char *err;
@@ -157,7 +158,27 @@ static inline int special8(const unsigned char *p) {
   return ((w | lt_space | zq | zb) & highs) != 0;
 }
 
+/* Whether the len bytes at p need no escaping (short strings: most keys and values). */
+static inline int plain(const unsigned char *p, size_t len) {
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    if (special8(p + i)) return 0;
+  for (; i < len; i++)
+    if (special[p[i]]) return 0;
+  return 1;
+}
+
 static int enc_string(encoder *e, const char *s, size_t len) {
+  /* Short plain strings: one bounds check and one copy. */
+  if (len <= 32 && e->b->n + len + 2 <= e->lim && (!e->max_string || len <= e->max_string) &&
+      plain((const unsigned char *)s, len)) {
+    char *o = e->b->p + e->b->n;
+    o[0] = '"';
+    memcpy(o + 1, s, len);
+    o[len + 1] = '"';
+    e->b->n += len + 2;
+    return 1;
+  }
   size_t cut = 0;
   if (e->lenient && e->max_string && len > e->max_string) {
     cut = len - e->max_string;
@@ -384,6 +405,39 @@ static int skipped(const encoder *e, const char *k, size_t n) {
   return 0;
 }
 
+/* Writes "key": for the string at stack index kidx, from the key cache when it is there. */
+static int put_key_cached(encoder *e, const char *k, size_t n, int kidx) {
+  if (n > CL_JSON_KEY_MAX) return enc_string(e, k, n) && put(e, ":", 1);
+  uintptr_t h = (uintptr_t)k;
+  h = ((h >> 4) ^ (h >> 12)) % CL_JSON_KEYS; /* Lua strings are 16-byte aligned objects */
+  cl_json_key *c = &e->keys->e[h];
+  if (c->p != k || c->n != n) {
+    if (!plain((const unsigned char *)k, n)) return enc_string(e, k, n) && put(e, ":", 1);
+    lua_State *L = e->L;
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, e->keys) != LUA_TTABLE) { /* the keys' anchors */
+      lua_pop(L, 1);
+      lua_createtable(L, CL_JSON_KEYS, 0);
+      lua_pushvalue(L, -1);
+      lua_rawsetp(L, LUA_REGISTRYINDEX, e->keys);
+    }
+    lua_pushvalue(L, kidx);
+    lua_rawseti(L, -2, (lua_Integer)h + 1); /* the key it replaces may go */
+    lua_pop(L, 1);
+    c->p = k;
+    c->n = (uint8_t)n;
+    c->json[0] = '"';
+    memcpy(c->json + 1, k, n);
+    c->json[n + 1] = '"';
+    c->json[n + 2] = ':';
+    c->jl = (uint8_t)(n + 3);
+  }
+  /* A fixed-size copy (a few vector moves; a variable one became `rep movs`), then advance. */
+  if (e->b->n + sizeof c->json > e->lim) return put(e, c->json, c->jl);
+  memcpy(e->b->p + e->b->n, c->json, sizeof c->json);
+  e->b->n += c->jl;
+  return 1;
+}
+
 #define SORT_FAST_MAX 64 /* objects up to this many keys are sorted without a second lookup */
 
 typedef struct skey {
@@ -393,6 +447,9 @@ typedef struct skey {
 } skey;
 
 static inline int skey_less(const skey *x, const skey *y) {
+  /* Keys mostly differ in their first byte (Lua strings end in a NUL, so [0] is always there). */
+  unsigned char a = (unsigned char)x->s[0], b = (unsigned char)y->s[0];
+  if (a != b && a && b) return a < b;
   size_t m = x->n < y->n ? x->n : y->n;
   int c = memcmp(x->s, y->s, m);
   return c ? c < 0 : x->n < y->n;
@@ -431,8 +488,12 @@ static int enc_sorted_fast(encoder *e, int idx, int *first) {
     *first = 0;
     if (e->pretty && !enc_newline(e)) return 0;
     enc_push_path(e, keys[i].s, keys[i].n, 0);
-    if (!enc_string(e, keys[i].s, keys[i].n) || !put(e, e->pretty ? ": " : ":", e->pretty ? 2 : 1))
+    if (e->keys && e->depth == 1) {
+      if (!put_key_cached(e, keys[i].s, keys[i].n, keys[i].vi - 1)) return 0;
+    } else if (!enc_string(e, keys[i].s, keys[i].n) ||
+               !put(e, e->pretty ? ": " : ":", e->pretty ? 2 : 1)) {
       return 0;
+    }
     if (!enc_value(e, keys[i].vi)) return 0;
   }
   lua_settop(L, base);
@@ -656,7 +717,7 @@ static int enc_value(encoder *e, int idx) {
  * is as it was. */
 static int run_encoder(lua_State *L, int idx, cl_buf *out, int pretty, int sort_keys, int max_depth,
                        size_t max_size, size_t lenient_max_string, const char *const *skip,
-                       long *replaced, int quiet_size) {
+                       cl_json_keys *keys, long *replaced, int quiet_size) {
   idx = lua_absindex(L, idx);
   int base = lua_gettop(L);
   size_t start = out->n;
@@ -672,6 +733,7 @@ static int run_encoder(lua_State *L, int idx, cl_buf *out, int pretty, int sort_
   e.lenient = lenient_max_string > 0;
   e.max_string = lenient_max_string == (size_t)-1 ? 0 : lenient_max_string;
   e.skip = skip;
+  e.keys = keys;
   int ok = enc_value(&e, idx);
   if (replaced) *replaced = e.replaced;
   lua_settop(L, base);
@@ -699,8 +761,8 @@ int cl_json_encode_with(lua_State *L, int idx, int pretty, int sort_keys, int ma
   }
   b->busy = 1;
   b->buf.n = 0;
-  int ok =
-      run_encoder(L, idx, &b->buf, pretty, sort_keys, max_depth, max_size, 0, NULL, NULL, 0) > 0;
+  int ok = run_encoder(L, idx, &b->buf, pretty, sort_keys, max_depth, max_size, 0, NULL, NULL, NULL,
+                       0) > 0;
   b->busy = 0;
   if (ok)
     lua_pushlstring(L, b->buf.p ? b->buf.p : "", b->buf.n);
@@ -734,7 +796,7 @@ int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_len
   size_t max_string = opts->max_string ? opts->max_string : (size_t)-1;
   size_t max_size = opts->max_size ? out->n + opts->max_size : DEFAULT_MAX_SIZE;
   int ok = run_encoder(L, idx, out, 0, opts->sort_keys, opts->max_depth, max_size, max_string,
-                       opts->skip, &r, 1);
+                       opts->skip, opts->keys, &r, 1);
   if (ok == 0 && opts->skip && lua_istable(L, idx)) {
     /* Lifting keys out of a table the encoder could not take whole (mixed keys, say): encode a
      * shallow copy without them instead, as if the caller had made it. */
@@ -757,7 +819,7 @@ int cl_json_encode_lenient(lua_State *L, int idx, cl_buf *out, const cl_json_len
       lua_rawset(L, -4);
     }
     ok = run_encoder(L, -1, out, 0, opts->sort_keys, opts->max_depth, max_size, max_string, NULL,
-                     &r, 1);
+                     opts->keys, &r, 1);
     lua_remove(L, ok == 0 ? -2 : -1); /* the copy (a message, if any, stays) */
   }
   if (replaced) *replaced = r;

@@ -35,11 +35,12 @@ static int valid_kind(const char *k) {
 static int l_emit(lua_State *L) {
   audit *a = lua_touserdata(L, lua_upvalueindex(1));
   const char *kind = luaL_checkstring(L, 1);
-  if (!lua_rawequal(L, 1, lua_upvalueindex(5))) { /* upvalue 5: the last kind found valid */
+  if (kind != a->valid_kind) { /* the last kind found valid, anchored in the ring's user value */
     if (!valid_kind(kind))
       return luaL_argerror(L, 1, "event kind like 'vm.start' expected (a-z 0-9 _ - and dots)");
     lua_pushvalue(L, 1);
-    lua_replace(L, lua_upvalueindex(5));
+    lua_setiuservalue(L, lua_upvalueindex(1), 1);
+    a->valid_kind = kind;
   }
   const char *sandbox = NULL;
   lua_Integer pid = 0;
@@ -49,20 +50,21 @@ static int l_emit(lua_State *L) {
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    /* The keys are upvalues: lua_getfield would intern its C string on every call. */
+    /* The keys are upvalues: lua_getfield would intern its C string on every call. Raw
+     * lookups, as the detail is read raw (a miss in lua_gettable looks for __index). */
     lua_pushvalue(L, lua_upvalueindex(2));
-    int has_sb = lua_gettable(L, 2) != LUA_TNIL;
+    int has_sb = lua_rawget(L, 2) != LUA_TNIL;
     if (!has_sb) {
       lua_pop(L, 1);
       lua_pushvalue(L, lua_upvalueindex(3));
-      has_sb = lua_gettable(L, 2) != LUA_TNIL;
+      has_sb = lua_rawget(L, 2) != LUA_TNIL;
     }
     if (has_sb) {
       if (lua_type(L, -1) != LUA_TSTRING) cl_field_error(L, "sandbox", "string expected");
       sandbox = lua_tostring(L, -1); /* anchored at index 3 */
     }
     lua_pushvalue(L, lua_upvalueindex(4));
-    int has_pid = lua_gettable(L, 2) != LUA_TNIL;
+    int has_pid = lua_rawget(L, 2) != LUA_TNIL;
     if (has_pid) {
       int ok;
       pid = lua_tointegerx(L, -1, &ok);
@@ -314,7 +316,7 @@ static int open_bench(lua_State *L) {
 int luaopen_clawlua_audit(lua_State *L) {
   if (cl_entry_redirect(L, "audit")) return 1;
   if (!audit_get(L)) {
-    audit *a = lua_newuserdatauv(L, sizeof *a, 0);
+    audit *a = lua_newuserdatauv(L, sizeof *a, 1); /* user value: the kind emit last checked */
     if (audit_init(a, L) != 0) return luaL_error(L, "audit: out of memory");
     static const cl_class cls = {AUDIT_MT, NULL, audit_gc, NULL};
     cl_class_register(L, &cls);
@@ -329,12 +331,11 @@ int luaopen_clawlua_audit(lua_State *L) {
     lua_pop(L, 1);
   }
   luaL_newlib(L, funcs);
-  lua_pushlightuserdata(L, audit_get(L));
+  audit_push(L);
   lua_pushliteral(L, "sandbox");
   lua_pushliteral(L, "vm");
   lua_pushliteral(L, "pid");
-  lua_pushliteral(L, "");
-  lua_pushcclosure(L, l_emit, 5);
+  lua_pushcclosure(L, l_emit, 4);
   lua_setfield(L, -2, "emit");
   return 1;
 }

@@ -47,16 +47,18 @@ typedef struct audit_secs {
 typedef struct asink asink;
 typedef struct ksource ksource;
 
+/* The fields an emit writes come first, so that a short kind and sandbox keep it to two cache
+ * lines of the slot. */
 typedef struct slot {
   uint64_t seq;
   double wall;     /* seconds, for filters */
   int64_t wall_ns; /* the same, exactly, for the record */
   uint64_t mono_ns;
+  char *rec; /* the record: compact JSON, keys sorted, no newline */
+  uint32_t len, cap;
   pid_t pid;
   char kind[AUDIT_KIND_MAX + 1];
   char sandbox[AUDIT_SANDBOX_MAX + 1];
-  char *rec; /* the record: compact JSON, keys sorted, no newline */
-  uint32_t len, cap;
 } slot;
 
 typedef struct pident {
@@ -101,6 +103,12 @@ struct audit {
   char kind_json[8 * AUDIT_KIND_MAX + 16];
   size_t kind_json_len;
   audit_secs mono_secs, wall_secs;
+  /* The wall clock as an offset from the monotonic one, read again every WALL_RESYNC_NS (one
+   * clock read per event instead of two). */
+  int64_t wall_off;
+  uint64_t wall_read;     /* monotonic ns when CLOCK_REALTIME was last read (0: never) */
+  const char *valid_kind; /* the last kind audit.emit checked (anchored in its upvalue) */
+  cl_json_keys keys;      /* the JSON of detail keys met before */
 };
 
 /* Sinks: what every sink has; the type-specific part follows in sink.c. The ring calls write for
@@ -117,6 +125,7 @@ struct asink {
 
 /* ring.c: the core */
 audit *audit_get(lua_State *L);
+void audit_push(lua_State *L); /* pushes the ring's userdata */
 /* Registers the audit userdata on top of the stack (popped) as the state's ring. */
 void audit_set(lua_State *L);
 /* A zeroed ring with the default capacity and event cap; ENOMEM or 0. */

@@ -158,6 +158,52 @@ describe("the event schema", function()
     assert.are.same({}, evs[2].detail)
   end)
 
+  -- The encoder caches the JSON of detail keys by the address of the Lua string; a key whose
+  -- string was collected must never be written with the bytes of another.
+  it("writes every detail key as given, through cache evictions and collections", function()
+    for round = 1, 3 do
+      local first = audit.stats().last_seq
+      local want = {}
+      for i = 1, 600 do -- more keys than the cache holds, made fresh (new strings) each round
+        local k = ("k%d_%d_%s"):format(round, i, ("x"):rep(i % 30))
+        local d = { [k] = i, ["q\"" .. i] = i, [("long"):rep(12) .. i] = i } -- escaped, uncached
+        want[i] = d
+        audit.emit("test.keys", d)
+        if i % 97 == 0 then collectgarbage() end
+      end
+      want = nil
+      collectgarbage()
+      collectgarbage()
+      -- Strings of the same length at (perhaps) the same addresses, with other bytes.
+      local again = {}
+      for i = 1, 600 do
+        local k = ("K%d_%d_%s"):format(round, i, ("y"):rep(i % 30))
+        again[i] = { [k] = -i }
+        audit.emit("test.keys", again[i])
+      end
+      local evs = audit.events { kind = "test.keys", after_seq = first }
+      assert.are.equal(1200, #evs)
+      for i = 1, 600 do
+        local k = ("k%d_%d_%s"):format(round, i, ("x"):rep(i % 30))
+        assert.are.same({ [k] = i, ["q\"" .. i] = i, [("long"):rep(12) .. i] = i }, evs[i].detail)
+        assert.are.same(again[i], evs[600 + i].detail)
+      end
+    end
+  end)
+
+  -- The wall clock is kept as an offset from the monotonic one and read again every 1 ms.
+  it("stamps events with the wall clock to the millisecond", function()
+    for _ = 1, 5 do
+      local before = claw.loop.time()
+      local seq = audit.emit("test.clock", {})
+      local after = claw.loop.time()
+      local e = audit.events { after_seq = seq - 1 }[1]
+      assert.is_true(e.time >= before - 0.002 and e.time <= after + 0.002,
+        ("%.6f not in [%.6f, %.6f]"):format(e.time, before, after))
+      claw.sleep(0.003)
+    end
+  end)
+
   it("formats records for people", function()
     local seq = audit.emit("seccomp.kill", { sandbox = "jail-1", pid = 7, syscall = "ptrace",
                                              argv = { "a", "b" }, note = "two words" })
