@@ -362,6 +362,11 @@ static int emit_report(lua_State *L, audit *a, sink *s, const char *kind, int er
     lua_setfield(L, -2, "error");
     lua_pushinteger(L, err);
     lua_setfield(L, -2, "errno");
+    const char *code = strerrorname_np(err); /* "ENOSPC": what to search for */
+    if (code) {
+      lua_pushstring(L, code);
+      lua_setfield(L, -2, "code");
+    }
   }
   if (op) {
     lua_pushstring(L, op);

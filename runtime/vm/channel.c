@@ -247,6 +247,32 @@ static int queue_chunk(vm *v, vm_req *r, int err, const unsigned char *p, size_t
   return 1;
 }
 
+/* A test seam, reached only through require "clawlua.vm_faults" (tests; not in the public
+ * module): the next n allocations for guest output fail as a failing malloc would, so the loss
+ * path above runs for real in tests. Off (0) unless a test arms it. */
+static lua_Integer output_alloc_failures;
+
+static int output_alloc_fails(void) {
+  if (output_alloc_failures <= 0) return 0;
+  output_alloc_failures--;
+  return 1;
+}
+
+/* Lua: faults.fail_output_allocs(n) -> the count it replaced */
+static int l_fail_output_allocs(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 0, 1, "must not be negative");
+  lua_pushinteger(L, output_alloc_failures);
+  output_alloc_failures = n;
+  return 1;
+}
+
+int cl_chan_open_faults(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"fail_output_allocs", l_fail_output_allocs}, {NULL, NULL}};
+  luaL_newlib(L, funcs);
+  return 1;
+}
+
 static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_t len) {
   uint64_t *total = err ? &r->err_total : &r->out_total;
   uint64_t max = err ? r->max_err : r->max_out;
@@ -256,8 +282,8 @@ static void on_output(vm *v, vm_req *r, int err, const unsigned char *p, uint32_
   *total += len;
   if (keep < len) *trunc = 1;
   if (!keep || r->failed) return;
-  int kept =
-      r->streaming ? queue_chunk(v, r, err, p, keep) : bbuf_add(err ? &r->err : &r->out, p, keep);
+  int kept = !output_alloc_fails() && (r->streaming ? queue_chunk(v, r, err, p, keep)
+                                                    : bbuf_add(err ? &r->err : &r->out, p, keep));
   if (!kept) output_lost(v, r, err, keep);
 }
 

@@ -232,6 +232,8 @@ void cl_chan_release(vm *v);
 int cl_chan_send(vm *v, uint16_t type, uint32_t id, const void *payload, size_t len);
 int cl_chan_open_methods(
     lua_State *L); /* adds exec, write_file, read_file, ping to the table on top */
+/* The module of require "clawlua.vm_faults": test seams (fail_output_allocs(n)). */
+int cl_chan_open_faults(lua_State *L);
 int cl_chan_busy(vm *v);
 /* Asks a connected agent that will not say READY by itself (a restored guest) to answer. */
 void cl_chan_probe(vm *v);

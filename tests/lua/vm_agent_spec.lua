@@ -549,6 +549,36 @@ describe("vm channel with the real agent on the host", function()
     assert.is_true(claw.now() - t0 < 1.5 * H.scale, "the commands did not overlap")
   end)
 
+  -- Guest output the host cannot keep (an allocation fails) is never dropped silently: the exec
+  -- fails with the loss, the command is cancelled, and a vm.output_lost event names it. The
+  -- seam (require "clawlua.vm_faults", not part of the public module) makes the next
+  -- allocation for output fail, as an out-of-memory malloc would.
+  it("fails the exec and audits the loss when output cannot be kept", function()
+    local faults = require "clawlua.vm_faults"
+    assert.is_nil(claw.vm.fail_output_allocs)
+    for _, streaming in ipairs { false, true } do
+      local seq0 = claw.audit.stats().last_seq
+      local got = {}
+      assert.are.equal(0, faults.fail_output_allocs(1))
+      local t0 = claw.now()
+      local r, err, code = v:exec { "sh", "-c", "echo lost-line; sleep 30; echo never",
+        on_stdout = streaming and function(c) got[#got + 1] = c end or nil }
+      assert.are.equal(0, faults.fail_output_allocs(0), "the seam was not reached")
+      assert.is_nil(r, "an exec that lost output succeeded")
+      assert.are.equal("exec: 10 bytes of stdout lost: out of memory", err)
+      assert.are.equal(12, code) -- ENOMEM
+      assert.is_true(claw.now() - t0 < 10 * H.scale, "the command was not cancelled")
+      assert.are.same({}, got)
+      local evs = claw.audit.events { after_seq = seq0, kind = "vm.output_lost" }
+      assert.are.equal(1, #evs)
+      assert.are.equal(v.id, evs[1].sandbox)
+      assert.are.equal("stdout", evs[1].detail.stream)
+      assert.are.equal(10, evs[1].detail.bytes)
+      -- The VM goes on.
+      assert.are.equal("ok\n", assert(v:exec { "echo", "ok" }).stdout)
+    end
+  end)
+
   it("fails waiting calls when the VM is closed under them", function()
     local w = T.create { backend = "qemu", vmm = T.fake("agent"), kernel = kernel, jail = false }
     assert(w:start())
