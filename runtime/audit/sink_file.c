@@ -36,6 +36,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,8 +123,111 @@ static size_t frame(sink *s, const char *prev, const char *rec, size_t len, char
   return n;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Batches (batch = true): records are framed and chained as they come, and written together  */
+/* with one write(2) once BATCH_MAX bytes wait or when the loop next runs its timers.         */
+
+/* Writes the batch. On a failure the file keeps the whole records that reached it (a record cut
+ * short is undone), the chain head moves to the last of them, and every record after it is
+ * counted as dropped, so the next record chains onto what the file really holds. */
+void audit_file_flush(sink *s) {
+  if (s->flush_t.slot) cl_timer_stop(&s->flush_t);
+  if (!s->nbe) return;
+  size_t done = 0;
+  int err = s->fd < 0 ? (s->fail_err ? s->fail_err : EBADF) : 0;
+  while (!err && done < s->bblen) {
+    ssize_t w = write(s->fd, s->bb + done, s->bblen - done);
+    if (w > 0) {
+      done += (size_t)w;
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    err = w < 0 ? errno : EIO;
+  }
+  size_t k = 0;
+  while (k < s->nbe && s->be[k].end <= done) k++;
+  size_t keep = k ? s->be[k - 1].end : 0;
+  if (err) {
+    s->write_errors++;
+    if (done > keep && ftruncate(s->fd, s->size + (off_t)keep) < 0) s->need_newline = 1;
+  }
+  if (k) {
+    s->size += (off_t)keep;
+    s->bytes += keep;
+    s->written += k;
+    s->file_records += k;
+    memcpy(s->head, s->be[k - 1].hash, AUDIT_HEX);
+    s->last_seq = s->be[k - 1].seq;
+    if (s->sy) audit_syncer_wrote(s->sy, s->written);
+    if (s->max_bytes > 0 && s->size >= s->max_bytes && s->file_records >= 2) {
+      s->need_rotate = 1;
+      s->base.has_pending = 1;
+    }
+  }
+  for (size_t i = k; i < s->nbe; i++) audit_sink_count_drop(s->a, s, s->be[i].seq, err, "write");
+  s->nbe = 0;
+  s->bblen = 0;
+}
+
+void audit_file_flush_report(lua_State *L, sink *s) {
+  audit_file_flush(s);
+  audit *a = s->a;
+  if (s->base.has_pending && s->base.active && L && !a->emitting && !a->in_pending) {
+    s->base.has_pending = 0; /* a failure is reported now, not at the next event */
+    a->in_pending = 1;
+    audit_file_pending(L, a, &s->base);
+    a->in_pending = 0;
+  }
+}
+
+static void batch_timer(cl_timer *t) {
+  sink *s = (sink *)((char *)t - offsetof(sink, flush_t));
+  audit_file_flush_report(s->a->L, s);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t size) {
+  if (need <= *cap) return 1;
+  size_t c = *cap ? *cap : 16;
+  while (c < need) c *= 2;
+  void *np = realloc(*p, c * size);
+  if (!np) return 0;
+  *p = np;
+  *cap = c;
+  return 1;
+}
+
+static size_t frame(sink *s, const char *prev, const char *rec, size_t len, char *hash);
+
+static int batch_add(audit *a, sink *s, const slot *e) {
+  char hash[AUDIT_HEX];
+  size_t n = frame(s, s->nbe ? s->be[s->nbe - 1].hash : s->head, e->rec, e->len, hash);
+  if (!n || !grow((void **)&s->bb, &s->bbcap, s->bblen + n, 1) ||
+      !grow((void **)&s->be, &s->cbe, s->nbe + 1, sizeof *s->be)) {
+    audit_sink_count_drop(a, s, e->seq, ENOMEM, "write");
+    return 0;
+  }
+  memcpy(s->bb + s->bblen, s->line, n);
+  s->bblen += n;
+  struct bentry *b = &s->be[s->nbe++];
+  b->end = s->bblen;
+  b->seq = e->seq;
+  memcpy(b->hash, hash, AUDIT_HEX);
+  if (s->bblen >= BATCH_MAX)
+    audit_file_flush(s);
+  else if (!s->flush_t.slot)
+    cl_timer_start(s->loop, &s->flush_t, cl_now_ns(), batch_timer);
+  return 1;
+}
+
 int audit_file_write(audit *a, asink *base, const slot *e) {
   sink *s = (sink *)base;
+  if (s->batch) {
+    /* Anchors, reports and everything after a failure take the one-record path below. */
+    if (s->fd >= 0 && !s->pendlen && !s->failing && !s->need_newline && e->seq != s->anchor_seq &&
+        e->seq != s->base.force_seq)
+      return batch_add(a, s, e);
+    audit_file_flush(s); /* what came before goes first */
+  }
   if (s->fd < 0) {
     audit_sink_count_drop(a, s, e->seq, s->fail_err ? s->fail_err : EBADF, "open");
     s->want_reopen = 1;
@@ -390,6 +494,7 @@ static int emit_report(lua_State *L, audit *a, sink *s, const char *kind, int er
 
 void audit_file_rotate(lua_State *L, audit *a, sink *s, const char *reason) {
   int err = 0;
+  audit_file_flush(s);
   char from[PATH_MAX], to[PATH_MAX];
   if (s->keep == 0) {
     if (unlink(s->path) < 0 && errno != ENOENT) err = errno;

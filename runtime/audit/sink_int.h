@@ -22,6 +22,7 @@
 #define MAX_CLOSE         16
 #define RETRY_NS          1000000000ull /* reopen / rotation retries: at most once a second */
 #define ERROR_REPORT_NS   (10ull * 1000000000ull)
+#define BATCH_MAX         (64 * 1024) /* a batch is written once it holds this many bytes */
 #ifndef ALWAYS_GAP_NS
 #define ALWAYS_GAP_NS 2000000ull /* 2 ms: see sync_main */
 #endif
@@ -86,6 +87,19 @@ typedef struct sink {
   uint64_t last_error_report; /* when an audit.sink.error was last emitted (mono ns) */
   uint64_t dropped, dropped_since, drop_first, drop_last;
   uint64_t written, bytes, rotations, write_errors;
+  /* batch = true: framed records waiting for one write(2) (at BATCH_MAX bytes, or when the
+   * loop next runs its timers) */
+  int batch;
+  char *bb;
+  size_t bblen, bbcap;
+  struct bentry {
+    size_t end; /* where the record ends in bb */
+    uint64_t seq;
+    char hash[AUDIT_HEX];
+  } * be;
+  size_t nbe, cbe;
+  cl_loop *loop;
+  cl_timer flush_t;
   syncer *sy;
   cl_watch evwatch;
   cl_waitq sync_waiters;
@@ -113,5 +127,8 @@ int audit_file_open(sink *s, int find_prev, const char **msg); /* 0 or an errno 
 void audit_file_anchor(lua_State *L, audit *a, sink *s);       /* the anchor a file begins with */
 void audit_file_rotate(lua_State *L, audit *a, sink *s, const char *reason);
 void audit_sink_count_drop(audit *a, sink *s, uint64_t seq, int err, const char *op);
+void audit_file_flush(sink *s); /* writes a batch now (batch = true) */
+/* The same, then reports a failure it met (audit.sink.error) unless inside an emit. */
+void audit_file_flush_report(lua_State *L, sink *s);
 
 #endif

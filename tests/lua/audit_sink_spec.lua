@@ -42,6 +42,56 @@ describe("a JSONL sink", function()
     assert.is_true(audit.verify(path).ok)
   end)
 
+  -- batch = true: one write(2) per batch instead of per record. The records are in the file
+  -- once the loop runs (or 64 KiB wait, or on stats/sync/close), chained record by record.
+  it("writes batches when the loop runs, chained record by record (batch = true)", function()
+    local path = dir .. "/batch.jsonl"
+    local s = assert(audit.sink { path = path, fsync = "never", batch = true })
+    assert.are.equal(1, #U.lines(path)) -- the anchor is written at once
+    local first = audit.emit("test.batch", { i = 0, sandbox = "vm-b" })
+    for i = 1, 9 do audit.emit("test.batch", { i = i }) end
+    assert.are.equal(1, #U.lines(path), "a batch was written before the loop ran")
+    claw.sleep(0)
+    local lines = U.lines(path)
+    assert.are.equal(11, #lines)
+    local ring = audit.events { after_seq = first - 1 }
+    for k = 2, 11 do
+      local ev = claw.json.decode(lines[k])
+      ev.prev, ev.hash = nil, nil
+      assert.are.same(ring[k - 1], ev)
+    end
+    -- More than 64 KiB waiting is written without the loop.
+    local pad = ("p"):rep(1000)
+    for i = 1, 70 do audit.emit("test.batch", { i = i, pad = pad }) end
+    local n = #U.lines(path)
+    assert.is_true(n > 11 and n < 81, "the batch was not cut at 64 KiB: " .. n)
+    assert.are.equal(81, s:stats().written) -- stats() writes what waits
+    assert.are.equal(81, #U.lines(path))
+    audit.emit("test.batch", { last = true })
+    s:close() -- and close
+    assert.are.equal(82, #U.lines(path))
+    local rep, found = U.verify(path)
+    assert.is_true(rep.ok, found)
+    assert.are.equal(82, rep.files[1].records)
+    assert.has_error(function() audit.sink { type = "stderr", batch = true } end,
+      "bad field 'batch' (a stderr sink writes no batches)")
+    -- Rotation by size with batches: one chain over every file, nothing lost.
+    local rot = dir .. "/batch-rot.jsonl"
+    s = assert(audit.sink { path = rot, fsync = "never", batch = true, max_bytes = 4096, keep = 1000 })
+    for i = 1, 500 do
+      audit.emit("test.batch", { i = i, pad = ("z"):rep(i % 300) })
+      if i % 37 == 0 then claw.sleep(0) end
+    end
+    s:close()
+    local files = audit.log_files(rot)
+    rep, found = U.verify(files)
+    assert.is_true(rep.ok, found)
+    local records = 0
+    for _, f in ipairs(rep.files) do records = records + f.records end
+    assert.is_true(#files > 5)
+    assert.are.equal(500 + #files, records) -- every event, and one anchor per file
+  end)
+
   it("applies its filter, but always writes its own anchor", function()
     local path = dir .. "/filtered.jsonl"
     local s = assert(audit.sink { path = path, filter = { kind = "seccomp", sandbox = "jail-1" } })
