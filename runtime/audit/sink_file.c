@@ -7,7 +7,9 @@
  * bytes plus its chain fields (see chain.c) and a newline. A write cut short (disk full in the
  * middle of a record) is undone with ftruncate, so the file only ever holds whole lines, and a
  * crash in the middle of a write(2) leaves at most one unfinished last line, which readers skip
- * and which the next sink to open the file cuts off before appending.
+ * and which the next sink to open the file cuts off before appending. With batch = true the
+ * records are framed and chained the same way but written together (see "Batches" below): a
+ * crash of the process then loses the records of the current loop iteration.
  *
  * fsync runs on a worker thread per sink, never on the loop: "never" leaves it to the kernel,
  * "interval" syncs every fsync_interval seconds when something was written, "always" syncs as
