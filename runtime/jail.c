@@ -564,6 +564,7 @@ int cl_jail_spawn(lua_State *L, int opts) {
 static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},
     {"cgroup_info", cl_jail_cgroup_info},
+    {"cgroup_mounts", cl_jail_cgroup_mounts},
     {NULL, NULL},
 };
 

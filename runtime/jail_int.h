@@ -114,6 +114,17 @@ void cl_jail_ext_destroy(cl_proc_ext *e);
 int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids, double cpu,
                       char *err, size_t errlen);
 int cl_jail_cgroup_info(lua_State *L);
+int cl_jail_cgroup_mounts(lua_State *L);
+
+/* One mount that brings the cgroup hierarchies into a mount namespace that has none. */
+#define CG_ROOT       "/sys/fs/cgroup"
+#define CG_MAX_MOUNTS 20
+typedef struct cl_cg_mount {
+  char fstype[8];
+  char options[256];
+  char target[300];
+} cl_cg_mount;
+int cl_jail_cg_mount_plan(const char *text, cl_cg_mount *out, int max);
 int cl_jail_parent_setup(void *arg, pid_t pid, char *err, size_t errlen);
 int cl_jail_child_setup(void *arg, const char **stage);
 
