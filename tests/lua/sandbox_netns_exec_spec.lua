@@ -18,6 +18,29 @@ local function host_cgroup_mounts()
   return H.sh("grep -E ' - cgroup2? ' /proc/self/mountinfo || true")
 end
 
+describe("jail.cgroup_mounts (what a mount namespace without cgroups gets)", function()
+  local function plan(text)
+    local out = {}
+    for _, m in ipairs(claw.jail.cgroup_mounts(text)) do
+      out[#out + 1] = m.fstype .. " " .. m.target .. (m.options ~= "" and " " .. m.options or "")
+    end
+    return out
+  end
+  it("mounts cgroup2 alone on /sys/fs/cgroup on a unified (v2) host", function()
+    assert.are.same({ "cgroup2 /sys/fs/cgroup" }, plan("0::/user.slice/user-0.slice/session-1.scope\n"))
+  end)
+  it("mounts each v1 hierarchy with its controllers, and a hybrid host's cgroup2 on unified", function()
+    assert.are.same({ "tmpfs /sys/fs/cgroup mode=755", "cgroup /sys/fs/cgroup/cpu,cpuacct cpu,cpuacct",
+      "cgroup /sys/fs/cgroup/memory memory", "cgroup /sys/fs/cgroup/systemd none,name=systemd",
+      "cgroup2 /sys/fs/cgroup/unified" },
+      plan("3:cpu,cpuacct:/a\n2:memory:/a/b\n1:name=systemd:/a\n0::/a\n"))
+    assert.are.same({ "tmpfs /sys/fs/cgroup mode=755", "cgroup /sys/fs/cgroup/pids pids" }, plan("5:pids:/\n"))
+  end)
+  it("mounts nothing when /proc/self/cgroup names nothing", function()
+    assert.are.same({}, plan(""))
+  end)
+end)
+
 describe("clawlua under ip netns exec", function()
   if not available then
     pending("sandbox_netns_exec tests skipped: " .. why)
@@ -36,7 +59,6 @@ describe("clawlua under ip netns exec", function()
 
   it("mounts its cgroups privately and runs a networked jail sandbox, leaving nothing", function()
     local mounts_before = host_cgroup_mounts()
-    local netns_before = H.sh("ip netns list | grep '^clw-' || true")
     H.write_file(base .. "/policy.lua", [[
 return { backend = "jail", resources = { memory_mib = 64, pids = 32 },
   network = { egress = "deny", allow = { "allowed.test:80" }, resolvers = { "203.0.113.53" } } }]])
@@ -70,8 +92,44 @@ return { backend = "jail", resources = { memory_mib = 64, pids = 32 },
     -- cgroup mount table, sandbox namespaces, state dirs
     assert.are.same({}, H.cgroups_of(pid))
     assert.are.equal(mounts_before, host_cgroup_mounts())
-    assert.are.equal(netns_before, H.sh("ip netns list | grep '^clw-' || true"))
+    assert.truthy(created.network.netns)
+    assert.is_nil(H.sh("ip netns list"):find(created.network.netns, 1, true), "netns left")
     assert.are.equal("", H.sh("ls -A " .. base .. "/state/sandboxes 2>/dev/null | grep -v '^\\.spare' || true"))
+  end)
+
+  it("gives runtimes creating networked sandboxes at the same moment distinct subnets", function()
+    -- four runtimes, a pool of exactly four /30s, one run dir (subnet registry and lock): without
+    -- the lock they read the same routes and pick at random, so most runs would collide
+    local N_RT, t0 = 4, claw.time()
+    local rundir = base .. "/race-net"
+    local tasks = {}
+    for i = 1, N_RT do
+      tasks[i] = claw.spawn(function()
+        return W.child(w, { id = "race-" .. i, pool = "10.213.7.0/28", rundir = rundir,
+          start_at = t0 + 1.5, hold_until = t0 + 6, log_group = 7300 + i },
+          { script = "subnet_race_child.lua", env = { CLAWLUA_STATE_DIR = base .. "/race-state" } })
+      end)
+    end
+    local seen, pids, netns = {}, {}, {}
+    for i = 1, N_RT do
+      local lines, pid = tasks[i]:join()
+      pids[i] = pid
+      local c = W.find(lines, "create")
+      assert.is_nil(c.err)
+      assert.are.equal(0, c.code)
+      assert.matches("inet " .. c.address:gsub("%.", "%%.") .. "/30", c.inside)
+      local subnet = c.address:gsub("%d+$", function(d) return tostring(tonumber(d) & ~3) end)
+      assert.is_nil(seen[subnet], "two runtimes got " .. subnet)
+      seen[subnet] = true
+      assert.truthy(W.find(lines, "destroyed"))
+      netns[#netns + 1] = c.netns
+    end
+    -- everything released: the registry is empty, no namespace, cgroup or state dir is left
+    assert.are.equal("", H.read_file(rundir .. "/subnets"))
+    local names = H.sh("ip netns list")
+    for _, ns in ipairs(netns) do assert.is_nil(names:find(ns, 1, true), "netns " .. ns .. " left") end
+    for _, pid in ipairs(pids) do assert.are.same({}, H.cgroups_of(pid)) end
+    assert.are.equal("", H.sh("ls -A " .. base .. "/race-state/sandboxes 2>/dev/null | grep -v '^\\.spare' || true"))
   end)
 
   it("refuses to mount where the mount would propagate, and says why", function()
