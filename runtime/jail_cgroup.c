@@ -372,8 +372,8 @@ static void holder_tags(const char *path, char *tags, size_t len) {
     int off = 0;
     if (sscanf(line, "%*s %*s %*s %*s %255s %*s%n", mp, &off) != 1 || off == 0) continue;
     size_t ml = strlen(mp);
-    int holds = strcmp(mp, "/") == 0 ||
-                (strncmp(path, mp, ml) == 0 && (path[ml] == '/' || path[ml] == 0));
+    int holds =
+        strcmp(mp, "/") == 0 || (strncmp(path, mp, ml) == 0 && (path[ml] == '/' || path[ml] == 0));
     if (!holds || ml < best) continue;
     best = ml;
     char *sep = strstr(line + off, " - ");
@@ -470,8 +470,8 @@ static int cg_mount_private(char *err, size_t errlen) {
     if (!e && i == 0 && mount(NULL, m->target, NULL, MS_PRIVATE, NULL) < 0) e = errno;
     if (e) {
       if (root_mounted) umount2(CG_ROOT, MNT_DETACH);
-      snprintf(err, errlen, "cgroup: mounting %s (%s) on %s in this mount namespace: %s",
-               m->fstype, m->options[0] ? m->options : "no options", m->target, strerror(e));
+      snprintf(err, errlen, "cgroup: mounting %s (%s) on %s in this mount namespace: %s", m->fstype,
+               m->options[0] ? m->options : "no options", m->target, strerror(e));
       return e;
     }
   }

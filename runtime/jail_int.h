@@ -47,6 +47,8 @@ typedef struct mnt {
   char opts[64];          /* tmpfs options */
 } mnt;
 
+enum { CG_MEMORY, CG_PIDS, CG_CPU, CG_NCTRL };
+
 typedef struct jail_cfg {
   int userns, pidns, mountns, netns_new, ipcns, utsns, cgroupns;
   int have_root; /* bind a host directory as the root (else a tmpfs) */
@@ -72,9 +74,12 @@ typedef struct jail_cfg {
   char uid_map[256], gid_map[256];
   int root_mapped; /* both maps give the namespace a root (inside id 0) */
   int netfd;
+  /* The `tasks` files of the jail's cgroup v1 directories, opened by the parent: the child
+   * joins them itself by writing "0" (moving one thread needs no RCU grace period, which
+   * moving a process from outside through cgroup.procs waits for: milliseconds per spawn). */
+  int ntasks;
+  int tasks[CG_NCTRL];
 } jail_cfg;
-
-enum { CG_MEMORY, CG_PIDS, CG_CPU, CG_NCTRL };
 
 static const char *const cg_names[CG_NCTRL] = {"memory", "pids", "cpu"};
 
