@@ -391,9 +391,9 @@ static long root_mount_id(const char *mountinfo, long want) {
   char line[4096];
   long id = -1;
   while (fgets(line, sizeof line, f)) {
-    long i;
-    char mp[8];
-    if (sscanf(line, "%ld %*s %*s %*s %7s", &i, mp) != 2) continue;
+    char *end, mp[8];
+    long i = strtol(line, &end, 10);
+    if (end == line || sscanf(end, "%*s %*s %*s %7s", mp) != 1) continue;
     if (want >= 0 ? i == want : strcmp(mp, "/") == 0) id = i;
   }
   fclose(f);
