@@ -311,6 +311,8 @@ int cl_proc_spawn(lua_State *L, int opts, const cl_spawn_hooks *hooks);
 int cl_proc_pidfd(lua_State *L, int idx);
 /* The pid of the process handle at idx, 0 if idx is not one. */
 pid_t cl_proc_pid(lua_State *L, int idx);
+/* proc.try_lock (lockfile.c). */
+int cl_proc_try_lock(lua_State *L);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Seccomp (seccomp.c)                                                                        */

@@ -483,6 +483,19 @@ static int prepare(lua_State *L, int opts, cl_spawn_req *req, void *arg, cl_proc
     if (c->netfd >= 0) close(c->netfd), c->netfd = -1;
     return e;
   }
+  for (int i = 0; i < x->ndirs; i++) {
+    if (x->dirs[i].v2) continue; /* v2 has no `tasks`: the parent moves the child (setup) */
+    char path[MAX_PATH_LEN + 16];
+    snprintf(path, sizeof path, "%s/tasks", x->dirs[i].path);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+      e = errno;
+      snprintf(err, errlen, "cgroup: opening %s: %s", path, strerror(e));
+      if (c->netfd >= 0) close(c->netfd), c->netfd = -1;
+      return e;
+    }
+    c->tasks[c->ntasks++] = fd;
+  }
   unsigned long flags = 0;
   if (c->userns) flags |= CLONE_NEWUSER;
   if (c->pidns) flags |= CLONE_NEWPID;
@@ -555,8 +568,11 @@ int cl_jail_spawn(lua_State *L, int opts) {
   h.arg = sc;
   h.sandbox = sc->id;
   int n = cl_proc_spawn(L, opts, &h);
-  /* A failed spawn may leave a joined-netns fd open in the config. */
+  /* A failed spawn may leave a joined-netns fd open in the config; the child had its copies of
+   * the cgroups' `tasks` files. */
   if (sc->cfg && sc->cfg->netfd >= 0) close(sc->cfg->netfd), sc->cfg->netfd = -1;
+  for (int i = 0; sc->cfg && i < sc->cfg->ntasks; i++) close(sc->cfg->tasks[i]);
+  if (sc->cfg) sc->cfg->ntasks = 0;
   lua_remove(L, lua_gettop(L) - n); /* the context, below the results */
   return n;
 }
@@ -564,6 +580,7 @@ int cl_jail_spawn(lua_State *L, int opts) {
 static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},
     {"cgroup_info", cl_jail_cgroup_info},
+    {"cgroup_mounts", cl_jail_cgroup_mounts},
     {NULL, NULL},
 };
 

@@ -303,6 +303,182 @@ static int cg_create_v2(jail_ext *x, const char *v2parent, const char *name, con
   return 0;
 }
 
+/* Whether any cgroup or cgroup2 filesystem is mounted in our mount namespace. */
+static int any_cgroup_mount(void) {
+  char mp[256];
+  for (int c = 0; c < CG_NCTRL; c++)
+    if (find_mount(cg_names[c], mp, sizeof mp)) return 1;
+  return find_mount(NULL, mp, sizeof mp);
+}
+
+/* The mounts that give a process whose /proc/self/cgroup reads `text` its hierarchies where a
+ * systemd host has them: cgroup v2 alone on /sys/fs/cgroup; else a tmpfs there, each v1
+ * hierarchy on a directory named after its controllers (name=X: X), and cgroup2 (hybrid) on
+ * /sys/fs/cgroup/unified. Returns the number of entries (at most max). */
+int cl_jail_cg_mount_plan(const char *text, cl_cg_mount *out, int max) {
+  int n = 0, v2 = 0, v1 = 0;
+  char buf[4096];
+  snprintf(buf, sizeof buf, "%s", text);
+  /* tmpfs first (filled in below if any v1 hierarchy is named) */
+  cl_cg_mount *m = &out[n++];
+  snprintf(m->fstype, sizeof m->fstype, "tmpfs");
+  snprintf(m->options, sizeof m->options, "mode=755");
+  snprintf(m->target, sizeof m->target, "%s", CG_ROOT);
+  char *save = NULL;
+  for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    char *c1 = strchr(line, ':');
+    char *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+    if (!c2) continue;
+    *c2 = 0;
+    const char *ctrls = c1 + 1;
+    if (*ctrls == 0) {
+      v2 = strncmp(line, "0:", 2) == 0;
+      continue;
+    }
+    if (n >= max) break;
+    v1 = 1;
+    m = &out[n++];
+    snprintf(m->fstype, sizeof m->fstype, "cgroup");
+    /* a named hierarchy without controllers ("name=systemd") mounts with "none" */
+    snprintf(m->options, sizeof m->options, "%s%s", strncmp(ctrls, "name=", 5) == 0 ? "none," : "",
+             ctrls);
+    snprintf(m->target, sizeof m->target, CG_ROOT "/%s",
+             strncmp(ctrls, "name=", 5) == 0 ? ctrls + 5 : ctrls);
+  }
+  if (v2 && !v1) { /* unified: cgroup2 itself on /sys/fs/cgroup, no tmpfs */
+    snprintf(out[0].fstype, sizeof out[0].fstype, "cgroup2");
+    out[0].options[0] = 0;
+    return 1;
+  }
+  if (!v1) return 0;
+  if (v2 && n < max) {
+    m = &out[n++];
+    snprintf(m->fstype, sizeof m->fstype, "cgroup2");
+    m->options[0] = 0;
+    snprintf(m->target, sizeof m->target, CG_ROOT "/unified");
+  }
+  return n;
+}
+
+/* The optional fields ("shared:N master:M") of the mount that holds path, from mountinfo. */
+static void holder_tags(const char *path, char *tags, size_t len) {
+  FILE *f = fopen("/proc/self/mountinfo", "re");
+  tags[0] = 0;
+  if (!f) return;
+  char line[4096];
+  size_t best = 0;
+  while (fgets(line, sizeof line, f)) {
+    char mp[256];
+    int off = 0;
+    if (sscanf(line, "%*s %*s %*s %*s %255s %*s%n", mp, &off) != 1 || off == 0) continue;
+    size_t ml = strlen(mp);
+    int holds =
+        strcmp(mp, "/") == 0 || (strncmp(path, mp, ml) == 0 && (path[ml] == '/' || path[ml] == 0));
+    if (!holds || ml < best) continue;
+    best = ml;
+    char *sep = strstr(line + off, " - ");
+    const char *t = line + off + strspn(line + off, " ");
+    size_t n = sep && sep > t ? (size_t)(sep - t) : 0;
+    snprintf(tags, len, "%.*s", (int)n, t);
+  }
+  fclose(f);
+}
+
+/* The id of the topmost mount on "/" in a mountinfo file (-1: none, or unreadable). */
+static long root_mount_id(const char *mountinfo, long want) {
+  FILE *f = fopen(mountinfo, "re");
+  if (!f) return -1;
+  char line[4096];
+  long id = -1;
+  while (fgets(line, sizeof line, f)) {
+    char *end, mp[8];
+    long i = strtol(line, &end, 10);
+    if (end == line || sscanf(end, "%*s %*s %*s %7s", mp) != 1) continue;
+    if (want >= 0 ? i == want : strcmp(mp, "/") == 0) id = i;
+  }
+  fclose(f);
+  return id;
+}
+
+/* Is this process in pid 1's mount namespace? 1 yes, 0 no, -1 cannot tell. The namespace
+ * links when they can be read; else mount ids (unique to one namespace's copy of a mount):
+ * does pid 1's mount table hold our root mount? (pid 1's links need ptrace access to it, which
+ * root lacks in some containers; its mountinfo does not.) */
+static int in_pid1_mount_ns(void) {
+  struct stat sa, sb;
+  if (stat("/proc/self/ns/mnt", &sa) == 0 && stat("/proc/1/ns/mnt", &sb) == 0)
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+  long ours = root_mount_id("/proc/self/mountinfo", -1);
+  if (ours < 0) return -1;
+  FILE *f = fopen("/proc/1/mountinfo", "re");
+  if (!f) return -1;
+  fclose(f);
+  return root_mount_id("/proc/1/mountinfo", ours) == ours;
+}
+
+static int private_mounted;
+
+/* No cgroup hierarchy here (`ip netns exec` unshares the mount namespace and remounts /sys for
+ * the network namespace, without /sys/fs/cgroup): when this process has a mount namespace of its
+ * own whose /sys propagates nothing to another namespace, mount the hierarchies of
+ * /proc/self/cgroup on /sys/fs/cgroup there (they go with the namespace). Never in pid 1's
+ * mount namespace. Returns 0 (mounted, or already there) or an errno with a message in err. */
+static int cg_mount_private(char *err, size_t errlen) {
+  if (any_cgroup_mount()) return 0;
+  const char *how = "enter the namespace with `nsenter --net=/run/netns/NAME` instead, or set "
+                    "cgroup = false";
+  int same = in_pid1_mount_ns();
+  if (same != 0) {
+    snprintf(err, errlen,
+             "cgroup: no cgroup hierarchy is mounted here, and this is %s mount namespace "
+             "(clawlua mounts cgroups only in a mount namespace of its own): %s",
+             same > 0 ? "the host's (pid 1's)" : "perhaps the host's (pid 1's cannot be read)",
+             how);
+    return EOPNOTSUPP;
+  }
+  char tags[256];
+  holder_tags(CG_ROOT, tags, sizeof tags);
+  if (strstr(tags, "shared:")) {
+    snprintf(err, errlen,
+             "cgroup: no cgroup hierarchy is mounted here, and the mount holding " CG_ROOT
+             " is shared (%s): a mount there would propagate to another namespace, so clawlua "
+             "does not make one: %s",
+             tags, how);
+    return EOPNOTSUPP;
+  }
+  char text[4096];
+  if (cl_jail_read_file("/proc/self/cgroup", text, sizeof text) < 0) {
+    snprintf(err, errlen, "cgroup: reading /proc/self/cgroup: %s", strerror(errno));
+    return errno;
+  }
+  cl_cg_mount plan[CG_MAX_MOUNTS];
+  int n = cl_jail_cg_mount_plan(text, plan, CG_MAX_MOUNTS);
+  if (n == 0) {
+    snprintf(err, errlen, "cgroup: /proc/self/cgroup names no hierarchy to mount");
+    return ENOENT;
+  }
+  int root_mounted = 0;
+  for (int i = 0; i < n; i++) {
+    cl_cg_mount *m = &plan[i];
+    int e = 0;
+    if (i > 0 && mkdir(m->target, 0755) < 0 && errno != EEXIST) e = errno;
+    if (!e && mount(m->fstype, m->target, m->fstype, MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    m->options[0] ? m->options : NULL) < 0)
+      e = errno;
+    root_mounted |= !e && i == 0;
+    /* ours alone: nothing mounted under it goes anywhere else either */
+    if (!e && i == 0 && mount(NULL, m->target, NULL, MS_PRIVATE, NULL) < 0) e = errno;
+    if (e) {
+      if (root_mounted) umount2(CG_ROOT, MNT_DETACH);
+      snprintf(err, errlen, "cgroup: mounting %s (%s) on %s in this mount namespace: %s", m->fstype,
+               m->options[0] ? m->options : "no options", m->target, strerror(e));
+      return e;
+    }
+  }
+  private_mounted = 1;
+  return 0;
+}
+
 /* v1: one directory per controller hierarchy. */
 static int cg_create_v1(jail_ext *x, const char *name, const int want[], long long memory,
                         long long pids, double cpu, char *err, size_t errlen) {
@@ -310,16 +486,7 @@ static int cg_create_v1(jail_ext *x, const char *name, const int want[], long lo
     if (!want[c]) continue;
     char mp[256], self[512];
     if (!find_mount(cg_names[c], mp, sizeof mp) || !self_cgroup(cg_names[c], self, sizeof self)) {
-      char any[256];
-      if (!find_mount(NULL, any, sizeof any) && !find_mount("memory", any, sizeof any) &&
-          !find_mount("pids", any, sizeof any) && !find_mount("cpu", any, sizeof any))
-        /* `ip netns exec` remounts /sys in a mount namespace of its own, without cgroups. */
-        snprintf(err, errlen,
-                 "cgroup: no cgroup hierarchy is mounted here (under `ip netns exec`, /sys has no "
-                 "/sys/fs/cgroup: enter the namespace with `nsenter --net=/run/netns/NAME` "
-                 "instead, or set cgroup = false)");
-      else
-        snprintf(err, errlen, "cgroup: no '%s' controller in cgroup v1 or v2", cg_names[c]);
+      snprintf(err, errlen, "cgroup: no '%s' controller in cgroup v1 or v2", cg_names[c]);
       return EOPNOTSUPP;
     }
     cgdir *d = &x->dirs[x->ndirs++];
@@ -364,6 +531,8 @@ int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids
                       char *err, size_t errlen) {
   static unsigned counter;
   int want[CG_NCTRL] = {memory > 0, pids > 0, cpu > 0};
+  int me = cg_mount_private(err, errlen);
+  if (me) return me;
   char v2mnt[256] = "", v2self[400] = "", v2parent[700] = "";
   int v2ok = 0;
   if (version != 1 && find_mount(NULL, v2mnt, sizeof v2mnt) &&
@@ -403,7 +572,16 @@ int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids
 
 /* Lua: jail.cgroup_info() -> {v1 = {memory=path|nil, ...}, v2 = path|nil, v2_controllers=} */
 int cl_jail_cgroup_info(lua_State *L) {
+  char err[512];
+  int me = cg_mount_private(err, sizeof err);
   lua_createtable(L, 0, 3);
+  if (me) {
+    lua_pushstring(L, err);
+    lua_setfield(L, -2, "mount_error");
+  } else if (private_mounted) {
+    lua_pushliteral(L, "private");
+    lua_setfield(L, -2, "mounted");
+  }
   lua_createtable(L, 0, CG_NCTRL);
   for (int c = 0; c < CG_NCTRL; c++) {
     char mp[512], self[512];
@@ -424,6 +602,32 @@ int cl_jail_cgroup_info(lua_State *L) {
       lua_pushstring(L, buf);
       lua_setfield(L, -2, "v2_controllers");
     }
+  }
+  return 1;
+}
+
+/* Lua: jail.cgroup_mounts([text]) -> {{fstype=, options=, target=}, ...}: what a mount namespace
+ * of its own without cgroups gets mounted, for /proc/self/cgroup's content (default: ours). */
+int cl_jail_cgroup_mounts(lua_State *L) {
+  char text[4096];
+  const char *t = luaL_optstring(L, 1, NULL);
+  if (!t) {
+    if (cl_jail_read_file("/proc/self/cgroup", text, sizeof text) < 0)
+      return luaL_fileresult(L, 0, "/proc/self/cgroup");
+    t = text;
+  }
+  cl_cg_mount plan[CG_MAX_MOUNTS];
+  int n = cl_jail_cg_mount_plan(t, plan, CG_MAX_MOUNTS);
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, plan[i].fstype);
+    lua_setfield(L, -2, "fstype");
+    lua_pushstring(L, plan[i].options);
+    lua_setfield(L, -2, "options");
+    lua_pushstring(L, plan[i].target);
+    lua_setfield(L, -2, "target");
+    lua_rawseti(L, -2, i + 1);
   }
   return 1;
 }

@@ -1,8 +1,9 @@
 /*
- * Both sides of a jail's clone: the parent writes the id maps and attaches the cgroups before
- * the child goes on; the child (fork path of cl_spawn, async-signal-safe code only) sets its
- * hostname, brings up loopback, builds its root from mounts and pivots into it, sets rlimits,
- * the capability bounding set, ids, capabilities and no_new_privs.
+ * Both sides of a jail's clone: the parent writes the id maps and attaches the cgroup v2
+ * directory before the child goes on; the child (fork path of cl_spawn, async-signal-safe code
+ * only) joins its cgroup v1 directories, sets its hostname, brings up loopback, builds its root
+ * from mounts and pivots into it, sets rlimits, the capability bounding set, ids, capabilities and
+ * no_new_privs.
  */
 #include "jail_int.h"
 
@@ -34,6 +35,7 @@ int cl_jail_parent_setup(void *arg, pid_t pid, char *err, size_t errlen) {
   snprintf(val, sizeof val, "%d", (int)pid);
   for (int i = 0; sc->ext && i < sc->ext->ndirs; i++) {
     cgdir *d = &sc->ext->dirs[i];
+    if (!d->v2) continue; /* v1: the child joins through `tasks` (cl_jail_child_setup) */
     char p2[MAX_PATH_LEN + 32];
     snprintf(p2, sizeof p2, "%s/cgroup.procs", d->path);
     int e = cl_jail_write_file(p2, val);
@@ -200,10 +202,6 @@ int cl_jail_child_setup(void *arg, const char **stage) {
       close(s);
     }
   }
-  if (c->cgroupns) { /* after the parent moved us: the namespace is rooted at our cgroup */
-    *stage = "unshare(cgroup)";
-    if (unshare(CLONE_NEWCGROUP) < 0) return errno;
-  }
   if (c->mountns) {
     *stage = "mount propagation";
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) return errno;
@@ -235,6 +233,19 @@ int cl_jail_child_setup(void *arg, const char **stage) {
     if (syscall(SYS_pivot_root, ".", ".") < 0) return errno;
     if (umount2(".", MNT_DETACH) < 0) return errno;
     if (chdir("/") < 0) return errno;
+  }
+  /* Our cgroup v1 directories, joined now that the set-up (our own code) is done and only rlimits,
+   * ids, capabilities and exec are left: "0" in `tasks` moves this single-threaded process; the
+   * parent opened the files, and the kernel checks its credentials. (Joining a cpu cgroup earlier
+   * made every step after it wait behind the new group's first turn on the CPU.) */
+  *stage = "joining the cgroups";
+  for (int i = 0; i < c->ntasks; i++) {
+    if (write(c->tasks[i], "0", 1) != 1) return errno ? errno : EIO;
+    close(c->tasks[i]);
+  }
+  if (c->cgroupns) { /* after joining: the namespace is rooted at our cgroup */
+    *stage = "unshare(cgroup)";
+    if (unshare(CLONE_NEWCGROUP) < 0) return errno;
   }
   *stage = "setrlimit";
   for (int i = 0; i < c->nrlimits; i++)

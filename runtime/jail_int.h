@@ -47,6 +47,8 @@ typedef struct mnt {
   char opts[64];          /* tmpfs options */
 } mnt;
 
+enum { CG_MEMORY, CG_PIDS, CG_CPU, CG_NCTRL };
+
 typedef struct jail_cfg {
   int userns, pidns, mountns, netns_new, ipcns, utsns, cgroupns;
   int have_root; /* bind a host directory as the root (else a tmpfs) */
@@ -72,9 +74,12 @@ typedef struct jail_cfg {
   char uid_map[256], gid_map[256];
   int root_mapped; /* both maps give the namespace a root (inside id 0) */
   int netfd;
+  /* The `tasks` files of the jail's cgroup v1 directories, opened by the parent: the child
+   * joins them itself by writing "0" (moving one thread needs no RCU grace period, which
+   * moving a process from outside through cgroup.procs waits for: milliseconds per spawn). */
+  int ntasks;
+  int tasks[CG_NCTRL];
 } jail_cfg;
-
-enum { CG_MEMORY, CG_PIDS, CG_CPU, CG_NCTRL };
 
 static const char *const cg_names[CG_NCTRL] = {"memory", "pids", "cpu"};
 
@@ -114,6 +119,17 @@ void cl_jail_ext_destroy(cl_proc_ext *e);
 int cl_jail_cg_create(jail_ext *x, int version, long long memory, long long pids, double cpu,
                       char *err, size_t errlen);
 int cl_jail_cgroup_info(lua_State *L);
+int cl_jail_cgroup_mounts(lua_State *L);
+
+/* One mount that brings the cgroup hierarchies into a mount namespace that has none. */
+#define CG_ROOT       "/sys/fs/cgroup"
+#define CG_MAX_MOUNTS 20
+typedef struct cl_cg_mount {
+  char fstype[8];
+  char options[256];
+  char target[300];
+} cl_cg_mount;
+int cl_jail_cg_mount_plan(const char *text, cl_cg_mount *out, int max);
 int cl_jail_parent_setup(void *arg, pid_t pid, char *err, size_t errlen);
 int cl_jail_child_setup(void *arg, const char **stage);
 

@@ -746,6 +746,7 @@ static const luaL_Reg funcs[] = {
     {"run", l_run},
     {"find_executable", l_find_executable},
     {"diagnostics", l_diagnostics},
+    {"try_lock", cl_proc_try_lock},
     {NULL, NULL},
 };
 

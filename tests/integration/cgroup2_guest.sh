@@ -38,7 +38,9 @@ trap 'rm -rf "$run"' EXIT
 root="$run/root"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib64,usr/lib/x86_64-linux-gnu,lib/x86_64-linux-gnu}
 cp /bin/busybox "$root/bin/busybox"
-for a in sh mount mkdir cat echo poweroff sleep cp switch_root; do ln -s busybox "$root/bin/$a"; done
+for a in sh mount umount mkdir cat echo poweroff sleep cp switch_root unshare; do
+  ln -s busybox "$root/bin/$a"
+done
 cp "$build/bin/clawlua" "$build/bin/clawlua-probe" "$root/bin/"
 for lib in $(ldd "$build/bin/clawlua" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
   mkdir -p "$root$(dirname "$lib")"
@@ -65,6 +67,10 @@ echo "+memory +pids +cpu" > /sys/fs/cgroup/cgroup.subtree_control
 echo "GUEST controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 /bin/clawlua /test.lua
 echo "GUEST exit $?"
+# as under `ip netns exec`: a mount namespace of its own (a slave) with a fresh sysfs, no cgroup2
+# mounted: the runtime mounts cgroup2 itself there
+unshare -m --propagation slave sh -c 'umount -l /sys && mount -t sysfs sys /sys && exec /bin/clawlua /test.lua private'
+echo "GUEST private_exit $?"
 poweroff -f
 INIT
 chmod +x "$root/init" "$root/init2"

@@ -18,26 +18,8 @@ end
 
 local plan = json.decode(arg[1])
 
--- `ip netns exec` gave this process a mount namespace with a sysfs of the network namespace,
--- without /sys/fs/cgroup: mount the host's cgroup hierarchies again (here only), as a runtime
--- outside a test namespace sees them, so that the jails get their cgroups.
-local function mount_cgroups()
-  local f = assert(io.open("/proc/self/cgroup"))
-  local lines = f:read("a")
-  f:close()
-  local cmds = { "set -e", "mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup" }
-  for ctrls in lines:gmatch("%d+:([^:\n]+):") do
-    if not ctrls:find("=", 1, true) then
-      cmds[#cmds + 1] = ("mkdir -p /sys/fs/cgroup/%s && mount -t cgroup -o %s cgroup /sys/fs/cgroup/%s")
-        :format(ctrls, ctrls, ctrls)
-    end
-  end
-  if lines:find("\n0::") or lines:find("^0::") then
-    cmds[#cmds + 1] = "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified"
-  end
-  assert(claw.proc.run { "sh", "-c", table.concat(cmds, "\n") }.code == 0, "mounting the cgroups failed")
-end
-
+-- (no /sys/fs/cgroup under `ip netns exec`: the runtime mounts its cgroup hierarchies in the
+-- mount namespace ip gave it, so the jails get their cgroups as anywhere else)
 local create = net.create
 net.create = function(o)
   local record = o.record
@@ -53,7 +35,6 @@ net.create = function(o)
 end
 
 claw.run(function()
-  mount_cgroups()
   local p = assert(policy.load(plan.policy))
   p.network.resolvers = plan.resolvers
   local sb = assert(sandbox.create(p, { id = plan.id }))

@@ -13,7 +13,8 @@ describe("jail cgroup v2 limits (in a guest kernel)", function()
                                      build .. "/cgroup2-guest", timeout = 800 })
     if r.code == 77 then return pending("cgroup v2 guest not possible here: " .. r.stdout) end
     local res = {}
-    for name, doc in r.stdout:gmatch("GUEST (%a+) (%b{})") do res[name] = claw.json.decode(doc) end
+    for name, doc in r.stdout:gmatch("GUEST ([%a_]+) (%b{})") do res[name] = claw.json.decode(doc) end
+    for name, doc in r.stdout:gmatch("GUEST ([%a_]+) (%b[])") do res[name] = claw.json.decode(doc) end
     assert.truthy(res.left, "the guest did not finish:\n" .. r.stdout:sub(-3000) .. r.stderr)
     assert.are.equal(2, res.oom.version)
     assert.is_true(res.oom.oom_killed)
@@ -28,5 +29,14 @@ describe("jail cgroup v2 limits (in a guest kernel)", function()
       ("duration %.2f s, cpu %.2f s"):format(res.cpu.duration, res.cpu.cgroup.cpu_usec / 1e6))
     assert.is_true(res.userns.oom_killed) -- the same with a user namespace
     assert.same({}, res.left)
+    -- as under `ip netns exec` (a mount namespace of its own, a sysfs without cgroup2): the
+    -- runtime mounted cgroup2 on /sys/fs/cgroup itself, and the limit held through it
+    assert.truthy(res.private_left, "the private run did not finish:\n" .. r.stdout:sub(-3000))
+    assert.same({}, res.private_before)
+    assert.are.equal("private", res.private_info.mounted)
+    assert.are.equal("/sys/fs/cgroup", res.private_info.v2)
+    assert.are.equal(2, res.private_oom.version)
+    assert.is_true(res.private_oom.oom_killed)
+    assert.same({}, res.private_left)
   end)
 end)

@@ -68,8 +68,9 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
   end
 
   local function cleanup()
-    -- in the namespace's network, but the host's mounts (the cgroup hierarchies, /run/netns)
-    return H.sh(("nsenter --net=/run/netns/%s %s cleanup --state-dir %s"):format(w.host, H.bin, base),
+    -- as the runtime ran: `ip netns exec` (a sysfs without /sys/fs/cgroup: cleanup mounts the
+    -- cgroup hierarchies in its own mount namespace to reach the killed runtime's cgroups)
+    return H.sh(("ip netns exec %s %s cleanup --state-dir %s"):format(w.host, H.bin, base),
       { may_fail = true })
   end
 

@@ -86,10 +86,15 @@ function reclaim.cgroup(prefix, dry)
   if pid and state.alive(pid) then return {} end
   local parent = prefix:match("^(.*)/[^/]*$") or ""
   if not exists(parent) and not cgroup_mounted(parent) then
-    -- e.g. cleanup under `ip netns exec`, whose sysfs has no /sys/fs/cgroup: saying "nothing
-    -- left" would be a lie
-    return nil, ("cgroup %s: no cgroup hierarchy is mounted over %s here (run clawlua cleanup "
-      .. "in the mount namespace the runtime ran in)"):format(prefix, parent)
+    -- under `ip netns exec`, whose sysfs has no /sys/fs/cgroup, the jail mounts the hierarchies
+    -- in this mount namespace of its own (as a runtime there does)
+    local info = claw.jail.cgroup_info()
+    if not exists(parent) and not cgroup_mounted(parent) then
+      -- saying "nothing left" would be a lie
+      return nil, ("cgroup %s: no cgroup hierarchy is mounted over %s here%s (run clawlua cleanup "
+        .. "in the mount namespace the runtime ran in)"):format(prefix, parent,
+        info.mount_error and " (" .. info.mount_error .. ")" or "")
+    end
   end
   local done = {}
   for _, d in ipairs(cgroup_dirs(prefix)) do

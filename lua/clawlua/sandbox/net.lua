@@ -11,6 +11,7 @@
 local claw = require "clawlua"
 local json = require "clawlua.json"
 local dns = require "clawlua.sandbox.dns"
+local state = require "clawlua.sandbox.state"
 
 local M = {}
 
@@ -241,29 +242,6 @@ local function routes()
   return list
 end
 
--- A free /30 in the pool: not used by this runtime and overlapping no route at least as
--- specific as the pool (broader routes, a default route, are shadowed by ours).
-local function allocate()
-  local pbase, plen = cidr_parse(config.pool)
-  if not pbase or plen > 30 then bad("pool", "an IPv4 network of /30 or larger expected", 2) end
-  local rs, err = routes()
-  if not rs then return nil, err end
-  local count = 1 << (30 - plen)
-  local start = math.random(0, count - 1)
-  for i = 0, count - 1 do
-    local base = pbase + ((start + i) % count) * 4
-    local free = not used[base]
-    for _, r in ipairs(rs) do
-      if free and r[2] >= plen and overlaps(base, 30, r[1], r[2]) then free = false end
-    end
-    if free then
-      used[base] = true
-      return base
-    end
-  end
-  return nil, "net: no free /30 left in " .. config.pool
-end
-
 local function read_file(path)
   local f = io.open(path)
   if not f then return nil end
@@ -278,6 +256,97 @@ local function write_file(path, data)
   f:write(data)
   f:close()
   return true
+end
+
+local function state_dir()
+  if config.rundir then return config.rundir end
+  local f = io.open("/proc/self/status")
+  local uid = f and f:read("a"):match("Uid:%s+(%d+)")
+  if f then f:close() end
+  local xdg = os.getenv("XDG_RUNTIME_DIR")
+  if uid ~= "0" and xdg and xdg ~= "" then return xdg .. "/clawlua/net" end
+  return "/run/clawlua/net"
+end
+
+-- The run dir, made once per process.
+local function run_dir()
+  local dir = state_dir()
+  if not made_dirs[dir] then
+    local ok, err = run { "mkdir", "-p", dir }
+    if not ok then return nil, err end
+    made_dirs[dir] = true
+  end
+  return dir
+end
+
+-- Subnets taken by the runtimes sharing this run dir: <rundir>/subnets, a line "base pid start"
+-- per /30, read and rewritten only under an exclusive flock of <rundir>/subnets.lock (two
+-- runtimes creating sandboxes at the same moment must not pick the same /30: a route shows a
+-- subnet only once its address is made, a VM's only after it booted). A line whose runtime is
+-- gone (killed) counts as free and is dropped at the next change.
+local function with_subnets(dir, fn)
+  local deadline = claw.now() + 10
+  while true do
+    local lock, err, code = claw.proc.try_lock(dir .. "/subnets.lock")
+    if lock then
+      local taken = {}
+      for b, pid, start in (read_file(dir .. "/subnets") or ""):gmatch("(%d+) (%d+) (%d+)\n") do
+        pid, start = math.tointeger(tonumber(pid)), math.tointeger(tonumber(start))
+        if state.alive(pid, start) then taken[math.tointeger(tonumber(b))] = { pid, start } end
+      end
+      local ok, res, ferr = pcall(fn, taken)
+      local wok, werr = true, nil
+      if ok then
+        local lines = {}
+        for b, o in pairs(taken) do lines[#lines + 1] = ("%d %d %d\n"):format(b, o[1], o[2]) end
+        local tmp = ("%s/subnets.%d"):format(dir, state.self())
+        wok, werr = write_file(tmp, table.concat(lines))
+        if wok then wok, werr = os.rename(tmp, dir .. "/subnets") end
+      end
+      lock:unlock()
+      if not ok then error(res, 0) end
+      if not wok then return nil, "net: subnets of " .. dir .. ": " .. tostring(werr) end
+      return res, ferr
+    end
+    if code ~= "EWOULDBLOCK" then return nil, "net: subnet lock " .. err end
+    if claw.now() > deadline then return nil, "net: subnet lock " .. err .. " for 10 s" end
+    claw.sleep(0.002)
+  end
+end
+
+-- A free /30 in the pool: not used by this runtime nor recorded by another, overlapping no route
+-- at least as specific as the pool (broader routes, a default route, are shadowed by ours).
+local function allocate(dir)
+  local pbase, plen = cidr_parse(config.pool)
+  if not pbase or plen > 30 then bad("pool", "an IPv4 network of /30 or larger expected", 2) end
+  local b, err = with_subnets(dir, function(taken)
+    local rs, rerr = routes()
+    if not rs then return nil, rerr end
+    local count = 1 << (30 - plen)
+    local start = math.random(0, count - 1)
+    for i = 0, count - 1 do
+      local base = pbase + ((start + i) % count) * 4
+      local free = not used[base] and not taken[base]
+      for _, r in ipairs(rs) do
+        if free and r[2] >= plen and overlaps(base, 30, r[1], r[2]) then free = false end
+      end
+      if free then
+        taken[base] = { state.self() }
+        return base
+      end
+    end
+    return nil, "net: no free /30 left in " .. config.pool
+  end)
+  if b then used[b] = true end
+  return b, err
+end
+
+local function release_subnet(dir, base)
+  used[base] = nil
+  return with_subnets(dir, function(taken)
+    taken[base] = nil
+    return true
+  end)
 end
 
 local FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -302,15 +371,6 @@ local function forwarding_off(forget)
   end
 end
 
-local function state_dir()
-  if config.rundir then return config.rundir end
-  local f = io.open("/proc/self/status")
-  local uid = f and f:read("a"):match("Uid:%s+(%d+)")
-  if f then f:close() end
-  local xdg = os.getenv("XDG_RUNTIME_DIR")
-  if uid ~= "0" and xdg and xdg ~= "" then return xdg .. "/clawlua/net" end
-  return "/run/clawlua/net"
-end
 
 -- ---------------------------------------------------------------------------------------------
 -- The handle
@@ -345,10 +405,12 @@ function M.create(opts)
   }, Net)
   local fw, err = firewall()
   if not fw then return nil, err end
-  local base
-  base, err = allocate()
+  local dir, base
+  dir, err = run_dir()
+  if not dir then return nil, err end
+  base, err = allocate(dir)
   if not base then return nil, err end
-  self.base = base
+  self.base, self.rundir = base, dir
   self.gateway = ip4_text(base + 1)
   self.address = ip4_text(base + 2)
   self.prefix = 30
@@ -440,13 +502,7 @@ function Net:make_jail_ns()
   self.host_addr = true
   self.netns = ns
   self.netns_path = "/run/netns/" .. ns
-  local dir = state_dir()
-  if not made_dirs[dir] then
-    ok, err = run { "mkdir", "-p", dir }
-    if not ok then return nil, err end
-    made_dirs[dir] = true
-  end
-  local path = ("%s/%s.resolv.conf"):format(dir, self.tok)
+  local path = ("%s/%s.resolv.conf"):format(self.rundir, self.tok)
   ok, err = self:make("file", path, function()
     return write_file(path, ("# clawlua sandbox %s\nnameserver %s\noptions attempts:2 timeout:2\n")
                               :format(self.id, self.gateway))
@@ -729,7 +785,10 @@ function Net:close()
   self.closed = true
   if self.expiry_task and not self.expiry_task:done() then self.expiry_task:cancel() end
   local errs = self:release()
-  if self.base then used[self.base] = nil end
+  if self.base then
+    local ok, err = release_subnet(self.rundir, self.base)
+    if not ok then errs[#errs + 1] = err end
+  end
   open_nets[self] = nil
   self:audit("net.close", { errors = #errs > 0 and errs or nil })
   if #errs > 0 then return nil, "net: close: " .. table.concat(errs, "; ") end
