@@ -21,6 +21,7 @@
  * comment naming the spec entry it comes from ("egress.allow[3]").
  */
 #include "ruleset.h"
+#include "sha256.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -40,7 +41,6 @@
 #include <libnftnl/set.h>
 #include <libnftnl/table.h>
 #include <libnftnl/udata.h>
-#include "sha256.h"
 
 const char *const cl_fw_maps[3] = {"spoof", "egress", "ingress"};
 
