@@ -213,7 +213,7 @@ local DEFS = {
     output = obj({ events = { type = "array", items = { type = "object" } } }, { "events" }),
   },
   {
-    name = "policy_show", title = "Show the policy",
+    name = "policy_show", title = "Show the policy", inline = true,
     description = "The operator's policy this server applies (backend, resources, network, files).",
     input = obj({}),
     output = { type = "object" },
@@ -223,7 +223,7 @@ local DEFS = {
 -- Benchmark-only (`clawlua mcp --bench-echo`): the cheapest possible tool, for comparing the
 -- protocol path with other servers' echo tools. Not part of the product's tool set.
 local ECHO = {
-  name = "echo", title = "Echo", description = "Echo the given text back (benchmark only)",
+  name = "echo", title = "Echo", description = "Echo the given text back (benchmark only)", inline = true,
   input = obj({ text = { type = "string" } }, { "text" }),
   output = obj({ text = { type = "string" } }, { "text" }),
 }
@@ -273,6 +273,15 @@ function M.new(opts)
                         inputSchema = d.input, outputSchema = d.output }
   end
   return self
+end
+
+--- Whether the tool never waits (no sandbox, no process, no I/O): the server then answers its
+--- calls in its reading task instead of a task of their own. Tools with `inline = true`.
+---@param name string
+---@return boolean
+function Set:inline(name)
+  local t = self.by_name[name]
+  return t ~= nil and t.def.inline == true
 end
 
 --- The tools, in their fixed order.
