@@ -3,6 +3,8 @@
 -- run: `clawlua mcp --bench-echo`, the official TypeScript SDK reference server
 -- (tests/bench/mcp_ts_server.mjs, McpServer with an echo tool) and the plain python3 floor
 -- (tests/bench/mcp_py_server.py: no SDK, no validation). Each server's `echo` tool is called.
+-- A fourth row, the ceiling (tests/bench/mcp_ceiling.c: canned answers, no parsing), shows what
+-- the client itself allows: no server answers this client faster.
 --   build/bin/clawlua tests/bench/mcp.lua [runs=3] [starts=25] [sessions=3] [calls=2000]
 -- A run measures the three servers one after the other (startup: spawn -> initialize answered,
 -- median of `starts`; sequential tools/call, median of `sessions`; peak RSS: VmHWM); the
@@ -68,13 +70,13 @@ end
 claw.run(function()
   local inst = claw.proc.run { "sh", src .. "/tests/integration/mcp/npm_install.sh", npm_dir, timeout = 600 }
   if inst.code ~= 0 then print("TS SDK peer unavailable: " .. inst.stderr) end
-  local servers = {
-    { "clawlua mcp", { bin, "mcp", "--bench-echo", "--log-level", "off" } },
-    inst.code == 0 and { "TS SDK (node)", { "node", npm_dir .. "/mcp_ts_server.mjs" } } or nil,
-    { "python3 floor", { "python3", src .. "/tests/bench/mcp_py_server.py" } },
-  }
-  if not servers[2] then servers[2], servers[3] = servers[3], nil end
-  local ratios = { ts_start = {}, ts_calls = {}, ts_rss = {}, py_start = {}, py_calls = {} }
+  local servers = { { "clawlua mcp", { bin, "mcp", "--bench-echo", "--log-level", "off" } } }
+  if inst.code == 0 then
+    servers[#servers + 1] = { "TS SDK (node)", { "node", npm_dir .. "/mcp_ts_server.mjs" } }
+  end
+  servers[#servers + 1] = { "python3 floor", { "python3", src .. "/tests/bench/mcp_py_server.py" } }
+  servers[#servers + 1] = { "C ceiling", { (bin:gsub("clawlua$", "clawlua-mcp-ceiling")) } }
+  local ratios = { ts_start = {}, ts_calls = {}, ts_rss = {}, py_start = {}, py_calls = {}, top_calls = {} }
   print(("MCP stdio servers, client tests/bench/bench_stdio.py: %d runs; each run %d starts and "
     .. "%d sessions of %d sequential echo calls per server (medians)"):format(RUNS, STARTS, SESSIONS, CALLS))
   for run = 1, RUNS do
@@ -100,6 +102,10 @@ claw.run(function()
     ratios.py_start[run], ratios.py_calls[run] = py.startup_ms / c.startup_ms, c.calls_s / py.calls_s
     print(("vs python3 floor: startup 1/%.1f, calls/s x%.2f (target x2.5), peak RSS 1/%.1f"):format(
       ratios.py_start[run], ratios.py_calls[run], py.rss_mib / c.rss_mib))
+    local top = by["C ceiling"]
+    ratios.top_calls[run] = top.calls_s / py.calls_s
+    print(("the client's ceiling: calls/s x%.2f the python3 floor's, clawlua at %.0f%% of it"):format(
+      ratios.top_calls[run], 100 * c.calls_s / top.calls_s))
   end
   print(("\nratios over %d runs, median (min .. max):"):format(RUNS))
   if #ratios.ts_start > 0 then
@@ -109,4 +115,5 @@ claw.run(function()
   end
   print("  python3 startup / clawlua startup  " .. spread(ratios.py_start))
   print("  clawlua calls/s / python3 calls/s  " .. spread(ratios.py_calls) .. "   target >= 2.5")
+  print("  C ceiling calls/s / python3 calls/s " .. spread(ratios.top_calls) .. "   (what this client allows)")
 end)
