@@ -801,6 +801,21 @@ function compile(s)
   local object = compile_object(s)
   if not object then return nil end
   local has_len = min_len ~= nil or max_len ~= nil
+  -- The two shapes of nearly every tool argument, without working out the value's kind.
+  if want == "string" and not enum then
+    if not has_len then return function(v) return type(v) == "string" end end
+    return function(v)
+      if type(v) ~= "string" then return false end
+      local n = ulen(v)
+      return not ((min_len and n < min_len) or (max_len and n > max_len))
+    end
+  end
+  if want == "object" and not enum then
+    return function(v)
+      if type(v) ~= "table" or is_marked_array(v) or rawget(v, 1) ~= nil then return false end
+      return object(v)
+    end
+  end
   return function(v)
     local k = kind(v)
     if want ~= nil then
