@@ -76,7 +76,8 @@ claw.run(function()
   end
   servers[#servers + 1] = { "python3 floor", { "python3", src .. "/tests/bench/mcp_py_server.py" } }
   servers[#servers + 1] = { "C ceiling", { (bin:gsub("clawlua$", "clawlua-mcp-ceiling")) } }
-  local ratios = { ts_start = {}, ts_calls = {}, ts_rss = {}, py_start = {}, py_calls = {}, top_calls = {} }
+  local ratios = { ts_start = {}, ts_calls = {}, ts_rss = {}, py_start = {}, py_calls = {}, py_p50 = {},
+                   top_calls = {}, top_p50 = {} }
   print(("MCP stdio servers, client tests/bench/bench_stdio.py: %d runs; each run %d starts and "
     .. "%d sessions of %d sequential echo calls per server (medians)"):format(RUNS, STARTS, SESSIONS, CALLS))
   for run = 1, RUNS do
@@ -104,6 +105,7 @@ claw.run(function()
       ratios.py_start[run], ratios.py_calls[run], py.rss_mib / c.rss_mib))
     local top = by["C ceiling"]
     ratios.top_calls[run] = top.calls_s / py.calls_s
+    ratios.py_p50[run], ratios.top_p50[run] = py.p50_ms / c.p50_ms, py.p50_ms / top.p50_ms
     print(("the client's ceiling: calls/s x%.2f the python3 floor's, clawlua at %.0f%% of it"):format(
       ratios.top_calls[run], 100 * c.calls_s / top.calls_s))
   end
@@ -116,4 +118,8 @@ claw.run(function()
   print("  python3 startup / clawlua startup  " .. spread(ratios.py_start))
   print("  clawlua calls/s / python3 calls/s  " .. spread(ratios.py_calls) .. "   target >= 2.5")
   print("  C ceiling calls/s / python3 calls/s " .. spread(ratios.top_calls) .. "   (what this client allows)")
+  -- calls/s is a mean: a few calls held up by other work on a busy machine weigh on it; the
+  -- median round trip does not.
+  print("  python3 p50 / clawlua p50           " .. spread(ratios.py_p50))
+  print("  python3 p50 / C ceiling p50         " .. spread(ratios.top_p50))
 end)
