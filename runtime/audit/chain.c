@@ -33,7 +33,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
+#include "sha256.h"
 
 #define VERIFIER_MT "clawlua.audit_verifier"
 #define WINDOW      1024
@@ -49,24 +49,15 @@ const char audit_genesis[AUDIT_HEX + 1] =
 
 int audit_chain_hash(const char *prev_hex, const char *body, size_t body_len, const char *tail,
                      size_t tail_len, char *hex) {
-  /* One context and one fetched digest per thread: a fresh fetch per record costs more than
-   * hashing a few hundred bytes with SHA extensions. */
-  static _Thread_local EVP_MD_CTX *ctx;
-  static _Thread_local EVP_MD *md;
   static const char digits[] = "0123456789abcdef";
-  if (!ctx) {
-    ctx = EVP_MD_CTX_new();
-    md = EVP_MD_fetch(NULL, "SHA256", NULL);
-    if (!ctx || !md) return 0;
-  }
-  unsigned char out[EVP_MAX_MD_SIZE];
-  unsigned int olen = 0;
-  if (!EVP_DigestInit_ex2(ctx, md, NULL) || !EVP_DigestUpdate(ctx, prev_hex, AUDIT_HEX) ||
-      !EVP_DigestUpdate(ctx, body, body_len) ||
-      (tail_len && !EVP_DigestUpdate(ctx, tail, tail_len)) ||
-      !EVP_DigestFinal_ex(ctx, out, &olen) || olen != 32)
-    return 0;
-  for (int i = 0; i < 32; i++) {
+  cl_sha256_ctx ctx;
+  unsigned char out[CL_SHA256_LEN];
+  cl_sha256_init(&ctx);
+  cl_sha256_update(&ctx, prev_hex, AUDIT_HEX);
+  cl_sha256_update(&ctx, body, body_len);
+  if (tail_len) cl_sha256_update(&ctx, tail, tail_len);
+  cl_sha256_final(&ctx, out);
+  for (int i = 0; i < CL_SHA256_LEN; i++) {
     hex[2 * i] = digits[out[i] >> 4];
     hex[2 * i + 1] = digits[out[i] & 15];
   }

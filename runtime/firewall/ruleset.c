@@ -21,6 +21,7 @@
  * comment naming the spec entry it comes from ("egress.allow[3]").
  */
 #include "ruleset.h"
+#include "sha256.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -40,7 +41,6 @@
 #include <libnftnl/set.h>
 #include <libnftnl/table.h>
 #include <libnftnl/udata.h>
-#include <openssl/evp.h>
 
 const char *const cl_fw_maps[3] = {"spoof", "egress", "ingress"};
 
@@ -48,9 +48,8 @@ const char *const cl_fw_maps[3] = {"spoof", "egress", "ingress"};
 /* Names                                                                                      */
 
 void cl_fw_vm_names(const char *id, char *key, char *base) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int mdlen = 0;
-  EVP_Digest(id, strlen(id), md, &mdlen, EVP_sha256(), NULL);
+  unsigned char md[CL_SHA256_LEN];
+  cl_sha256(id, strlen(id), md);
   static const char hex[] = "0123456789abcdef";
   for (int i = 0; i < FW_HASH_HEX / 2; i++) {
     key[2 * i] = hex[md[i] >> 4];

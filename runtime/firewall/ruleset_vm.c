@@ -22,7 +22,6 @@
 #include <libnftnl/set.h>
 #include <libnftnl/table.h>
 #include <libnftnl/udata.h>
-#include <openssl/evp.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* A VM's rules                                                                               */

@@ -117,6 +117,32 @@ describe("mcp schema: the validator's own behaviour", function()
     assert.are.same({ "$.command: must have at least 1 items", "$.id: is required" }, errs)
   end)
 
+  it("checks every tool's arguments with a compiled check that agrees with the full pass", function()
+    -- The compiled checks say "valid" on their own; an invalid value is explained by the full
+    -- pass. The JSON Schema Test Suite above runs through both; here: every tool schema
+    -- compiles (so each call skips the keyword-by-keyword pass), and both answers agree.
+    local ts = require("clawlua.mcp.tools").new { bench_echo = true }
+    local values = { json.decode '{}', json.decode '{"id":"a"}', json.decode '{"id":""}',
+                     json.decode '{"id":"a","command":["ls","-l"]}', json.decode '{"id":"a","command":[]}',
+                     json.decode '{"id":"a","command":["ls",3]}', json.decode '{"text":"hi"}',
+                     json.decode '{"text":7}', json.decode '{"limit":0}', json.decode '{"limit":5}',
+                     json.decode '{"id":"a","network":{"egress":"allow","allow":["x.org"]}}',
+                     json.decode '{"id":"a","network":{"egress":"maybe"}}', json.decode '{"zzz":1}' }
+    for _, tool in ipairs(ts:list()) do
+      local v = schema.new(tool.inputSchema)
+      for _, val in ipairs(values) do
+        local ok, errs = v:validate(val)
+        assert.is_function(v.compiled, tool.name .. "'s input schema did not compile")
+        local full = schema.new(tool.inputSchema)
+        full.compiled = false -- the keyword-by-keyword pass alone
+        local ok2, errs2 = full:validate(val)
+        assert.are.equal(ok2, ok, tool.name .. ": " .. json.encode(val))
+        assert.are.same(errs2, errs)
+      end
+    end
+    ts:close()
+  end)
+
   it("implements the ECMA regex subset it documents", function()
     local cases = {
       { "^[a-z]+(-[a-z0-9]+)*$", "abc-d3f", true }, { "^[a-z]+(-[a-z0-9]+)*$", "abc-", false },

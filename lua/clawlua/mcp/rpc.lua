@@ -121,11 +121,35 @@ function M.conn(opts)
     input = opts.input,
     output = opts.output,
     max_message = max,
+    encode_opts = { max_size = max },
     queue = claw.channel(opts.max_queue or M.DEFAULT_MAX_QUEUE),
+    queued = 0,          -- lines in the queue or in the writer's hands, not yet written
+    writing = false,     -- a write is under way (it may be waiting for the pipe)
+    write_free = claw.event(),
     sent = 0,
   }, Conn)
   self.writer = claw.spawn(function() self:write_loop() end)
   return self
+end
+
+-- One write at a time: a write that waits for a full pipe must not let another line in
+-- between its bytes.
+local function begin_write(self)
+  while self.writing do
+    self.write_free:clear()
+    self.write_free:wait()
+  end
+  self.writing = true
+end
+
+local function end_write(self, ok, err)
+  self.writing = false
+  self.write_free:set()
+  if not ok and not self.write_error then
+    self.write_error = err
+    self.queue:close()
+  end
+  return ok
 end
 
 function Conn:write_loop()
@@ -141,30 +165,50 @@ function Conn:write_loop()
       parts[n + 1], parts[n + 2] = more, "\n"
       n = n + 2
     end
+    begin_write(self)
     local ok, err = out:write(table.concat(parts))
-    if not ok then
-      self.write_error = err
-      q:close()
-      break
-    end
+    self.queued = self.queued - n // 2
+    if not end_write(self, ok, err) then break end
     self.sent = self.sent + n // 2
   end
 end
 
---- Queues one encoded message; waits while the queue is full (back-pressure). Returns false
---- once the output failed or the connection is closed.
+--- Sends one encoded message. From `conn.direct_task` (the server's reading task, which
+--- answers the requests that never wait) the line is written at once when nothing is queued
+--- or being written: no switch to the writer task, no second loop turn. Otherwise it is queued
+--- in order for the writer task, waiting while the queue is full (back-pressure). Returns
+--- false once the output failed or the connection is closed.
 ---@param line string
 ---@return boolean
 function Conn:send_line(line)
   if #line > self.max_message then
     error(("rpc: outgoing message of %d bytes exceeds the %d byte cap"):format(#line, self.max_message))
   end
-  return self.queue:send(line) and true or false
+  if self.write_error or self.closed then return false end
+  if self.queued == 0 and not self.writing and self.direct_task and claw.current() == self.direct_task then
+    self.writing = true
+    local done, ok, err = pcall(self.output.write, self.output, line .. "\n")
+    if not done then
+      -- Stopped in the middle of the line (the task was cancelled while the pipe was full):
+      -- nothing may follow its torn bytes.
+      end_write(self, false, "write interrupted: " .. tostring(ok))
+      error(ok, 0)
+    end
+    if not end_write(self, ok, err) then return false end
+    self.sent = self.sent + 1
+    return true
+  end
+  self.queued = self.queued + 1
+  local done, sent = pcall(self.queue.send, self.queue, line)
+  if done and sent then return true end
+  self.queued = self.queued - 1
+  if not done then error(sent, 0) end -- cancelled while the queue was full
+  return false
 end
 
 --- Sends a value as one message; a value too big for the cap becomes an error reply.
 function Conn:send(obj)
-  local line, err = json.encode(obj, { max_size = self.max_message })
+  local line, err = json.encode(obj, self.encode_opts)
   if not line then
     if obj.id ~= nil and obj.result ~= nil then
       return self:send_line(M.error_line(obj.id, M.INTERNAL_ERROR, "cannot send the result: " .. err))
@@ -208,6 +252,7 @@ end
 
 --- Stops the writer after what is queued has been written (or `timeout` seconds passed).
 function Conn:close(timeout)
+  self.closed = true
   self.queue:close()
   if self.writer and not self.writer:done() then
     local ok = self.writer:join(timeout or 1)

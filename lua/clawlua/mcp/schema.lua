@@ -508,12 +508,18 @@ local function check_array(self, s, v, path, errs)
   if type(prefix) == "table" then
     np = #prefix
     for i = 1, math.min(np, n) do
-      if not check(self, prefix[i], v[i], path_key(path, i), errs) then ok = false if not errs then return false end end
+      if not check(self, prefix[i], v[i], errs and path_key(path, i) or path, errs) then
+        ok = false
+        if not errs then return false end
+      end
     end
   end
   if rest ~= nil then
     for i = np + 1, n do
-      if not check(self, rest, v[i], path_key(path, i), errs) then ok = false if not errs then return false end end
+      if not check(self, rest, v[i], errs and path_key(path, i) or path, errs) then
+        ok = false
+        if not errs then return false end
+      end
     end
   end
   if s.contains ~= nil then
@@ -565,7 +571,7 @@ local function check_object(self, s, v, path, errs)
   if props or pprops or addl ~= nil or s.propertyNames ~= nil then
     for k, val in pairs(v) do
       if type(k) == "string" then
-        local p = path_key(path, k)
+        local p = errs and path_key(path, k) or path -- names only matter in messages
         local matched = false
         if props and props[k] ~= nil then
           matched = true
@@ -706,6 +712,149 @@ function check(self, s, v, path, errs)
   return ok
 end
 
+---------------------------------------------------------------------------------------------
+-- Compiled checks
+---------------------------------------------------------------------------------------------
+-- A schema made only of the keywords below becomes a tree of closures that says valid or not
+-- without looking a keyword up at call time (tool arguments are checked on every call). Any
+-- other keyword ($ref, pattern, combinators, ...) leaves the schema to `check`, which also
+-- explains every failure: a compiled check only ever answers "valid" on its own.
+
+local ANNOTATION = { description = true, title = true, default = true, examples = true,
+                     ["$comment"] = true, deprecated = true, readOnly = true, writeOnly = true,
+                     format = true }
+local COMPILED = { type = true, enum = true, properties = true, required = true,
+                   additionalProperties = true, minLength = true, maxLength = true, minimum = true,
+                   maximum = true, exclusiveMinimum = true, exclusiveMaximum = true, items = true,
+                   minItems = true, maxItems = true }
+
+local compile
+
+local function compile_object(s)
+  local props, addl, req = {}, nil, nil
+  if s.properties ~= nil then
+    if kind(s.properties) ~= "object" then return nil end
+    for k, sub in pairs(s.properties) do
+      props[k] = compile(sub)
+      if not props[k] then return nil end
+    end
+  end
+  if s.additionalProperties ~= nil and s.additionalProperties ~= false then
+    addl = compile(s.additionalProperties)
+    if not addl then return nil end
+  end
+  local no_extra = s.additionalProperties == false
+  if s.required ~= nil then
+    if kind(s.required) ~= "array" then return nil end
+    req = s.required
+  end
+  local walk = s.properties ~= nil or s.additionalProperties ~= nil
+  return function(v)
+    if req then
+      for i = 1, #req do if v[req[i]] == nil then return false end end
+    end
+    if walk then
+      for k, val in pairs(v) do
+        if type(k) == "string" then
+          local c = props[k]
+          if c then
+            if not c(val) then return false end
+          elseif no_extra then
+            return false
+          elseif addl and not addl(val) then
+            return false
+          end
+        end
+      end
+    end
+    return true
+  end
+end
+
+function compile(s)
+  if s == true then return function() return true end end
+  if type(s) ~= "table" or kind(s) ~= "object" then return nil end
+  for k in pairs(s) do
+    if not COMPILED[k] and not ANNOTATION[k] then return nil end
+  end
+  local want = s.type
+  if want ~= nil and type(want) ~= "string" then
+    if kind(want) ~= "array" then return nil end
+    for _, w in ipairs(want) do if type(w) ~= "string" then return nil end end
+  end
+  local enum = s.enum
+  if enum ~= nil and kind(enum) ~= "array" then return nil end
+  local min_len, max_len = s.minLength, s.maxLength
+  local minimum, maximum = s.minimum, s.maximum
+  local xmin, xmax = s.exclusiveMinimum, s.exclusiveMaximum
+  local min_items, max_items = s.minItems, s.maxItems
+  for _, n in ipairs { min_len or 0, max_len or 0, minimum or 0, maximum or 0, xmin or 0, xmax or 0,
+                       min_items or 0, max_items or 0 } do
+    if type(n) ~= "number" then return nil end
+  end
+  local items
+  if s.items ~= nil then
+    if kind(s.items) == "array" then return nil end -- the pre-2020-12 form: left to `check`
+    items = compile(s.items)
+    if not items then return nil end
+  end
+  local object = compile_object(s)
+  if not object then return nil end
+  local has_len = min_len ~= nil or max_len ~= nil
+  -- The two shapes of nearly every tool argument, without working out the value's kind.
+  if want == "string" and not enum then
+    if not has_len then return function(v) return type(v) == "string" end end
+    return function(v)
+      if type(v) ~= "string" then return false end
+      local n = ulen(v)
+      return not ((min_len and n < min_len) or (max_len and n > max_len))
+    end
+  end
+  if want == "object" and not enum then
+    return function(v)
+      if type(v) ~= "table" or is_marked_array(v) or rawget(v, 1) ~= nil then return false end
+      return object(v)
+    end
+  end
+  return function(v)
+    local k = kind(v)
+    if want ~= nil then
+      if type(want) == "string" then
+        if not type_matches(want, k) then return false end
+      else
+        local match = false
+        for i = 1, #want do if type_matches(want[i], k) then match = true break end end
+        if not match then return false end
+      end
+    end
+    if enum then
+      local found = false
+      for i = 1, #enum do if equal(enum[i], v) then found = true break end end
+      if not found then return false end
+    end
+    if k == "string" then
+      if has_len then
+        local n = ulen(v)
+        if (min_len and n < min_len) or (max_len and n > max_len) then return false end
+      end
+    elseif k == "integer" or k == "number" then
+      if (minimum and v < minimum) or (maximum and v > maximum) or (xmin and v <= xmin)
+          or (xmax and v >= xmax) then
+        return false
+      end
+    elseif k == "array" then
+      local n = #v
+      if (min_items and n < min_items) or (max_items and n > max_items) then return false end
+      if items then
+        for i = 1, n do if not items(v[i]) then return false end end
+      end
+    elseif k == "object" then
+      return object(v)
+    end
+    return true
+  end
+end
+
 --- A compiled validator for `schema` (a decoded JSON Schema; its own root for $ref).
 ---@param schema table|boolean
 ---@return {validate: fun(self, value: any, ref: string|nil): boolean, string[]|nil}
@@ -713,14 +862,26 @@ function M.new(schema)
   if type(schema) ~= "table" and type(schema) ~= "boolean" then
     error("bad argument #1 to 'schema.new' (schema table or boolean expected)", 2)
   end
-  return setmetatable({ root = schema, refs = {}, regexes = {} }, Validator)
+  return setmetatable({ root = schema, refs = {}, regexes = {}, compiled = nil }, Validator)
 end
 
 --- Validates `value` against the root schema (or the subschema at `ref`, e.g. "#/$defs/Tool").
 --- Returns true, or false and the list of problems ("$.command[0]: string expected, got number").
 ---@return boolean ok, string[]|nil errors
 function Validator:validate(value, ref)
+  if not ref then
+    local c = self.compiled
+    if c == nil then
+      c = compile(self.root) or false -- on first use: a tool set starts without compiling
+      self.compiled = c
+    end
+    if c and c(value) then return true end
+  end
   local s = ref and self:resolve(ref) or self.root
+  -- First the yes/no pass, which builds no paths or messages (most values are valid); then,
+  -- for an invalid value or a schema that raises, the pass that names every problem.
+  local done, ok = pcall(check, self, s, value, "$", nil)
+  if done and ok then return true end
   local errs = {}
   if check(self, s, value, "$", errs) then return true end
   return false, errs

@@ -1,7 +1,9 @@
 -- The MCP server: reads frames, answers each request in a task of its own (so a 30 s exec does
--- not hold up `tools/list` or `ping`), cancels a request's task on `notifications/cancelled`,
--- reports progress when the request carries a progressToken, and closes its tool set (every
--- sandbox it created) when the input ends or the process is told to stop.
+-- not hold up `tools/list` or `ping`) unless it never waits (ping, tools/list, a tool the tool
+-- set marks inline: answered by the reading task, with no task to create), cancels a
+-- request's task on `notifications/cancelled`, reports progress when the request carries a
+-- progressToken, and closes its tool set (every sandbox it created) when the input ends or the
+-- process is told to stop.
 local claw = require "clawlua"
 local rpc = require "clawlua.mcp.rpc"
 local protocol = require "clawlua.mcp.protocol"
@@ -305,11 +307,27 @@ function Server:prepare(frame)
   return req
 end
 
+--- Methods answered by the reading task itself: they never wait, so a task of their own would
+--- only add its cost (a coroutine, a closure, two more loop turns) to every call.
+local INLINE = { ping = true, initialize = true, ["tools/list"] = true, ["server/discover"] = true,
+                 ["logging/setLevel"] = true }
+
+--- Whether a request is answered inline: the methods above, and the tools/call of a tool its
+--- tool set declares never waits (`tools:inline(name)`).
+function Server:is_inline(frame)
+  local m = frame.method
+  if INLINE[m] then return true end
+  if m ~= "tools/call" then return false end
+  local ts, name = self.tools, frame.params.name
+  return ts.inline ~= nil and type(name) == "string" and ts:inline(name) == true
+end
+
+--- Runs a request to its answer; `key` is its in-flight key (nil for one answered inline).
 function Server:run_request(frame, key)
   local req, err = self:prepare(frame)
   local result, cache
   if req then
-    local e = self.inflight[key]
+    local e = key and self.inflight[key]
     if e then e.req = req end
     local h = handlers[frame.method]
     if not h then
@@ -319,9 +337,11 @@ function Server:run_request(frame, key)
       if result == nil then err = cache end
     end
   end
-  local entry = self.inflight[key]
-  self:finished(key)
-  if entry and entry.cancelled then return end
+  if key then
+    local entry = self.inflight[key]
+    self:finished(key)
+    if entry and entry.cancelled then return end
+  end
   if result ~= nil then
     protocol.shape_result(req.version, result, type(cache) == "table" and cache.ttl_ms and cache or nil,
       req.version == protocol.STATELESS and self.info or nil)
@@ -337,11 +357,24 @@ function Server:finished(key)
   self.slot_free:set()
 end
 
+local function failed(self, frame, e)
+  self:log("error", ("%s failed: %s"):format(frame.method, tostring(e)))
+  self.conn:reply_error(frame.id, rpc.INTERNAL_ERROR, "internal error in " .. frame.method)
+end
+
 function Server:start_request(frame)
   local key = rpc.id_key(frame.id)
   if self.inflight[key] then
     self.conn:reply_error(frame.id, rpc.INVALID_REQUEST,
       "invalid request: a request with this id is still in progress")
+    return
+  end
+  if self:is_inline(frame) then
+    local ok, e = xpcall(self.run_request, debug.traceback, self, frame, nil)
+    if not ok then
+      if claw.is_cancelled(e) then error(e, 0) end -- the server itself is being stopped
+      failed(self, frame, e)
+    end
     return
   end
   local entry = { id = frame.id }
@@ -352,8 +385,7 @@ function Server:start_request(frame)
     if not ok then
       if self.inflight[key] == entry then self:finished(key) end
       if claw.is_cancelled(e) or entry.cancelled then return end
-      self:log("error", ("%s failed: %s"):format(frame.method, tostring(e)))
-      self.conn:reply_error(frame.id, rpc.INTERNAL_ERROR, "internal error in " .. frame.method)
+      failed(self, frame, e)
     end
   end)
 end
@@ -381,6 +413,7 @@ end
 --- flight, flushes the output and closes the tool set (destroying its sandboxes).
 function Server:serve()
   local conn = self.conn
+  conn.direct_task = claw.current() -- the answers of inline requests skip the writer task
   local _closer <close> = setmetatable({}, { __close = function() self:shutdown() end })
   while true do
     local frame = conn:read()

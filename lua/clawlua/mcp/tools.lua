@@ -11,7 +11,6 @@
 -- The policy's hooks.on_tool_call(name, args, client) is asked before every call, and every
 -- call is audited (`mcp.tool_call`, with the client's name).
 local claw = require "clawlua"
-local schema = require "clawlua.mcp.schema"
 
 local json = claw.json
 local audit = claw.audit
@@ -213,7 +212,7 @@ local DEFS = {
     output = obj({ events = { type = "array", items = { type = "object" } } }, { "events" }),
   },
   {
-    name = "policy_show", title = "Show the policy",
+    name = "policy_show", title = "Show the policy", inline = true,
     description = "The operator's policy this server applies (backend, resources, network, files).",
     input = obj({}),
     output = { type = "object" },
@@ -223,7 +222,7 @@ local DEFS = {
 -- Benchmark-only (`clawlua mcp --bench-echo`): the cheapest possible tool, for comparing the
 -- protocol path with other servers' echo tools. Not part of the product's tool set.
 local ECHO = {
-  name = "echo", title = "Echo", description = "Echo the given text back (benchmark only)",
+  name = "echo", title = "Echo", description = "Echo the given text back (benchmark only)", inline = true,
   input = obj({ text = { type = "string" } }, { "text" }),
   output = obj({ text = { type = "string" } }, { "text" }),
 }
@@ -268,11 +267,20 @@ function M.new(opts)
   if opts.bench_echo then defs[#defs + 1] = ECHO end
   for i, d in ipairs(defs) do
     self.defs[i] = d
-    self.by_name[d.name] = { def = d, validator = schema.new(d.input) }
+    self.by_name[d.name] = { def = d } -- its validator: made by the first call (see Set:call)
     self.listing[i] = { name = d.name, title = d.title, description = d.description,
                         inputSchema = d.input, outputSchema = d.output }
   end
   return self
+end
+
+--- Whether the tool never waits (no sandbox, no process, no I/O): the server then answers its
+--- calls in its reading task instead of a task of their own. Tools with `inline = true`.
+---@param name string
+---@return boolean
+function Set:inline(name)
+  local t = self.by_name[name]
+  return t ~= nil and t.def.inline == true
 end
 
 --- The tools, in their fixed order.
@@ -523,7 +531,14 @@ function Set:call(name, args, ctx)
   if not t then
     return nil, { code = M.INVALID_PARAMS, message = ("unknown tool '%s'"):format(tostring(name)) }
   end
-  local ok, errs = t.validator:validate(args)
+  local v = t.validator
+  if not v then
+    -- The schema module and each validator are loaded on first use: a server answers
+    -- initialize and tools/list without them.
+    v = require("clawlua.mcp.schema").new(t.def.input)
+    t.validator = v
+  end
+  local ok, errs = v:validate(args)
   if not ok then
     return nil, { code = M.INVALID_PARAMS,
                   message = ("invalid arguments for tool '%s': %s"):format(name, table.concat(errs, "; ")),
