@@ -22,6 +22,8 @@ typedef struct cl_sha256_ctx {
 void cl_sha256_init(cl_sha256_ctx *c);
 void cl_sha256_update(cl_sha256_ctx *c, const void *data, size_t len);
 void cl_sha256_final(cl_sha256_ctx *c, unsigned char out[CL_SHA256_LEN]);
+/* Which block code this process uses: "sha-ni" or "portable". */
+const char *cl_sha256_impl(void);
 /* One call: out = SHA-256(data). */
 void cl_sha256(const void *data, size_t len, unsigned char out[CL_SHA256_LEN]);
 
