@@ -283,13 +283,15 @@ local function seccomp_field(v, path, dir)
   invalid(path, "\"docker-default\", \"unconfined\" or a profile path (.json) expected, got %q", v)
 end
 
--- The VM backend's own settings: a guest image (paths relative to the policy file), how it
--- starts, and the accelerator (clawlua.vm's accel).
+-- The VM backend's own settings: a guest image (paths relative to the policy file), which
+-- kernel of the built-in image (kernel_flavor), whether an own kernel has ACPI, how it starts,
+-- and the accelerator (clawlua.vm's accel).
 local VM_START = { auto = true, cold = true, snapshot = true }
 local VM_ACCEL = { auto = true, kvm = true, tcg = true, probe = true }
+local VM_FLAVOR = { minimal = true, stock = true }
 local function vm_field(t, path, dir)
   check_type(t, "table", path)
-  check_keys(t, { kernel = 1, initrd = 1, rootfs = 1, start = 1, accel = 1 }, path)
+  check_keys(t, { kernel = 1, initrd = 1, rootfs = 1, start = 1, accel = 1, kernel_flavor = 1, acpi = 1 }, path)
   local v = {}
   for _, k in ipairs { "kernel", "initrd", "rootfs" } do
     if t[k] ~= nil then
@@ -307,7 +309,17 @@ local function vm_field(t, path, dir)
   if t.accel ~= nil and not VM_ACCEL[t.accel] then
     invalid(join(path, "accel"), "\"auto\", \"kvm\", \"tcg\" or \"probe\" expected, got %s", tostring(t.accel))
   end
-  v.start, v.accel = t.start, t.accel
+  if t.kernel_flavor ~= nil then
+    if not VM_FLAVOR[t.kernel_flavor] then
+      invalid(join(path, "kernel_flavor"), "\"minimal\" or \"stock\" expected, got %s", tostring(t.kernel_flavor))
+    end
+    if v.kernel then invalid(join(path, "kernel_flavor"), "picks the built-in image's kernel: not with vm.kernel") end
+  end
+  if t.acpi ~= nil then
+    check_type(t.acpi, "boolean", join(path, "acpi"))
+    if not v.kernel then invalid(join(path, "acpi"), "describes an own kernel: needs vm.kernel") end
+  end
+  v.start, v.accel, v.kernel_flavor, v.acpi = t.start, t.accel, t.kernel_flavor, t.acpi
   return v
 end
 

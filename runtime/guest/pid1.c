@@ -39,6 +39,7 @@ static void mount_fs(const char *src, const char *dst, const char *type, unsigne
 }
 
 static void load_modules(const char *list) {
+  if (access("/proc/modules", F_OK) < 0) return; /* a kernel without modules has it built in */
   FILE *f = fopen(list, "re");
   if (!f) return;
   char line[512];
@@ -244,7 +245,10 @@ void cl_power_off(int action) {
   kill(-1, SIGKILL);
   sync();
   umount2("/mnt/root", MNT_DETACH);
-  reboot(action == CLA_ACTION_REBOOT ? LINUX_REBOOT_CMD_RESTART : LINUX_REBOOT_CMD_POWER_OFF);
+  /* A kernel without ACPI cannot power off: it resets (reboot=t), and QEMU's -no-reboot exits. */
+  int no_acpi = access("/sys/firmware/acpi", F_OK) < 0 && errno == ENOENT;
+  reboot(action == CLA_ACTION_REBOOT || no_acpi ? LINUX_REBOOT_CMD_RESTART
+                                                : LINUX_REBOOT_CMD_POWER_OFF);
   _exit(0); /* PID 1 exiting panics the kernel: with panic=1 that too ends the VM */
 }
 

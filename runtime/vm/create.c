@@ -69,7 +69,7 @@ static int valid_mac(const char *s) {
 static const char *const create_fields[] = {
     "backend",   "kernel", "initrd", "rootfs", "rootfs_readonly", "vcpus", "mem_mib",
     "boot_args", "net",    "guest",  "jail",   "seccomp",         "log",   "id",
-    "vmm",       "accel",  NULL};
+    "vmm",       "accel",  "acpi",   NULL};
 
 /* What vm.create / vm.restore read from their options besides the vm itself. */
 typedef struct vm_opts {
@@ -97,6 +97,7 @@ static void parse_machine(lua_State *L, int idx, vm *v) {
   v->initrd = cl_vm_dupstr(cl_opt_string(L, idx, "initrd", NULL));
   v->rootfs = cl_vm_dupstr(cl_opt_string(L, idx, "rootfs", NULL));
   v->rootfs_ro = cl_opt_boolean(L, idx, "rootfs_readonly", 0);
+  v->no_acpi = !cl_opt_boolean(L, idx, "acpi", 1);
   lua_Integer vcpus = cl_opt_integer(L, idx, "vcpus", 1);
   if (vcpus < 1 || vcpus > MAX_VCPUS)
     cl_field_error(L, "vcpus", lua_pushfstring(L, "1 to %d expected, got %I", MAX_VCPUS, vcpus));
@@ -591,6 +592,7 @@ int cl_vm_restore_prepare(lua_State *L) {
   v->vcpus = json_int(j, "vcpus", 1);
   v->mem_mib = json_int(j, "mem_mib", 128);
   v->rootfs_ro = json_int(j, "rootfs_readonly", 0);
+  v->no_acpi = !json_int(j, "acpi", 1);
   const char *ch = json_str(j, "channel");
   int snap_channel = ch && strcmp(ch, "vsock") == 0  ? CH_VSOCK
                      : ch && strcmp(ch, "none") == 0 ? CH_NONE

@@ -220,8 +220,10 @@ static void qemu_args(vm *v, argvb *a, int *fds, int *nfds, int qmp_fd, int agen
     arg(a, "qemu-system-x86_64");
   arg(a, "-name");
   arg(a, "%s", v->id);
+  /* A kernel without ACPI finds the virtio-mmio devices on its command line: with acpi=off,
+   * microvm's auto-kernel-cmdline appends a virtio_mmio.device= for each. */
   arg(a, "-M");
-  arg(a, "microvm");
+  arg(a, "%s", v->no_acpi ? "microvm,acpi=off" : "microvm");
   arg(a, "-nodefaults");
   arg(a, "-no-user-config");
   arg(a, "-display");
@@ -251,7 +253,10 @@ static void qemu_args(vm *v, argvb *a, int *fds, int *nfds, int qmp_fd, int agen
   char tsc[64] = "";
   if (khz > 0) snprintf(tsc, sizeof tsc, " tsc_early_khz=%d tsc=reliable", khz);
   arg(a, "-append");
-  arg(a, "console=ttyS0 quiet panic=1 pci=off reboot=k%s clawlua.channel=%s%s%s%s", tsc,
+  /* Without ACPI a reset is a triple fault (reboot=t), which -no-reboot turns into an exit;
+   * such a kernel has no PCI either (an unknown pci= would reach /init as an environment). */
+  arg(a, "console=ttyS0 quiet panic=1 %s%s clawlua.channel=%s%s%s%s",
+      v->no_acpi ? "reboot=t" : "pci=off reboot=k", tsc,
       v->channel == CH_VSOCK ? "vsock" : "serial", v->rootfs ? " clawlua.root=/dev/vda" : "",
       v->boot_args ? " " : "", v->boot_args ? v->boot_args : "");
   arg(a, "-chardev");
@@ -404,6 +409,7 @@ static int write_meta(vm *v, char *err, size_t errlen) {
   cJSON_AddNumberToObject(j, "vcpus", v->vcpus);
   cJSON_AddNumberToObject(j, "mem_mib", v->mem_mib);
   cJSON_AddNumberToObject(j, "rootfs_readonly", v->rootfs_ro);
+  cJSON_AddNumberToObject(j, "acpi", !v->no_acpi);
   cJSON_AddNumberToObject(j, "kvm", v->kvm == 1);
   cJSON_AddNumberToObject(j, "cid", v->cid);
   cJSON_AddStringToObject(j, "channel",

@@ -310,6 +310,8 @@ static int l_info(lua_State *L) {
   lua_setfield(L, -2, "vcpus");
   lua_pushinteger(L, v->mem_mib);
   lua_setfield(L, -2, "mem_mib");
+  lua_pushboolean(L, !v->no_acpi);
+  lua_setfield(L, -2, "acpi");
   set_str(L, "channel",
           v->channel == CH_SERIAL  ? "virtio-serial"
           : v->channel == CH_VSOCK ? "vsock"

@@ -92,6 +92,7 @@ struct vm {
   char *kernel, *initrd, *rootfs, *boot_args, *seccomp_file, *restore_dir;
   char **vmm; /* the VMM's argv prefix (program [, args]); NULL: the backend's default */
   int rootfs_ro;
+  int no_acpi; /* the kernel has no ACPI: QEMU's microvm,acpi=off, devices on the command line */
   int vcpus, mem_mib;
   int channel;
   double ready_timeout;

@@ -18,16 +18,18 @@ end
 
 --- Boots kernel + initrd to the agent's READY; returns the seconds it took.
 --- opts: kernel, initrd, sock (a path for the agent's socket), console (a file, or nil: none),
---- sandbox (true: QEMU's own -sandbox as clawlua runs it).
+--- sandbox (true: QEMU's own -sandbox as clawlua runs it), acpi (false: a kernel without ACPI,
+--- booted as clawlua boots scripts/guest-kernel's: microvm,acpi=off, reboot=t, no pci=off).
 function M.boot(opts)
   os.remove(opts.sock)
-  local argv = { "qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-no-user-config",
-    "-display", "none", "-accel", "tcg", "-cpu", "max", "-m", "128", "-smp", "1", "-no-reboot" }
+  local no_acpi = opts.acpi == false
+  local argv = { "qemu-system-x86_64", "-M", no_acpi and "microvm,acpi=off" or "microvm", "-nodefaults",
+    "-no-user-config", "-display", "none", "-accel", "tcg", "-cpu", "max", "-m", "128", "-smp", "1", "-no-reboot" }
   local function add(...) for _, a in ipairs { ... } do argv[#argv + 1] = a end end
   if opts.sandbox then add("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny") end
   add("-kernel", opts.kernel, "-initrd", opts.initrd, "-append",
-    ("console=ttyS0 quiet panic=1 pci=off reboot=k tsc_early_khz=%d tsc=reliable clawlua.channel=serial")
-      :format(M.tsc_khz()))
+    ("console=ttyS0 quiet panic=1 %s tsc_early_khz=%d tsc=reliable clawlua.channel=serial")
+      :format(no_acpi and "reboot=t" or "pci=off reboot=k", M.tsc_khz()))
   if opts.console then
     add("-chardev", "file,id=con,path=" .. opts.console, "-serial", "chardev:con")
   else

@@ -66,7 +66,7 @@ claw.run(function()
   if plan.vm then
     -- `ip netns exec` mounts a sysfs of the namespace without /sys/fs/cgroup: no cgroup limits
     -- for the VMM here (the jail's namespaces, seccomp and the rest stay)
-    v = assert(claw.vm.create { kernel = plan.vm.kernel, initrd = plan.vm.initrd, net = true,
+    v = assert(claw.vm.create { kernel = plan.vm.kernel, initrd = plan.vm.initrd, acpi = plan.vm.acpi, net = true,
                                 mem_mib = 128, id = plan.id, boot_args = n:vm_options().boot_args,
                                 jail = { cgroup = false } })
     assert(n:attach(v.tap, { mac = v:info().mac }))

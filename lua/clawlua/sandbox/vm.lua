@@ -103,8 +103,10 @@ local image_memo
 local function default_image()
   if image_memo then return image_memo end
   local function files(dir)
-    local f = { kernel = dir .. "/vmlinux", initrd = dir .. "/initrd.img", manifest = dir .. "/manifest" }
+    local f = { kernel = dir .. "/vmlinux", initrd = dir .. "/initrd.img", manifest = dir .. "/manifest", dir = dir }
     if not (exists(f.kernel) and exists(f.initrd)) then return nil end
+    -- scripts/guest-kernel's minimal kernel, when it was built into the same directory
+    if exists(dir .. "/vmlinux-min") then f.kernel_min = dir .. "/vmlinux-min" end
     return f
   end
   local dir = config.image_dir or os.getenv("CLAWLUA_GUEST_DIR")
@@ -144,6 +146,18 @@ end
 -- From a policy to vm.create options
 
 local START_MODES = { auto = true, cold = true, snapshot = true }
+local KERNEL_FLAVORS = { minimal = true, stock = true }
+
+--- The kernel of the built-in image: the minimal one (no ACPI) when built and not declined.
+local function pick_kernel(img, flavor)
+  if flavor == nil then flavor = img.kernel_min and "minimal" or "stock" end
+  if flavor == "stock" then return img.kernel, true end
+  if not img.kernel_min then
+    return nil, nil, "vm backend: no minimal kernel in " .. img.dir .. " (scripts/guest-kernel --out " .. img.dir
+      .. " builds it)"
+  end
+  return img.kernel_min, false
+end
 
 --- What a VM for this policy needs (everything a pool or template key depends on).
 ---@return table|nil spec
@@ -151,14 +165,20 @@ local START_MODES = { auto = true, cold = true, snapshot = true }
 local function vm_spec(policy, nic)
   local res = policy.resources or {}
   local pv = policy.vm or {}
-  local img
+  local flavor = pv.kernel_flavor
+  if flavor ~= nil and not KERNEL_FLAVORS[flavor] then
+    error(("bad field 'vm.kernel_flavor' (\"minimal\" or \"stock\" expected, got %s)"):format(tostring(flavor)), 3)
+  end
+  local img, acpi
   if pv.kernel then
-    img = { kernel = pv.kernel, initrd = pv.initrd, rootfs = pv.rootfs }
+    img, acpi = { kernel = pv.kernel, initrd = pv.initrd, rootfs = pv.rootfs }, pv.acpi ~= false
   else
-    local err
+    local err, kernel
     img, err = default_image()
     if not img then return nil, err end
-    img = { kernel = img.kernel, initrd = img.initrd, rootfs = pv.rootfs, manifest = img.manifest }
+    kernel, acpi, err = pick_kernel(img, flavor)
+    if not kernel then return nil, err end
+    img = { kernel = kernel, initrd = img.initrd, rootfs = pv.rootfs, manifest = img.manifest }
   end
   local start = pv.start or "auto"
   if not START_MODES[start] then
@@ -171,14 +191,14 @@ local function vm_spec(policy, nic)
     kernel = img.kernel, initrd = img.initrd, rootfs = img.rootfs,
     vcpus = res.vcpus or 1, mem_mib = res.memory_mib or 256,
     nic = nic and true or false, seccomp = seccomp, start = start,
-    accel = pv.accel,
+    accel = pv.accel, acpi = acpi,
   }
 end
 
 local function spec_key(spec)
-  return ("kernel=%s initrd=%s rootfs=%s vcpus=%d mem=%d nic=%s accel=%s"):format(spec.kernel,
+  return ("kernel=%s initrd=%s rootfs=%s vcpus=%d mem=%d nic=%s accel=%s acpi=%s"):format(spec.kernel,
     tostring(spec.initrd), tostring(spec.rootfs), spec.vcpus, spec.mem_mib, tostring(spec.nic),
-    tostring(spec.accel))
+    tostring(spec.accel), tostring(spec.acpi))
 end
 
 local function create_opts(spec, id, boot_args)
@@ -186,7 +206,7 @@ local function create_opts(spec, id, boot_args)
     id = id, kernel = spec.kernel, initrd = spec.initrd, rootfs = spec.rootfs,
     rootfs_readonly = spec.rootfs and true or nil, -- shared by every sandbox (and template)
     vcpus = spec.vcpus, mem_mib = spec.mem_mib, net = spec.nic, seccomp = spec.seccomp,
-    boot_args = boot_args, accel = spec.accel,
+    boot_args = boot_args, accel = spec.accel, acpi = spec.acpi,
   }
 end
 
@@ -717,7 +737,7 @@ function H:info()
   out.state = i.state
   out.vm = { id = self._v.id, backend = i.backend, accel = i.accel, why = i.why, tap = i.tap, mac = i.mac,
              pid = i.pid, rundir = i.rundir, boot_seconds = i.boot_seconds, vmm_rss_kb = i.vmm_rss_kb,
-             uname = i.agent and i.agent.uname }
+             uname = i.agent and i.agent.uname, kernel = i.kernel, acpi = i.acpi }
   return out
 end
 
