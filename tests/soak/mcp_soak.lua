@@ -91,12 +91,28 @@ claw.run(function()
   log("out: %s; %d jails, %d VMs, %d in flight, %d s, churn every %s s", out, opts.jails, opts.vms,
     opts.inflight, opts.duration, opts.churn)
 
+  -- the server's policy: the default's jail (and its seccomp filter), with a quota and a
+  -- lifetime that fit the run (the default's 32 sandboxes and 600 s do not)
+  local nsb = opts.jails + opts.vms + 2
+  local policy_path = out .. "/policy.lua"
+  local pf = assert(io.open(policy_path, "w"))
+  pf:write(("return { name = 'soak', backend = 'jail',\n" ..
+    "  resources = { memory_mib = 128, lifetime_s = %d },\n" ..
+    "  quota = { max_sandboxes = %d, memory_mib = %d, max_execs = 64 } }\n"):format(
+    math.ceil(opts.duration) + 900, nsb, nsb * 128))
+  pf:close()
   local server = assert(proc.spawn {
-    root .. "/build/bin/clawlua", "mcp", "--max-sandboxes", tostring(opts.jails + opts.vms + 2),
+    root .. "/build/bin/clawlua", "mcp", "--max-sandboxes", tostring(nsb), "--policy", policy_path,
     "--audit-log", audit_path, "--log-level", "warning",
     stdin = "pipe", stdout = "pipe", stderr = { path = out .. "/server.stderr", mode = "w" },
   })
   local spid = server:pid()
+  -- Ctrl-C or SIGTERM: the server gets SIGTERM and destroys its sandboxes before it exits
+  -- (closing its handle would SIGKILL it and leave them to `clawlua cleanup`)
+  claw.on_shutdown(function()
+    server:kill("TERM")
+    server:wait(5)
+  end)
 
   -- the connection: one writer task over a queue, one reader task matching ids
   local pending, next_id = {}, 0
