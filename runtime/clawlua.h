@@ -324,6 +324,11 @@ int cl_seccomp_prog_notifies(const cl_seccomp_prog *p);
 /* Child: no_new_privs, the filter, and for notify filters the listener handed to the parent.
  * Async-signal-safe. Returns 0 or an errno with *stage set. */
 int cl_seccomp_child_install(cl_seccomp_prog *p, const char **stage);
+#ifdef CLAWLUA_SECCOMP_TRAMPOLINE /* test builds for valgrind only: runtime/seccomp_child.c */
+int cl_seccomp_trampoline_fd(void);
+int cl_seccomp_child_trampoline(cl_seccomp_prog *p, int errfd, const char *path, char *const argv[],
+                                char *const envp[], const char **stage);
+#endif
 /* Parent: cl_spawn's wait for exec when the filter notifies (receives the listener). Returns
  * what read(errfd) would (bytes of a failure report, 0 once exec'd) or -errno. */
 ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t len);

@@ -41,6 +41,73 @@ int cl_seccomp_prog_notifies(const cl_seccomp_prog *p) {
 }
 
 /* In the child, last before exec: async-signal-safe. */
+#ifdef CLAWLUA_SECCOMP_TRAMPOLINE
+#include "seccomp_exec.h"
+
+/* Test builds for valgrind only (cmake -DCLAWLUA_SECCOMP_TRAMPOLINE=ON): valgrind does not
+ * implement seccomp(2) and a child runs under it until exec, so the child execs the static
+ * helper clawlua-seccomp-exec (by an fd opened in the parent: the jail's root need not hold it)
+ * with a memfd describing the filter and the target; the helper installs the filter natively
+ * and execs the target. Same order of events for the target as cl_seccomp_child_install. */
+static int trampoline_fd = -2;
+
+int cl_seccomp_trampoline_fd(void) {
+  if (trampoline_fd == -2) trampoline_fd = open(CLAWLUA_SECCOMP_TRAMPOLINE, O_PATH | O_CLOEXEC);
+  return trampoline_fd;
+}
+
+static int write_all(int fd, const void *buf, size_t n) {
+  const char *b = buf;
+  while (n > 0) {
+    ssize_t w = write(fd, b, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    b += w, n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* In the child, instead of the install and the exec; returns only on failure (an errno). */
+int cl_seccomp_child_trampoline(cl_seccomp_prog *p, int errfd, const char *path, char *const argv[],
+                                char *const envp[], const char **stage) {
+  *stage = "seccomp trampoline";
+  if (trampoline_fd < 0) return ENOENT;
+  int ctl = (int)syscall(SYS_memfd_create, "clawlua-seccomp-exec", 0U);
+  if (ctl < 0) return errno;
+  struct seccomp_exec_ctl c;
+  memset(&c, 0, sizeof c);
+  c.flags = p->flags;
+  c.ninsns = p->prog.len;
+  c.sock = p->notify ? p->sock[1] : -1;
+  c.errfd = errfd;
+  while (argv[c.argc]) c.argc++;
+  if (write_all(ctl, &c, sizeof c) < 0 ||
+      write_all(ctl, p->prog.filter, (size_t)p->prog.len * sizeof(struct sock_filter)) < 0 ||
+      write_all(ctl, path, strlen(path) + 1) < 0)
+    return errno;
+  for (uint32_t i = 0; i < c.argc; i++)
+    if (write_all(ctl, argv[i], strlen(argv[i]) + 1) < 0) return errno;
+  /* the helper inherits the error pipe and the hand-off socket, and makes them close-on-exec */
+  fcntl(errfd, F_SETFD, 0);
+  if (c.sock >= 0) fcntl(c.sock, F_SETFD, 0);
+  char num[16], *d = num + sizeof num; /* the fd in decimal, without stdio */
+  *--d = 0;
+  do *--d = (char)('0' + ctl % 10);
+  while ((ctl /= 10) > 0);
+  char *const hargv[] = {"clawlua-seccomp-exec", d, NULL};
+  /* by /proc/self/fd, not execveat: valgrind turns an execveat into an execve of the fd's path,
+   * which a jail's root does not have; the magic link reaches the file from any root */
+  char self[40] = "/proc/self/fd/", rev[16], *e = self + 14;
+  int n = trampoline_fd, len = 0;
+  do rev[len++] = (char)('0' + n % 10);
+  while ((n /= 10) > 0);
+  while (len > 0) *e++ = rev[--len];
+  *e = 0;
+  execve(self, hargv, envp);
+  return errno;
+}
+#endif
+
 int cl_seccomp_child_install(cl_seccomp_prog *p, const char **stage) {
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
     *stage = "prctl(no_new_privs)";

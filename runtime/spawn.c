@@ -173,7 +173,11 @@ static int child_main(void *arg) {
   /* The filter goes last: nothing of ours runs under it but the hand-off and the exec. */
   if (r->seccomp) {
     const char *stage = "seccomp";
+#ifdef CLAWLUA_SECCOMP_TRAMPOLINE
+    int err = cl_seccomp_child_trampoline(r->seccomp, a->errfd, path, r->argv, envp, &stage);
+#else
     int err = cl_seccomp_child_install(r->seccomp, &stage);
+#endif
     if (err) child_fail(a, err, stage);
   }
   execve(path, r->argv, envp);
@@ -257,6 +261,9 @@ int cl_spawn(const cl_spawn_req *req, pid_t *pid, int *pidfd, char *err, size_t 
   a.reset = signals_to_reset();
   a.syncfd = -1;
   err[0] = 0;
+#ifdef CLAWLUA_SECCOMP_TRAMPOLINE
+  if (req->seccomp) cl_seccomp_trampoline_fd(); /* opened once, before any child needs it */
+#endif
   int ep[2] = {-1, -1}, sp[2] = {-1, -1};
   if (pipe2(ep, O_CLOEXEC) < 0) {
     snprintf(err, errlen, "pipe: %s", strerror(errno));

@@ -1,4 +1,4 @@
--- labels: root nolauncher
+-- labels: root
 -- The agent loop with the real sandbox tool set (clawlua.mcp.tools over clawlua.sandbox) under
 -- policy.default(): every tool call the scripted model makes runs in a sandbox, is audited, is
 -- seen by the policy's hook, and lands in the transcript. Skips, saying why, while the sandbox

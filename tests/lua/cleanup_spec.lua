@@ -1,4 +1,4 @@
--- labels: root nolauncher
+-- labels: root
 -- timeout: 300
 -- `clawlua cleanup`: a child clawlua creates sandboxes (one mid-exec) and is killed with
 -- SIGKILL; cleanup reclaims every process, cgroup and directory they left, leaves a live

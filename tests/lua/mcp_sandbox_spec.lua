@@ -1,4 +1,4 @@
--- labels: root nolauncher
+-- labels: root
 -- The MCP tool set on the real sandbox module (clawlua.sandbox, jail backend) under the
 -- built-in default policy: the tools do what they say to a real sandbox, cancellation kills
 -- the command, and closing the set leaves no sandbox behind.

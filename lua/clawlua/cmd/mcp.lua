@@ -1,10 +1,12 @@
 -- `clawlua mcp`: the MCP server on stdin/stdout (newline-delimited JSON-RPC 2.0).
 --   clawlua mcp [--policy FILE] [--log-level L] [--max-sandboxes N] [--max-message BYTES]
+--               [--audit-log FILE]
 local claw = require "clawlua"
 
 local M = {}
 
 M.usage = [[clawlua mcp [--policy FILE] [--log-level L] [--max-sandboxes N] [--max-message BYTES]
+                   [--audit-log FILE]
 
 Serves the Model Context Protocol on stdin/stdout (revisions 2025-06-18, 2025-11-25 and the
 stateless 2026-07-28): the sandbox tools sandbox_create, sandbox_exec, sandbox_write_file,
@@ -21,12 +23,14 @@ options:
   --max-sandboxes N     live sandboxes at most (default 8)
   --max-message BYTES   the longest message accepted or sent (default 16777216); a longer
                         line is answered with an error and skipped without being held
+  --audit-log FILE      also write every audit event to FILE, hash-chained JSON lines
+                        (rotated at 64 MiB, 5 kept; check with `clawlua audit verify`)
   --bench-echo          benchmark only: add an `echo` tool (for comparing servers)
   --conformance-fixtures  test only: serve the fixed tools, resources and prompts of the
                         official MCP conformance suite instead of the sandbox tools]]
 
 local VALUE = { ["--policy"] = true, ["--log-level"] = true, ["--max-sandboxes"] = true,
-                ["--max-message"] = true }
+                ["--max-message"] = true, ["--audit-log"] = true }
 local FLAG = { ["--bench-echo"] = true, ["--conformance-fixtures"] = true }
 
 local function usage_error(msg)
@@ -88,6 +92,14 @@ function M.run(args)
       return 1
     end
     pol = p
+  end
+  if o["audit-log"] then
+    -- the sink stays active until the process exits; its records are whole at every emit
+    local sink, serr = claw.audit.sink { path = o["audit-log"], fsync = "interval" }
+    if not sink then
+      io.stderr:write("clawlua mcp: --audit-log: ", tostring(serr), "\n")
+      return 1
+    end
   end
   local tools
   if o["conformance-fixtures"] then
