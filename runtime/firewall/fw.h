@@ -142,7 +142,7 @@ struct fw_txn {
   size_t nids, idcap;
   int is_dump, sent, done, end_acked;
   int overrun; /* some replies were lost (ENOBUFS) */
-  int err; /* first errno reported */
+  int err;     /* first errno reported */
   char errmsg[512];
   fw_msg_cb on_msg; /* dump: each data message */
   void *arg;

@@ -35,7 +35,7 @@ local function ids(fw)
   for _, v in ipairs(fw:list()) do out[#out + 1] = v.id end
   return table.concat(out, " ")
 end
-local function vm_chains(fw, id)
+local function vm_chains(id)
   local base = claw.firewall.names(id)
   local out = {}
   for c in ruleset():gmatch("chain (%S+) {") do
@@ -58,7 +58,7 @@ claw.run(function()
     assert(fw:attach_many(many))
     local chains = {}
     for id in pairs(many) do
-      for _, c in ipairs(vm_chains(fw, id)) do chains[#chains + 1] = c end
+      for _, c in ipairs(vm_chains(id)) do chains[#chains + 1] = c end
     end
     local ids_many = {}
     for id in pairs(many) do ids_many[#ids_many + 1] = id end
@@ -87,7 +87,7 @@ claw.run(function()
     fw = open()
   elseif mode == "ebusy" then
     assert(fw:attach("busy", spec(1)))
-    local target = vm_chains(fw, "busy")[1]
+    local target = vm_chains("busy")[1]
     for _ = 1, cycles do
       nft(("add chain inet %s ext\nadd rule inet %s ext jump %s\n"):format(TABLE, TABLE, target))
       local before = ruleset()

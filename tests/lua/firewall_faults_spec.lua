@@ -6,7 +6,6 @@
 -- of someone else jumping to a VM's chain). The operation fails naming the object and the
 -- errno, the ruleset and the handle's view are unchanged (atomic), the same call succeeds once
 -- the cause is gone, and the fds are flat. CLAWLUA_FAULT_CYCLES cycles each (default 20).
-local claw = require "clawlua"
 local json = require "clawlua.json"
 local H = require "helper"
 local N = require "netns"
