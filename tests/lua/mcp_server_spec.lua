@@ -393,7 +393,7 @@ describe("mcp server: concurrency, cancellation, progress", function()
     end)
   end)
 
-  it("at the end of input, gives requests in flight the drain grace, then cancels them and closes the tool set", function()
+  it("at the end of input, gives requests in flight the drain grace, then cancels them, closes the tools", function()
     claw.run(function()
       local c = start()
       c.initialize()
