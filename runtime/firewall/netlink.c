@@ -123,7 +123,11 @@ int cl_fw_nl_setup(fw *f, int fd, char *err, size_t errlen) {
   /* Test seam (not part of the module): a receive buffer this small, so that the replies of a
    * refused batch overflow it (ENOBUFS) as they would under memory pressure. */
   const char *tiny = getenv("CLAWLUA_TEST_FW_RCVBUF");
-  if (tiny && atoi(tiny) > 0) rcv = atoi(tiny);
+  if (tiny) {
+    char *end = NULL;
+    long n = strtol(tiny, &end, 10);
+    if (end != tiny && *end == '\0' && n > 0 && n < rcv) rcv = (int)n;
+  }
   if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv) != 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
   f->nl_fd = fd;
