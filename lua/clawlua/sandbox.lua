@@ -460,6 +460,11 @@ function SB:info()
     policy = policy.describe(priv.policy), created = priv.created, network = net,
     state_dir = priv.state and priv.state.dir or nil }
   if priv.handle then i.backend_info = priv.handle:info() end
+  -- a VM whose VMM died (killed, crashed) runs nothing any more: "dead" until destroyed
+  local bstate = i.backend_info and i.backend_info.state
+  if (bstate == "exited" or bstate == "failed") and (i.state == "running" or i.state == "paused") then
+    i.state = "dead"
+  end
   return i
 end
 

@@ -555,6 +555,8 @@ static int l_stats(lua_State *L) {
   lua_setfield(L, -2, "batches");
   lua_pushinteger(L, (lua_Integer)f->messages);
   lua_setfield(L, -2, "messages");
+  lua_pushinteger(L, (lua_Integer)f->overruns);
+  lua_setfield(L, -2, "overruns");
   lua_pushstring(L, f->table);
   lua_setfield(L, -2, "table");
   cl_fw_nflog_stats(f, L);

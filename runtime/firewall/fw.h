@@ -141,7 +141,8 @@ struct fw_txn {
   char **ids; /* VM ids named by descriptions */
   size_t nids, idcap;
   int is_dump, sent, done, end_acked;
-  int err; /* first errno reported */
+  int overrun; /* some replies were lost (ENOBUFS) */
+  int err;     /* first errno reported */
   char errmsg[512];
   fw_msg_cb on_msg; /* dump: each data message */
   void *arg;
@@ -180,6 +181,7 @@ struct fw {
   fw_dns *dns;
   double min_ttl, max_ttl, dns_timeout;
   uint64_t batches, messages;
+  uint64_t overruns; /* batches whose replies overflowed the receive buffer */
 };
 
 /* netlink.c */

@@ -120,6 +120,14 @@ int cl_fw_nl_setup(fw *f, int fd, char *err, size_t errlen) {
   setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, &one, sizeof one);
   setsockopt(fd, SOL_NETLINK, NETLINK_EXT_ACK, &one, sizeof one);
   int rcv = 4 << 20;
+  /* Test seam (not part of the module): a receive buffer this small, so that the replies of a
+   * refused batch overflow it (ENOBUFS) as they would under memory pressure. */
+  const char *tiny = getenv("CLAWLUA_TEST_FW_RCVBUF");
+  if (tiny) {
+    char *end = NULL;
+    long n = strtol(tiny, &end, 10);
+    if (end != tiny && *end == '\0' && n > 0 && n < rcv) rcv = (int)n;
+  }
   if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv) != 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
   f->nl_fd = fd;
@@ -334,7 +342,13 @@ static void drain(fw *f) {
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN) return;
-      /* ENOBUFS: replies were lost. The batch itself ran; its outcome is unknown here. */
+      /* ENOBUFS: replies were lost; those queued before the overflow are still to be read. A
+       * batch that applies answers with one END acknowledgement into an empty socket, so a
+       * batch's replies overflow only when it was refused (pump decides once they are read). */
+      if (errno == ENOBUFS && f->inflight && !f->inflight->is_dump) {
+        f->inflight->overrun = 1;
+        continue;
+      }
       if (f->inflight) {
         record_error(f->inflight, 0, errno, "replies lost");
         complete(f, f->inflight);
@@ -394,7 +408,14 @@ static void pump(fw *f) {
      * The END acknowledgement says so explicitly on success; a refused batch is aborted
      * without one. Dumps are produced as we read them, and may continue on the loop. */
     drain(f);
-    if (f->inflight == t && !t->is_dump) complete(f, t);
+    if (f->inflight == t && !t->is_dump) {
+      /* Overflowed: the first replies were queued (netlink queues a message into an empty
+       * socket whatever its size), and the first error is the cause: record_error kept it. */
+      if (t->overrun) f->overruns++;
+      if (t->overrun && !t->err && !t->end_acked)
+        record_error(t, 0, ENOBUFS, "the kernel refused the batch; its replies were lost");
+      complete(f, t);
+    }
   }
 }
 

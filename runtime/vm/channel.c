@@ -19,11 +19,13 @@
 #include "chan.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int bbuf_add(bbuf *b, const void *p, size_t n) {
@@ -527,6 +529,27 @@ static int handle_frame(vm *v, const cla_header *h, const unsigned char *p) {
   return 1;
 }
 
+/* Why the channel ended. A VMM that dies (SIGKILL mid-exec) closes its end of the socket a
+ * moment before its pidfd says it exited, so the end of stream alone would blame the guest:
+ * wait for that moment (20 ms at most, only at an end of stream while the VMM seems alive). */
+static void eof_reason(vm *v, char *why, size_t n) {
+  if (!v->exited && v->pidfd >= 0) {
+    struct pollfd p = {.fd = v->pidfd, .events = POLLIN};
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    if (poll(&p, 1, 20) == 1 &&
+        waitid((idtype_t)P_PIDFD, (id_t)v->pidfd, &si, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+        si.si_pid != 0) {
+      if (si.si_code == CLD_EXITED)
+        snprintf(why, n, "the VMM exited (code %d)", si.si_status);
+      else
+        snprintf(why, n, "the VMM was killed (%s)", cl_signal_name(si.si_status));
+      return;
+    }
+  }
+  snprintf(why, n, "%s", v->exited ? "the VMM exited" : "end of stream from the guest");
+}
+
 static void on_chan(cl_watch *w, uint32_t events) {
   vm *v = w->data;
   vm_chan *c = &v->chan;
@@ -539,9 +562,10 @@ static void on_chan(cl_watch *w, uint32_t events) {
     if (n < 0 && errno == EAGAIN) return;
     if (n <= 0) {
       char why[96];
-      snprintf(why, sizeof why, "%s",
-               n == 0 ? (v->exited ? "the VMM exited" : "end of stream from the guest")
-                      : strerror(errno));
+      if (n == 0)
+        eof_reason(v, why, sizeof why);
+      else
+        snprintf(why, sizeof why, "%s", strerror(errno));
       cl_chan_close(v, why);
       return;
     }

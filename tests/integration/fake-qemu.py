@@ -22,9 +22,16 @@ modes:
   bad-exit    READY, then answers an EXEC with an EXIT whose TLV runs past the frame
   flood       READY, then answers an EXEC with 8 MiB of stdout (the host must cap it)
   early-out   READY, then answers an EXEC with output before STARTED
+  hang        READY, then reads every frame and answers none (an agent that hangs)
+  garbage     READY, then answers the first frame with garbage and closes (--seed N: N % 3 picks
+              random bytes, a whole frame of a random type and payload, or one cut short)
+  die         READY, answers a PING, then SIGKILLs itself on an EXEC once it is STARTED (a VMM
+              killed mid-exec)
 """
 import json
 import os
+import random
+import signal
 import socket
 import struct
 import subprocess
@@ -83,8 +90,10 @@ def qmp(sock, exit_event):
 
 
 def main(argv):
-    mode, agent = None, None
+    mode, agent, seed = None, None, 0
     for i, a in enumerate(argv):
+        if a == "--seed":
+            seed = int(argv[i + 1])
         if a == "--mode":
             mode = argv[i + 1]
         elif a == "--mode-file":
@@ -143,6 +152,29 @@ def main(argv):
         t, rid, payload, buf = read_frame(ch, buf)
         if t is None:
             break
+        if mode == "hang":
+            continue
+        if mode == "garbage":
+            rnd = random.Random(seed)
+            kind = seed % 3
+            if kind == 0:  # bytes that are not a frame
+                junk = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 200)))
+                if junk[:2] == struct.pack("<H", MAGIC):
+                    junk = b"\0" + junk
+            else:  # a whole frame of a random type (answering the request), or one cut short
+                n = rnd.randrange(0, 300)
+                body = bytes(rnd.randrange(256) for _ in range(n))
+                typ = rnd.choice([rnd.randrange(65536), rnd.randrange(64, 72)])
+                junk = struct.pack("<HHII", MAGIC, typ, rid, n) + body
+                if kind == 2:
+                    junk = junk[:rnd.randrange(1, len(junk))]
+            ch.sendall(junk)
+            ch.close()
+            ch = None
+            continue
+        if t == 2 and mode == "die":
+            ch.sendall(frame(66, rid, tlv(21, 7)))
+            os.kill(os.getpid(), signal.SIGKILL)
         if t == 1:  # PING
             ch.sendall(frame(65, rid, tlv(17, 1)))
         elif t == 2:  # EXEC

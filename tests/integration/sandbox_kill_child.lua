@@ -5,6 +5,10 @@
 -- with hang_at it stops for good inside sandbox.create once an object of that kind is recorded
 -- (mid-create); without, it creates the sandbox and starts a command that hangs (mid-exec). It
 -- prints {op="hang"} when the test may SIGKILL it.
+-- With kill_at = n (sandbox_steps_spec) every step of create and of a first exec is a numbered
+-- point, printed as {op="point", n=, name=}: before each object is recorded, each process run or
+-- spawned (ip, nft, the jail), each audit event; at point n the runtime SIGKILLs itself. With
+-- kill_at = 0 it lists them, destroys the sandbox and exits 0.
 local claw = require "clawlua"
 local json = require "clawlua.json"
 local net = require "clawlua.sandbox.net"
@@ -20,6 +24,48 @@ local plan = json.decode(arg[1])
 
 -- (no /sys/fs/cgroup under `ip netns exec`: the runtime mounts its cgroup hierarchies in the
 -- mount namespace ip gave it, so the jails get their cgroups as anywhere else)
+
+local points, armed = 0, false
+local function die()
+  armed = false
+  out { op = "kill" }
+  claw.proc.run { "kill", "-KILL", tostring(require("clawlua.sandbox.state").self()) }
+  claw.sleep(3600) -- not reached
+end
+local function point(name)
+  if not armed then return end
+  points = points + 1
+  out { op = "point", n = points, name = name }
+  if points == plan.kill_at then die() end
+end
+-- before f runs, a point named by what it is called with
+local function before(tbl, key, describe)
+  local f = tbl[key]
+  tbl[key] = function(...)
+    point(describe(...))
+    return f(...)
+  end
+end
+if plan.kill_at then
+  local state = require "clawlua.sandbox.state"
+  local open = state.open
+  local wrapped = false
+  state.open = function(...)
+    local st, err = open(...)
+    if st and not wrapped then
+      wrapped = true
+      before(getmetatable(st), "record", function(_, kind, name) return "record " .. kind .. " " .. name end)
+    end
+    return st, err
+  end
+  before(state, "open", function(id) return "state.open " .. id end)
+  local function argv(a) return table.concat(a, " ", 1, math.min(#a, 3)) end
+  before(claw.proc, "run", function(a) return "run " .. argv(a) end)
+  before(claw.proc, "spawn", function(a) return "spawn " .. argv(a) end)
+  before(claw.jail, "spawn", function(a) return "jail.spawn " .. argv(a) end)
+  before(claw.audit, "emit", function(kind) return "audit " .. kind end)
+end
+
 local create = net.create
 net.create = function(o)
   local record = o.record
@@ -37,10 +83,18 @@ end
 claw.run(function()
   local p = assert(policy.load(plan.policy))
   p.network.resolvers = plan.resolvers
+  armed = plan.kill_at ~= nil
   local sb = assert(sandbox.create(p, { id = plan.id }))
   out { op = "create", info = sb:info().network }
   local r = assert(sb:exec { "sh", "-c", "echo $CI" })
   out { op = "exec", stdout = r.stdout }
+  if plan.kill_at then
+    point("created and exec'd")
+    armed = false -- destroy's steps are not counted: a clean exit leaves the shared tables
+    sb:destroy()
+    out { op = "points", n = points }
+    return -- kill_at = 0: the points are listed
+  end
   -- a duration of the spec's own, so that it finds this command and not another run's
   claw.spawn(function() sb:exec { "sleep", os.getenv("CLAWLUA_KILL_SLEEP") or "41.42" } end)
   claw.sleep(0.5)

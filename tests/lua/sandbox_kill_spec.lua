@@ -1,10 +1,11 @@
--- labels: root netns
--- timeout: 600
+-- labels: root netns slow
+-- timeout: 1200
 -- kill -9 of a runtime mid-create and mid-exec of a sandbox with a network, then `clawlua
 -- cleanup`: the namespace the runtime ran in (a test namespace: `ip netns exec`, as in
 -- sandbox_net_spec) has the same links, addresses, routes and nft ruleset as before, `ip netns
 -- list` is the same, and no cgroup, mount, process or state dir of the runtime is left.
 local claw = require "clawlua"
+local json = require "clawlua.json"
 local H = require "helper"
 local N = require "netns"
 
@@ -59,6 +60,10 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
       procs = sh("pgrep -f '^sleep " .. SLEEP .. "$' || true")
         .. (pid and sh("ps -o pid= -p " .. pid .. " || true") or ""),
       sandboxes = sh("ls -A " .. base .. "/sandboxes 2>/dev/null | grep -v '^\\.spare' || true"),
+      -- a dead runtime's spare state dirs too (its own pid in their names)
+      spares = sh("ls -A " .. base .. "/sandboxes 2>/dev/null | grep '^\\.spare-" .. (pid or 0) .. "-' || true"),
+      -- the runtime's process group (what it ran that is not in a jail's cgroup)
+      group = pid and sh("pgrep -g " .. pid .. " || true") or "",
     }
   end
 
@@ -76,17 +81,26 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
 
   local function check(plan, made)
     local before = host_state(nil)
-    local lines, pid = run_child(plan)
+    local lines, pid
+    if plan.kill_at then
+      lines, pid = W.child(w, plan, { script = "sandbox_kill_child.lua", killed = true,
+                                      env = { CLAWLUA_STATE_DIR = base, CLAWLUA_KILL_SLEEP = SLEEP } })
+    else
+      lines, pid = run_child(plan)
+    end
     local kinds = {}
     for _, l in ipairs(lines) do if l.op == "record" then kinds[l.kind] = true end end
     for _, k in ipairs(made) do assert.is_true(kinds[k] == true, "nothing of kind " .. k .. " recorded") end
     -- the runtime is gone and left things behind (or the test would prove nothing)
     local mid = host_state(pid)
-    assert.are_not.same(before, mid)
+    if not plan.kill_at then assert.are_not.same(before, mid) end
     local out, r = cleanup()
     assert.equal(0, r.code, out .. (r.stderr or ""))
     local after = host_state(pid)
-    assert.are.same(before, after)
+    for k, v in pairs(before) do
+      assert.equal(v, after[k], ("%s differs after cleanup (killed at %s)"):format(k,
+        plan.kill_at and json.encode(lines[#lines - 1]) or "hang"))
+    end
     -- the sandbox's own namespaces (named at random) are gone too
     local names = sh("ip netns list")
     for _, l in ipairs(lines) do
@@ -113,5 +127,38 @@ describe("kill -9 mid-create and mid-exec, then clawlua cleanup", function()
     local lines = check({ id = "sbkill-e", policy = policies .. "ci-runner.lua", resolvers = resolvers },
       { "netns", "link", "addr", "fw" })
     assert.equal("true\n", W.find(lines, "exec").stdout) -- the policy's env
+  end)
+
+  it("at every step of create and a first exec (the runtime SIGKILLs itself), then cleanup", function()
+    local plan = { id = "sbkill-s", policy = policies .. "ci-runner.lua", resolvers = resolvers, kill_at = 0 }
+    local fds = H.fds()
+    local listed = W.child(w, plan, { script = "sandbox_kill_child.lua",
+                                      env = { CLAWLUA_STATE_DIR = base, CLAWLUA_KILL_SLEEP = SLEEP } })
+    local n = W.find(listed, "points").n
+    -- the shared firewall tables a clean exit leaves (cleanup drops them only with a dead
+    -- runtime's firewall objects)
+    sh("ip netns exec " .. w.host .. " nft delete table inet clawlua; ip netns exec " .. w.host
+      .. " nft delete table arp clawlua")
+    assert.is_true(n > 20, "only " .. n .. " steps")
+    local rounds = tonumber(os.getenv("CLAWLUA_FAULT_ROUNDS")) or 1
+    local t0, cycles, seen = claw.now(), 0, {}
+    for _ = 1, rounds do
+      for k = 1, n do
+        plan.kill_at = k
+        local lines = check(plan, {})
+        local last = lines[#lines - 1] -- the point it died at, then {op="kill"}
+        assert.equal("kill", lines[#lines].op)
+        assert.equal(k, last.n)
+        -- the step's kind: "record netns", "run ip", "audit sandbox.create", ...
+        seen[last.name:match("^%S+ [^%s/]+") or last.name] = true
+        cycles = cycles + 1
+      end
+    end
+    assert.are.same(fds, H.fds())
+    local names = {}
+    for name in pairs(seen) do names[#names + 1] = name end
+    table.sort(names)
+    io.stderr:write(("sandbox_kill: %d steps, %d kills in %.1f s; steps: %s\n")
+      :format(n, cycles, claw.now() - t0, table.concat(names, " | ")))
   end)
 end)

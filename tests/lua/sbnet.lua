@@ -96,7 +96,8 @@ end
 
 -- Runs the child script in the host namespace with a plan; returns its output lines (decoded).
 -- opts.until_op: kill -9 the child once it printed a line with that op; opts.script: another
--- child script (tests/integration/...); opts.env: added to the child's environment. Returns the
+-- child script (tests/integration/...); opts.env: added to the child's environment;
+-- opts.killed: the child SIGKILLs itself (read to its end, and it must have died so). Returns the
 -- lines and the child's pid.
 function W.child(w, plan, opts)
   opts = opts or {}
@@ -119,7 +120,11 @@ function W.child(w, plan, opts)
   local err = p.stderr:read_all() or ""
   local st = p:wait(30)
   p:close()
-  if not opts.until_op then assert(st and st.code == 0, "child failed: " .. err) end
+  if opts.killed then
+    assert(st and st.signal == 9, "the child was not killed: " .. json.encode(st or {}) .. " " .. err)
+  elseif not opts.until_op then
+    assert(st and st.code == 0, "child failed: " .. err)
+  end
   if opts.until_op then
     local last = lines[#lines]
     assert(last and last.op == opts.until_op, "the child stopped before " .. opts.until_op .. ": " .. err)

@@ -138,7 +138,7 @@ local function reclaim_other(kind, name, dry)
 end
 
 -- Objects that live in the network namespace of the runtime that made them.
-local NET_KINDS = { link = true, addr = true, sysctl = true, nft = true, fw = true }
+local NET_KINDS = { link = true, addr = true, sysctl = true, nft = true, fw = true, fwtables = true }
 
 -- The name under /run/netns of the namespace "net:[N]", if one is there.
 local function netns_name(ns)
@@ -163,7 +163,7 @@ function M.cleanup(opts)
       if not sb.alive and not opts.dry_run then bb { "rm", "-rf", sb.dir } end
     elseif sb.alive then
       res.live[#res.live + 1] = sb.id
-      for _, o in ipairs(sb.objects) do fw_live = fw_live or o.kind == "fw" end
+      for _, o in ipairs(sb.objects) do fw_live = fw_live or o.kind == "fw" or o.kind == "fwtables" end
       say(("%s: owner %d is running, left alone"):format(sb.id, sb.pid))
     else
       local failed = false
@@ -194,7 +194,7 @@ function M.cleanup(opts)
           res.errors[#res.errors + 1] = sb.id .. ": " .. err
           say(("%s: could not reclaim %s"):format(sb.id, err))
         else
-          fw_reclaimed = fw_reclaimed or (o.kind == "fw" and #done > 0)
+          fw_reclaimed = fw_reclaimed or ((o.kind == "fw" or o.kind == "fwtables") and #done > 0)
           for _, what in ipairs(done) do
             res.objects = res.objects + 1
             say(("%s: %s %s"):format(sb.id, opts.dry_run and "would remove" or "removed", what))

@@ -403,13 +403,18 @@ function M.create(opts)
     pins = {},    -- address -> {expires=, hosts = {pattern = true}}
     npins = 0,
   }, Net)
+  -- The shared firewall tables (made by the first firewall() of the runtime) are written down
+  -- too: a runtime killed before its first "fw" object leaves them for `clawlua cleanup`, which
+  -- drops them once nobody is attached.
+  self.record("fwtables", config.table)
   local fw, err = firewall()
-  if not fw then return nil, err end
   local dir, base
-  dir, err = run_dir()
-  if not dir then return nil, err end
-  base, err = allocate(dir)
-  if not base then return nil, err end
+  if fw then dir, err = run_dir() end
+  if dir then base, err = allocate(dir) end
+  if not base then
+    self.forget("fwtables", config.table)
+    return nil, err
+  end
   self.base, self.rundir = base, dir
   self.gateway = ip4_text(base + 1)
   self.address = ip4_text(base + 2)
@@ -785,6 +790,7 @@ function Net:close()
   self.closed = true
   if self.expiry_task and not self.expiry_task:done() then self.expiry_task:cancel() end
   local errs = self:release()
+  self.forget("fwtables", config.table)
   if self.base then
     local ok, err = release_subnet(self.rundir, self.base)
     if not ok then errs[#errs + 1] = err end
@@ -802,8 +808,9 @@ Net.__gc = function(self)
 end
 
 --- Removes one object recorded by a runtime that is gone: kind is what `record` was given
---- ("netns", "link", "addr", "nft", "fw", "file", "sysctl"), name likewise. Something already
---- gone counts as removed.
+--- ("netns", "link", "addr", "nft", "fw", "fwtables", "file", "sysctl"), name likewise.
+--- Something already gone counts as removed. "fwtables" (the shared tables) is left to
+--- `drop_idle_firewall`, which drops them only when no sandbox of anyone is attached.
 ---@param kind string
 ---@param name string
 ---@return true|nil ok, string|nil err
@@ -827,7 +834,7 @@ function M.cleanup(kind, name)
     if fw then ok, err = fw:detach(name) end
   elseif kind == "file" then
     ok, err = os.remove(name)
-  elseif kind == "sysctl" then
+  elseif kind == "sysctl" or kind == "fwtables" then
     -- forwarding stays on: another runtime's sandboxes may route through it now
     return true
   else

@@ -747,11 +747,11 @@ function H:close()
   self._closed = true
   local v = self._v
   if self._timer and not self._expiring and not self._timer:done() then self._timer:cancel() end
-  local info = v:info()
   v:close()
   if self._state then
-    if info.pid then self._state:forget("vmm_pid", tostring(info.pid)) end
-    if info.rundir then self._state:forget("run_dir", info.rundir) end
+    -- what start recorded: a VMM that died (killed) has no pid in v:info() any more
+    if self._vmm_pid then self._state:forget("vmm_pid", self._vmm_pid) end
+    if self._rundir then self._state:forget("run_dir", self._rundir) end
   end
   if self._files then
     -- only the disk is left in it (no process needed: close runs from __gc too)
@@ -892,6 +892,7 @@ function B.start(opts)
   local res = policy.resources or {}
   local self = setmetatable({
     id = id, backend = "vm", _v = v, _policy = policy, _net = net, _state = state, _from = from, _files = files_dir,
+    _vmm_pid = info.pid and tostring(info.pid), _rundir = info.rundir,
     _boot_seconds = claw.now() - t0, _env = policy.env, _max_output = res.max_output or DEFAULT_MAX_OUTPUT,
   }, H)
   if res.lifetime_s and res.lifetime_s > 0 then
