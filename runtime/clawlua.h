@@ -60,10 +60,13 @@ extern int cl_host_mode;
 /* ------------------------------------------------------------------------------------------ */
 /* Errors and option tables (util.c)                                                          */
 
-/* Pushes nil, "<what>: <strerror(err)>", err and returns 3. */
+/* Pushes an error code as every failure returns it: the errno's name ("ENOENT"); a number only
+ * where the code is no errno. */
+void cl_push_errcode(lua_State *L, int err);
+/* Pushes nil, "<what>: <strerror(err)>", "<errno name>" and returns 3. */
 int cl_fail(lua_State *L, const char *what, int err);
-/* Pushes nil, formatted message, code and returns 3. The format is lua_pushfstring's:
- * %s %d %I (lua_Integer) %f %p %c %U %% only. */
+/* Pushes nil, formatted message, the errno code's name and returns 3. The format is
+ * lua_pushfstring's: %s %d %I (lua_Integer) %f %p %c %U %% only. */
 int cl_failf(lua_State *L, int code, const char *fmt, ...);
 /* For a C function of a module whose body is written in Lua: calls require(module)[fn] with the
  * C function's arguments and returns its results (the call may wait). */

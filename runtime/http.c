@@ -314,6 +314,14 @@ static void push_headers(lua_State *L, req *r) {
   }
 }
 
+/* A transport error: nil, message, libcurl's code (a number: CURLcode / CURLMcode, no errno). */
+static int curl_fail(lua_State *L, int code, const char *fmt, const char *a, const char *b) {
+  lua_pushnil(L);
+  lua_pushfstring(L, fmt, a, b);
+  lua_pushinteger(L, code);
+  return 3;
+}
+
 static int finish(lua_State *L, req *r) {
   lua_getfield(L, 1, "url");
   const char *url = lua_tostring(L, -1); /* anchored by the option table */
@@ -327,7 +335,7 @@ static int finish(lua_State *L, req *r) {
   if (r->result == CURLE_OPERATION_TIMEDOUT) return cl_timed_out(L);
   if (r->result != CURLE_OK) {
     const char *msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
-    return cl_failf(L, (int)r->result, "http: %s (%s)", msg, url);
+    return curl_fail(L, (int)r->result, "http: %s (%s)", msg, url);
   }
   long status = 0;
   char *eff = NULL;
@@ -520,7 +528,7 @@ static int l_request(lua_State *L) {
   CURLMcode mc = curl_multi_add_handle(ctx->multi, e);
   if (mc != CURLM_OK) {
     req_release(r);
-    return cl_failf(L, (int)mc, "http: %s (%s)", curl_multi_strerror(mc), url);
+    return curl_fail(L, (int)mc, "http: %s (%s)", curl_multi_strerror(mc), url);
   }
   r->in_multi = 1;
   cl_wait *w = cl_wait_push(L);

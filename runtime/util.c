@@ -11,10 +11,18 @@
 #include <string.h>
 #include <strings.h>
 
+void cl_push_errcode(lua_State *L, int err) {
+  const char *name = err > 0 ? strerrorname_np(err) : NULL;
+  if (name)
+    lua_pushstring(L, name);
+  else
+    lua_pushinteger(L, err);
+}
+
 int cl_fail(lua_State *L, const char *what, int err) {
   lua_pushnil(L);
   lua_pushfstring(L, "%s: %s", what, strerror(err));
-  lua_pushinteger(L, err);
+  cl_push_errcode(L, err);
   return 3;
 }
 
@@ -24,7 +32,7 @@ int cl_failf(lua_State *L, int code, const char *fmt, ...) {
   va_start(ap, fmt);
   lua_pushvfstring(L, fmt, ap);
   va_end(ap);
-  lua_pushinteger(L, code);
+  cl_push_errcode(L, code);
   return 3;
 }
 

@@ -703,7 +703,7 @@ int cl_chan_req_failed(lua_State *L, vm_req *r) {
   int code = r->code;
   lua_pushnil(L);
   lua_pushstring(L, r->error);
-  lua_pushinteger(L, code);
+  cl_push_errcode(L, code);
   cl_chan_req_release(r);
   return 3;
 }

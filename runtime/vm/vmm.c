@@ -546,7 +546,7 @@ int cl_vm_fail(lua_State *L, vm *v, int fatal, int with_log, int code, const cha
     lua_pushfstring(L, "vm %s: %s; the VMM log (%s) is empty", v->id, msg, v->log_path);
   else
     lua_pushfstring(L, "vm %s: %s", v->id, msg);
-  lua_pushinteger(L, code);
+  cl_push_errcode(L, code);
   lua_createtable(L, 0, 2);
   lua_pushvalue(L, -3);
   lua_setfield(L, -2, "error");

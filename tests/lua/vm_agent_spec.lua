@@ -566,7 +566,7 @@ describe("vm channel with the real agent on the host", function()
       assert.are.equal(0, faults.fail_output_allocs(0), "the seam was not reached")
       assert.is_nil(r, "an exec that lost output succeeded")
       assert.are.equal("exec: 10 bytes of stdout lost: out of memory", err)
-      assert.are.equal(12, code) -- ENOMEM
+      assert.are.equal("ENOMEM", code)
       assert.is_true(claw.now() - t0 < 10 * H.scale, "the command was not cancelled")
       assert.are.same({}, got)
       local evs = claw.audit.events { after_seq = seq0, kind = "vm.output_lost" }

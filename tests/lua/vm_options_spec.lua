@@ -115,7 +115,7 @@ describe("vm.create option checks", function()
       jail = { binds = { dir .. "/missing" } } }
     assert.is_nil(v)
     assert.are.equal("vm.create: jail: bind source " .. dir .. "/missing: No such file or directory", err)
-    assert.are.equal(2, code)
+    assert.are.equal("ENOENT", code)
   end)
 
   it("takes good nested options", function()
