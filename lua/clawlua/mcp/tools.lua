@@ -524,6 +524,7 @@ function Set:call(name, args, ctx)
     return nil, { code = M.INVALID_PARAMS, message = ("unknown tool '%s'"):format(tostring(name)) }
   end
   local ok, errs = t.validator:validate(args)
+  if ok == nil then errs = { errs } end
   if not ok then
     return nil, { code = M.INVALID_PARAMS,
                   message = ("invalid arguments for tool '%s': %s"):format(name, table.concat(errs, "; ")),
