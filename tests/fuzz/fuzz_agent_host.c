@@ -21,18 +21,23 @@ static void printable(const char *s, const char *what) {
 }
 
 static void check_req(vm *v, vm_req *r) {
-  if (r->out.len > r->max_out || r->err.len > r->max_err) fz_abort("agent_host", "output over its cap");
-  if (r->out_total < r->out.len || r->err_total < r->err.len) fz_abort("agent_host", "output totals too small");
+  if (r->out.len > r->max_out || r->err.len > r->max_err)
+    fz_abort("agent_host", "output over its cap");
+  if (r->out_total < r->out.len || r->err_total < r->err.len)
+    fz_abort("agent_host", "output totals too small");
   if (r->exit_code < 0 || r->exit_code > 255) fz_abort("agent_host", "exit code out of range");
   if (r->exit_signal < 0 || r->exit_signal > 64) fz_abort("agent_host", "exit signal out of range");
   if (r->in_acked > r->in_sent) fz_abort("agent_host", "stdin acknowledged beyond what was sent");
-  if (r->data.len > r->rmax || (r->rinfo && r->rsize > r->rmax)) fz_abort("agent_host", "read over its cap");
-  if (r->kind == R_EXEC && r->done && !r->started) fz_abort("agent_host", "exec done before it started");
+  if (r->data.len > r->rmax || (r->rinfo && r->rsize > r->rmax))
+    fz_abort("agent_host", "read over its cap");
+  if (r->kind == R_EXEC && r->done && !r->started)
+    fz_abort("agent_host", "exec done before it started");
   size_t q = 0;
   for (chunk *c = r->qhead; c; c = c->next) q += c->len;
   if (q != r->queued) fz_abort("agent_host", "queued bytes miscounted");
   if (!memchr(r->error, 0, sizeof r->error)) fz_abort("agent_host", "request error not terminated");
-  if (v->chan.closed && !r->done && !r->failed) fz_abort("agent_host", "a request outlived the channel");
+  if (v->chan.closed && !r->done && !r->failed)
+    fz_abort("agent_host", "a request outlived the channel");
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);

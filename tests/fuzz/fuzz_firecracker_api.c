@@ -48,7 +48,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   if (ok) {
     if (!s) fz_abort("fc", "a version without a firecracker_version string");
-    if (!memchr(v->fc_version, 0, sizeof v->fc_version)) fz_abort("fc", "fc_version not terminated");
+    if (!memchr(v->fc_version, 0, sizeof v->fc_version))
+      fz_abort("fc", "fc_version not terminated");
     if (strncmp(v->fc_version, s, sizeof v->fc_version - 1) != 0)
       fz_abort("fc", "fc_version is not the start of firecracker_version");
     if (minor >= 0 && (v->fc_major != major || v->fc_minor != minor))
@@ -65,7 +66,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   j = a->body ? cJSON_Parse(a->body) : NULL;
   cJSON *fm = j ? cJSON_GetObjectItemCaseSensitive(j, "fault_message") : NULL;
   if (fm && cJSON_IsString(fm)) {
-    if (strncmp(fault, fm->valuestring, sizeof fault - 1) != 0) fz_abort("fc", "fault is not fault_message");
+    if (strncmp(fault, fm->valuestring, sizeof fault - 1) != 0)
+      fz_abort("fc", "fault is not fault_message");
   } else if (a->body) {
     size_t want = strnlen(a->body, 300);
     if (strlen(fault) != want || memcmp(fault, a->body, want) != 0)

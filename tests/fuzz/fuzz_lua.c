@@ -19,8 +19,8 @@
 
 #define FZ_LUA_COUNTERS (1u << 16)
 
-__attribute__((used, section("__libfuzzer_extra_counters"))) static uint8_t
-    fz_lua_cov[FZ_LUA_COUNTERS];
+__attribute__((used,
+               section("__libfuzzer_extra_counters"))) static uint8_t fz_lua_cov[FZ_LUA_COUNTERS];
 static uint32_t fz_prev_line;
 
 static void fz_line_hook(lua_State *L, lua_Debug *ar) {

@@ -81,7 +81,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         cJSON_Delete(j);
       }
     }
-    if (v->qmp_ready && !(v->qmp_greeted || memmem(data, (size_t)(p - (const char *)data), "\"id\"", 4)))
+    if (v->qmp_ready &&
+        !(v->qmp_greeted || memmem(data, (size_t)(p - (const char *)data), "\"id\"", 4)))
       fz_abort("qmp", "ready without a greeting or an answer to id 1");
   }
   reset(v);

@@ -19,7 +19,8 @@ return function(data)
   f:close()
   local ok, p, err = pcall(policy.load, path)
   os.remove(path)
-  assert(string.rep == real_rep and string.gsub == real_gsub and string.pack == real_pack, "the string library was left swapped")
+  assert(string.rep == real_rep and string.gsub == real_gsub and string.pack == real_pack,
+    "the string library was left swapped")
   if not ok then error("policy.load raised: " .. tostring(p), 0) end
   if p == nil then
     assert(type(err) == "string" and err:find(path, 1, true), "an error without the file: " .. tostring(err))
@@ -29,7 +30,8 @@ return function(data)
   local d = policy.describe(p)
   assert(json.encode(d), "describe() is not JSON")
   for name in pairs(p.hooks) do
-    local hok, allowed, reason = pcall(policy.call_hook, p, name, "sandbox_exec", { argv = { "ls" } }, "fuzz")
+    local hok, allowed, reason = pcall(policy.call_hook, p, name, "sandbox_exec",
+      { argv = { "ls" } }, "fuzz")
     if not hok then error("hook " .. name .. " raised through call_hook: " .. tostring(allowed), 0) end
     assert(type(allowed) == "boolean" and (allowed or type(reason) == "string"), "hook verdict malformed")
   end

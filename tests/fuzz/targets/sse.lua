@@ -100,5 +100,7 @@ return function(data)
   if ok == nil then
     assert(type(err) == "string" and err:match("^sse: %a+ larger than %d+ bytes$")
       or err:match("^sse: line longer than %d+ bytes$"), err)
+  else
+    same(want, got, "under tiny caps")
   end
 end
