@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 static int bbuf_add(bbuf *b, const void *p, size_t n) {
+  if (n == 0) return 1; /* an empty RDATA/STDOUT frame on an empty buffer: NULL + 0 is UB */
   if (b->len + n > b->cap) {
     size_t c = b->cap ? b->cap : 4096;
     while (c < b->len + n) c *= 2;
