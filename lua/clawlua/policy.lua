@@ -509,11 +509,14 @@ local function run_budgeted(what, fn, ...)
     return false, what .. ": yielded (not allowed)"
   end
   if not res[1] then
-    -- an error object that is not a string, or a message without a position (error(x, 0)),
-    -- still names the file
+    -- an error object that is not a string, a message without a position (error(x, 0)) or
+    -- one placed in this file (a library call through a capped wrapper) still names the file
     local e = res[2]
     local msg = type(e) == "string" and e or ("error object of type " .. type(e))
-    if msg:sub(1, #what) ~= what and not msg:match("^[^\n]-:%d+: ") then msg = what .. ": " .. msg end
+    local at = msg:match("^([^\n]-):%d+: ")
+    if msg:sub(1, #what) ~= what and (not at or at:find("clawlua/policy.lua", 1, true)) then
+      msg = what .. ": " .. msg
+    end
     return false, msg
   end
   return true, table.unpack(res, 2, res.n)

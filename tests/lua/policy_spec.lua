@@ -247,7 +247,7 @@ describe("policy", function()
     end)
 
     it("an error without a position, or not a string, still names the file", function()
-      for _, src in ipairs { "error({})", "error('plain', 0)", "error(nil)" } do
+      for _, src in ipairs { "error({})", "error('plain', 0)", "error(nil)", "table.concat({ {} })" } do
         local p, err = load_src(src)
         assert.is_nil(p)
         assert.truthy(err:find(dir .. "/p.lua", 1, true), src .. " -> " .. err)
