@@ -12,6 +12,8 @@ M.budget = 250000
 --- Bytes of source a policy file may have, entries in one list.
 M.max_source = 1 << 20
 M.max_list = 1024
+--- Bytes of a policy's name (it names the policy in errors, audit records and describe()).
+M.max_name = 256
 --- Bytes a policy file (or one hook call) may allocate.
 M.max_memory = 64 << 20
 
@@ -269,6 +271,8 @@ local function env_field(t, path)
     n = n + 1
     if n > M.max_list then invalid(path, "at most %d variables expected", M.max_list) end
     e[k] = tostring(v)
+    -- execve refuses a "NAME=value" string longer than MAX_ARG_STRLEN (128 KiB)
+    if #k + 1 + #e[k] > 131072 then invalid(join(path, k), "at most 128 KiB expected, got %d bytes", #e[k]) end
   end
   return e
 end
@@ -317,6 +321,7 @@ local function validate(t, name, dir)
     env = 1, hooks = 1, vm = 1, quota = 1 }, "")
   local p = {}
   p.name = t.name == nil and name or check_type(t.name, "string", "name")
+  if #p.name > M.max_name then invalid("name", "at most %d bytes expected, got %d", M.max_name, #p.name) end
   p.backend = t.backend == nil and "jail" or check_type(t.backend, "string", "backend")
   if p.backend ~= "jail" and p.backend ~= "vm" then
     invalid("backend", "\"jail\" or \"vm\" expected, got %q", p.backend)
