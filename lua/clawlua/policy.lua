@@ -12,6 +12,8 @@ M.budget = 250000
 --- Bytes of source a policy file may have, entries in one list.
 M.max_source = 1 << 20
 M.max_list = 1024
+--- Bytes of a policy's name (it names the policy in errors, audit records and describe()).
+M.max_name = 256
 --- Bytes a policy file (or one hook call) may allocate.
 M.max_memory = 64 << 20
 
@@ -269,6 +271,8 @@ local function env_field(t, path)
     n = n + 1
     if n > M.max_list then invalid(path, "at most %d variables expected", M.max_list) end
     e[k] = tostring(v)
+    -- execve refuses a "NAME=value" string longer than MAX_ARG_STRLEN (128 KiB)
+    if #k + 1 + #e[k] > 131072 then invalid(join(path, k), "at most 128 KiB expected, got %d bytes", #e[k]) end
   end
   return e
 end
@@ -329,6 +333,7 @@ local function validate(t, name, dir)
     env = 1, hooks = 1, vm = 1, quota = 1 }, "")
   local p = {}
   p.name = t.name == nil and name or check_type(t.name, "string", "name")
+  if #p.name > M.max_name then invalid("name", "at most %d bytes expected, got %d", M.max_name, #p.name) end
   p.backend = t.backend == nil and "jail" or check_type(t.backend, "string", "backend")
   if p.backend ~= "jail" and p.backend ~= "vm" then
     invalid("backend", "\"jail\" or \"vm\" expected, got %q", p.backend)
@@ -447,6 +452,27 @@ local function capped_concat(t, sep, i, j)
   return table_concat(t, sep, i, j)
 end
 
+-- table.move loops in C (no instruction hook sees it), over up to 2^63 indices.
+local table_move, string_pack = table.move, string.pack
+local function capped_move(a1, f, e, t, a2)
+  local first, last = math.tointeger(f), math.tointeger(e)
+  if first and last and last >= first and last - first >= MAX_REP then
+    error(("table.move: %d elements over the limit of %d"):format(last - first + 1, MAX_REP), 2)
+  end
+  return table_move(a1, f, e, t, a2)
+end
+
+-- string.pack builds its result in C: the sizes in its format ("c2000000000", "!8i16") bound
+-- what it adds to the arguments' own bytes.
+local function capped_pack(fmt, ...)
+  local size = 0
+  for n in tostring(fmt):gmatch("%d+") do size = size + (tonumber(n) or math.huge) end
+  if size > MAX_REP then
+    error(("string.pack: format sizes of %.0f bytes over the limit of %d"):format(size, MAX_REP), 2)
+  end
+  return string_pack(fmt, ...)
+end
+
 local function sandbox_env()
   local function copy(lib, skip)
     local t = {}
@@ -456,9 +482,9 @@ local function sandbox_env()
     return t
   end
   local str = copy(string, { dump = true })
-  str.rep, str.gsub = capped_rep, capped_gsub
+  str.rep, str.gsub, str.pack = capped_rep, capped_gsub, capped_pack
   local tab = copy(table)
-  tab.concat = capped_concat
+  tab.concat, tab.move = capped_concat, capped_move
   return {
     assert = assert, error = error, ipairs = ipairs, pairs = pairs, next = next, select = select,
     tonumber = tonumber, tostring = tostring, type = type, rawequal = rawequal, rawlen = rawlen,
@@ -471,7 +497,7 @@ end
 -- Runs fn(...) in a coroutine with an instruction budget and a memory cap, checked at every
 -- instruction (a string doubled in a loop reaches gigabytes within a few dozen instructions,
 -- so a sparser check would come too late); string methods on string values go through the
--- real string table, so its rep is swapped for the capped one meanwhile.
+-- real string table, so its rep, gsub and pack are swapped for the capped ones meanwhile.
 local function run_budgeted(what, fn, ...)
   local co = coroutine.create(fn)
   local left = M.budget
@@ -492,14 +518,24 @@ local function run_budgeted(what, fn, ...)
       end
     end
   end, "", 1)
-  string.rep, string.gsub = capped_rep, capped_gsub -- luacheck: ignore 122
+  string.rep, string.gsub, string.pack = capped_rep, capped_gsub, capped_pack -- luacheck: ignore 122
   local res = table.pack(coroutine.resume(co, ...))
-  string.rep, string.gsub = string_rep, string_gsub -- luacheck: ignore 122
+  string.rep, string.gsub, string.pack = string_rep, string_gsub, string_pack -- luacheck: ignore 122
   if coroutine.status(co) == "suspended" then
     coroutine.close(co)
     return false, what .. ": yielded (not allowed)"
   end
-  if not res[1] then return false, tostring(res[2]) end
+  if not res[1] then
+    -- an error object that is not a string, a message without a position (error(x, 0)) or
+    -- one placed in this file (a library call through a capped wrapper) still names the file
+    local e = res[2]
+    local msg = type(e) == "string" and e or ("error object of type " .. type(e))
+    local at = msg:match("^([^\n]-):%d+: ")
+    if msg:sub(1, #what) ~= what and (not at or at:find("clawlua/policy.lua", 1, true)) then
+      msg = what .. ": " .. msg
+    end
+    return false, msg
+  end
   return true, table.unpack(res, 2, res.n)
 end
 
@@ -607,6 +643,40 @@ function M.call_hook(p, name, ...)
   return false, type(reason) == "string" and reason or ("denied by hook " .. name)
 end
 
+-- Policy strings are bytes (an env value need not be UTF-8); JSON text is not: a byte that
+-- does not start a valid UTF-8 sequence shows as U+FFFD.
+local function utf8_safe(s)
+  if utf8.len(s) then return s end
+  local out, i = {}, 1
+  while i <= #s do
+    local n, bad = utf8.len(s, i)
+    if n then
+      out[#out + 1] = s:sub(i)
+      break
+    end
+    out[#out + 1] = s:sub(i, bad - 1) .. "\u{FFFD}"
+    i = bad + 1
+  end
+  return table.concat(out)
+end
+
+-- In place (the tables describe() builds, with their json.array/object marks).
+local function json_safe(t)
+  local rekey = {}
+  for k, x in pairs(t) do
+    if type(x) == "string" then
+      t[k] = utf8_safe(x)
+    elseif type(x) == "table" then
+      json_safe(x)
+    end
+    if type(k) == "string" and not utf8.len(k) then rekey[#rekey + 1] = k end
+  end
+  for _, k in ipairs(rekey) do
+    t[utf8_safe(k)], t[k] = t[k], nil
+  end
+  return t
+end
+
 --- A JSON-safe view of a policy (hooks by name).
 ---@param p clawlua.policy
 ---@return table
@@ -623,7 +693,7 @@ function M.describe(p)
   local env = {}
   for k, v in pairs(p.env) do env[k] = v end
   local r = p.resources
-  return {
+  return json_safe {
     name = p.name, backend = p.backend, source = p.source,
     resources = { vcpus = r.vcpus, memory_mib = r.memory_mib, pids = r.pids, cpu = r.cpu,
       lifetime_s = r.lifetime_s, max_output = r.max_output },

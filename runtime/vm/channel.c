@@ -17,6 +17,7 @@
  * guest by a high-water mark that makes writers wait.
  */
 #include "chan.h"
+#include "input.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -29,6 +30,7 @@
 #include <unistd.h>
 
 static int bbuf_add(bbuf *b, const void *p, size_t n) {
+  if (n == 0) return 1; /* an empty RDATA/STDOUT frame on an empty buffer: NULL + 0 is UB */
   if (b->len + n > b->cap) {
     size_t c = b->cap ? b->cap : 4096;
     while (c < b->len + n) c *= 2;
@@ -569,26 +571,31 @@ static void on_chan(cl_watch *w, uint32_t events) {
       cl_chan_close(v, why);
       return;
     }
-    c->in_len += (size_t)n;
-    c->bytes_in += (uint64_t)n;
-    size_t off = 0;
-    while (!c->closed && c->in_len - off >= CLA_HEADER) {
-      cla_header h;
-      if (!cla_header_get(c->in + off, &h)) {
-        if (h.magic != CLA_MAGIC)
-          violation(v, "bad frame header (magic 0x%04x)", h.magic);
-        else
-          violation(v, "frame of %u bytes, over the limit of %u", h.len, CLA_MAX_PAYLOAD);
-        return;
-      }
-      if (c->in_len - off < CLA_HEADER + h.len) break;
-      if (!handle_frame(v, &h, c->in + off + CLA_HEADER)) return;
-      off += CLA_HEADER + h.len;
-    }
-    if (c->closed) return;
-    memmove(c->in, c->in + off, c->in_len - off);
-    c->in_len -= off;
+    cl_chan_input(v, (size_t)n);
   }
+}
+
+void cl_chan_input(vm *v, size_t n) {
+  vm_chan *c = &v->chan;
+  c->in_len += n;
+  c->bytes_in += (uint64_t)n;
+  size_t off = 0;
+  while (!c->closed && c->in_len - off >= CLA_HEADER) {
+    cla_header h;
+    if (!cla_header_get(c->in + off, &h)) {
+      if (h.magic != CLA_MAGIC)
+        violation(v, "bad frame header (magic 0x%04x)", h.magic);
+      else
+        violation(v, "frame of %u bytes, over the limit of %u", h.len, CLA_MAX_PAYLOAD);
+      return;
+    }
+    if (c->in_len - off < CLA_HEADER + h.len) break;
+    if (!handle_frame(v, &h, c->in + off + CLA_HEADER)) return;
+    off += CLA_HEADER + h.len;
+  }
+  if (c->closed) return;
+  memmove(c->in, c->in + off, c->in_len - off);
+  c->in_len -= off;
 }
 
 int cl_chan_attach(vm *v, int fd) {

@@ -16,6 +16,8 @@
  */
 #include "vm.h"
 
+#include "input.h"
+
 #include "../guest/proto.h"
 
 #include "curl_lazy.h"
@@ -30,8 +32,6 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
-
-#define API_BODY_MAX ((size_t)1 << 20)
 
 /* ------------------------------------------------------------------------------------------ */
 /* API calls                                                                                  */
@@ -63,7 +63,7 @@ void cl_fc_release(vm *v) {
   v->vsock_fd = -1;
 }
 
-static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
+size_t cl_fc_on_body(char *data, size_t size, size_t nmemb, void *ud) {
   vm_api *a = ud;
   size_t n = size * nmemb;
   if (a->body_len + n > API_BODY_MAX) return 0;
@@ -103,7 +103,7 @@ static int api_call(vm *v, const char *method, const char *path, const char *bod
   curl_easy_setopt(e, CURLOPT_URL, url);
   curl_easy_setopt(e, CURLOPT_UNIX_SOCKET_PATH, sock);
   curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
-  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, cl_fc_on_body);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, a);
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, 60000L);
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http");
@@ -127,6 +127,17 @@ static int api_call(vm *v, const char *method, const char *path, const char *bod
   return err;
 }
 
+void cl_fc_fault(const char *body, char *out, size_t n) {
+  out[0] = 0;
+  cJSON *j = body ? cJSON_Parse(body) : NULL;
+  cJSON *fm = j ? cJSON_GetObjectItemCaseSensitive(j, "fault_message") : NULL;
+  if (fm && cJSON_IsString(fm))
+    snprintf(out, n, "%s", fm->valuestring);
+  else if (body)
+    snprintf(out, n, "%.300s", body);
+  cJSON_Delete(j);
+}
+
 /* VM_WAIT, 1 (a 2xx answer, body in v->api.body) or a pushed failure. */
 static int api_await(lua_State *L, vm *v, cl_wait *w, int fatal) {
   vm_api *a = &v->api;
@@ -143,14 +154,8 @@ static int api_await(lua_State *L, vm *v, cl_wait *w, int fatal) {
     return cl_vm_fail(L, v, fatal, 1, EIO, "%s %s: %s", a->method, a->path,
                       curl_easy_strerror((CURLcode)a->result));
   if (a->status / 100 != 2) {
-    char fault[400] = "";
-    cJSON *j = a->body ? cJSON_Parse(a->body) : NULL;
-    cJSON *fm = j ? cJSON_GetObjectItemCaseSensitive(j, "fault_message") : NULL;
-    if (fm && cJSON_IsString(fm))
-      snprintf(fault, sizeof fault, "%s", fm->valuestring);
-    else if (a->body)
-      snprintf(fault, sizeof fault, "%.300s", a->body);
-    cJSON_Delete(j);
+    char fault[400];
+    cl_fc_fault(a->body, fault, sizeof fault);
     return cl_vm_fail(L, v, fatal, 0, EIO, "firecracker %s %s: %ld: %s", a->method, a->path,
                       a->status, fault[0] ? fault : "(no fault_message)");
   }
@@ -469,7 +474,7 @@ static int spawn_fc(lua_State *L, vm *v, char *err, size_t errlen) {
   return cl_vm_spawn(L, v, argv, NULL, 0, err, errlen);
 }
 
-static int parse_version(vm *v) {
+int cl_fc_parse_version(vm *v) {
   cJSON *j = v->api.body ? cJSON_Parse(v->api.body) : NULL;
   cJSON *x = j ? cJSON_GetObjectItemCaseSensitive(j, "firecracker_version") : NULL;
   int ok = 0;
@@ -565,7 +570,7 @@ static int start_step(lua_State *L, vm *v, cl_wait *w) {
     }
     r = api_await(L, v, w, 1);
     if (r != 1) return r;
-    if (!parse_version(v))
+    if (!cl_fc_parse_version(v))
       return cl_vm_fail(L, v, 1, 1, EPROTO, "start: GET /version: no firecracker_version in %.100s",
                         v->api.body ? v->api.body : "(empty)");
     if (v->fc_major < 1)

@@ -17,6 +17,8 @@
  */
 #include "vm.h"
 
+#include "input.h"
+
 #include "../guest/proto.h"
 
 #include <cjson/cJSON.h>
@@ -31,8 +33,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define QMP_IN_CAP ((size_t)1 << 20)
-
 void cl_qemu_release(vm *v) {
   if (v->vwatch.active) cl_watch_stop(&v->vwatch);
   if (v->vsock_fd >= 0) close(v->vsock_fd);
@@ -43,6 +43,7 @@ void cl_qemu_release(vm *v) {
   free(v->qin);
   v->qin = NULL;
   v->qin_len = 0;
+  v->qin_skip = 0;
   free(v->qmp_reply);
   v->qmp_reply = NULL;
   v->qmp_ready = v->qmp_greeted = 0;
@@ -73,8 +74,10 @@ static void qmp_message(vm *v, const char *line) {
     cJSON *ret = cJSON_GetObjectItemCaseSensitive(j, "return");
     cJSON *err = cJSON_GetObjectItemCaseSensitive(j, "error");
     cJSON *ev = cJSON_GetObjectItemCaseSensitive(j, "event");
-    if (cJSON_IsNumber(id) && (ret || err)) {
-      long n = (long)id->valuedouble;
+    /* ids are the integers we sent: anything else (1e300, 2.5, -1) answers nothing of ours */
+    double d = cJSON_IsNumber(id) ? id->valuedouble : -1;
+    long n = d >= 1 && d <= 1e15 && d == (double)(long)d ? (long)d : 0;
+    if (n > 0 && (ret || err)) {
       if (n == 1 && !v->qmp_ready) {
         v->qmp_ready = 1; /* id 1 is always qmp_capabilities */
       } else if (n == v->qmp_wait_id) {
@@ -110,9 +113,6 @@ static void on_qmp(cl_watch *w, uint32_t events) {
   vm *v = w->data;
   for (;;) {
     if (v->qmpfd < 0) return;
-    if (v->qin_len == QMP_IN_CAP) { /* one QMP message larger than 1 MiB: not one we asked for */
-      v->qin_len = 0;
-    }
     ssize_t n = read(v->qmpfd, v->qin + v->qin_len, QMP_IN_CAP - v->qin_len - 1);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) return;
@@ -123,16 +123,27 @@ static void on_qmp(cl_watch *w, uint32_t events) {
       cl_vm_changed(v);
       return;
     }
-    v->qin_len += (size_t)n;
-    v->qin[v->qin_len] = 0;
-    char *start = v->qin, *nl;
-    while ((nl = memchr(start, '\n', v->qin_len - (size_t)(start - v->qin)))) {
-      *nl = 0;
-      if (nl > start) qmp_message(v, start);
-      start = nl + 1;
-    }
-    v->qin_len -= (size_t)(start - v->qin);
-    memmove(v->qin, start, v->qin_len);
+    cl_qmp_input(v, (size_t)n);
+  }
+}
+
+void cl_qmp_input(vm *v, size_t n) {
+  v->qin_len += n;
+  v->qin[v->qin_len] = 0;
+  char *start = v->qin, *nl;
+  while ((nl = memchr(start, '\n', v->qin_len - (size_t)(start - v->qin)))) {
+    *nl = 0;
+    if (v->qin_skip) /* the end of a message too long to keep */
+      v->qin_skip = 0;
+    else if (nl > start)
+      qmp_message(v, start);
+    start = nl + 1;
+  }
+  v->qin_len -= (size_t)(start - v->qin);
+  memmove(v->qin, start, v->qin_len);
+  if (v->qin_len == QMP_IN_CAP - 1) { /* one message of 1 MiB or more: not one we asked for */
+    v->qin_len = 0;
+    v->qin_skip = 1; /* its rest, up to the newline, is dropped too */
   }
 }
 

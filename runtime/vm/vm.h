@@ -123,6 +123,7 @@ struct vm {
   cl_watch qwatch;
   char *qin;
   size_t qin_len;
+  int qin_skip; /* dropping the rest of a message longer than the buffer */
   int qmp_greeted, qmp_ready;
   long qmp_next_id, qmp_wait_id;
   int qmp_have_reply, qmp_error;

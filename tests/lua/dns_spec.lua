@@ -83,6 +83,13 @@ describe("dns.parse", function()
       { name = "a.example", type = 5, ttl = 5, rdata = name("b.example") .. "z" } }))))
   end)
 
+  it("refuses a label holding a dot (fuzz_lua_dns: its text would read as another name)", function()
+    local q = "\0\1\1\0\0\1\0\0\0\0\0\0" .. "\11example.com\0" .. "\0\1\0\1"
+    local m, err = dns.parse(q)
+    assert.is_nil(m)
+    assert.matches("dns: label holds a dot at byte 12", err, 1, true)
+  end)
+
   it("a chain of backward pointers is bounded", function()
     -- 40 names each a pointer to the previous one: valid pointers, but too many jumps
     local q = dns.query("a", "A", 1)

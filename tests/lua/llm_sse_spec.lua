@@ -15,6 +15,22 @@ local function parse(chunks, opts)
 end
 
 describe("sse parser", function()
+  -- fuzz_lua_sse findings (against the WHATWG event-stream reading)
+  it("skips a UTF-8 BOM at the start of the stream, even split across chunks", function()
+    local evs = parse({ "\239\187\191data: x\n\n" })
+    assert.are.same({ { event = "message", data = "x" } }, evs)
+    evs = parse({ "\239", "\187", "\191data: y\n\n\239\187\191data: z\n\n" })
+    assert.equal("y", evs[1].data)
+    assert.equal(1, #evs) -- only the first BOM is skipped: the second starts an unknown field
+  end)
+
+  it("an empty event field means message", function()
+    local evs = parse({ "event:\ndata: a\n\nevent: \ndata: b\n\n" })
+    assert.are.same({ { event = "message", data = "a" }, { event = "message", data = "b" } }, evs)
+    evs = parse({ "event:\r\ndata: c\r\n\r\n" })
+    assert.equal("message", evs[1].event)
+  end)
+
   it("parses events with LF, CRLF and CR line ends, comments and fields", function()
     for _, nl in ipairs { "\n", "\r\n", "\r" } do
       local text = (": a comment\nevent: add\nid: 7\nretry: 1500\ndata: one\ndata:two\n\n" ..

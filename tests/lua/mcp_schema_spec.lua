@@ -161,6 +161,28 @@ describe("mcp schema: the validator's own behaviour", function()
     assert.has_error(function() schema.regex("(?<=a)b") end)
   end)
 
+  -- fuzz_lua_mcp_schema findings: schemas can come from a server (outputSchema)
+  it("an unusable schema gives nil and 'schema: ...', never a raise", function()
+    local cases = {
+      { { ["$ref"] = "#" }, "subschemas nested deeper than 1000" },
+      { { allOf = { { ["$ref"] = "#/allOf/1" }, { ["$ref"] = "#/allOf/0" } } }, "nested deeper" },
+      { { minimum = "1" }, "unusable schema at $: attempt to compare" },
+      { { required = 5 }, "unusable schema at $" },
+      { { pattern = "(" }, "schema: " },
+      { { ["$ref"] = "http://example.com/s" }, "is not supported" },
+      { { ["$ref"] = "#/nope" }, "does not resolve" },
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = schema.new(c[1]):validate(c[1].pattern and "x" or (c[1].required and {} or 3))
+      assert.is_nil(ok, json.encode(c[1]))
+      assert.equal("string", type(err))
+      assert.truthy(err:match("^schema: ") and err:find(c[2], 1, true), err)
+    end
+    -- a recursive schema that descends into the value is fine up to the depth bound
+    local nested = json.decode(("["):rep(100) .. ("]"):rep(100))
+    assert.is_true(schema.new({ type = "array", items = { ["$ref"] = "#" } }):validate(nested))
+  end)
+
   it("stops a catastrophic pattern by its step budget instead of hanging", function()
     local re = schema.regex("^(a+)+$")
     local t0 = claw.now()

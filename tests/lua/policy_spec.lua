@@ -228,6 +228,32 @@ describe("policy", function()
       assert.equal("a_bx,y", p.name)
     end)
 
+    -- fuzz_lua_policy findings: C loops and C-built strings that no instruction hook sees
+    it("caps table.move and string.pack, which run in C", function()
+      local t0 = claw.now()
+      local p, err = load_src("local t = table.move({}, 1, math.maxinteger - 1, 2) return {}")
+      assert.is_nil(p)
+      assert.truthy(err:find("table.move: %d+ elements over the limit"), err)
+      assert.is_true(claw.now() - t0 < 5 * H.scale)
+      p, err = load_src('return { name = string.pack("c2000000000", "") }')
+      assert.is_nil(p)
+      assert.truthy(err:find("string.pack: format sizes of 2000000000 bytes over the limit", 1, true), err)
+      p, err = load_src('return { name = ("c2000000000"):pack("") }')
+      assert.is_nil(p)
+      assert.truthy(err:find("string.pack: format sizes", 1, true), err)
+      p = assert(load_src('return { name = ("%d"):format(#string.pack("i4c3", 7, "abc")) .. '
+        .. '#table.move({ 1, 2, 3 }, 1, 3, 2) }'))
+      assert.equal("74", p.name)
+    end)
+
+    it("an error without a position, or not a string, still names the file", function()
+      for _, src in ipairs { "error({})", "error('plain', 0)", "error(nil)", "table.concat({ {} })" } do
+        local p, err = load_src(src)
+        assert.is_nil(p)
+        assert.truthy(err:find(dir .. "/p.lua", 1, true), src .. " -> " .. err)
+      end
+    end)
+
     it("a huge table under the budget is refused by the list cap, not built forever", function()
       local p, err = load_src(
         "local t = {} for i = 1, 5000 do t[i] = 'a.org:80' end return { network = { allow = t } }")
@@ -246,6 +272,24 @@ describe("policy", function()
       assert.is_nil(p)
       assert.truthy(err:find("No such file", 1, true), err)
     end)
+  end)
+
+  it("caps the name and each environment entry (fuzz_lua_policy: a 25 MB name made describe() too big)", function()
+    local p, err = load_src('return { name = ("x"):rep(257) }')
+    assert.is_nil(p)
+    assert.truthy(err:find("name: at most 256 bytes expected, got 257", 1, true), err)
+    p, err = load_src('return { env = { A = ("x"):rep(131072) } }')
+    assert.is_nil(p)
+    assert.truthy(err:find("env.A: at most 128 KiB expected", 1, true), err)
+    assert(load_src('return { name = ("x"):rep(256), env = { A = ("x"):rep(131070) } }'))
+  end)
+
+  it("describe() is JSON even with bytes that are not UTF-8 (env values are bytes)", function()
+    local p = assert(load_src('return { env = { A = "\\252b" } }'))
+    assert.equal("\252b", p.env.A)
+    local d = policy.describe(p)
+    local text = assert(claw.json.encode(d))
+    assert.truthy(text:find('"A":"\u{FFFD}b"', 1, true), text)
   end)
 
   describe("hooks", function()

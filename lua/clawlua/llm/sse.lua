@@ -8,6 +8,7 @@ local find, sub, byte = string.find, string.sub, string.byte
 local concat = table.concat
 
 local CR, LF, COLON, SPACE = 13, 10, 58, 32
+local BOM = "\239\187\191"
 
 ---@class clawlua.sse.event
 ---@field event string   the event type ("message" when the stream names none)
@@ -58,7 +59,8 @@ local function dispatch(self)
   self.data_n, self.data_bytes = 0, 0
   self.events = self.events + 1
   local t = self.ev
-  t.event, t.data, t.id, t.retry = ev_type or "message", data, self.last_id, self.retry
+  -- an empty or absent event type is "message"
+  t.event, t.data, t.id, t.retry = ev_type ~= "" and ev_type or "message", data, self.last_id, self.retry
   local ok = self.on_event(t)
   if ok == false then
     self.failed = "stopped"
@@ -120,7 +122,7 @@ local function whole_event(self, buf, pos)
   if not e or #data >= self.max_event then return nil end
   self.events = self.events + 1
   local t = self.ev
-  t.event, t.data, t.id, t.retry = ev or "message", data, self.last_id, self.retry
+  t.event, t.data, t.id, t.retry = ev ~= "" and ev or "message", data, self.last_id, self.retry
   if self.on_event(t) == false then
     self.failed = "stopped"
     return false
@@ -157,6 +159,14 @@ function Parser:feed(chunk)
   if self.failed then return nil, self.failed end
   local buf = self.buf
   if buf ~= "" then buf = buf .. chunk else buf = chunk end
+  if not self.bom_done then -- a UTF-8 BOM at the start of the stream is skipped
+    if #buf < 3 and sub(BOM, 1, #buf) == buf then
+      self.buf = buf
+      return true
+    end
+    self.bom_done = true
+    if sub(buf, 1, 3) == BOM then buf = sub(buf, 4) end
+  end
   local pos, len = 1, #buf
   if self.skip_lf then
     if byte(buf, 1) == LF then pos = 2 end

@@ -9,7 +9,14 @@
 -- written for older drafts: the array form of `items` with `additionalItems`, and
 -- `dependencies`, are read as 2020-12's prefixItems/items and dependentRequired/Schemas.
 -- Not supported (ignored): unevaluatedProperties/unevaluatedItems, $dynamicRef, remote and
--- $id-relative references (they raise), and `format`, which 2020-12 makes an annotation.
+-- $id-relative references (the schema is refused), and `format`, which 2020-12 makes an
+-- annotation.
+--
+-- Schemas can come from the other side (an MCP server's outputSchema), so a schema this file
+-- cannot use — a keyword of the wrong type, a $ref that does not resolve or loops without
+-- consuming the value, a pattern outside the subset — makes validate() return nil and
+-- "schema: <reason>" instead of raising, and one validation is bounded: M.MAX_DEPTH nested
+-- subschema checks, M.MAX_STEPS subschema checks in all.
 --
 -- `pattern` is an ECMA-262 regular expression, which Lua patterns are not; this file has a
 -- small backtracking engine for the subset: literals, `.`, classes `[a-z\d]` and `[^...]`,
@@ -24,6 +31,11 @@ local json = claw.json
 local is_marked_array = json.is_array
 
 local M = {}
+
+--- Subschemas checked inside one another (a $ref cycle that never descends into the value
+--- stops here), and in all, per validation.
+M.MAX_DEPTH = 1000
+M.MAX_STEPS = 1000000
 
 ---------------------------------------------------------------------------------------------
 -- JSON values seen from Lua
@@ -658,7 +670,7 @@ local function check_combinators(self, s, v, path, errs)
   return ok
 end
 
-function check(self, s, v, path, errs)
+local function check_inner(self, s, v, path, errs)
   if s == true then return true end
   if s == false then return fail(errs, path, "is not allowed (false schema)") end
   if type(s) ~= "table" then error(("schema at %s: a schema is an object or a boolean"):format(path), 0) end
@@ -855,6 +867,20 @@ function compile(s)
   end
 end
 
+function check(self, s, v, path, errs)
+  local depth, steps = self.depth + 1, self.steps + 1
+  if depth > M.MAX_DEPTH then
+    error(("schema: subschemas nested deeper than %d at %s (a $ref cycle?)"):format(M.MAX_DEPTH, path), 0)
+  end
+  if steps > M.MAX_STEPS then
+    error(("schema: validation needs more than %d subschema checks"):format(M.MAX_STEPS), 0)
+  end
+  self.depth, self.steps, self.at = depth, steps, path
+  local ok = check_inner(self, s, v, path, errs)
+  self.depth = depth - 1
+  return ok
+end
+
 --- A compiled validator for `schema` (a decoded JSON Schema; its own root for $ref).
 ---@param schema table|boolean
 ---@return {validate: fun(self, value: any, ref: string|nil): boolean, string[]|nil}
@@ -862,13 +888,11 @@ function M.new(schema)
   if type(schema) ~= "table" and type(schema) ~= "boolean" then
     error("bad argument #1 to 'schema.new' (schema table or boolean expected)", 2)
   end
-  return setmetatable({ root = schema, refs = {}, regexes = {}, compiled = nil }, Validator)
+  return setmetatable({ root = schema, refs = {}, regexes = {}, compiled = nil, depth = 0, steps = 0 },
+    Validator)
 end
 
---- Validates `value` against the root schema (or the subschema at `ref`, e.g. "#/$defs/Tool").
---- Returns true, or false and the list of problems ("$.command[0]: string expected, got number").
----@return boolean ok, string[]|nil errors
-function Validator:validate(value, ref)
+local function run(self, value, ref)
   if not ref then
     local c = self.compiled
     if c == nil then
@@ -882,9 +906,24 @@ function Validator:validate(value, ref)
   -- for an invalid value or a schema that raises, the pass that names every problem.
   local done, ok = pcall(check, self, s, value, "$", nil)
   if done and ok then return true end
+  self.depth, self.steps, self.at = 0, 0, "$" -- the yes/no pass may have stopped half-way
   local errs = {}
   if check(self, s, value, "$", errs) then return true end
   return false, errs
+end
+
+--- Validates `value` against the root schema (or the subschema at `ref`, e.g. "#/$defs/Tool").
+--- Returns true, or false and the list of problems ("$.command[0]: string expected, got number"),
+--- or nil and "schema: <reason>" when the schema cannot be used (see the top of this file).
+---@return boolean|nil ok, string[]|string|nil errors
+function Validator:validate(value, ref)
+  self.depth, self.steps, self.at = 0, 0, "$"
+  local ok, res, errs = pcall(run, self, value, ref)
+  if ok then return res, errs end
+  local msg = tostring(res)
+  if msg:match("^schema: ") then return nil, msg end
+  -- a keyword of the wrong type met a Lua operation ("attempt to compare number with string")
+  return nil, ("schema: unusable schema at %s: %s"):format(self.at, (msg:gsub("^[^:]*:%d+: ", "")))
 end
 
 --- One-shot: schema.validate(schema, value) → true | false, errors.

@@ -539,6 +539,7 @@ function Set:call(name, args, ctx)
     t.validator = v
   end
   local ok, errs = v:validate(args)
+  if ok == nil then errs = { errs } end
   if not ok then
     return nil, { code = M.INVALID_PARAMS,
                   message = ("invalid arguments for tool '%s': %s"):format(name, table.concat(errs, "; ")),

@@ -48,7 +48,11 @@ function M.read_name(msg, off)
       if off + 1 + n > len then return fail("label runs past the end", off) end
       total = total + n + 1
       if total > 254 then return fail("name longer than 255 bytes", off) end
-      labels[#labels + 1] = msg:sub(off + 2, off + 1 + n):lower()
+      local label = msg:sub(off + 2, off + 1 + n)
+      -- a dot inside a label would make the name's text read as another name (the allow-list
+      -- and the cache match on the text)
+      if label:find(".", 1, true) then return fail("label holds a dot", off) end
+      labels[#labels + 1] = label:lower()
       off = off + 1 + n
     end
   end
