@@ -9,6 +9,11 @@
 -- A run measures the three servers one after the other (startup: spawn -> initialize answered,
 -- median of `starts`; sequential tools/call, median of `sessions`; peak RSS: VmHWM); the
 -- ratios are taken within a run, and their spread over the runs is printed last.
+-- CLAWLUA_BENCH_CPU=N runs client and server on CPU N (taskset): one core, no cross-core wake-up.
+-- On an idle virtual machine a sequential round trip across two cores waits for the sleeping
+-- vCPU to wake (here ~0.1 ms, more than any server's work), so unpinned calls/s measure the
+-- hypervisor; pinned, they measure the CPU each side spends. The ceiling's time per call is the
+-- client's own; what a server adds beyond it is printed as "server us/call".
 local claw = require "clawlua"
 
 local json = claw.json
@@ -41,6 +46,10 @@ local function measure(name, cmd)
   local out = os.tmpname()
   local argv = { "python3", src .. "/tests/bench/bench_stdio.py", "--starts", tostring(STARTS),
                  "--sessions", tostring(SESSIONS), "--calls", tostring(CALLS), "--json", out, "--" }
+  local cpu = os.getenv("CLAWLUA_BENCH_CPU")
+  if cpu and cpu ~= "" then
+    for i, a in ipairs { "taskset", "-c", cpu } do table.insert(argv, i, a) end
+  end
   for _, a in ipairs(cmd) do argv[#argv + 1] = a end
   argv.timeout = 900
   local r = claw.proc.run(argv)
@@ -77,7 +86,7 @@ claw.run(function()
   servers[#servers + 1] = { "python3 floor", { "python3", src .. "/tests/bench/mcp_py_server.py" } }
   servers[#servers + 1] = { "C ceiling", { (bin:gsub("clawlua$", "clawlua-mcp-ceiling")) } }
   local ratios = { ts_start = {}, ts_calls = {}, ts_rss = {}, py_start = {}, py_calls = {}, py_p50 = {},
-                   top_calls = {}, top_p50 = {} }
+                   top_calls = {}, top_p50 = {}, py_server = {}, ts_server = {} }
   print(("MCP stdio servers, client tests/bench/bench_stdio.py: %d runs; each run %d starts and "
     .. "%d sessions of %d sequential echo calls per server (medians)"):format(RUNS, STARTS, SESSIONS, CALLS))
   for run = 1, RUNS do
@@ -108,6 +117,17 @@ claw.run(function()
     ratios.py_p50[run], ratios.top_p50[run] = py.p50_ms / c.p50_ms, py.p50_ms / top.p50_ms
     print(("the client's ceiling: calls/s x%.2f the python3 floor's, clawlua at %.0f%% of it"):format(
       ratios.top_calls[run], 100 * c.calls_s / top.calls_s))
+    -- what each server adds to the client's own time per call (the ceiling's)
+    local function server_us(r) return 1e6 / r.calls_s - 1e6 / top.calls_s end
+    local cu, pu = server_us(c), server_us(py)
+    ratios.py_server[run] = pu / cu
+    local line = ("server us/call beyond the client's %.1f: clawlua %.1f, python3 %.1f (x%.2f)")
+      :format(1e6 / top.calls_s, cu, pu, pu / cu)
+    if ts then
+      ratios.ts_server[run] = server_us(ts) / cu
+      line = line .. (", TS SDK %.1f (x%.1f)"):format(server_us(ts), server_us(ts) / cu)
+    end
+    print(line)
   end
   print(("\nratios over %d runs, median (min .. max):"):format(RUNS))
   if #ratios.ts_start > 0 then
@@ -118,6 +138,8 @@ claw.run(function()
   print("  python3 startup / clawlua startup  " .. spread(ratios.py_start))
   print("  clawlua calls/s / python3 calls/s  " .. spread(ratios.py_calls) .. "   target >= 2.5")
   print("  C ceiling calls/s / python3 calls/s " .. spread(ratios.top_calls) .. "   (what this client allows)")
+  print("  python3 / clawlua server us/call    " .. spread(ratios.py_server))
+  if #ratios.ts_server > 0 then print("  TS SDK / clawlua server us/call     " .. spread(ratios.ts_server)) end
   -- calls/s is a mean: a few calls held up by other work on a busy machine weigh on it; the
   -- median round trip does not.
   print("  python3 p50 / clawlua p50           " .. spread(ratios.py_p50))
