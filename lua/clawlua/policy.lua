@@ -420,6 +420,16 @@ end
 -- replacement, concat), refuse a result over the caps before building it.
 local MAX_REP = 1 << 20
 local string_rep, string_gsub, table_concat = string.rep, string.gsub, table.concat
+-- Pattern matching in Lua (the C matcher backtracks where no hook sees it: a pattern like
+-- ("a*"):rep(20) .. "b" on a client's argument ran for hours under any budget).
+-- (loaded with the first policy file or hook: a runtime on the default policy never needs it)
+local pattern = setmetatable({}, { __index = function(t, k)
+  local m = require "clawlua.policy.pattern"
+  setmetatable(t, nil)
+  for name, f in pairs(m) do t[name] = f end
+  return m[k]
+end })
+local string_find, string_match, string_gmatch = string.find, string.match, string.gmatch
 local function capped_rep(s, n, sep)
   local len = #tostring(s) * math.max(0, math.tointeger(n) or 0)
     + (sep and #tostring(sep) * math.max(0, (math.tointeger(n) or 1) - 1) or 0)
@@ -436,7 +446,7 @@ local function capped_gsub(s, pat, repl, n)
       error(("string.gsub: a result of up to %d bytes over the limit of %d"):format(bound, M.max_memory), 2)
     end
   end
-  return string_gsub(s, pat, repl, n)
+  return pattern.gsub(s, pat, repl, n)
 end
 
 local function capped_concat(t, sep, i, j)
@@ -483,6 +493,7 @@ local function sandbox_env()
   end
   local str = copy(string, { dump = true })
   str.rep, str.gsub, str.pack = capped_rep, capped_gsub, capped_pack
+  str.find, str.match, str.gmatch = pattern.find, pattern.match, pattern.gmatch
   local tab = copy(table)
   tab.concat, tab.move = capped_concat, capped_move
   return {
@@ -497,7 +508,8 @@ end
 -- Runs fn(...) in a coroutine with an instruction budget and a memory cap, checked at every
 -- instruction (a string doubled in a loop reaches gigabytes within a few dozen instructions,
 -- so a sparser check would come too late); string methods on string values go through the
--- real string table, so its rep, gsub and pack are swapped for the capped ones meanwhile.
+-- real string table, so its rep, gsub, pack and pattern functions are swapped for the capped
+-- and counted ones meanwhile.
 local function run_budgeted(what, fn, ...)
   local co = coroutine.create(fn)
   local left = M.budget
@@ -519,8 +531,10 @@ local function run_budgeted(what, fn, ...)
     end
   end, "", 1)
   string.rep, string.gsub, string.pack = capped_rep, capped_gsub, capped_pack -- luacheck: ignore 122
+  string.find, string.match, string.gmatch = pattern.find, pattern.match, pattern.gmatch -- luacheck: ignore 122
   local res = table.pack(coroutine.resume(co, ...))
   string.rep, string.gsub, string.pack = string_rep, string_gsub, string_pack -- luacheck: ignore 122
+  string.find, string.match, string.gmatch = string_find, string_match, string_gmatch -- luacheck: ignore 122
   if coroutine.status(co) == "suspended" then
     coroutine.close(co)
     return false, what .. ": yielded (not allowed)"
