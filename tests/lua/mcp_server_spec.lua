@@ -388,7 +388,9 @@ describe("mcp server: concurrency, cancellation, progress", function()
       assert.are.same({}, c.request(4, "ping").result) -- read only once a slot is free
       local waited = claw.now() - t0
       assert.is_true(waited > 0.4, "ping answered after " .. waited .. " s")
-      assert.are.equal(2, #c.backlog) -- the two execs answered first
+      -- an exec answered first (the slot it freed let the ping in; the other exec, started with
+      -- it, may end just before or just after the ping's answer)
+      assert.is_true(#c.backlog >= 1)
       c.close()
     end)
   end)
