@@ -3,7 +3,7 @@
 -- sandbox with a network from a pool with room for exactly as many /30s as there are runtimes
 -- (all sharing one run dir, hence one subnet registry and lock), prints the address its
 -- command sees, holds the sandbox until hold_until, destroys it.
--- JSON: {id=, pool=, rundir=, log_group=, start_at=, hold_until=}
+-- JSON: {id=, pool=, rundir=, start_at=, hold_until=}
 local claw = require "clawlua"
 local json = require "clawlua.json"
 local sandbox = require "clawlua.sandbox"
@@ -18,8 +18,9 @@ local function out(t)
 end
 
 claw.run(function()
-  -- one NFLOG group per runtime: a group has one listener per network namespace
-  net.configure { pool = plan.pool, rundir = plan.rundir, log_group = plan.log_group }
+  -- the default NFLOG group: a group has one listener per network namespace, so all but the
+  -- first of these runtimes take the next free one
+  net.configure { pool = plan.pool, rundir = plan.rundir }
   local p = assert(policy.from_table({ backend = "jail", network = { egress = "deny",
     allow = { "allowed.test:80" }, resolvers = { "203.0.113.53" } } }, "race"))
   claw.sleep(math.max(0, plan.start_at - claw.time()))

@@ -106,7 +106,7 @@ return { backend = "jail", resources = { memory_mib = 64, pids = 32 },
     for i = 1, N_RT do
       tasks[i] = claw.spawn(function()
         return W.child(w, { id = "race-" .. i, pool = "10.213.7.0/28", rundir = rundir,
-          start_at = t0 + 1.5, hold_until = t0 + 6, log_group = 7300 + i },
+          start_at = t0 + 1.5, hold_until = t0 + 6 },
           { script = "subnet_race_child.lua", env = { CLAWLUA_STATE_DIR = base .. "/race-state" } })
       end)
     end

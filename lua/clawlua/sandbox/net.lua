@@ -217,9 +217,20 @@ local made_dirs = {}
 local shutdown_hooked = false
 local forwarding = { users = 0, changed = false }
 
+-- An NFLOG group has one listener per network namespace: a runtime whose default group is
+-- taken by another one in the same namespace takes the next free one (of 64); a group set with
+-- configure{log_group=} is used as it is or fails.
+local DEFAULT_LOG_GROUP, LOG_GROUPS = config.log_group, 64
+
 local function firewall()
   if not fw_handle then
-    local f, err = claw.firewall.open { table = config.table, log_group = config.log_group }
+    local group, last = config.log_group, config.log_group
+    if group == DEFAULT_LOG_GROUP then last = group + LOG_GROUPS - 1 end
+    local f, err
+    for g = group, last do
+      f, err = claw.firewall.open { table = config.table, log_group = g }
+      if f or not tostring(err):find("is taken by another listener", 1, true) then break end
+    end
     if not f then return nil, err end
     fw_handle = f
   end
