@@ -373,6 +373,16 @@ local function with_progress(ctx, what, total, fn, ...)
   return table.unpack(res, 1, res.n)
 end
 
+-- Sandboxes that ended without this set (their policy's lifetime ran out) are dropped: they
+-- no longer count towards max_sandboxes nor show in sandbox_list.
+local function prune(self)
+  for i = #self.order, 1, -1 do
+    local id = self.order[i]
+    local sb = self.boxes[id]
+    if not sb or sb:info().state == "destroyed" then forget(self, id) end
+  end
+end
+
 local impl = {}
 
 function impl.sandbox_create(self, args, ctx)
@@ -381,6 +391,7 @@ function impl.sandbox_create(self, args, ctx)
   if args.policy ~= nil and args.policy ~= p.name then
     return tool_error(("unknown policy '%s': this server applies policy '%s'"):format(args.policy, tostring(p.name)))
   end
+  prune(self)
   local live = #self.order + self.pending
   if live >= self.max_sandboxes then
     return tool_error(("sandbox limit reached (%d live, at most %d): destroy one first"):format(live,
@@ -458,6 +469,7 @@ function impl.sandbox_read_file(self, args)
 end
 
 function impl.sandbox_list(self)
+  prune(self)
   local list = {}
   for _, id in ipairs(self.order) do list[#list + 1] = info_of(self.boxes[id]) end
   local lines = {}
