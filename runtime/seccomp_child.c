@@ -5,6 +5,8 @@
  */
 #include "seccomp_int.h"
 
+#include "fdpass.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -121,23 +123,7 @@ int cl_seccomp_child_install(cl_seccomp_prog *p, const char **stage) {
   if (p->notify) {
     /* From here on every syscall goes through the filter: the hand-off and the exec are the
      * only ones left before the program runs. */
-    char cbuf[CMSG_SPACE(sizeof(int))];
-    memset(cbuf, 0, sizeof cbuf);
-    char one = 1;
-    struct iovec iov = {&one, 1};
-    struct msghdr mh;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof cbuf;
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    int lfd = (int)fd;
-    memcpy(CMSG_DATA(cm), &lfd, sizeof lfd);
-    if (sendmsg(p->sock[1], &mh, MSG_NOSIGNAL) < 0) {
+    if (cl_send_fd(p->sock[1], (int)fd) < 0) {
       *stage = "seccomp listener hand-off (sendmsg)";
       return errno;
     }

@@ -25,6 +25,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "../../runtime/fdpass.h"
 #include "../../runtime/seccomp_exec.h"
 
 extern char **environ;
@@ -41,25 +42,6 @@ static void fail(int err, const char *stage) {
     (void)w;
   }
   _exit(127);
-}
-
-static int hand_off(int sock, int listener) {
-  char cbuf[CMSG_SPACE(sizeof(int))];
-  memset(cbuf, 0, sizeof cbuf);
-  char one = 1;
-  struct iovec iov = {&one, 1};
-  struct msghdr mh;
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cbuf;
-  mh.msg_controllen = sizeof cbuf;
-  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &listener, sizeof listener);
-  return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -1 : 0;
 }
 
 int main(int argc, char **argv) {
@@ -100,7 +82,7 @@ int main(int argc, char **argv) {
   long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, c.flags, &prog);
   if (fd < 0) fail(errno, "seccomp");
   if (c.sock >= 0) {
-    if (hand_off(c.sock, (int)fd) < 0) fail(errno, "seccomp listener hand-off (sendmsg)");
+    if (cl_send_fd(c.sock, (int)fd) < 0) fail(errno, "seccomp listener hand-off (sendmsg)");
   }
   execve(path, args, environ);
   fail(errno, "exec");
