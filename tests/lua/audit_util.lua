@@ -72,6 +72,19 @@ function U.can_mount()
   return true
 end
 
+--- After a full disk: how many records are missing from the log at `path` (gaps in its seqs),
+--- and how many its own audit.sink.dropped records report.
+function U.drops_in_file(path)
+  local first, last, count, reported = nil, nil, 0, 0
+  for ev in claw.audit.read_file(path) do
+    first = first or ev.seq
+    last = ev.seq
+    count = count + 1
+    if ev.kind == "audit.sink.dropped" then reported = reported + ev.detail.dropped end
+  end
+  return (last - first + 1) - count, reported
+end
+
 --- Events of the ring after seq with this kind.
 function U.events_after(seq, kind)
   return claw.audit.events { after_seq = seq, kind = kind }
