@@ -131,25 +131,6 @@ int cl_seccomp_child_install(cl_seccomp_prog *p, const char **stage) {
   return 0;
 }
 
-static int recv_fd(int sock) {
-  char cbuf[CMSG_SPACE(sizeof(int))];
-  char one;
-  struct iovec iov = {&one, 1};
-  struct msghdr mh;
-  memset(&mh, 0, sizeof mh);
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cbuf;
-  mh.msg_controllen = sizeof cbuf;
-  ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-  if (n <= 0) return -1;
-  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-  if (!cm || cm->cmsg_type != SCM_RIGHTS) return -1;
-  int fd;
-  memcpy(&fd, CMSG_DATA(cm), sizeof fd);
-  return fd;
-}
-
 static int errfd_ready(int errfd) {
   struct pollfd pf = {errfd, POLLIN, 0};
   return poll(&pf, 1, 0) > 0;
@@ -184,7 +165,7 @@ ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t 
     if (pf[0].revents) {
       /* Exec'd (or failed): the listener was sent before, so it is in the socket already. */
       if (p->listener < 0 && p->sock[0] >= 0) {
-        p->listener = recv_fd(p->sock[0]);
+        p->listener = cl_recv_fd(p->sock[0], MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
         if (p->listener >= 0) cl_set_nonblock(p->listener, 1);
       }
       ssize_t r;
@@ -198,7 +179,7 @@ ssize_t cl_seccomp_exec_wait(void *arg, pid_t pid, int errfd, void *buf, size_t 
       return r < 0 ? -errno : r;
     }
     if (pf[1].revents && p->listener < 0) {
-      p->listener = recv_fd(p->sock[0]);
+      p->listener = cl_recv_fd(p->sock[0], MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
       close(p->sock[0]);
       p->sock[0] = -1;
       if (p->listener < 0) {

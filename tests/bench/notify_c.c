@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../runtime/fdpass.h"
+
 static double now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -36,19 +38,7 @@ int main(int argc, char **argv) {
     seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(getppid), 0);
     if (seccomp_load(ctx) < 0) _exit(2);
     int fd = seccomp_notify_fd(ctx);
-    char cbuf[CMSG_SPACE(sizeof(int))], one = 1;
-    struct iovec iov = {&one, 1};
-    struct msghdr mh = {0};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof cbuf;
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-    sendmsg(sv[1], &mh, 0);
+    cl_send_fd(sv[1], fd);
     close(fd);
     double t0 = now_ns();
     for (long i = 0; i < n; i++) syscall(SYS_getppid);
@@ -57,16 +47,8 @@ int main(int argc, char **argv) {
     _exit(0);
   }
   close(sv[1]);
-  char cbuf[CMSG_SPACE(sizeof(int))], one;
-  struct iovec iov = {&one, 1};
-  struct msghdr mh = {0};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cbuf;
-  mh.msg_controllen = sizeof cbuf;
-  if (recvmsg(sv[0], &mh, 0) <= 0) return 1;
-  int fd;
-  memcpy(&fd, CMSG_DATA(CMSG_FIRSTHDR(&mh)), sizeof fd);
+  int fd = cl_recv_fd(sv[0], 0);
+  if (fd < 0) return 1;
   struct seccomp_notif *req;
   struct seccomp_notif_resp *resp;
   if (seccomp_notify_alloc(&req, &resp) < 0) return 1;
