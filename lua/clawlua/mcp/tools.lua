@@ -469,9 +469,11 @@ function impl.sandbox_read_file(self, args)
 end
 
 function impl.sandbox_list(self)
-  prune(self)
   local list = {}
-  for _, id in ipairs(self.order) do list[#list + 1] = info_of(self.boxes[id]) end
+  for _, id in ipairs { table.unpack(self.order) } do -- (a copy: forget edits the order)
+    local i = info_of(self.boxes[id])
+    if i.state == "destroyed" then forget(self, id) else list[#list + 1] = i end -- see prune
+  end
   local lines = {}
   for _, i in ipairs(list) do lines[#lines + 1] = ("%s  %s  %s"):format(i.id, i.backend, tostring(i.state)) end
   return text_result({ sandboxes = json.array(list) },
