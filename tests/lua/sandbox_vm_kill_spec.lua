@@ -1,0 +1,84 @@
+-- labels: root netns vm slow
+-- timeout: 1500
+-- kill -9 of a runtime at every step of creating a VM sandbox (backend "vm": a real QEMU guest,
+-- TCG here) with a network, and of its first exec, then `clawlua cleanup`: as sandbox_kill_spec
+-- for the jail (tests/lua/sbkill.lua), plus what a VM can leave: its VMM (by the run dir in its
+-- command line, by the runtime's process group, by the runtime's cgroups), its tap (a link of the
+-- namespace the runtime ran in), its run dir. Every step boots cold (vm.start = "cold": no pool,
+-- no template), the minimal guest kernel when scripts/guest-kernel built it into build/guest.
+-- CLAWLUA_FAULT_ROUNDS rounds (default 1).
+local H = require "helper"
+local K = require "sbkill"
+local N = require "netns"
+local T = require "vmtest"
+local W = require "sbnet"
+
+local available, why = N.available()
+if available and T.no_qemu() then available, why = false, T.no_qemu() end
+
+-- Where the runtime makes its VMs' run dirs: /run/clawlua as root (clawlua.sandbox.vm), under
+-- $XDG_RUNTIME_DIR for vm.create without a run_dir (runtime/vm/host.c).
+local function run_bases()
+  local x = os.getenv("XDG_RUNTIME_DIR")
+  if x and x ~= "" then return { "/run/clawlua", x .. "/clawlua" } end
+  return { "/run/clawlua" }
+end
+
+describe("kill -9 at every step of a VM sandbox's create and first exec, then clawlua cleanup", function()
+  if not available then
+    pending("sandbox_vm_kill tests skipped: " .. why)
+    return
+  end
+  -- sandbox ids vmk<pid>-<test>, the VM's too: its run dir is <run base>/<id>.XXXXXX
+  local id = "vmk" .. N.pid .. "-"
+  local w, base, k
+  setup(function()
+    local files = assert(T.image_files())
+    w = W.make()
+    base = H.tmpdir("sbvmkill")
+    k = K.new(w, base, {
+      -- the image the tests build, with scripts/guest-kernel's minimal kernel when it is there
+      env = { CLAWLUA_GUEST_DIR = files.kernel:match("^(.*)/[^/]+$") },
+      extra = function()
+        local function sh(c) return (H.sh(c, { may_fail = true })) end
+        local s = { rundirs = "", vmms = "" }
+        for _, b in ipairs(run_bases()) do
+          s.rundirs = s.rundirs .. sh("ls -d " .. b .. "/" .. id .. "* 2>/dev/null || true")
+          -- ([/]: not the shell running pgrep, whose command line holds the pattern)
+          s.vmms = s.vmms .. sh("pgrep -f '[/]" .. b:sub(2) .. "/" .. id .. "' || true")
+        end
+        return s
+      end,
+    })
+  end)
+  teardown(function()
+    if w then W.destroy(w) end
+    if base then H.rm_rf(base) end
+    assert.are.same({}, N.leftovers(W.prefix))
+  end)
+
+  local vm_policy = {
+    backend = "vm",
+    resources = { vcpus = 1, memory_mib = 128 },
+    vm = { start = "cold" },
+    network = { egress = "deny", allow = { "allowed.test:80" }, resolvers = { "203.0.113.53" } },
+    env = { CI = "true" },
+  }
+
+  it("mid-exec (a command running in the guest), the VMM and its tap left, then cleanup", function()
+    local lines = k.check({ id = id .. "e", policy = vm_policy }, { "addr", "nft", "fw" })
+    assert.equal("true\n", W.find(lines, "exec").stdout) -- the policy's env, in the guest
+    assert.equal("vm", W.find(lines, "running").info.backend)
+  end)
+
+  it("at every step of create and a first exec (the runtime SIGKILLs itself), then cleanup", function()
+    local n, cycles, names, seconds = k.steps { id = id .. "s", policy = vm_policy }
+    assert.is_true(n > 20, "only " .. n .. " steps")
+    local seen = table.concat(names, " | ")
+    for _, step in ipairs { "vm.create", "vm:start", "vm:exec", "record vmm_pid", "record run_dir" } do
+      assert.is_truthy(seen:find(step, 1, true), "no step " .. step .. " in " .. seen)
+    end
+    io.stderr:write(("sandbox_vm_kill: %d steps, %d kills in %.1f s; steps: %s\n")
+      :format(n, cycles, seconds, seen))
+  end)
+end)
