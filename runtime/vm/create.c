@@ -67,9 +67,10 @@ static int valid_mac(const char *s) {
 }
 
 static const char *const create_fields[] = {
-    "backend",   "kernel", "initrd", "rootfs", "rootfs_readonly", "vcpus", "mem_mib",
-    "boot_args", "net",    "guest",  "jail",   "seccomp",         "log",   "id",
-    "vmm",       "accel",  "acpi",   "run_dir", NULL};
+    "backend", "kernel",  "initrd",    "rootfs", "rootfs_readonly",
+    "vcpus",   "mem_mib", "boot_args", "net",    "guest",
+    "jail",    "seccomp", "log",       "id",     "vmm",
+    "accel",   "acpi",    "run_dir",   NULL};
 
 /* What vm.create / vm.restore read from their options besides the vm itself. */
 typedef struct vm_opts {

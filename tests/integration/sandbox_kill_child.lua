@@ -101,6 +101,9 @@ net.create = function(o)
   return create(o)
 end
 
+-- template_dir: where the VM backend keeps its template snapshots (sandbox_vm_kill: the test's own)
+if plan.template_dir then require("clawlua.sandbox.vm").configure { template_dir = plan.template_dir } end
+
 claw.run(function()
   local p
   if type(plan.policy) == "table" then

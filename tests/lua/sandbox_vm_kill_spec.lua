@@ -4,9 +4,10 @@
 -- TCG here) with a network, and of its first exec, then `clawlua cleanup`: as sandbox_kill_spec
 -- for the jail (tests/lua/sbkill.lua), plus what a VM can leave: its VMM (by the run dir in its
 -- command line, by the runtime's process group, by the runtime's cgroups), its tap (a link of the
--- namespace the runtime ran in), its run dir. Every step boots cold (vm.start = "cold": no pool,
--- no template), the minimal guest kernel when scripts/guest-kernel built it into build/guest.
--- CLAWLUA_FAULT_ROUNDS rounds (default 1).
+-- namespace the runtime ran in), its run dir. The guest kernel is the minimal one when
+-- scripts/guest-kernel built it into build/guest. Two paths, each step by step: a cold boot
+-- (vm.start = "cold": no pool, no template), then a restore from a template snapshot (the test's
+-- own template dir). CLAWLUA_FAULT_ROUNDS rounds (default 1).
 local H = require "helper"
 local K = require "sbkill"
 local N = require "netns"
@@ -80,5 +81,21 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
     end
     io.stderr:write(("sandbox_vm_kill: %d steps, %d kills in %.1f s; steps: %s\n")
       :format(n, cycles, seconds, seen))
+  end)
+
+  it("at every step of create and a first exec from a template snapshot (vm.start = \"auto\")", function()
+    local p = {}
+    for key, v in pairs(vm_policy) do p[key] = v end
+    p.vm = { start = "auto" }
+    local plan = { id = id .. "t", policy = p, template_dir = base .. "/templates" }
+    -- a first sandbox boots cold and leaves its VM's snapshot as the template; the steps restore it
+    plan.kill_at = 0
+    k.child(plan)
+    assert.is_truthy(H.sh("ls " .. base .. "/templates/*/vm.json"))
+    local n, cycles, names, seconds = k.steps(plan)
+    local seen = table.concat(names, " | ")
+    assert.is_truthy(seen:find("vm.restore", 1, true), "no step vm.restore in " .. seen)
+    assert.is_nil(seen:find("vm.create", 1, true), "a cold boot in " .. seen)
+    io.stderr:write(("sandbox_vm_kill (template): %d steps, %d kills in %.1f s\n"):format(n, cycles, seconds))
   end)
 end)
