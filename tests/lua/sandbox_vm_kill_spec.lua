@@ -1,5 +1,5 @@
 -- labels: root netns vm slow
--- timeout: 1500
+-- timeout: 900
 -- kill -9 of a runtime at every step of creating a VM sandbox (backend "vm": a real QEMU guest,
 -- TCG here) with a network, and of its first exec, then `clawlua cleanup`: as sandbox_kill_spec
 -- for the jail (tests/lua/sbkill.lua), plus what a VM can leave: its VMM (by the run dir in its
