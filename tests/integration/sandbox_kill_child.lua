@@ -101,8 +101,13 @@ net.create = function(o)
   return create(o)
 end
 
--- template_dir: where the VM backend keeps its template snapshots (sandbox_vm_kill: the test's own)
-if plan.template_dir then require("clawlua.sandbox.vm").configure { template_dir = plan.template_dir } end
+-- template_dir: where the VM backend keeps its template snapshots (sandbox_vm_kill: the test's
+-- own); with fresh_templates, one of its own per kill_at (every run boots cold and makes one)
+if plan.template_dir then
+  local dir = plan.template_dir
+  if plan.fresh_templates then dir = ("%s/%d"):format(dir, plan.kill_at or 0) end
+  require("clawlua.sandbox.vm").configure { template_dir = dir }
+end
 
 claw.run(function()
   local p

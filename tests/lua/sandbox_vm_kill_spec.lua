@@ -6,8 +6,9 @@
 -- command line, by the runtime's process group, by the runtime's cgroups), its tap (a link of the
 -- namespace the runtime ran in), its run dir. The guest kernel is the minimal one when
 -- scripts/guest-kernel built it into build/guest. Two paths, each step by step: a cold boot
--- (vm.start = "cold": no pool, no template), then a restore from a template snapshot (the test's
--- own template dir). CLAWLUA_FAULT_ROUNDS rounds (default 1).
+-- snapshotted as the template (vm.start = "auto", an empty template dir per run: a snapshot in
+-- the making is left too), then a restore from a template (the test's own template dir). No pool.
+-- CLAWLUA_FAULT_ROUNDS rounds (default 1).
 local H = require "helper"
 local K = require "sbkill"
 local N = require "netns"
@@ -42,7 +43,9 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
       env = { CLAWLUA_GUEST_DIR = files.kernel:match("^(.*)/[^/]+$") },
       extra = function()
         local function sh(c) return (H.sh(c, { may_fail = true })) end
-        local s = { rundirs = "", vmms = "" }
+        -- a template snapshot in the making (.tmp-*) is the runtime's too
+        local s = { rundirs = "", vmms = "",
+                    templates = sh("ls -d " .. base .. "/fresh/*/.tmp-* 2>/dev/null || true") }
         for _, b in ipairs(run_bases()) do
           s.rundirs = s.rundirs .. sh("ls -d " .. b .. "/" .. id .. "* 2>/dev/null || true")
           -- ([/]: not the shell running pgrep, whose command line holds the pattern)
@@ -61,7 +64,7 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
   local vm_policy = {
     backend = "vm",
     resources = { vcpus = 1, memory_mib = 128 },
-    vm = { start = "cold" },
+    vm = { start = "cold" }, -- the mid-exec test's
     network = { egress = "deny", allow = { "allowed.test:80" }, resolvers = { "203.0.113.53" } },
     env = { CI = "true" },
   }
@@ -73,10 +76,16 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
   end)
 
   it("at every step of create and a first exec (the runtime SIGKILLs itself), then cleanup", function()
-    local n, cycles, names, seconds = k.steps { id = id .. "s", policy = vm_policy }
+    -- booted cold and snapshotted as a template (vm.start = "auto"), in a template dir of each
+    -- run's own
+    local p = {}
+    for key, v in pairs(vm_policy) do p[key] = v end
+    p.vm = { start = "auto" }
+    local n, cycles, names, seconds = k.steps { id = id .. "s", policy = p, template_dir = base .. "/fresh",
+                                                fresh_templates = true }
     assert.is_true(n > 20, "only " .. n .. " steps")
     local seen = table.concat(names, " | ")
-    for _, step in ipairs { "vm.create", "vm:start", "vm:exec", "record vmm_pid", "record run_dir" } do
+    for _, step in ipairs { "vm.create", "vm:start", "vm:snapshot", "vm:exec", "record vmm_pid", "record run_dir" } do
       assert.is_truthy(seen:find(step, 1, true), "no step " .. step .. " in " .. seen)
     end
     io.stderr:write(("sandbox_vm_kill: %d steps, %d kills in %.1f s; steps: %s\n")

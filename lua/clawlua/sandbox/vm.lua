@@ -409,13 +409,16 @@ local building = {} -- template paths being made by this process
 local restored = setmetatable({}, { __mode = "k" }) -- VMs restored from a template
 
 --- Snapshots a pristine VM (just READY, nothing of a sandbox in it) as the spec's template.
-local function make_template(v, spec, id)
+--- rec, when given ({record = fn(kind, name), forget = fn(kind, name)}), writes the snapshot in
+--- the making down (a runtime killed meanwhile leaves it to `clawlua cleanup`).
+local function make_template(v, spec, id, rec)
   local path, slot = template_path(spec)
   if not path or building[path] or exists(path .. "/vm.json") then return end
   building[path] = true
   local root = template_root()
   local tmp = ("%s/.tmp-%s-%d"):format(root, slot, math.random(1 << 30))
   local t0 = claw.now()
+  if rec then rec.record("dir", tmp) end
   local ok, err = pcall(function()
     assert(run { "mkdir", "-p", root })
     local s, e = v:snapshot { dir = tmp }
@@ -428,8 +431,9 @@ local function make_template(v, spec, id)
     emit("sandbox.vm.template", id, { dir = path, bytes = s.bytes, seconds = claw.now() - t0, vm = v.id })
   end)
   building[path] = nil
+  if not ok then run { "rm", "-rf", tmp } end
+  if rec then rec.forget("dir", tmp) end
   if not ok then
-    run { "rm", "-rf", tmp }
     emit("sandbox.vm.template_error", id, { error = tostring(err) })
     if err == claw.cancelled then error(err, 0) end
   end
@@ -437,10 +441,11 @@ end
 
 --- A pristine running VM for a spec: restored from its template when one is cached, else booted
 --- cold (and, unless the spec says cold, snapshotted at READY as the template). run_dir(), when
---- given, names each VM's run directory (and writes it down) before the VM makes it.
+--- given, names each VM's run directory (and writes it down) before the VM makes it; rec: see
+--- make_template.
 ---@return userdata|nil v
 ---@return string from "snapshot"|"cold", or the error
-local function pristine(spec, id, attach, run_dir)
+local function pristine(spec, id, attach, run_dir, rec)
   if spec.start ~= "cold" then
     local path = template_path(spec)
     if path and exists(path .. "/vm.json") then
@@ -468,7 +473,7 @@ local function pristine(spec, id, attach, run_dir)
   local started, serr = start_or_close(v)
   if not started then return nil, serr end
   if spec.start ~= "cold" then
-    local ok, terr = pcall(make_template, v, spec, id)
+    local ok, terr = pcall(make_template, v, spec, id, rec)
     if not ok then
       v:close()
       error(terr, 0)
@@ -797,6 +802,13 @@ function B.start(opts)
     state:record(kind, name)
     recorded[#recorded + 1] = { kind, name }
   end
+  local function forget(kind, name)
+    if not state then return end
+    state:forget(kind, name)
+    for i = #recorded, 1, -1 do
+      if recorded[i][1] == kind and recorded[i][2] == name then table.remove(recorded, i) end
+    end
+  end
   local function unrecord()
     if not state then return end
     for i = #recorded, 1, -1 do state:forget(recorded[i][1], recorded[i][2]) end
@@ -881,7 +893,7 @@ function B.start(opts)
         local rd = v:info().rundir
         if rd then record("run_dir", rd) end
       else
-        v, from = pristine(spec, vm_id, attach, run_dir)
+        v, from = pristine(spec, vm_id, attach, run_dir, { record = record, forget = forget })
         if not v then err = from end
       end
     end
