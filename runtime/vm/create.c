@@ -67,9 +67,10 @@ static int valid_mac(const char *s) {
 }
 
 static const char *const create_fields[] = {
-    "backend",   "kernel", "initrd", "rootfs", "rootfs_readonly", "vcpus", "mem_mib",
-    "boot_args", "net",    "guest",  "jail",   "seccomp",         "log",   "id",
-    "vmm",       "accel",  "acpi",   NULL};
+    "backend", "kernel",  "initrd",    "rootfs", "rootfs_readonly",
+    "vcpus",   "mem_mib", "boot_args", "net",    "guest",
+    "jail",    "seccomp", "log",       "id",     "vmm",
+    "accel",   "acpi",    "run_dir",   NULL};
 
 /* What vm.create / vm.restore read from their options besides the vm itself. */
 typedef struct vm_opts {
@@ -278,6 +279,15 @@ static void parse_options(lua_State *L, int idx, vm_opts *o) {
     snprintf(v->log_path, sizeof v->log_path, "%s", log);
     v->log_keep = 1;
   }
+  /* run_dir: the caller names it (and writes it down before it exists: clawlua.sandbox's state
+   * record); unix socket paths in it must fit in 108 bytes */
+  const char *rd = cl_opt_string(L, idx, "run_dir", NULL);
+  if (rd) {
+    if (rd[0] != '/' || strlen(rd) > 80 || strstr(rd, "/.."))
+      cl_field_error(L, "run_dir", "an absolute path of at most 80 bytes without .. expected");
+    snprintf(v->rundir, sizeof v->rundir, "%s", rd);
+    v->rundir_given = 1;
+  }
   int t = lua_getfield(L, idx, "net");
   o->tap = NULL;
   o->want_net = t == LUA_TTABLE || (t == LUA_TBOOLEAN && lua_toboolean(L, -1));
@@ -358,8 +368,13 @@ static int check_vmm_jail(lua_State *L, vm *v) {
   lua_newtable(L);
   int keep = v->log_keep;
   v->log_keep = 0;
+  /* nor the run directory a caller named (run_dir=): it is made after the checks */
+  char rundir[sizeof v->rundir];
+  memcpy(rundir, v->rundir, sizeof rundir);
+  v->rundir[0] = 0;
   cl_vm_jail_options(L, v, lua_gettop(L), NULL);
   v->log_keep = keep;
+  memcpy(v->rundir, rundir, sizeof rundir);
   jail_verdict jv = {0, ""};
   if (cl_parse_nested(L, top + 1, "jail", check_merged_jail, &jv)) {
     cl_vm_free_config(v);
@@ -551,8 +566,8 @@ static int json_int(cJSON *o, const char *k, int def) {
 
 /* Lua: vm.restore{dir=, id=, net=, log=, vmm=, seccomp=, guest=} -> running vm | nil, err */
 int cl_vm_restore_prepare(lua_State *L) {
-  static const char *const fields[] = {"dir",   "id",      "net",   "log",  "vmm", "seccomp",
-                                       "guest", "backend", "accel", "jail", NULL};
+  static const char *const fields[] = {"dir",   "id",      "net",   "log",  "vmm",     "seccomp",
+                                       "guest", "backend", "accel", "jail", "run_dir", NULL};
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
   const char *dir = cl_opt_string(L, 1, "dir", NULL);

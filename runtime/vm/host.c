@@ -157,6 +157,23 @@ static int make_dirs(const char *path) {
 }
 
 int cl_vm_make_rundir(vm *v) {
+  if (v->rundir_given) {
+    /* its parent as needed, then the directory itself, which must not exist */
+    char parent[sizeof v->rundir];
+    snprintf(parent, sizeof parent, "%s", v->rundir);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+      *slash = 0;
+      int e = make_dirs(parent);
+      if (e) return e;
+    }
+    if (mkdir(v->rundir, 0700) < 0) {
+      int e = errno;
+      v->rundir[0] = 0;
+      return e;
+    }
+    return 0;
+  }
   char base[160];
   const char *xdg = getenv("XDG_RUNTIME_DIR");
   if (xdg && *xdg && strlen(xdg) < 100)

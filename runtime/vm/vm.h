@@ -110,6 +110,7 @@ struct vm {
   uint64_t t_create, t_spawn, t_ready, t_exit;
   /* files */
   char rundir[200];
+  int rundir_given; /* run_dir= named it: made as it is (mkdir), not mkdtemp'd */
   char log_path[512];
   int logfd;
   int log_keep; /* the caller named the log: it stays */

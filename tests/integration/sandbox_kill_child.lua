@@ -5,10 +5,12 @@
 -- with hang_at it stops for good inside sandbox.create once an object of that kind is recorded
 -- (mid-create); without, it creates the sandbox and starts a command that hangs (mid-exec). It
 -- prints {op="hang"} when the test may SIGKILL it.
--- With kill_at = n (sandbox_steps_spec) every step of create and of a first exec is a numbered
+-- With kill_at = n (sandbox_kill_spec, sandbox_vm_kill_spec) every step of create and of a first exec is a numbered
 -- point, printed as {op="point", n=, name=}: before each object is recorded, each process run or
--- spawned (ip, nft, the jail), each audit event; at point n the runtime SIGKILLs itself. With
--- kill_at = 0 it lists them, destroys the sandbox and exits 0.
+-- spawned (ip, nft, the jail), each audit event, and for a VM sandbox each vm.create/restore and
+-- each method of the VM (start: the VMM spawned and booted; exec: the guest setup, the first
+-- command); at point n the runtime SIGKILLs itself. With kill_at = 0 it lists them, destroys the
+-- sandbox and exits 0. policy: a path, or a table for clawlua.policy.from_table (sandbox_vm_kill).
 local claw = require "clawlua"
 local json = require "clawlua.json"
 local net = require "clawlua.sandbox.net"
@@ -64,6 +66,25 @@ if plan.kill_at then
   before(claw.proc, "spawn", function(a) return "spawn " .. argv(a) end)
   before(claw.jail, "spawn", function(a) return "jail.spawn " .. argv(a) end)
   before(claw.audit, "emit", function(kind) return "audit " .. kind end)
+  -- the VM's own steps: its methods live in the metatable's `methods` table (one per process)
+  local function wrap_methods(v)
+    local methods = v and getmetatable(v).methods
+    if methods and not methods.__wrapped then
+      methods.__wrapped = true
+      for _, m in ipairs { "start", "exec", "pause", "resume", "snapshot", "write_file", "read_file" } do
+        if methods[m] then before(methods, m, function() return "vm:" .. m end) end
+      end
+    end
+    return v
+  end
+  for _, f in ipairs { "create", "restore" } do
+    local orig = claw.vm[f]
+    claw.vm[f] = function(o)
+      point("vm." .. f .. " " .. tostring(o.id))
+      local v, err, code = orig(o)
+      return wrap_methods(v), err, code
+    end
+  end
 end
 
 local create = net.create
@@ -80,9 +101,22 @@ net.create = function(o)
   return create(o)
 end
 
+-- template_dir: where the VM backend keeps its template snapshots (sandbox_vm_kill: the test's
+-- own); with fresh_templates, one of its own per kill_at (every run boots cold and makes one)
+if plan.template_dir then
+  local dir = plan.template_dir
+  if plan.fresh_templates then dir = ("%s/%d"):format(dir, plan.kill_at or 0) end
+  require("clawlua.sandbox.vm").configure { template_dir = dir }
+end
+
 claw.run(function()
-  local p = assert(policy.load(plan.policy))
-  p.network.resolvers = plan.resolvers
+  local p
+  if type(plan.policy) == "table" then
+    p = assert(policy.from_table(plan.policy, plan.id))
+  else
+    p = assert(policy.load(plan.policy))
+  end
+  if plan.resolvers then p.network.resolvers = plan.resolvers end
   armed = plan.kill_at ~= nil
   local sb = assert(sandbox.create(p, { id = plan.id }))
   out { op = "create", info = sb:info().network }

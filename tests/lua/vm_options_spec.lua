@@ -85,6 +85,9 @@ describe("vm.create option checks", function()
     { { seccomp = 3 }, "bad field 'seccomp' (" },
     { { vcpus = 0 }, "bad field 'vcpus' (1 to 32 expected, got 0)" },
     { { wings = 2 }, "bad field 'wings' (unknown field)" },
+    { { run_dir = "relative/dir" }, "bad field 'run_dir' (an absolute path of at most 80 bytes without .. expected)" },
+    { { run_dir = "/run/clawlua/" .. string.rep("d", 80) }, "bad field 'run_dir' (an absolute path" },
+    { { run_dir = "/run/clawlua/../etc" }, "bad field 'run_dir' (an absolute path" },
   }
 
   it("rejects every bad nested option with its path, and makes nothing", function()
@@ -116,6 +119,19 @@ describe("vm.create option checks", function()
     assert.is_nil(v)
     assert.are.equal("vm.create: jail: bind source " .. dir .. "/missing: No such file or directory", err)
     assert.are.equal("ENOENT", code)
+  end)
+
+  it("makes the run directory run_dir names (its parents as needed), never one that exists", function()
+    local rd = dir .. "/runs/vm-a"
+    local v = assert(vm.create { kernel = kernel, accel = "tcg", run_dir = rd })
+    assert.are.equal(rd, v:info().rundir)
+    assert.is_truthy(io.open(rd .. "/vmm.log"))
+    local w, err, code = vm.create { kernel = kernel, accel = "tcg", run_dir = rd }
+    assert.is_nil(w)
+    assert.are.equal("vm.create: run directory: File exists", err)
+    assert.are.equal("EEXIST", code)
+    v:close()
+    assert.is_nil(io.open(rd), "run directory left: " .. rd)
   end)
 
   it("takes good nested options", function()

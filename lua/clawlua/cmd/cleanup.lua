@@ -116,6 +116,13 @@ function reclaim.dir(path, dry)
   return { "dir " .. path }
 end
 
+-- a VM's run dir (sockets, the VMM's log) and a VM sandbox's files disk directory
+reclaim.run_dir = reclaim.dir
+
+-- A VMM's bare pid, for `clawlua ps`: the VM backend records the VMM's process as a pid
+-- (with its start time) too, and its cgroups; a bare pid may be another process by now.
+function reclaim.vmm_pid() return {} end
+
 function reclaim.mount(path, dry)
   local mounted = (read("/proc/self/mountinfo") or ""):find(" " .. path .. " ", 1, true)
   if not mounted then return {} end

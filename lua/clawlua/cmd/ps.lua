@@ -50,16 +50,23 @@ end
 -- The memory a recorded sandbox uses now (see the header); nil when nothing of it runs.
 local function memory_of(sb, mounts)
   local total, seen, any = 0, {}, false
+  -- a VM sandbox records its VMM twice (pid:start, and vmm_pid): counted once, by its cgroup
+  -- when it has a memory cgroup, else by its RSS
+  local counted = {}
   for _, o in ipairs(sb.objects) do
     if o.kind == "pid" then
       local pid, start = o.name:match("^(%d+):(%d+)$")
       if pid and state.alive(tonumber(pid), tonumber(start)) then
         local n, file = cgroup_memory(pid, mounts)
+        if n then counted[pid] = true end
         if n and not seen[file] then
           seen[file], total, any = true, total + n, true
         end
       end
-    elseif o.kind == "vmm_pid" then
+    end
+  end
+  for _, o in ipairs(sb.objects) do
+    if o.kind == "vmm_pid" and not counted[o.name] then
       local n = rss(o.name)
       if n then total, any = total + n, true end
     end

@@ -135,15 +135,10 @@ function M.start(opts)
   local o, env = base_options(p, st, opts.net, bin)
   o.seccomp = filter or nil
   -- the jail's cgroups are named clawlua-<runtime pid>-<n> under the runtime's own cgroup
-  local info = claw.jail.cgroup_info()
-  local pid = require("clawlua.sandbox.state").self()
-  local dirs = {}
-  for _, d in pairs(info.v1 or {}) do dirs[#dirs + 1] = d end
-  if info.v2 then dirs[#dirs + 1] = info.v2 end
-  table.sort(dirs)
-  for _, d in ipairs(dirs) do st:record("cgroup", ("%s/clawlua-%d-"):format(d, pid)) end
+  local cgroups = require("clawlua.sandbox.state").cgroup_prefixes()
+  for _, c in ipairs(cgroups) do st:record("cgroup", c) end
   return setmetatable({ id = opts.id, policy = p, state = st, options = o, env = env,
-    workdir = p.files.workdir, running = {}, cgroup_dirs = dirs, owner = pid, paused = false }, J)
+    workdir = p.files.workdir, running = {}, cgroups = cgroups, paused = false }, J)
 end
 
 -- Reads a stream to its end: keeps at most max bytes (the rest is counted and dropped),
@@ -276,9 +271,7 @@ function J:close()
     if proc:running() then proc:kill("KILL", "group") end
     self.state:forget("pid", rec)
   end
-  for _, d in ipairs(self.cgroup_dirs) do
-    self.state:forget("cgroup", ("%s/clawlua-%d-"):format(d, self.owner))
-  end
+  for _, c in ipairs(self.cgroups) do self.state:forget("cgroup", c) end
   return true
 end
 

@@ -65,6 +65,21 @@ function M.netns()
   return self_netns
 end
 
+--- The cgroup prefixes of this runtime's jails and VMMs (clawlua-<pid>- under each hierarchy
+--- it is in, sorted): a sandbox records them before its first jail or VMM, so that `clawlua
+--- cleanup` reclaims the cgroups a killed runtime left.
+---@return string[]
+function M.cgroup_prefixes()
+  local info = claw.jail.cgroup_info()
+  local pid = M.self()
+  local dirs = {}
+  for _, d in pairs(info.v1 or {}) do dirs[#dirs + 1] = d end
+  if info.v2 then dirs[#dirs + 1] = info.v2 end
+  table.sort(dirs)
+  for i, d in ipairs(dirs) do dirs[i] = ("%s/clawlua-%d-"):format(d, pid) end
+  return dirs
+end
+
 --- Whether the process pid with that start time still runs.
 function M.alive(pid, start)
   local st = M.start_time(pid)

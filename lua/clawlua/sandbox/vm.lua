@@ -201,9 +201,9 @@ local function spec_key(spec)
     tostring(spec.accel), tostring(spec.acpi))
 end
 
-local function create_opts(spec, id, boot_args)
+local function create_opts(spec, id, boot_args, run_dir)
   return {
-    id = id, kernel = spec.kernel, initrd = spec.initrd, rootfs = spec.rootfs,
+    id = id, run_dir = run_dir, kernel = spec.kernel, initrd = spec.initrd, rootfs = spec.rootfs,
     rootfs_readonly = spec.rootfs and true or nil, -- shared by every sandbox (and template)
     vcpus = spec.vcpus, mem_mib = spec.mem_mib, net = spec.nic, seccomp = spec.seccomp,
     boot_args = boot_args, accel = spec.accel, acpi = spec.acpi,
@@ -232,9 +232,10 @@ local function runtime_dir()
 end
 
 --- Copies the paths into <dir>/stage/<i> and makes <dir>/files.ext4 of them.
+--- made(dir) is called as soon as the directory exists (the state record writes it down).
 ---@return string|nil dir the directory holding the disk (removed at close)
 ---@return string disk path, or the error
-local function readonly_disk(paths, id)
+local function readonly_disk(paths, id, made)
   for i, p in ipairs(paths) do
     if type(p) ~= "string" or p:sub(1, 1) ~= "/" or p:find("[%z\n]") or p:match("/%.%.?/") or p:match("/%.%.?$") then
       error(("bad field 'files.readonly[%d]' (an absolute path without . or .. expected)"):format(i), 4)
@@ -246,6 +247,7 @@ local function readonly_disk(paths, id)
   local dir, err = run { "sh", "-c", 'mkdir -p "$1" && mktemp -d "$1/files.$2.XXXXXX"', "sh", base, id }
   if not dir then return nil, "files.readonly: " .. err end
   dir = dir:gsub("%s+$", "")
+  made(dir)
   local argv = { "sh", "-c", [[
 d=$1; shift; i=0; mkdir "$d/stage"
 for p in "$@"; do i=$((i + 1)); cp -a -- "$p" "$d/stage/$i" || exit 1; done
@@ -407,13 +409,16 @@ local building = {} -- template paths being made by this process
 local restored = setmetatable({}, { __mode = "k" }) -- VMs restored from a template
 
 --- Snapshots a pristine VM (just READY, nothing of a sandbox in it) as the spec's template.
-local function make_template(v, spec, id)
+--- rec, when given ({record = fn(kind, name), forget = fn(kind, name)}), writes the snapshot in
+--- the making down (a runtime killed meanwhile leaves it to `clawlua cleanup`).
+local function make_template(v, spec, id, rec)
   local path, slot = template_path(spec)
   if not path or building[path] or exists(path .. "/vm.json") then return end
   building[path] = true
   local root = template_root()
   local tmp = ("%s/.tmp-%s-%d"):format(root, slot, math.random(1 << 30))
   local t0 = claw.now()
+  if rec then rec.record("dir", tmp) end
   local ok, err = pcall(function()
     assert(run { "mkdir", "-p", root })
     local s, e = v:snapshot { dir = tmp }
@@ -426,23 +431,27 @@ local function make_template(v, spec, id)
     emit("sandbox.vm.template", id, { dir = path, bytes = s.bytes, seconds = claw.now() - t0, vm = v.id })
   end)
   building[path] = nil
+  if not ok then run { "rm", "-rf", tmp } end
+  if rec then rec.forget("dir", tmp) end
   if not ok then
-    run { "rm", "-rf", tmp }
     emit("sandbox.vm.template_error", id, { error = tostring(err) })
     if err == claw.cancelled then error(err, 0) end
   end
 end
 
 --- A pristine running VM for a spec: restored from its template when one is cached, else booted
---- cold (and, unless the spec says cold, snapshotted at READY as the template).
+--- cold (and, unless the spec says cold, snapshotted at READY as the template). run_dir(), when
+--- given, names each VM's run directory (and writes it down) before the VM makes it; rec: see
+--- make_template.
 ---@return userdata|nil v
 ---@return string from "snapshot"|"cold", or the error
-local function pristine(spec, id, attach)
+local function pristine(spec, id, attach, run_dir, rec)
   if spec.start ~= "cold" then
     local path = template_path(spec)
     if path and exists(path .. "/vm.json") then
       local t0 = claw.now()
-      local v, err = vm.restore { dir = path, id = id, net = spec.nic, seccomp = spec.seccomp, accel = spec.accel }
+      local v, err = vm.restore { dir = path, id = id, net = spec.nic, seccomp = spec.seccomp, accel = spec.accel,
+                                  run_dir = run_dir and run_dir() }
       if v then
         restored[v] = true
         return v, "snapshot"
@@ -452,7 +461,7 @@ local function pristine(spec, id, attach)
       run { "rm", "-rf", path }
     end
   end
-  local v, err = vm.create(create_opts(spec, id, nil))
+  local v, err = vm.create(create_opts(spec, id, nil, run_dir and run_dir()))
   if not v then return nil, err end
   if attach then
     local ok, aerr = attach(v)
@@ -464,7 +473,7 @@ local function pristine(spec, id, attach)
   local started, serr = start_or_close(v)
   if not started then return nil, serr end
   if spec.start ~= "cold" then
-    local ok, terr = pcall(make_template, v, spec, id)
+    local ok, terr = pcall(make_template, v, spec, id, rec)
     if not ok then
       v:close()
       error(terr, 0)
@@ -488,7 +497,7 @@ local function fill(p, delay)
     if delay then claw.sleep(delay) end
     while #p.ready < p.want do
       local id = "pool-" .. random_hex(4)
-      local v, from = pristine(p.spec, id, nil)
+      local v, from = pristine(p.spec, id, nil, nil)
       if not v then
         emit("sandbox.vm.pool_error", id, { error = from })
         return
@@ -748,16 +757,15 @@ function H:close()
   local v = self._v
   if self._timer and not self._expiring and not self._timer:done() then self._timer:cancel() end
   v:close()
-  if self._state then
-    -- what start recorded: a VMM that died (killed) has no pid in v:info() any more
-    if self._vmm_pid then self._state:forget("vmm_pid", self._vmm_pid) end
-    if self._rundir then self._state:forget("run_dir", self._rundir) end
-  end
   if self._files then
     -- only the disk is left in it (no process needed: close runs from __gc too)
     os.remove(self._files .. "/files.ext4")
     os.remove(self._files)
-    if self._state then self._state:forget("run_dir", self._files) end
+  end
+  if self._state then
+    -- what start recorded (a VMM that died has no pid in v:info() any more), newest first
+    local rec = self._recorded
+    for i = #rec, 1, -1 do self._state:forget(rec[i][1], rec[i][2]) end
   end
   emit("sandbox.vm.close", self.id, { vm = v.id })
   return true
@@ -785,6 +793,37 @@ function B.start(opts)
     emit("sandbox.vm.error", id, { error = err })
     return nil, err
   end
+  -- Written down before each is made, for `clawlua cleanup` after a kill -9: the cgroups of the
+  -- VMM's jail, each VM's run dir as soon as it exists, the files disk's directory. Crossed off
+  -- again when start fails (everything is removed then) or at close.
+  local recorded = {}
+  local function record(kind, name)
+    if not state then return end
+    state:record(kind, name)
+    recorded[#recorded + 1] = { kind, name }
+  end
+  local function forget(kind, name)
+    if not state then return end
+    state:forget(kind, name)
+    for i = #recorded, 1, -1 do
+      if recorded[i][1] == kind and recorded[i][2] == name then table.remove(recorded, i) end
+    end
+  end
+  local function unrecord()
+    if not state then return end
+    for i = #recorded, 1, -1 do state:forget(recorded[i][1], recorded[i][2]) end
+    recorded = {}
+  end
+  for _, c in ipairs(require("clawlua.sandbox.state").cgroup_prefixes()) do record("cgroup", c) end
+  local vm_id = id:match("^[%w_.-]+$") and #id <= 40 and id or ("sb-" .. hash(id):sub(1, 12))
+  -- each VM's run dir: named here and written down, then made by vm.create / vm.restore
+  local function run_dir()
+    if not state then return nil end
+    local dir = ("%s/%s.%s"):format(runtime_dir(), #vm_id <= 24 and vm_id or "vm", random_hex(4))
+    if #dir > 80 then dir = "/tmp/clawlua-vm." .. random_hex(4) end -- its sockets' paths must fit
+    record("run_dir", dir)
+    return dir
+  end
   -- policy.files.readonly: {src=, dst=} entries (clawlua.policy's form) or host paths bound
   -- at the same place in the guest
   local ro, ro_src = {}, {}
@@ -797,8 +836,9 @@ function B.start(opts)
     if spec.rootfs then error("bad field 'files.readonly' (the VM's one disk is policy.vm.rootfs already)", 2) end
     -- a disk of this sandbox's own: no template or pool VM has it
     local disk
-    files_dir, disk = readonly_disk(ro_src, id)
+    files_dir, disk = readonly_disk(ro_src, id, function(dir) record("run_dir", dir) end)
     if not files_dir then
+      unrecord()
       emit("sandbox.vm.error", id, { error = disk })
       return nil, disk
     end
@@ -806,6 +846,7 @@ function B.start(opts)
   end
   local function fail(msg, detail)
     if files_dir then run { "rm", "-rf", files_dir } end
+    unrecord()
     detail = detail or {}
     detail.error = msg
     emit("sandbox.vm.error", id, detail)
@@ -818,7 +859,6 @@ function B.start(opts)
     -- a guest that can only be configured at boot: a cold boot with the net's boot arguments
     if not gnet then boot_args = vo.boot_args end
   end
-  local vm_id = id:match("^[%w_.-]+$") and #id <= 40 and id or ("sb-" .. hash(id):sub(1, 12))
   local attached = false
   local function attach(v)
     if not net then return true end
@@ -834,7 +874,7 @@ function B.start(opts)
   local v, from
   local got, gerr = pcall(function()
     if boot_args then
-      v, err = vm.create(create_opts(spec, vm_id, boot_args))
+      v, err = vm.create(create_opts(spec, vm_id, boot_args, run_dir()))
       if v then
         local ok, aerr = attach(v)
         if not ok then
@@ -849,8 +889,11 @@ function B.start(opts)
       if spec.start ~= "cold" then v = take(spec) end
       if v then
         from = "pool"
+        -- made before this sandbox (without a state record): written down now that it is ours
+        local rd = v:info().rundir
+        if rd then record("run_dir", rd) end
       else
-        v, from = pristine(spec, vm_id, attach)
+        v, from = pristine(spec, vm_id, attach, run_dir, { record = record, forget = forget })
         if not v then err = from end
       end
     end
@@ -858,6 +901,7 @@ function B.start(opts)
   if not got then
     if v then v:close() end
     if files_dir then run { "rm", "-rf", files_dir } end
+    unrecord()
     error(gerr, 0)
   end
   if not v then return fail(err) end
@@ -881,18 +925,19 @@ function B.start(opts)
     v:close()
     if done then return fail(serr, { from = from }) end
     if files_dir then run { "rm", "-rf", files_dir } end
+    unrecord()
     error(ok, 0)
   end
   local info = v:info()
-  if state then
-    if info.pid then state:record("vmm_pid", tostring(info.pid)) end
-    if info.rundir then state:record("run_dir", info.rundir) end
-    if files_dir then state:record("run_dir", files_dir) end
-  end
+  -- the VMM (it has its cgroups and dies with the runtime: pdeathsig): for `clawlua ps`, and
+  -- with its start time for cleanup
+  local start = info.pid and require("clawlua.sandbox.state").start_time(info.pid)
+  if info.pid then record("vmm_pid", tostring(info.pid)) end
+  if start then record("pid", ("%d:%d"):format(info.pid, start)) end
   local res = policy.resources or {}
   local self = setmetatable({
     id = id, backend = "vm", _v = v, _policy = policy, _net = net, _state = state, _from = from, _files = files_dir,
-    _vmm_pid = info.pid and tostring(info.pid), _rundir = info.rundir,
+    _recorded = recorded,
     _boot_seconds = claw.now() - t0, _env = policy.env, _max_output = res.max_output or DEFAULT_MAX_OUTPUT,
   }, H)
   if res.lifetime_s and res.lifetime_s > 0 then
