@@ -117,6 +117,23 @@ claw.run(function()
     p = assert(policy.load(plan.policy))
   end
   if plan.resolvers then p.network.resolvers = plan.resolvers end
+  -- prewarm = n: a pool of n VMs, full before the sandbox takes one of them
+  local function pool_full()
+    for _, pool in ipairs(require("clawlua.sandbox.vm").pools()) do
+      if pool.ready >= plan.prewarm then return true end
+    end
+  end
+  local function wait_pool()
+    local t0 = claw.now()
+    while not pool_full() do
+      assert(claw.now() - t0 < 600, "the pool did not fill")
+      claw.sleep(0.2)
+    end
+  end
+  if plan.prewarm then
+    assert(sandbox.prewarm(p, plan.prewarm))
+    wait_pool()
+  end
   armed = plan.kill_at ~= nil
   local sb = assert(sandbox.create(p, { id = plan.id }))
   out { op = "create", info = sb:info().network }
@@ -133,6 +150,13 @@ claw.run(function()
   claw.spawn(function() sb:exec { "sleep", os.getenv("CLAWLUA_KILL_SLEEP") or "41.42" } end)
   claw.sleep(0.5)
   out { op = "running", info = sb:info().backend_info }
+  if plan.prewarm then
+    wait_pool() -- refilled behind the sandbox that took a VM
+    local r2 = assert(claw.proc.run { "ls", "-A", require("clawlua.sandbox.state").base() .. "/sandboxes" })
+    local pools = {}
+    for name in r2.stdout:gmatch("pool%-[^\n]+") do pools[#pools + 1] = name end
+    out { op = "pool", from = sb:info().backend_info.from, records = pools }
+  end
   out { op = "hang" }
   claw.sleep(3600)
 end)

@@ -1,4 +1,4 @@
--- labels: root netns slow
+-- labels: root netns nolauncher slow
 -- timeout: 1200
 -- kill -9 of a runtime mid-create and mid-exec of a sandbox with a network, then `clawlua
 -- cleanup`: the namespace the runtime ran in (a test namespace: `ip netns exec`, as in

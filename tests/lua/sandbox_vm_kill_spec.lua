@@ -1,13 +1,14 @@
--- labels: root netns vm slow
+-- labels: root netns vm nolauncher slow
 -- timeout: 900
 -- kill -9 of a runtime at every step of creating a VM sandbox (backend "vm": a real QEMU guest,
 -- TCG here) with a network, and of its first exec, then `clawlua cleanup`: as sandbox_kill_spec
 -- for the jail (tests/lua/sbkill.lua), plus what a VM can leave: its VMM (by the run dir in its
 -- command line, by the runtime's process group, by the runtime's cgroups), its tap (a link of the
--- namespace the runtime ran in), its run dir. The guest kernel is the minimal one when
+-- namespace the runtime ran in), its run dir, its pool VMs. The guest kernel is the minimal one when
 -- scripts/guest-kernel built it into build/guest. Two paths, each step by step: a cold boot
 -- snapshotted as the template (vm.start = "auto", an empty template dir per run: a snapshot in
--- the making is left too), then a restore from a template (the test's own template dir). No pool.
+-- the making is left too), then a restore from a template (the test's own template dir); and a
+-- runtime with a warm pool killed mid-exec.
 -- CLAWLUA_FAULT_ROUNDS rounds (default 1).
 local H = require "helper"
 local K = require "sbkill"
@@ -41,15 +42,18 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
     k = K.new(w, base, {
       -- the image the tests build, with scripts/guest-kernel's minimal kernel when it is there
       env = { CLAWLUA_GUEST_DIR = files.kernel:match("^(.*)/[^/]+$") },
-      extra = function()
+      extra = function(pid)
         local function sh(c) return (H.sh(c, { may_fail = true })) end
         -- a template snapshot in the making (.tmp-*) is the runtime's too
         local s = { rundirs = "", vmms = "",
                     templates = sh("ls -d " .. base .. "/fresh/*/.tmp-* 2>/dev/null || true") }
-        for _, b in ipairs(run_bases()) do
-          s.rundirs = s.rundirs .. sh("ls -d " .. b .. "/" .. id .. "* 2>/dev/null || true")
-          -- ([/]: not the shell running pgrep, whose command line holds the pattern)
-          s.vmms = s.vmms .. sh("pgrep -f '[/]" .. b:sub(2) .. "/" .. id .. "' || true")
+        -- and the killed runtime's pool VMs (ids pool-<its pid>-<hex>)
+        for _, prefix in ipairs { id, ("pool-%d-"):format(pid or 0) } do
+          for _, b in ipairs(run_bases()) do
+            s.rundirs = s.rundirs .. sh("ls -d " .. b .. "/" .. prefix .. "* 2>/dev/null || true")
+            -- ([/]: not the shell running pgrep, whose command line holds the pattern)
+            s.vmms = s.vmms .. sh("pgrep -f '[/]" .. b:sub(2) .. "/" .. prefix .. "' || true")
+          end
         end
         return s
       end,
@@ -106,5 +110,19 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
     assert.is_truthy(seen:find("vm.restore", 1, true), "no step vm.restore in " .. seen)
     assert.is_nil(seen:find("vm.create", 1, true), "a cold boot in " .. seen)
     io.stderr:write(("sandbox_vm_kill (template): %d steps, %d kills in %.1f s\n"):format(n, cycles, seconds))
+  end)
+
+  it("with a warm pool: a sandbox taken from it and a VM booted behind it, killed mid-exec, then cleanup", function()
+    local p = {}
+    for key, v in pairs(vm_policy) do p[key] = v end
+    p.vm = { start = "auto" }
+    -- the template the test before left: the pool restores from it
+    local lines = k.check({ id = id .. "p", policy = p, template_dir = base .. "/templates", prewarm = 1 },
+      { "addr", "nft", "fw" })
+    local pool = W.find(lines, "pool")
+    assert.equal("pool", pool.from)
+    -- the VM booted behind it has a state record of its own, written down before it was made
+    assert.equal(1, #pool.records, table.concat(pool.records, " "))
+    assert.matches("^pool%-%d+%-%x+$", pool.records[1])
   end)
 end)

@@ -242,6 +242,19 @@ function Record:forget(kind, name)
   self.live[kind .. " " .. name] = nil
 end
 
+--- Crosses off everything still recorded (released, or written down by a new owner now) and
+--- removes the state dir.
+---@return boolean|nil, string|nil
+function Record:release_all()
+  if usable(self) then
+    local keys = {}
+    for key in pairs(self.live) do keys[#keys + 1] = key end
+    table.sort(keys)
+    for _, key in ipairs(keys) do self:forget(key:match("^(%S+) (.*)$")) end
+  end
+  return self:close()
+end
+
 --- Removes the state dir itself. When something recorded was not released, the dir is kept
 --- and handed over to `clawlua cleanup` (its owner becomes pid 0, which never runs).
 ---@return boolean|nil, string|nil

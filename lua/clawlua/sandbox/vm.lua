@@ -235,6 +235,15 @@ end
 --- made(dir) is called as soon as the directory exists (the state record writes it down).
 ---@return string|nil dir the directory holding the disk (removed at close)
 ---@return string disk path, or the error
+-- A VM's run dir, named before vm.create / vm.restore make it, so that it can be written down
+-- first (record: a function(kind, name)).
+local function name_run_dir(vm_id, record)
+  local dir = ("%s/%s.%s"):format(runtime_dir(), #vm_id <= 24 and vm_id or "vm", random_hex(4))
+  if #dir > 80 then dir = "/tmp/clawlua-vm." .. random_hex(4) end -- its sockets' paths must fit
+  record("run_dir", dir)
+  return dir
+end
+
 local function readonly_disk(paths, id, made)
   for i, p in ipairs(paths) do
     if type(p) ~= "string" or p:sub(1, 1) ~= "/" or p:find("[%z\n]") or p:match("/%.%.?/") or p:match("/%.%.?$") then
@@ -487,6 +496,40 @@ end
 
 local pools = {} -- spec key -> {spec, want, ready = {vm...}, task}
 
+-- A pool VM belongs to no sandbox yet, so it has a state record of its own (sandboxes/<pool id>):
+-- the runtime's cgroup prefixes, its run dir and a template snapshot in the making are written
+-- down before they are made, its VMM once started; `clawlua cleanup` reclaims what a killed
+-- runtime's pool left. A sandbox that takes the VM writes them down in its own record first, and
+-- then this one goes (pool_release).
+local pool_records = {} -- vm -> state record
+local function pool_record(id)
+  local state_mod = require "clawlua.sandbox.state"
+  local st, err = state_mod.open(id)
+  if not st then return nil, err end
+  st:write_meta { backend = "vm", policy = "(pool)", created = claw.loop.time() }
+  for _, c in ipairs(state_mod.cgroup_prefixes()) do st:record("cgroup", c) end
+  return st
+end
+
+-- When the Lua state closes with VMs still pooled, their records go with them (a finaliser
+-- cannot wait for a process: busybox through os.execute, as state.lua's spares). It was made
+-- before any VM, so the VMs' own finalisers have run by then.
+B._pool_sentinel = setmetatable({}, { __gc = function()
+  local quote = require("clawlua.sandbox.state").shell_quote
+  for v, st in pairs(pool_records) do
+    pcall(v.close, v)
+    os.execute("/bin/busybox rm -rf " .. quote(st.dir))
+  end
+end })
+
+-- The pool's record of v goes (v itself is closed too unless a sandbox took it).
+local function pool_release(v, close)
+  if close then v:close() end
+  local st = pool_records[v]
+  pool_records[v] = nil
+  if st then st:release_all() end
+end
+
 -- A refill after a take waits this long first, so that it does not compete for the CPU with the
 -- start of the sandbox that took the VM.
 local REFILL_DELAY = 0.5
@@ -496,25 +539,39 @@ local function fill(p, delay)
   p.task = claw.spawn(function()
     if delay then claw.sleep(delay) end
     while #p.ready < p.want do
-      local id = "pool-" .. random_hex(4)
-      local v, from = pristine(p.spec, id, nil, nil)
-      if not v then
+      -- the runtime's pid in the name: whose pool VM a run dir or VMM is, for people and tests
+      local id = ("pool-%d-%s"):format(require("clawlua.sandbox.state").self(), random_hex(4))
+      local st, serr = pool_record(id)
+      if not st then
+        emit("sandbox.vm.pool_error", id, { error = serr })
+        return
+      end
+      local rec = { record = function(kind, name) st:record(kind, name) end,
+                    forget = function(kind, name) st:forget(kind, name) end }
+      local made, v, from = pcall(pristine, p.spec, id, nil, function() return name_run_dir(id, rec.record) end, rec)
+      if not (made and v) then
+        st:release_all()
+        if not made then error(v, 0) end
         emit("sandbox.vm.pool_error", id, { error = from })
         return
       end
+      pool_records[v] = st
+      local pid = v:info().pid
+      local start = pid and require("clawlua.sandbox.state").start_time(pid)
+      if start then st:record("pid", ("%d:%d"):format(pid, start)) end
       if restored[v] then
         -- a pool VM is unique from here on: its clock and entropy are set now, not at take
         local done, ok, err = pcall(setup_guest, v, true, nil)
         restored[v] = nil
         if not (done and ok) then
-          v:close()
+          pool_release(v, true)
           if not done then error(ok, 0) end
           emit("sandbox.vm.pool_error", id, { error = err })
           return
         end
       end
       if #p.ready >= p.want then -- shrunk meanwhile
-        v:close()
+        pool_release(v, true)
         return
       end
       p.ready[#p.ready + 1] = v
@@ -540,7 +597,7 @@ local function take(spec)
     local v = table.remove(p.ready, 1)
     fill(p, REFILL_DELAY)
     if v:state() == "running" then return v end
-    v:close()
+    pool_release(v, true)
   end
   return nil
 end
@@ -565,7 +622,7 @@ function B.prewarm(policy, n, opts)
   if not spec then return nil, err end
   local p = pool_for(spec)
   p.want = n
-  while #p.ready > n do table.remove(p.ready):close() end
+  while #p.ready > n do pool_release(table.remove(p.ready), true) end
   if n == 0 and p.task and not p.task:done() then p.task:cancel() end
   fill(p)
   return true
@@ -585,7 +642,7 @@ function B.drain()
   for _, p in pairs(pools) do
     p.want = 0
     if p.task and not p.task:done() then p.task:cancel() end
-    for _, v in ipairs(p.ready) do v:close() end
+    for _, v in ipairs(p.ready) do pool_release(v, true) end
     p.ready = {}
   end
 end
@@ -819,10 +876,7 @@ function B.start(opts)
   -- each VM's run dir: named here and written down, then made by vm.create / vm.restore
   local function run_dir()
     if not state then return nil end
-    local dir = ("%s/%s.%s"):format(runtime_dir(), #vm_id <= 24 and vm_id or "vm", random_hex(4))
-    if #dir > 80 then dir = "/tmp/clawlua-vm." .. random_hex(4) end -- its sockets' paths must fit
-    record("run_dir", dir)
-    return dir
+    return name_run_dir(vm_id, record)
   end
   -- policy.files.readonly: {src=, dst=} entries (clawlua.policy's form) or host paths bound
   -- at the same place in the guest
@@ -889,9 +943,10 @@ function B.start(opts)
       if spec.start ~= "cold" then v = take(spec) end
       if v then
         from = "pool"
-        -- made before this sandbox (without a state record): written down now that it is ours
+        -- made before this sandbox (in the pool's record): written down in ours, then the pool's goes
         local rd = v:info().rundir
         if rd then record("run_dir", rd) end
+        pool_release(v, false)
       else
         v, from = pristine(spec, vm_id, attach, run_dir, { record = record, forget = forget })
         if not v then err = from end
