@@ -7,6 +7,7 @@
  * that should run sanitized again (a stock lua5.4 started by a spec) gets it explicitly
  * (tests/lua/helper.lua, CLAWLUA_LUA_PRELOAD).
  */
+#define _POSIX_C_SOURCE 200809L /* unsetenv */
 #include <stdlib.h>
 
 __attribute__((constructor)) static void unpreload(void) {
