@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sched.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -88,7 +89,16 @@ static int child_main(void *arg) {
     child_fail(a, errno, "setpgid");
   if (r->pdeathsig) {
     if (prctl(PR_SET_PDEATHSIG, r->pdeathsig) < 0) child_fail(a, errno, "prctl");
-    if (getppid() != a->parent && !(r->clone_flags & CLONE_NEWPID)) _exit(127);
+    /* A parent that died before the prctl sends no signal. getppid() tells outside a new PID
+     * namespace; inside one it is 0 either way, so the error pipe tells: its one reader is the
+     * parent (until we exec), and a pipe without readers is POLLERR at the writing end. (A jailed
+     * VMM whose runtime was SIGKILLed in that window ran on: sandbox_vm_kill_spec.) */
+    if (r->clone_flags & CLONE_NEWPID) {
+      struct pollfd pf = {.fd = a->errfd, .events = POLLOUT, .revents = 0};
+      if (poll(&pf, 1, 0) > 0 && (pf.revents & POLLERR)) _exit(127);
+    } else if (getppid() != a->parent) {
+      _exit(127);
+    }
   }
   /* stdio: move sources out of 0..2 first so no dup2 clobbers another's source. */
   int src[3];
