@@ -10,6 +10,7 @@
 -- after a restore, its clock and entropy) is set through the agent once its tap is attached.
 local claw = require "clawlua"
 local audit, proc, vm = claw.audit, claw.proc, claw.vm
+local state_mod = require "clawlua.sandbox.state"
 
 local B = {}
 
@@ -231,10 +232,6 @@ local function runtime_dir()
   return (x and x ~= "" and x .. "/clawlua") or "/tmp"
 end
 
---- Copies the paths into <dir>/stage/<i> and makes <dir>/files.ext4 of them.
---- made(dir) is called as soon as the directory exists (the state record writes it down).
----@return string|nil dir the directory holding the disk (removed at close)
----@return string disk path, or the error
 -- A VM's run dir, named before vm.create / vm.restore make it, so that it can be written down
 -- first (record: a function(kind, name)).
 local function name_run_dir(vm_id, record)
@@ -244,6 +241,10 @@ local function name_run_dir(vm_id, record)
   return dir
 end
 
+--- Copies the paths into <dir>/stage/<i> and makes <dir>/files.ext4 of them.
+--- made(dir) is called as soon as the directory exists (the state record writes it down).
+---@return string|nil dir the directory holding the disk (removed at close)
+---@return string disk path, or the error
 local function readonly_disk(paths, id, made)
   for i, p in ipairs(paths) do
     if type(p) ~= "string" or p:sub(1, 1) ~= "/" or p:find("[%z\n]") or p:match("/%.%.?/") or p:match("/%.%.?$") then
@@ -496,6 +497,13 @@ end
 
 local pools = {} -- spec key -> {spec, want, ready = {vm...}, task}
 
+-- A started VM's VMM with its start time, for `clawlua cleanup` (record: a function(kind, name)).
+local function record_vmm(v, record)
+  local pid = v:info().pid
+  local start = pid and state_mod.start_time(pid)
+  if start then record("pid", ("%d:%d"):format(pid, start)) end
+end
+
 -- A pool VM belongs to no sandbox yet, so it has a state record of its own (sandboxes/<pool id>):
 -- the runtime's cgroup prefixes, its run dir and a template snapshot in the making are written
 -- down before they are made, its VMM once started; `clawlua cleanup` reclaims what a killed
@@ -503,7 +511,6 @@ local pools = {} -- spec key -> {spec, want, ready = {vm...}, task}
 -- then this one goes (pool_release).
 local pool_records = {} -- vm -> state record
 local function pool_record(id)
-  local state_mod = require "clawlua.sandbox.state"
   local st, err = state_mod.open(id)
   if not st then return nil, err end
   st:write_meta { backend = "vm", policy = "(pool)", created = claw.loop.time() }
@@ -515,7 +522,7 @@ end
 -- cannot wait for a process: busybox through os.execute, as state.lua's spares). It was made
 -- before any VM, so the VMs' own finalisers have run by then.
 B._pool_sentinel = setmetatable({}, { __gc = function()
-  local quote = require("clawlua.sandbox.state").shell_quote
+  local quote = state_mod.shell_quote
   for v, st in pairs(pool_records) do
     pcall(v.close, v)
     os.execute("/bin/busybox rm -rf " .. quote(st.dir))
@@ -540,7 +547,7 @@ local function fill(p, delay)
     if delay then claw.sleep(delay) end
     while #p.ready < p.want do
       -- the runtime's pid in the name: whose pool VM a run dir or VMM is, for people and tests
-      local id = ("pool-%d-%s"):format(require("clawlua.sandbox.state").self(), random_hex(4))
+      local id = ("pool-%d-%s"):format(state_mod.self(), random_hex(4))
       local st, serr = pool_record(id)
       if not st then
         emit("sandbox.vm.pool_error", id, { error = serr })
@@ -556,9 +563,7 @@ local function fill(p, delay)
         return
       end
       pool_records[v] = st
-      local pid = v:info().pid
-      local start = pid and require("clawlua.sandbox.state").start_time(pid)
-      if start then st:record("pid", ("%d:%d"):format(pid, start)) end
+      record_vmm(v, rec.record)
       if restored[v] then
         -- a pool VM is unique from here on: its clock and entropy are set now, not at take
         local done, ok, err = pcall(setup_guest, v, true, nil)
@@ -871,7 +876,7 @@ function B.start(opts)
     for i = #recorded, 1, -1 do state:forget(recorded[i][1], recorded[i][2]) end
     recorded = {}
   end
-  for _, c in ipairs(require("clawlua.sandbox.state").cgroup_prefixes()) do record("cgroup", c) end
+  for _, c in ipairs(state_mod.cgroup_prefixes()) do record("cgroup", c) end
   local vm_id = id:match("^[%w_.-]+$") and #id <= 40 and id or ("sb-" .. hash(id):sub(1, 12))
   -- each VM's run dir: named here and written down, then made by vm.create / vm.restore
   local function run_dir()
@@ -986,9 +991,8 @@ function B.start(opts)
   local info = v:info()
   -- the VMM (it has its cgroups and dies with the runtime: pdeathsig): for `clawlua ps`, and
   -- with its start time for cleanup
-  local start = info.pid and require("clawlua.sandbox.state").start_time(info.pid)
   if info.pid then record("vmm_pid", tostring(info.pid)) end
-  if start then record("pid", ("%d:%d"):format(info.pid, start)) end
+  record_vmm(v, record)
   local res = policy.resources or {}
   local self = setmetatable({
     id = id, backend = "vm", _v = v, _policy = policy, _net = net, _state = state, _from = from, _files = files_dir,
