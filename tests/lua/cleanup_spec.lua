@@ -10,13 +10,15 @@ local sandbox = require "clawlua.sandbox"
 local state = require "clawlua.sandbox.state"
 
 local base
+-- The sleepers' duration is this run's own: the host and stock runs of this spec go side by side.
+local SLEEP = ("41.%d"):format(1000 + tonumber(require("netns").pid) % 9000)
 
 local CHILD = [[
 local claw = require "clawlua"
 local sandbox = require "clawlua.sandbox"
 local a = assert(sandbox.create(require("clawlua.policy").default(), { id = "child-exec" }))
 local b = assert(sandbox.create(require("clawlua.policy").default(), { id = "child-idle" }))
-claw.spawn(function() a:exec { "sh", "-c", "sleep 41.41 & sleep 41.41" } end)
+claw.spawn(function() a:exec { "sh", "-c", "sleep SLEEP & sleep SLEEP" } end)
 claw.sleep(0.3)
 io.stdout:write("ready\n")
 io.stdout:flush()
@@ -26,7 +28,7 @@ claw.sleep(60)
 local cgroups_of = H.cgroups_of
 
 local function sleepers()
-  return H.sh("pgrep -f '^sleep 41.41$' || true")
+  return H.sh("pgrep -f '^sleep " .. SLEEP .. "$' || true")
 end
 
 -- Mounts a sandbox could leak: over the state dir or the jail's set-up dirs (other work on the
@@ -56,7 +58,7 @@ describe("clawlua cleanup", function()
     local mounts_before = mounts()
     local mine <close> = assert(sandbox.create(require("clawlua.policy").default(), { id = "live-one" }))
     local script = base .. "/child.lua"
-    H.write_file(script, CHILD)
+    H.write_file(script, (CHILD:gsub("SLEEP", SLEEP)))
     local child = assert(claw.proc.spawn { H.bin, script, stdout = "pipe", stdin = "null",
       env = { CLAWLUA_STATE_DIR = base } })
     child.stdout:set_timeout(30)
@@ -92,7 +94,7 @@ describe("clawlua cleanup", function()
     assert.truthy(ps.stdout:find("live%-one%s+jail%s+running"), ps.stdout)
 
     -- a sandbox record whose pid runs but started at another time is not ours: never killed
-    local victim = assert(claw.proc.spawn { "sleep", "41.41", stdin = "null" })
+    local victim = assert(claw.proc.spawn { "sleep", SLEEP, stdin = "null" })
     local fake = base .. "/sandboxes/fake"
     H.sh(("mkdir -p '%s' '%s/scratch'"):format(fake, fake))
     H.write_file(fake .. "/owner", "999999999 1\n")
@@ -148,7 +150,7 @@ print(a.id, b.id)
   end)
 
   it("kills a recorded process of a dead owner when its start time matches", function()
-    local p = assert(claw.proc.spawn { "sleep", "41.41", stdin = "null" })
+    local p = assert(claw.proc.spawn { "sleep", SLEEP, stdin = "null" })
     local d = base .. "/sandboxes/dead-owner"
     H.sh(("mkdir -p '%s'"):format(d))
     H.write_file(d .. "/owner", "999999999 1\n")

@@ -63,6 +63,9 @@ describe("dns.parse", function()
       -- a pointer to itself, and one pointing forward
       { q:sub(1, 12) .. be16(0xC00C) .. be16(1) .. be16(1), "does not point back" },
       { q:sub(1, 12) .. be16(0xC020) .. be16(1) .. be16(1) .. ("\0"):rep(30), "does not point back" },
+      -- a pointer into the header (RD set: byte 2 reads as a label of one byte): a name that
+      -- the empty reply's new header would change (found by fuzz_lua_dns)
+      { q:sub(1, 12) .. be16(0xC002) .. be16(1) .. be16(1), "pointer into the header" },
       { q:sub(1, 12) .. "\64abc\0" .. be16(1) .. be16(1), "reserved label type" },
       { q:sub(1, 12) .. "\10abc", "label runs past the end" },
       { q:sub(1, 12) .. ("\63" .. ("a"):rep(63)):rep(5) .. "\0" .. be16(1) .. be16(1), "longer than 255" },

@@ -36,6 +36,9 @@ function M.read_name(msg, off)
       if off + 2 > len then return fail("truncated compression pointer", off) end
       local target = u16(msg, off) & 0x3FFF
       if target >= floor then return fail("compression pointer does not point back", off) end
+      -- the header holds no name; a pointer into it would also make a name that changes with
+      -- the header (the empty reply to a query copies its question's bytes under a new header)
+      if target < 12 then return fail("compression pointer into the header", off) end
       jumps = jumps + 1
       if jumps > M.MAX_JUMPS then return fail("too many compression pointers", off) end
       after = after or off + 2
