@@ -190,6 +190,17 @@ describe("mcp schema: the validator's own behaviour", function()
     assert.is_false(ok)
     assert.matches("too many backtracking steps", err)
     assert.is_true(claw.now() - t0 < 20 * H.scale)
+    -- the budget is schema.MAX_REGEX_STEPS, read at each match
+    local linear = schema.regex("^[a-z]+$")
+    local long = ("a"):rep(2000)
+    assert.is_true(linear(long))
+    local saved = schema.MAX_REGEX_STEPS
+    schema.MAX_REGEX_STEPS = 1000
+    ok, err = pcall(linear, long)
+    schema.MAX_REGEX_STEPS = saved
+    assert.is_false(ok)
+    assert.matches("too many backtracking steps", err)
+    assert.is_true(linear(long))
   end)
 end)
 

@@ -36,6 +36,8 @@ local M = {}
 --- stops here), and in all, per validation.
 M.MAX_DEPTH = 1000
 M.MAX_STEPS = 1000000
+--- Matching steps of one `pattern` against one string (read at each match).
+M.MAX_REGEX_STEPS = 1000000
 
 ---------------------------------------------------------------------------------------------
 -- JSON values seen from Lua
@@ -297,8 +299,6 @@ function Parser:alternation()
   return alts
 end
 
-local MAX_STEPS = 1000000
-
 local function class_has(node, c)
   local hit = false
   for _, it in ipairs(node.items) do
@@ -323,14 +323,14 @@ function M.regex(src)
 
   return function(subject)
     local s, n = codepoints(subject)
-    local steps = 0
+    local steps, max_steps = 0, M.MAX_REGEX_STEPS
     local match_alt
 
     local function word_at(i) return i >= 1 and i <= n and is_word(s[i]) end
 
     local function match_atom(a, pos, k)
       steps = steps + 1
-      if steps > MAX_STEPS then error("regex /" .. src .. "/: too many backtracking steps", 0) end
+      if steps > max_steps then error("regex /" .. src .. "/: too many backtracking steps", 0) end
       local t = a.t
       if t == "char" then
         return s[pos] == a.c and k(pos + 1)
