@@ -40,7 +40,10 @@ function K.new(w, base, opts)
       ruleset = sh(ns .. "nft list ruleset"),
       netns = sh("ip netns list | grep '^" .. W.prefix .. "' || true"),
       cgroups = table.concat(H.cgroups_of(pid or 0), "\n"),
-      mounts = sh("grep -E ' (" .. base .. "[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*|/run/netns/clw-[^ ]*) ' "
+      -- (not /run/netns/clw-*: the runtime's netns mounts live in the mount namespace that
+      -- `ip netns exec` gave it, so those seen here are other specs' sandboxes, made and
+      -- removed meanwhile; the recorded netns are checked by name after cleanup)
+      mounts = sh("grep -E ' (" .. base .. "[^ ]*|[^ ]*/(newroot|oldroot)[^ ]*) ' "
         .. "/proc/self/mountinfo || true"),
       procs = sh("pgrep -f '^sleep " .. k.sleep .. "$' || true")
         .. (pid and sh("ps -o pid= -p " .. pid .. " || true") or ""),
