@@ -563,8 +563,18 @@ local function load_file(path)
     return nil, ("%s: policy file over %d bytes"):format(path, M.max_source)
   end
   if src:byte(1) == 27 then return nil, ("%s: binary chunks are not loaded"):format(path) end
-  local chunk, serr = load(src, "@" .. path, "t", sandbox_env())
-  if not chunk then return nil, serr end
+  -- (inside pcall: a parser limit — nesting deeper than 200 levels, "C stack overflow" — is
+  -- raised as a runtime error, which goes through the caller's message handler when there is
+  -- one, and load returns whatever that handler made of it, a traceback or not even a string)
+  local _, chunk, serr = pcall(load, src, "@" .. path, "t", sandbox_env())
+  if not chunk then
+    -- Lua names the file in its short form (a path over 59 bytes loses its head), and a parser
+    -- limit with no position at all
+    serr = tostring(serr)
+    local line, msg = serr:match("^.-:(%d+): (.*)$")
+    if line then return nil, ("%s:%s: %s"):format(path, line, msg) end
+    return nil, ("%s: %s"):format(path, serr)
+  end
   local ok, t = run_budgeted("policy " .. path, chunk)
   if not ok then return nil, t end
   local name = path:match("([^/]+)%.lua$") or path:match("[^/]+$")
