@@ -556,7 +556,13 @@ end
 local function load_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, ("policy %s: %s"):format(path, err) end
-  local src = f:read(M.max_source + 1)
+  -- the size first where the file has one: read(n) allocates n bytes before it reads, a
+  -- mebibyte for every load of a file of a few hundred bytes (the check after the read still
+  -- holds for a file that grew, and for a pipe, which cannot seek)
+  local want = M.max_source
+  local size = f:seek("end")
+  if size and f:seek("set") then want = math.min(size, want) end
+  local src = f:read(want + 1)
   f:close()
   src = src or ""
   if #src > M.max_source then

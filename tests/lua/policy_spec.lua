@@ -167,6 +167,35 @@ describe("policy", function()
       assert.truthy(err:find("C stack overflow", 1, true), err)
     end)
 
+    it("reads at most max_source bytes, from a file or a pipe", function()
+      local max = policy.max_source
+      local fits = "return {}\n--" .. ("x"):rep(max - 13) .. "\n"
+      assert.equal(max, #fits)
+      assert.truthy(load_src(fits))
+      local p, err = load_src(fits .. "x")
+      assert.is_nil(p)
+      assert.truthy(err:find(dir .. "/p.lua: policy file over " .. max .. " bytes", 1, true), err)
+      -- a FIFO cannot seek: the file's size is not known before it is read
+      local fifo = dir .. "/fifo.lua"
+      for _, case in ipairs { { "return { name = 'piped' }", true }, { fits .. "x", false } } do
+        H.write_file(dir .. "/src", case[1])
+        H.sh("rm -f '" .. fifo .. "' && mkfifo '" .. fifo .. "'")
+        local writer = assert(claw.proc.spawn { "sh", "-c", ("cat '%s/src' > '%s' 2>/dev/null"):format(dir, fifo),
+          stdin = "null" })
+        p, err = policy.load(fifo)
+        writer:kill("KILL")
+        writer:wait()
+        writer:close()
+        if case[2] then
+          assert.truthy(p, err)
+          assert.equal("piped", p.name)
+        else
+          assert.is_nil(p)
+          assert.truthy(err:find("policy file over " .. max .. " bytes", 1, true), err)
+        end
+      end
+    end)
+
     it("refuses binary chunks", function()
       local p, err = load_src(string.dump(function() return {} end))
       assert.is_nil(p)
