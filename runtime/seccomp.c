@@ -164,19 +164,27 @@ static scmp_filter_ctx build_ctx(const filter *f, char *err, size_t errlen) {
   }
   rc = add_rules(f, a, 1, &bad);
   if (rc == 0) rc = add_rules(f, b, 0, &bad);
-  if (rc == 0)
-    rc = seccomp_merge(a, b);
-  else
-    seccomp_release(b);
   if (rc < 0) {
     seccomp_release(a);
-    if (rc != -EEXIST) goto rule_fail; /* merge failures report below as well */
+    seccomp_release(b);
     goto rule_fail;
+  }
+  rc = seccomp_merge(a, b);
+  if (rc < 0) {
+    seccomp_release(a);
+    snprintf(err, errlen,
+             "libseccomp cannot merge the rules of the native architecture with the others': %s",
+             strerror(-rc));
+    return NULL;
   }
   return a;
 rule_fail:
-  snprintf(err, errlen, "rule %d (%s): libseccomp rejected it: %s", (int)bad + 1,
-           bad < f->nrules ? f->rules[bad].name : "?", strerror(-rc));
+  /* EEXIST: libseccomp keeps one action per syscall and argument test */
+  snprintf(err, errlen, "rules[%u] (%s): libseccomp rejected it: %s%s", f->rules[bad].src,
+           f->rules[bad].name, strerror(-rc),
+           rc == -EEXIST ? " (an earlier rule has the same syscall and argument tests with "
+                           "another action)"
+                         : "");
   return NULL;
 }
 

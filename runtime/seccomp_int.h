@@ -39,7 +39,8 @@ struct cl_seccomp_prog {
 typedef struct rule {
   char name[48];
   uint32_t action;
-  int extra; /* >= 0: number from extra_syscalls (native architecture only) */
+  int extra;    /* >= 0: number from extra_syscalls (native architecture only) */
+  unsigned src; /* the rules[] entry it came from (1-based), for errors */
   unsigned nargs;
   struct scmp_arg_cmp args[6];
 } rule;

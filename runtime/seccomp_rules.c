@@ -394,6 +394,7 @@ void cl_seccomp_add_rule(lua_State *L, filter *f, int idx, lua_Integer pos, int 
     *r = proto;
     strcpy(r->name, name);
     r->extra = extra;
+    r->src = (unsigned)pos;
     f->nrules++;
     lua_pop(L, 1);
   }

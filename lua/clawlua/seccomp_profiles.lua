@@ -245,6 +245,10 @@ function M.oci_table(doc, opts)
     if i and arch_paths[tonumber(i)] then fail(arch_paths[tonumber(i)], why) end
     why = tostring(f):match("bad field 'arches' %((.*)%)$") -- e.g. too many of them
     if why then fail(doc.archMap ~= nil and doc.archMap ~= json.null and "$.archMap" or "$.architectures", why) end
+    -- a rule libseccomp refused (two actions for the same test, say): the syscalls[] entry it
+    -- came from
+    local n, rest = tostring(f):match("rules%[(%d+)%] (.*)$")
+    if n and rules[tonumber(n)] then fail(rules[tonumber(n)].where, rest) end
     error(f, 0)
   end
   return f, skipped

@@ -267,6 +267,26 @@ describe("seccomp profiles", function()
       load(head .. '},{"names":["write"],"action":"SCMP_ACT_MAYBE"}]}'))
     assert.matches("%$%.syscalls%[0%]%.args%[0%]%.op: unknown operator",
       load(head .. ',"args":[{"index":0,"value":1,"op":"SCMP_CMP_LIKE"}]}]}'))
+    -- two actions for the same syscall and argument test, which libseccomp refuses (EEXIST): the
+    -- second entry is named, the syscall and why (found by fuzz_lua_seccomp_profiles), on one
+    -- architecture and on two (the native one's rules and the others' are built apart)
+    for _, arches in ipairs { '', ',"architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_X86"]' } do
+      local socket_af_inet = '{"names":["socket"],"action":"SCMP_ACT_ERRNO","errnoRet":%d,'
+        .. '"args":[{"index":0,"value":2,"op":"SCMP_CMP_EQ"}]}'
+      local conflict = '{"defaultAction":"SCMP_ACT_ERRNO"' .. arches .. ',"syscalls":['
+        .. '{"names":["read"],"action":"SCMP_ACT_ALLOW"},'
+        .. socket_af_inet:format(97) .. ',' .. socket_af_inet:format(98) .. ']}'
+      assert.matches("^seccomp profile profile: %$%.syscalls%[2%]: %(socket%): libseccomp rejected it: "
+        .. "File exists %(an earlier rule has the same syscall and argument tests with another action%)$",
+        load(conflict))
+    end
+    -- the same from seccomp.filter: the rules[] entry (the second holds two syscalls)
+    local a0 = { { index = 0, op = "==", value = 2 } }
+    local ok, err = pcall(seccomp.filter, { default = "allow", rules = {
+      { syscall = "socket", action = { errno = 1 }, args = a0 },
+      { syscalls = { "getppid", "socket" }, action = { errno = 2 }, args = a0 } } })
+    assert.is_false(ok)
+    assert.matches("rules%[2%] %(socket%): libseccomp rejected it: File exists", err)
     -- an unknown architecture names where the profile gave it (found by fuzz_lua_seccomp_profiles)
     assert.matches("^seccomp profile profile: %$%.architectures%[1%]: unknown architecture 'SCMP_ARCH_NOPE'",
       load '{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_NOPE"]}')
