@@ -234,6 +234,14 @@ function M.oci_table(doc, opts)
       skipped[#skipped + 1] = p
     end
   end
+  if opts.handler == nil then
+    -- SCMP_ACT_NOTIFY hands each call to the handler option, a Lua function: none, no filter
+    local at = default == "notify" and "$.defaultAction" or nil
+    for _, r in ipairs(rules) do
+      if not at and r.action == "notify" then at = r.where .. ".action" end
+    end
+    if at then fail(at, "SCMP_ACT_NOTIFY needs a handler (the handler option: a function that decides each call)") end
+  end
   local ok, f = pcall(seccomp.filter, {
     default = default, arches = arches, rules = rules, strict = false,
     optimize = opts.optimize, log = opts.log, handler = opts.handler,

@@ -280,6 +280,11 @@ describe("seccomp profiles", function()
         .. "File exists %(an earlier rule has the same syscall and argument tests with another action%)$",
         load(conflict))
     end
+    -- SCMP_ACT_NOTIFY without the handler option (found by fuzz_lua_seccomp_profiles)
+    assert.matches("^seccomp profile profile: %$%.syscalls%[1%]%.action: SCMP_ACT_NOTIFY needs a handler",
+      load(head .. '},{"names":["write"],"action":"SCMP_ACT_NOTIFY"}]}'))
+    assert.matches("^seccomp profile profile: %$%.defaultAction: SCMP_ACT_NOTIFY needs a handler",
+      load '{"defaultAction":"SCMP_ACT_NOTIFY"}')
     -- the same from seccomp.filter: the rules[] entry (the second holds two syscalls)
     local a0 = { { index = 0, op = "==", value = 2 } }
     local ok, err = pcall(seccomp.filter, { default = "allow", rules = {
