@@ -107,18 +107,23 @@ function M.oci_table(doc, opts)
 
   local def = OCI_ACTIONS[expect(doc.defaultAction, "string", "$.defaultAction")]
   if not def then fail("$.defaultAction", "unknown action '" .. doc.defaultAction .. "'") end
+  local function errno_of(v, path)
+    v = expect(v, "integer", path)
+    if v < 0 or v > 4095 then fail(path, "errno 0..4095 expected, got " .. v) end
+    return v
+  end
   local function action_of(act, errno_ret, path)
     if act == "errno" then
-      if errno_ret ~= nil then return { errno = expect(errno_ret, "integer", path .. ".errnoRet") } end
+      if errno_ret ~= nil then return { errno = errno_of(errno_ret, path) } end
       return { errno = 1 } -- EPERM, as runc does without errnoRet
     elseif act == "trace" then
-      return { trace = errno_ret ~= nil and expect(errno_ret, "integer", path .. ".errnoRet") or 0 }
+      return { trace = errno_ret ~= nil and expect(errno_ret, "integer", path) or 0 }
     end
     return act
   end
-  local default = action_of(def, doc.defaultErrnoRet, "$")
+  local default = action_of(def, doc.defaultErrnoRet, "$.defaultErrnoRet")
   if doc.defaultErrnoRet ~= nil and def == "errno" then
-    default = { errno = expect(doc.defaultErrnoRet, "integer", "$.defaultErrnoRet") }
+    default = { errno = errno_of(doc.defaultErrnoRet, "$.defaultErrnoRet") }
   end
 
   -- Architectures: the native one and its sub-architectures from archMap (or "architectures").
@@ -200,7 +205,7 @@ function M.oci_table(doc, opts)
       end
     end
     if include then
-      local action = action_of(act, call.errnoRet, p)
+      local action = action_of(act, call.errnoRet, p .. ".errnoRet")
       local conds, counts = {}, {}
       if call.args ~= nil and call.args ~= json.null then
         for k, a in ipairs(expect(call.args, "array", p .. ".args")) do

@@ -280,6 +280,11 @@ describe("seccomp profiles", function()
         .. "File exists %(an earlier rule has the same syscall and argument tests with another action%)$",
         load(conflict))
     end
+    -- an errno out of range, for the default and for a rule (found by fuzz_lua_seccomp_profiles)
+    assert.matches("%$%.defaultErrnoRet: errno 0%.%.4095 expected, got 5000",
+      load '{"defaultAction":"SCMP_ACT_ERRNO","defaultErrnoRet":5000}')
+    assert.matches("%$%.syscalls%[1%]%.errnoRet: errno 0%.%.4095 expected, got %-1",
+      load(head .. '},{"names":["write"],"action":"SCMP_ACT_ERRNO","errnoRet":-1}]}'))
     -- SCMP_ACT_NOTIFY without the handler option (found by fuzz_lua_seccomp_profiles)
     assert.matches("^seccomp profile profile: %$%.syscalls%[1%]%.action: SCMP_ACT_NOTIFY needs a handler",
       load(head .. '},{"names":["write"],"action":"SCMP_ACT_NOTIFY"}]}'))
