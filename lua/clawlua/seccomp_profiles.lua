@@ -122,9 +122,6 @@ function M.oci_table(doc, opts)
     return act
   end
   local default = action_of(def, doc.defaultErrnoRet, "$.defaultErrnoRet")
-  if doc.defaultErrnoRet ~= nil and def == "errno" then
-    default = { errno = errno_of(doc.defaultErrnoRet, "$.defaultErrnoRet") }
-  end
 
   -- Architectures: the native one and its sub-architectures from archMap (or "architectures").
   local arches = { native }
@@ -243,7 +240,8 @@ function M.oci_table(doc, opts)
     -- SCMP_ACT_NOTIFY hands each call to the handler option, a Lua function: none, no filter
     local at = default == "notify" and "$.defaultAction" or nil
     for _, r in ipairs(rules) do
-      if not at and r.action == "notify" then at = r.where .. ".action" end
+      if at then break end
+      if r.action == "notify" then at = r.where .. ".action" end
     end
     if at then fail(at, "SCMP_ACT_NOTIFY needs a handler (the handler option: a function that decides each call)") end
   end
