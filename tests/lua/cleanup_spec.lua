@@ -11,7 +11,7 @@ local state = require "clawlua.sandbox.state"
 
 local base
 -- The sleepers' duration is this run's own: the host and stock runs of this spec go side by side.
-local SLEEP = ("41.%d"):format(1000 + tonumber(require("netns").pid) % 9000)
+local SLEEP = require("netns").own_sleep(41)
 
 local CHILD = [[
 local claw = require "clawlua"

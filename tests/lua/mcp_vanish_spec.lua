@@ -16,7 +16,7 @@ describe("clawlua mcp when its client vanishes mid-call", function()
   local base
   local cycles = tonumber(os.getenv("CLAWLUA_FAULT_CYCLES")) or 5
   -- a command of this run's own (the host and stock runs of the spec run side by side)
-  local SLEEP = ("97.%d"):format(1000 + tonumber(require("netns").pid) % 9000)
+  local SLEEP = require("netns").own_sleep(97)
   setup(function() base = H.tmpdir("mcpvanish") end)
   teardown(function() H.rm_rf(base) end)
 

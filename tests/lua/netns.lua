@@ -24,6 +24,12 @@ end
 
 N.pid = my_pid()
 N.prefix = "clfw" .. N.pid .. "_"
+
+--- A `sleep` duration of this run's own ("<seconds>.<from the pid>"), so that `pgrep -f` finds
+--- only this run's sleepers: the host and stock runs of a spec go side by side.
+---@param seconds integer
+---@return string
+function N.own_sleep(seconds) return ("%d.%d"):format(seconds, 1000 + tonumber(N.pid) % 9000) end
 local serial = 0
 
 --- Whether the machine can run these tests; the reason when not.

@@ -485,7 +485,7 @@ describe("sandbox (jail backend)", function()
     local sb = make()
     local dir = sb:info().state_dir
     -- (a duration of this run's own: the host and stock runs of this spec go side by side)
-    local sleep = ("31.%d"):format(1000 + tonumber(require("netns").pid) % 9000)
+    local sleep = require("netns").own_sleep(31)
     local t = claw.spawn(function() return sb:exec { "sh", "-c", ("sleep %s & sleep %s"):format(sleep, sleep) } end)
     claw.sleep(0.2)
     assert.truthy(#our_cgroups() > 0)

@@ -26,7 +26,7 @@ function K.new(w, base, opts)
   end, 10), "duplicate address detection did not finish")
   -- The host and stock runs of a spec (and other specs) run side by side: what is compared is
   -- this run's own (its namespaces, its sleep), never the whole host's list.
-  k.sleep = ("41.%d"):format(1000 + tonumber(N.pid) % 9000)
+  k.sleep = N.own_sleep(41)
   local env = { CLAWLUA_STATE_DIR = base, CLAWLUA_KILL_SLEEP = k.sleep }
   for name, v in pairs(opts.env or {}) do env[name] = v end
 
