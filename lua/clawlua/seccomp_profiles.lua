@@ -259,7 +259,14 @@ function M.oci_table(doc, opts)
     -- a rule libseccomp refused (two actions for the same test, say): the syscalls[] entry it
     -- came from
     local n, rest = tostring(f):match("rules%[(%d+)%] (.*)$")
-    if n and rules[tonumber(n)] then fail(rules[tonumber(n)].where, rest) end
+    if n and rules[tonumber(n)] then
+      -- another rule the message names (one libseccomp cannot merge with it): its path too
+      rest = rest:gsub("rules%[(%d+)%]", function(k)
+        local r = rules[tonumber(k)]
+        return r and r.where or nil
+      end)
+      fail(rules[tonumber(n)].where, rest)
+    end
     error(f, 0)
   end
   return f, skipped

@@ -280,6 +280,16 @@ describe("seccomp profiles", function()
         .. "File exists %(an earlier rule has the same syscall and argument tests with another action%)$",
         load(conflict))
     end
+    -- two rules for dup3 that libseccomp cannot merge (a test other than == before a later
+    -- argument's; seccomp_merge_spec): both entries are named by their JSON paths (found by
+    -- fuzz_lua_seccomp_profiles: the profile's filter never finished building)
+    assert.matches("^seccomp profile profile: %$%.syscalls%[0%]: %(dup3%): its test 'a0 != 7' comes before "
+      .. "a later argument's, and libseccomp merges another rule for the syscall %(%$%.syscalls%[1%]%) into",
+      load('{"defaultAction":"SCMP_ACT_ERRNO","syscalls":['
+        .. '{"names":["dup3"],"action":"SCMP_ACT_ALLOW","args":[{"index":2,"value":8,"op":"SCMP_CMP_EQ"},'
+        .. '{"index":0,"value":7,"op":"SCMP_CMP_NE"}]},'
+        .. '{"names":["dup3"],"action":"SCMP_ACT_ALLOW","args":[{"index":5,"value":8,"op":"SCMP_CMP_EQ"},'
+        .. '{"index":0,"value":7,"op":"SCMP_CMP_NE"}]}]}'))
     -- an errno out of range, for the default and for a rule (found by fuzz_lua_seccomp_profiles)
     assert.matches("%$%.defaultErrnoRet: errno 0%.%.4095 expected, got 5000",
       load '{"defaultAction":"SCMP_ACT_ERRNO","defaultErrnoRet":5000}')
