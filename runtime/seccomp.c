@@ -268,13 +268,14 @@ static int check_merges(const filter *f, char *err, size_t errlen) {
     while (e < f->nrules && by_name(&idx[g], &idx[e], f->rules) == 0) e++;
     /* the syscall's first such rule, and the first of its rules that is not a copy of it */
     const rule *r = NULL, *o = NULL;
+    unsigned k = 0;
     for (size_t i = g; i < e && !r; i++)
-      if (branching_test(&f->rules[idx[i]])) r = &f->rules[idx[i]];
+      if ((k = branching_test(&f->rules[idx[i]]))) r = &f->rules[idx[i]];
     for (size_t i = g; r && i < e && !o; i++)
       if (!same_rule(r, &f->rules[idx[i]])) o = &f->rules[idx[i]];
     if (o) {
       static const char *const ops[] = {"", "!=", "<", "<=", "==", ">=", ">", "&=="};
-      const struct scmp_arg_cmp *t = &r->args[branching_test(r) - 1];
+      const struct scmp_arg_cmp *t = &r->args[k - 1];
       snprintf(err, errlen,
                "rules[%u] (%s): its test 'a%u %s %llu' comes before a later argument's, and "
                "libseccomp merges another rule for the syscall (rules[%u]) into such a test "
