@@ -375,7 +375,11 @@ describe("sandbox vm backend, template snapshot, pool and network", function()
       return B.start { id = "spec-sbvm-e" .. pid, policy = { resources = policy.resources,
                        files = { readonly = { dir .. "/ro2" } } } }
     end)
-    claw.sleep(1)
+    -- cancelled while the guest boots: right after the VMM is spawned (a fixed sleep raced a
+    -- guest that booted in under a second)
+    assert(H.eventually(function()
+      return #claw.audit.events { sandbox = "spec-sbvm-e" .. pid, kind = "vm.spawn" } > 0
+    end, 60 * H.scale), "the VMM was not spawned")
     t:cancel()
     local r, why = t:join()
     assert.is_nil(r)
