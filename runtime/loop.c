@@ -1,7 +1,8 @@
 /*
  * The event loop core: one epoll instance per Lua state, coroutine tasks, timers on a timerfd,
- * SIGINT/SIGTERM through a signalfd, fd readiness for the primitives, and the wait mechanism
- * that lets every blocking call either yield (inside a task) or run the loop itself (main chunk).
+ * SIGINT/SIGTERM handed over by a signal thread, fd readiness for the primitives, and the wait
+ * mechanism that lets every blocking call either yield (inside a task) or run the loop itself
+ * (main chunk).
  *
  * Lua code never runs while epoll events are dispatched: dispatch only wakes waits, which puts
  * their tasks on the ready queue; tasks are resumed afterwards, one at a time.
@@ -15,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/signalfd.h>
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
@@ -634,14 +634,26 @@ static int loop_gc(lua_State *L) {
     if (r->done) r->done(r->arg);
     free(r);
   }
+  cl_loop_signal_thread_stop(lp);
+  /* a signal the thread took but the loop never acted on (the script ended first) */
+  unsigned char unseen = 0;
+  if (lp->sfd >= 0 && !lp->stopping && read(lp->sfd, &unseen, 1) != 1) unseen = 0;
   close(lp->epfd);
   close(lp->tfd);
-  close(lp->sfd);
+  if (lp->sfd >= 0) close(lp->sfd);
+  if (lp->sigw >= 0) close(lp->sigw);
+  if (lp->hfd >= 0) close(lp->hfd);
   free(lp->heap);
   free(lp->events);
   lp->heap = NULL;
   lp->events = NULL;
   sigprocmask(SIG_SETMASK, &lp->oldmask, NULL);
+  /* it gets its own action now, as a blocked one would when unblocked (what the script wrote
+   * is not lost with the process) */
+  if (unseen) {
+    fflush(NULL);
+    raise(unseen);
+  }
   return 0;
 }
 
@@ -661,7 +673,7 @@ static int cancelled_tostring(lua_State *L) {
 void cl_loop_create(lua_State *L) {
   cl_loop *lp = lua_newuserdatauv(L, sizeof *lp, 2);
   memset(lp, 0, sizeof *lp);
-  lp->epfd = lp->tfd = lp->sfd = -1;
+  lp->epfd = lp->tfd = lp->sfd = lp->sigw = lp->hfd = -1;
   lp->grace = 10.0;
   lua_newtable(L); /* live tasks */
   lua_setiuservalue(L, -2, 1);
@@ -678,23 +690,23 @@ void cl_loop_create(lua_State *L) {
   lp->events = calloc(MAX_EVENTS, sizeof *lp->events);
   lp->epfd = epoll_create1(EPOLL_CLOEXEC);
   lp->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  /* SIGINT and SIGTERM arrive through a signalfd, so they must be blocked; children get a
-   * clean mask back before exec (proc.c). SIGPIPE is ignored: a closed pipe is an EPIPE. */
+  /* SIGINT and SIGTERM are taken by the signal thread (loop_signal.c), so they are blocked
+   * here; children get a clean mask back before exec (proc.c). SIGPIPE is ignored: a closed
+   * pipe is an EPIPE. */
   sigset_t ss;
   sigemptyset(&ss);
   sigaddset(&ss, SIGINT);
   sigaddset(&ss, SIGTERM);
   sigprocmask(SIG_BLOCK, &ss, &lp->oldmask);
-  lp->sfd = signalfd(-1, &ss, SFD_NONBLOCK | SFD_CLOEXEC);
   signal(SIGPIPE, SIG_IGN);
-  if (!lp->events || lp->epfd < 0 || lp->tfd < 0 || lp->sfd < 0) {
-    int err = errno;
+  int err = !lp->events || lp->epfd < 0 || lp->tfd < 0 ? errno : cl_loop_signal_thread_start(lp);
+  if (err) {
     loop_gc(L); /* the userdata is on top */
     luaL_error(L, "clawlua: cannot create the event loop: %s", strerror(err));
   }
   cl_watch_start(lp, &lp->twatch, lp->tfd, EPOLLIN, on_timerfd);
   lp->twatch.data = lp;
-  cl_watch_start(lp, &lp->swatch, lp->sfd, EPOLLIN, cl_loop_on_signalfd);
+  cl_watch_start(lp, &lp->swatch, lp->sfd, EPOLLIN, cl_loop_on_signal_pipe);
   lp->swatch.data = lp;
   lua_rawsetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
 

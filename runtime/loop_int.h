@@ -16,7 +16,9 @@
 
 #include "clawlua.h"
 
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/epoll.h>
 
 #define LOOP_MT    "clawlua.loop"
@@ -70,8 +72,16 @@ typedef struct closer {
 
 struct cl_loop {
   lua_State *L; /* main thread */
-  int epfd, tfd, sfd;
-  cl_watch twatch, swatch;
+  int epfd, tfd;
+  /* SIGINT/SIGTERM: a thread takes them with sigwaitinfo, counts them (a second one exits at
+   * once, however busy the loop is) and hands the first to the loop through a pipe. */
+  int sfd, sigw; /* the pipe's read and write ends */
+  pthread_t sigthread;
+  int sigthread_on;
+  atomic_int nsignals; /* SIGINT/SIGTERM the thread has taken */
+  atomic_int sigstop;  /* the loop is going: the thread returns */
+  int hfd;             /* SIGHUP's signalfd, made when the first handler is registered */
+  cl_watch twatch, swatch, hwatch;
   cl_timer **heap;
   size_t nheap, capheap;
   uint64_t armed; /* deadline programmed into the timerfd; 0: disarmed */
@@ -112,7 +122,10 @@ int cl_loop_channel_len(lua_State *L);
 extern const luaL_Reg cl_loop_event_methods[];
 extern const luaL_Reg cl_loop_channel_methods[];
 void cl_loop_check_shutdown(cl_loop *lp);
-void cl_loop_on_signalfd(cl_watch *w, uint32_t events);
+void cl_loop_on_signal_pipe(cl_watch *w, uint32_t events);
+/* Starts the signal thread (SIGINT/SIGTERM are blocked in the caller already). 0, or an errno. */
+int cl_loop_signal_thread_start(cl_loop *lp);
+void cl_loop_signal_thread_stop(cl_loop *lp);
 /* Adds the function at stack index fn to SIGHUP's handlers (the first one routes SIGHUP to the
  * signalfd). 0, or -1 with errno. */
 int cl_loop_on_hup(lua_State *L, cl_loop *lp, int fn);

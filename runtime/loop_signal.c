@@ -1,7 +1,7 @@
 /*
- * SIGINT/SIGTERM through a signalfd and the orderly shutdown they start, SIGHUP's handlers
- * (once one is registered), the reaping of children nobody waits for, and the closers run when
- * the loop goes away.
+ * SIGINT/SIGTERM through a thread of their own and the orderly shutdown they start, SIGHUP's
+ * handlers (through a signalfd, once one is registered), the reaping of children nobody waits
+ * for, and the closers run when the loop goes away.
  */
 #include "loop_int.h"
 
@@ -25,10 +25,7 @@
 static void start_shutdown(cl_loop *lp, int sig) {
   lua_State *L = lp->L;
   lp->stopping = sig;
-  lp->grace_end = cl_deadline(lp->grace);
-  fprintf(stderr, "clawlua: %s received, shutting down (send it again to exit at once)\n",
-          cl_signal_name(sig));
-  fflush(stderr);
+  lp->grace_end = cl_deadline(lp->grace); /* the signal thread has said so on stderr */
   /* Cancel every task: each unwinds through its <close> variables and pcall handlers. */
   lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
   lua_getiuservalue(L, -1, 1);
@@ -92,19 +89,32 @@ static void run_hup_handlers(cl_loop *lp) {
   lua_pop(L, 1);
 }
 
+static void on_hup(cl_watch *w, uint32_t events) {
+  (void)events;
+  cl_loop *lp = w->data;
+  struct signalfd_siginfo si;
+  while (read(lp->hfd, &si, sizeof si) == (ssize_t)sizeof si)
+    if (!lp->stopping) run_hup_handlers(lp);
+}
+
 int cl_loop_on_hup(lua_State *L, cl_loop *lp, int fn) {
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &HUP_KEY) != LUA_TTABLE) {
     lua_pop(L, 1);
-    /* the first handler: SIGHUP joins SIGINT/SIGTERM on the signalfd */
-    sigset_t hup, ss;
+    /* the first handler: SIGHUP goes to a signalfd of its own */
+    sigset_t hup;
     sigemptyset(&hup);
     sigaddset(&hup, SIGHUP);
+    int fd = signalfd(-1, &hup, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (fd < 0) return -1;
+    int e = cl_watch_start(lp, &lp->hwatch, fd, EPOLLIN, on_hup);
+    if (e) {
+      close(fd);
+      errno = e;
+      return -1;
+    }
+    lp->hwatch.data = lp;
+    lp->hfd = fd;
     sigprocmask(SIG_BLOCK, &hup, NULL);
-    sigemptyset(&ss);
-    sigaddset(&ss, SIGINT);
-    sigaddset(&ss, SIGTERM);
-    sigaddset(&ss, SIGHUP);
-    if (signalfd(lp->sfd, &ss, SFD_NONBLOCK | SFD_CLOEXEC) < 0) return -1;
     lua_newtable(L);
     lua_pushvalue(L, -1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &HUP_KEY);
@@ -115,22 +125,80 @@ int cl_loop_on_hup(lua_State *L, cl_loop *lp, int fn) {
   return 0;
 }
 
-void cl_loop_on_signalfd(cl_watch *w, uint32_t events) {
-  cl_loop *lp = w->data;
-  struct signalfd_siginfo si;
-  while (read(lp->sfd, &si, sizeof si) == (ssize_t)sizeof si) {
-    int sig = (int)si.ssi_signo;
-    if (sig == SIGHUP) {
-      if (!lp->stopping) run_hup_handlers(lp);
-      continue;
-    }
-    if (lp->stopping) {
-      fprintf(stderr, "clawlua: %s again, exiting now\n", cl_signal_name(sig));
-      fflush(NULL);
+/* The signal thread. The loop reads signals only between turns, so a process busy in C or in a
+ * Lua loop that never waits would not notice one, and a second SIGINT sent to it would merge
+ * with the first still pending. This thread takes each SIGINT/SIGTERM at once: it says so, hands
+ * the first to the loop (which starts the orderly shutdown at its next turn) and exits the
+ * process on the second, whatever the loop is doing. Everything else stays blocked in it. */
+static void flush_if_free(FILE *f) {
+  if (ftrylockfile(f) == 0) { /* a stream held elsewhere may be stuck: never wait for it */
+    fflush_unlocked(f);
+    funlockfile(f);
+  }
+}
+
+static void *signal_main(void *arg) {
+  cl_loop *lp = arg;
+  sigset_t ss;
+  sigemptyset(&ss);
+  sigaddset(&ss, SIGINT);
+  sigaddset(&ss, SIGTERM);
+  sigaddset(&ss, SIGURG); /* the loop's wake-up when it goes (ignored by default: harmless) */
+  for (;;) {
+    int sig = sigwaitinfo(&ss, NULL);
+    if (atomic_load(&lp->sigstop)) return NULL;
+    if (sig < 0 || sig == SIGURG) continue; /* EINTR; or a stray SIGURG, which is ignored */
+    char msg[128];
+    if (atomic_fetch_add(&lp->nsignals, 1) > 0) {
+      int n = snprintf(msg, sizeof msg, "clawlua: %s again, exiting now\n", cl_signal_name(sig));
+      flush_if_free(stdout);
+      if (write(STDERR_FILENO, msg, (size_t)n) < 0) { /* nothing more to do about it */
+      }
       _exit(128 + sig);
     }
-    start_shutdown(lp, sig);
+    int n = snprintf(msg, sizeof msg,
+                     "clawlua: %s received, shutting down (send it again to exit at once)\n",
+                     cl_signal_name(sig));
+    if (write(STDERR_FILENO, msg, (size_t)n) < 0) { /* stderr gone: the shutdown goes on */
+    }
+    unsigned char b = (unsigned char)sig;
+    while (write(lp->sigw, &b, 1) < 0 && errno == EINTR) {
+    }
   }
+}
+
+int cl_loop_signal_thread_start(cl_loop *lp) {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return errno;
+  lp->sfd = p[0];
+  lp->sigw = p[1];
+  /* the thread starts with every signal blocked: it only takes what it waits for */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  int e = pthread_create(&lp->sigthread, NULL, signal_main, lp);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (e) return e;
+  lp->sigthread_on = 1;
+  return 0;
+}
+
+void cl_loop_signal_thread_stop(cl_loop *lp) {
+  if (!lp->sigthread_on) return;
+  atomic_store(&lp->sigstop, 1);
+  pthread_kill(lp->sigthread, SIGURG);
+  pthread_join(lp->sigthread, NULL);
+  lp->sigthread_on = 0;
+}
+
+void cl_loop_on_signal_pipe(cl_watch *w, uint32_t events) {
+  (void)events;
+  cl_loop *lp = w->data;
+  unsigned char b[16];
+  ssize_t n;
+  while ((n = read(lp->sfd, b, sizeof b)) > 0)
+    for (ssize_t i = 0; i < n; i++)
+      if (!lp->stopping) start_shutdown(lp, b[i]);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -162,6 +162,49 @@ describe("signals", function()
         p:close()
       end)
     end
+
+    -- a script busy in pure Lua (or a call stuck in C) does not turn the loop: the first signal
+    -- is taken and said at once, the second ends the process whatever it is doing
+    local busy = [[
+      require "clawlua"
+      local seconds = tonumber((...))
+      io.stdout:write("ready\n"); io.stdout:flush()
+      local t0 = os.clock()
+      while os.clock() - t0 < seconds do end
+      io.stdout:write("done\n")
+    ]]
+
+    it(("a second SIGTERM ends a busy script at once (%s)"):format(host), function()
+      H.write_file(dir .. "/busy.lua", busy)
+      local p = assert(claw.proc.spawn { host == "clawlua" and H.bin or "lua5.4", dir .. "/busy.lua", "60",
+                                         stdout = "pipe", stderr = "pipe", env = H.lua_env() })
+      p.stdout:set_timeout(20)
+      p.stderr:set_timeout(20)
+      assert.are.equal("ready", p.stdout:read_line())
+      local t0 = claw.now()
+      assert(p:kill("TERM"))
+      assert.matches("SIGTERM received, shutting down", p.stderr:read_line())
+      assert(p:kill("TERM"))
+      local st = assert(p:wait(20))
+      assert.are.equal(143, st.code)
+      assert.is_true(claw.now() - t0 < 10, "it took the whole busy loop")
+      assert.matches("SIGTERM again, exiting now", p.stderr:read_all())
+      p:close()
+    end)
+
+    it(("a signal taken while the script was busy still ends it by that signal (%s)"):format(host), function()
+      H.write_file(dir .. "/busy.lua", busy)
+      local p = assert(claw.proc.spawn { host == "clawlua" and H.bin or "lua5.4", dir .. "/busy.lua", "1",
+                                         stdout = "pipe", stderr = "pipe", env = H.lua_env() })
+      p.stdout:set_timeout(20)
+      assert.are.equal("ready", p.stdout:read_line())
+      assert(p:kill("INT"))
+      local st = assert(p:wait(20))
+      -- the script ran to its end without a loop turn; then the signal had its own action
+      assert.are.equal("done", p.stdout:read_line())
+      assert.are.equal(2, st.signal)
+      p:close()
+    end)
   end
 end)
 
