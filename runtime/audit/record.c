@@ -498,14 +498,16 @@ static int reader_close(lua_State *L) {
   return 1;
 }
 
-/* Does the file on fd begin with a record chained to hash? */
+/* Does the file on fd begin with a record chained to hash? 1: yes; 0: no; -1: its first line
+ * is not all there yet (a sink made it a moment ago), so it cannot tell. */
 static int starts_after(int fd, const char *hash) {
   char buf[8192];
   ssize_t n = pread(fd, buf, sizeof buf, 0);
-  if (n <= 0) return 0;
+  if (n < 0) return 0;
   char *nl = memchr(buf, '\n', (size_t)n);
+  if (!nl) return n < (ssize_t)sizeof buf ? -1 : 0;
   recview v;
-  if (!nl || !audit_scan(buf, (size_t)(nl - buf), &v) || !v.prev) return 0;
+  if (!audit_scan(buf, (size_t)(nl - buf), &v) || !v.prev) return 0;
   return memcmp(v.prev, hash, AUDIT_HEX) == 0;
 }
 
@@ -538,7 +540,7 @@ static int reader_reopen(lua_State *L, reader *r) {
   /* Several rotations may have happened since the last look: the file
    * that continues ours is the one whose anchor links to our last record, be it path or one of
    * path.1, path.2, ... */
-  int fd = -1;
+  int fd = -1, unfinished = 0;
   if (r->have_hash) {
     char name[PATH_MAX];
     for (int i = 0; i <= 1000 && fd < 0; i++) {
@@ -552,15 +554,22 @@ static int reader_reopen(lua_State *L, reader *r) {
         break;
       }
       struct stat cs;
-      if (fstat(c, &cs) == 0 && !(cs.st_dev == r->dev && cs.st_ino == r->ino) &&
-          starts_after(c, r->last_hash)) {
+      int after = 0;
+      if (fstat(c, &cs) == 0 && !(cs.st_dev == r->dev && cs.st_ino == r->ino))
+        after = starts_after(c, r->last_hash);
+      if (after > 0) {
         fd = c;
         st = cs;
       } else {
+        if (after < 0) unfinished = 1;
         close(c);
       }
     }
   }
+  /* A file without its first record yet may be the one that continues ours: look again at the
+   * next call rather than jump to whatever path is now. Jumping lost whole files when the
+   * writer filled and rotated that file meanwhile (the new one at path did not chain). */
+  if (fd < 0 && unfinished) return 0;
   if (fd < 0) {
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return 0;
