@@ -47,8 +47,12 @@ describe("kill -9 at every step of a VM sandbox's create and first exec, then cl
         -- a template snapshot in the making (.tmp-*) is the runtime's too
         local s = { rundirs = "", vmms = "",
                     templates = sh("ls -d " .. base .. "/fresh/*/.tmp-* 2>/dev/null || true") }
-        -- and the killed runtime's pool VMs (ids pool-<its pid>-<hex>)
-        for _, prefix in ipairs { id, ("pool-%d-"):format(pid or 0) } do
+        -- and the killed runtime's pool VMs (ids pool-<its pid>-<hex>); before a runtime was
+        -- started, none (a "pool-0-" pattern matched the other run's `ls -d .../pool-0-*` shell,
+        -- taken for a VMM)
+        local prefixes = { id }
+        if pid then prefixes[2] = ("pool-%d-"):format(pid) end
+        for _, prefix in ipairs(prefixes) do
           for _, b in ipairs(run_bases()) do
             s.rundirs = s.rundirs .. sh("ls -d " .. b .. "/" .. prefix .. "* 2>/dev/null || true")
             -- ([/]: not the shell running pgrep, whose command line holds the pattern)
