@@ -540,7 +540,7 @@ static int reader_reopen(lua_State *L, reader *r) {
   /* Several rotations may have happened since the last look: the file
    * that continues ours is the one whose anchor links to our last record, be it path or one of
    * path.1, path.2, ... */
-  int fd = -1, unfinished = 0;
+  int fd = -1, unfinished = 0, hole = 0;
   if (r->have_hash) {
     char name[PATH_MAX];
     for (int i = 0; i <= 1000 && fd < 0; i++) {
@@ -550,9 +550,14 @@ static int reader_reopen(lua_State *L, reader *r) {
         snprintf(name, sizeof name, "%s.%d", path, i);
       int c = open(name, O_RDONLY | O_CLOEXEC);
       if (c < 0) {
+        /* A rotation moves path.N to path.N+1 from the top down, so while it runs one number
+         * is missing: look one further before taking it for the end. */
         if (i == 0) continue;
-        break;
+        if (hole) break;
+        hole = 1;
+        continue;
       }
+      hole = 0;
       struct stat cs;
       int after = 0;
       if (fstat(c, &cs) == 0 && !(cs.st_dev == r->dev && cs.st_ino == r->ino))

@@ -64,19 +64,26 @@ describe("clawlua audit tail", function()
     assert.matches("audit", H.clawlua { "help" }.stdout)
   end)
 
-  it("a follower waits for a new file's first record instead of jumping past the file", function()
-    -- A chained log, written by a sink, then laid out by hand as a rotation leaves it for a
-    -- moment: the old file rotated to .1 and the new one made but still empty.
-    local src = dir .. "/gap-src.jsonl"
+  -- A chained log written by a sink, all but its last record at dir/<name>.jsonl, and a
+  -- follower that has read those: the tests below lay out by hand what a rotation leaves for a
+  -- moment. Returns the log's lines, the live path and the reader.
+  local function follower_at_end(name)
+    local src = dir .. "/" .. name .. "-src.jsonl"
     local s = assert(audit.sink { path = src, max_bytes = 0 })
-    for n = 1, 3 do audit.emit("test.gap", { n = n }) end
+    for n = 1, 3 do audit.emit("test." .. name, { n = n }) end
     s:close()
     local lines = out_lines(H.read_file(src))
-    local live = dir .. "/gap.jsonl"
+    local live = dir .. "/" .. name .. ".jsonl"
     H.write_file(live, table.concat(lines, "\n", 1, #lines - 1) .. "\n")
-    local r <close> = assert(audit.reader(live, { follow = true, raw = true }))
+    local r = assert(audit.reader(live, { follow = true, raw = true }))
     for _ = 1, #lines - 1 do assert.is_string((r:next())) end
     assert.is_nil(r:next())
+    return lines, live, r
+  end
+
+  it("a follower waits for a new file's first record instead of jumping past the file", function()
+    local lines, live, r = follower_at_end("gap")
+    -- the old file rotated to .1, the new one made but still empty
     assert(os.rename(live, live .. ".1"))
     H.write_file(live, "")
     -- the empty file may continue the chain: not taken (nor counted as a gap) yet
@@ -87,6 +94,19 @@ describe("clawlua audit tail", function()
     local st = r:stats()
     assert.are.equal(1, st.reopened)
     assert.are.equal(0, st.gaps)
+    r:close()
+  end)
+
+  it("a follower looks past the number a rotation in progress has just vacated", function()
+    local lines, live, r = follower_at_end("hole")
+    -- mid-shift: ours moved up to .3, the file continuing it already at .2, .1 not there yet,
+    -- and a newer file (not of this chain) at the path
+    assert(os.rename(live, live .. ".3"))
+    H.write_file(live .. ".2", lines[#lines] .. "\n")
+    H.write_file(live, lines[1] .. "\n")
+    assert.are.equal(lines[#lines], (r:next()))
+    assert.are.equal(0, r:stats().gaps)
+    r:close()
   end)
 
   it("follows a live log with -f, across rotations, without blocking", function()
