@@ -634,10 +634,7 @@ static int loop_gc(lua_State *L) {
     if (r->done) r->done(r->arg);
     free(r);
   }
-  cl_loop_signal_thread_stop(lp);
-  /* a signal the thread took but the loop never acted on (the script ended first) */
-  unsigned char unseen = 0;
-  if (lp->sfd >= 0 && !lp->stopping && read(lp->sfd, &unseen, 1) != 1) unseen = 0;
+  int unseen = cl_loop_signal_thread_stop(lp);
   close(lp->epfd);
   close(lp->tfd);
   if (lp->sfd >= 0) close(lp->sfd);

@@ -125,7 +125,8 @@ void cl_loop_check_shutdown(cl_loop *lp);
 void cl_loop_on_signal_pipe(cl_watch *w, uint32_t events);
 /* Starts the signal thread (SIGINT/SIGTERM are blocked in the caller already). 0, or an errno. */
 int cl_loop_signal_thread_start(cl_loop *lp);
-void cl_loop_signal_thread_stop(cl_loop *lp);
+/* Stops it. Returns a signal it took that the loop never acted on (the script ended), or 0. */
+int cl_loop_signal_thread_stop(cl_loop *lp);
 /* Adds the function at stack index fn to SIGHUP's handlers (the first one routes SIGHUP to the
  * signalfd). 0, or -1 with errno. */
 int cl_loop_on_hup(lua_State *L, cl_loop *lp, int fn);

@@ -183,12 +183,16 @@ int cl_loop_signal_thread_start(cl_loop *lp) {
   return 0;
 }
 
-void cl_loop_signal_thread_stop(cl_loop *lp) {
-  if (!lp->sigthread_on) return;
-  atomic_store(&lp->sigstop, 1);
-  pthread_kill(lp->sigthread, SIGURG);
-  pthread_join(lp->sigthread, NULL);
-  lp->sigthread_on = 0;
+int cl_loop_signal_thread_stop(cl_loop *lp) {
+  if (lp->sigthread_on) {
+    atomic_store(&lp->sigstop, 1);
+    pthread_kill(lp->sigthread, SIGURG);
+    pthread_join(lp->sigthread, NULL);
+    lp->sigthread_on = 0;
+  }
+  unsigned char unseen = 0;
+  if (lp->sfd >= 0 && !lp->stopping && read(lp->sfd, &unseen, 1) != 1) unseen = 0;
+  return unseen;
 }
 
 void cl_loop_on_signal_pipe(cl_watch *w, uint32_t events) {
