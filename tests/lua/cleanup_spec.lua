@@ -108,9 +108,17 @@ describe("clawlua cleanup", function()
     H.write_file(fake .. "/objects", ("+ pid %d:%d\n+ dir %s/scratch\n"):format(victim:pid(),
       state.start_time(victim:pid()) + 1, fake))
 
+    -- the dead runtime's spare state dirs (made ahead for its next sandboxes) go too, and say so
+    local spares = H.sh("ls -A " .. base .. "/sandboxes | grep '^\\.spare-" .. cpid .. "-' || true")
+    assert.is_not.equal("", spares, "the killed runtime left no spare state dir: the test would prove nothing")
+    local spare = base .. "/sandboxes/" .. spares:match("[^\n]+")
+
     local r = cleanup { "--dry-run" }
     assert.equal(0, r.code, r.stderr)
     assert.truthy(r.stdout:find("child-exec: would remove cgroup", 1, true), r.stdout)
+    assert.truthy(r.stdout:find("would remove spare state dir " .. spare .. " (owner " .. cpid .. " gone)", 1, true),
+      r.stdout)
+    assert.truthy(io.open(spare .. "/owner"))
     assert.truthy(r.stdout:find("live%-one: owner %d+ is running, left alone"), r.stdout)
     assert.same(left, cgroups_of(cpid))
     assert.truthy(io.open(base .. "/sandboxes/child-exec/owner"))
@@ -118,6 +126,9 @@ describe("clawlua cleanup", function()
     r = cleanup()
     assert.equal(0, r.code, r.stderr .. r.stdout)
     assert.truthy(r.stdout:find("reclaimed 3 sandbox%(es%)"), r.stdout)
+    assert.truthy(r.stdout:find("removed spare state dir " .. spare .. " (owner " .. cpid .. " gone)", 1, true),
+      r.stdout)
+    assert.equal("", H.sh("ls -A " .. base .. "/sandboxes | grep '^\\.spare-" .. cpid .. "-' || true"))
     assert.same({}, cgroups_of(cpid))
     assert.is_nil(io.open(base .. "/sandboxes/child-exec/owner"))
     assert.is_nil(io.open(base .. "/sandboxes/child-idle/owner"))

@@ -167,7 +167,16 @@ function M.cleanup(opts)
   local fw_reclaimed, fw_live = false, false
   for _, sb in ipairs(state.list(opts.base)) do
     if sb.id:match("^%.spare%-") then -- a spare state dir (no objects): not a sandbox
-      if not sb.alive and not opts.dry_run then bb { "rm", "-rf", sb.dir } end
+      if not sb.alive then
+        local ok, err = true, nil
+        if not opts.dry_run then ok, err = bb { "rm", "-rf", sb.dir } end
+        if ok then
+          say(("%s spare state dir %s (owner %s gone)"):format(opts.dry_run and "would remove" or "removed",
+            sb.dir, tostring(sb.pid)))
+        else
+          res.errors[#res.errors + 1] = sb.dir .. ": " .. tostring(err)
+        end
+      end
     elseif sb.alive then
       res.live[#res.live + 1] = sb.id
       for _, o in ipairs(sb.objects) do fw_live = fw_live or o.kind == "fw" or o.kind == "fwtables" end
