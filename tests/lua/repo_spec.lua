@@ -65,6 +65,22 @@ describe("the repository", function()
     assert.is_truthy(io.open(H.src .. "/LICENSE"))
   end)
 
+  it("keeps its top level to the fixed layout", function()
+    local allowed = {}
+    for _, n in ipairs { "CMakeLists.txt", "README.md", "LICENSE", "runtime", "lua", "scripts", "tests", "examples",
+      ".ci", ".gitignore", ".clang-format", ".clang-tidy", ".luacheckrc" } do allowed[n] = true end
+    -- what git tracks; from an export without .git, what is there (builds and caches aside)
+    local out, r = H.sh("cd '" .. H.src .. "' && git ls-files 2>/dev/null | cut -d/ -f1 | sort -u", { may_fail = true })
+    if r.code ~= 0 or out == "" then
+      out = H.sh("ls -A '" .. H.src .. "' | grep -Ev '^(\\.git|build.*|\\.cache|compile_commands\\.json)$' || true")
+    end
+    local stray = {}
+    for n in out:gmatch("[^\n]+") do
+      if not allowed[n] then stray[#stray + 1] = n end
+    end
+    assert.same({}, stray)
+  end)
+
   it("runs its tests from a plain clone: nothing reads the team's shared material beside it", function()
     -- A user's clone has nothing beside it: the spec files the tests read are copies in
     -- tests/fixtures/specs/, with their origin, commit and license in its README.
