@@ -19,6 +19,34 @@ describe("scripts/leak-audit", function()
     end)
   end)
 
+  it("takes the state dir's own layout, made by a first run on a fresh host, for no leak", function()
+    local dir = H.tmpdir("leak-audit")
+    local before = dir .. "/before"
+    local base = dir .. "/state"
+    claw.run(function()
+      local function audit(cmd)
+        return claw.proc.run { script, cmd, before, env = { CLAWLUA_STATE_DIR = base }, timeout = 120 }
+      end
+      assert.are.equal(0, audit("save").code)
+      -- what any run makes and keeps: sandboxes/ and net/ with the subnet table, the jail's /bin
+      H.sh(("mkdir -p %s/sandboxes %s/net %s/bin-busybox-1982256 && touch %s/net/subnets %s/net/subnets.lock"
+        .. " %s/bin-busybox-1982256/sh"):format(base, base, base, base, base, base))
+      -- (only lines of this state dir count: the host's other objects change as other tests run)
+      local r = audit("diff")
+      assert.falsy(r.stdout:find("file " .. base, 1, true), r.stdout .. r.stderr)
+      -- what a run leaves: a sandbox's record, a half-made /bin, a subnet table being rewritten
+      H.sh(("mkdir -p %s/sandboxes/sb1 %s/bin-busybox-1982256.new.42 && touch %s/net/subnets.42"):format(base,
+        base, base))
+      r = audit("diff")
+      assert.are.equal(1, r.code, r.stdout .. r.stderr)
+      for _, f in ipairs { "sandboxes/sb1", "bin-busybox-1982256.new.42", "net/subnets.42" } do
+        assert.truthy(r.stdout:find("file " .. base .. "/" .. f .. "\n", 1, true), r.stdout)
+      end
+      assert.falsy(r.stdout:find("/sh\n", 1, true), r.stdout)
+    end)
+    H.rm_rf(dir)
+  end)
+
   it("reports an object of every kind left on the host, and nothing after its clean-up", function()
     if not H.is_root() then
       print("SKIP leak_audit_spec: the self-test makes kernel objects, which needs root")
