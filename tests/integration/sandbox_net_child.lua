@@ -9,7 +9,7 @@
 --   {op="close"}                   n:close() twice                   -> {ok, err, again}
 --   {op="hang"}                    sleeps forever (the test kills the process)
 --   {op="vexec", argv=, timeout=}  (with vm) a command in the guest  -> v:exec's result
--- JSON: {id=, network=, pool=, min_pin=, vm={kernel=, initrd=}, steps={...}} or
+-- JSON: {id=, network=, pool=, min_pin=, rundir=, vm={kernel=, initrd=}, steps={...}} or
 -- {cleanup = {{kind, name}, ...}}. With `vm`, the network is of kind "vm": a QEMU guest boots
 -- with its boot arguments and the network is attached to the VM's tap before it starts.
 local claw = require "clawlua"
@@ -52,6 +52,7 @@ claw.run(function()
     return
   end
   if plan.pool then net.configure { pool = plan.pool } end
+  if plan.rundir then net.configure { rundir = plan.rundir } end
   if plan.min_pin then net.configure { min_pin = plan.min_pin } end
   local n, err = net.create {
     id = plan.id, kind = plan.vm and "vm" or "jail", network = plan.network,

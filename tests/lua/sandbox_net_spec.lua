@@ -205,20 +205,28 @@ describe("sandbox networking", function()
   end)
 
   it("skips subnets that a route of the namespace already uses", function()
+    -- The subnet table is shared by every runtime of a run dir, whatever its network namespace:
+    -- with the default one, this spec's host and stock runs (side by side, same small pools)
+    -- took each other's only free /30 ("no free /30 left", seen once under ASan). A run dir of
+    -- this run's own.
+    local rundir = H.tmpdir("sbnet-rundir")
+    finally(function() H.rm_rf(rundir) end)
     -- 10.213.8.0/30 is taken by an address in the host namespace: only 10.213.8.4/30 is free
     H.sh("ip -n " .. w.host .. " link add cltaken type veth peer name cltaken2 && ip -n " .. w.host
          .. " addr add 10.213.8.1/30 dev cltaken && ip -n " .. w.host .. " link set cltaken up")
-    local ok, lines = pcall(child, w, { id = "sbnet-d", pool = "10.213.8.0/29", network = {
+    local ok, lines = pcall(child, w, { id = "sbnet-d", pool = "10.213.8.0/29", rundir = rundir, network = {
       resolvers = { "203.0.113.53" } }, steps = { { op = "close" } } })
     H.sh("ip -n " .. w.host .. " link del cltaken")
     assert(ok, lines)
-    assert.are.equal("10.213.8.5", find(lines, "create").info.gateway)
-    local full = child(w, { id = "sbnet-e", pool = "10.213.8.0/30",
+    local made = find(lines, "create")
+    assert.is_table(made.info, made.err)
+    assert.are.equal("10.213.8.5", made.info.gateway)
+    local full = child(w, { id = "sbnet-e", pool = "10.213.8.0/30", rundir = rundir,
                             network = { resolvers = { "203.0.113.53" } }, steps = { { op = "close" } } })
     -- the only /30 is free again now, so this one works; a pool with none free fails cleanly
     assert.is_table(find(full, "create").info)
     H.sh("ip -n " .. w.host .. " addr add 10.213.9.1/30 dev lo")
-    local none = child(w, { id = "sbnet-f", pool = "10.213.9.0/30",
+    local none = child(w, { id = "sbnet-f", pool = "10.213.9.0/30", rundir = rundir,
                             network = { resolvers = { "203.0.113.53" } }, steps = { { op = "close" } } })
     H.sh("ip -n " .. w.host .. " addr del 10.213.9.1/30 dev lo")
     assert.matches("no free /30 left in 10.213.9.0/30", find(none, "create").err)
