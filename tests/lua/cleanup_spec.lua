@@ -109,7 +109,10 @@ describe("clawlua cleanup", function()
       state.start_time(victim:pid()) + 1, fake))
 
     -- the dead runtime's spare state dirs (made ahead for its next sandboxes) go too, and say so
-    local spares = H.sh("ls -A " .. base .. "/sandboxes | grep '^\\.spare-" .. cpid .. "-' || true")
+    local function spares_of(pid)
+      return H.sh("ls -A " .. base .. "/sandboxes | grep '^\\.spare-" .. pid .. "-' || true")
+    end
+    local spares = spares_of(cpid)
     assert.is_not.equal("", spares, "the killed runtime left no spare state dir: the test would prove nothing")
     local spare = base .. "/sandboxes/" .. spares:match("[^\n]+")
 
@@ -128,7 +131,7 @@ describe("clawlua cleanup", function()
     assert.truthy(r.stdout:find("reclaimed 3 sandbox%(es%)"), r.stdout)
     assert.truthy(r.stdout:find("removed spare state dir " .. spare .. " (owner " .. cpid .. " gone)", 1, true),
       r.stdout)
-    assert.equal("", H.sh("ls -A " .. base .. "/sandboxes | grep '^\\.spare-" .. cpid .. "-' || true"))
+    assert.equal("", spares_of(cpid))
     assert.same({}, cgroups_of(cpid))
     assert.is_nil(io.open(base .. "/sandboxes/child-exec/owner"))
     assert.is_nil(io.open(base .. "/sandboxes/child-idle/owner"))

@@ -158,6 +158,12 @@ local function netns_name(ns)
   return nil
 end
 
+-- Removes a state dir of a dead runtime (nothing with dry_run): true, or nil, err.
+local function remove_dir(dir, dry_run)
+  if dry_run then return true end
+  return bb { "rm", "-rf", dir }
+end
+
 --- Reclaims the sandboxes of dead runtimes. opts: {dry_run=, base=, say=fn(line)}.
 --- Returns {reclaimed = {ids}, live = {ids}, objects = n, errors = {msgs}}.
 function M.cleanup(opts)
@@ -168,8 +174,7 @@ function M.cleanup(opts)
   for _, sb in ipairs(state.list(opts.base)) do
     if sb.id:match("^%.spare%-") then -- a spare state dir (no objects): not a sandbox
       if not sb.alive then
-        local ok, err = true, nil
-        if not opts.dry_run then ok, err = bb { "rm", "-rf", sb.dir } end
+        local ok, err = remove_dir(sb.dir, opts.dry_run)
         if ok then
           say(("%s spare state dir %s (owner %s gone)"):format(opts.dry_run and "would remove" or "removed",
             sb.dir, tostring(sb.pid)))
@@ -218,12 +223,10 @@ function M.cleanup(opts)
         end
       end
       if not failed then
-        if not opts.dry_run then
-          local ok, err = bb { "rm", "-rf", sb.dir }
-          if not ok then
-            failed = true
-            res.errors[#res.errors + 1] = sb.id .. ": " .. err
-          end
+        local ok, err = remove_dir(sb.dir, opts.dry_run)
+        if not ok then
+          failed = true
+          res.errors[#res.errors + 1] = sb.id .. ": " .. err
         end
         say(("%s: %s state dir %s (owner %s gone)"):format(sb.id,
           opts.dry_run and "would remove" or "removed", sb.dir, tostring(sb.pid)))
